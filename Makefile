@@ -1,0 +1,48 @@
+# colofs: `make demo` runs the demo, `make test` the test suite, `make bench` the benchmarks.
+# Each installs what it needs on first use (Debian packages, then a venv) and is quick afterwards.
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc make python3-venv python3-dev qemu-utils fio attr
+STAMP := $(VENV)/.installed
+
+.PHONY: all demo test lint bench deps apt venv clean
+
+all: test
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+deps: apt
+	@$(MAKE) --no-print-directory venv
+
+demo: deps
+	$(PY) examples/demo.py
+
+lint: deps
+	$(VENV)/bin/ruff check colofs mountctl tests bench examples
+
+test: deps
+	$(VENV)/bin/ruff check colofs mountctl tests bench examples
+	$(VENV)/bin/pytest -q
+
+bench: deps
+	$(PY) bench/core_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,150 @@
+"""Copy-before-write: the single mechanism that keeps a past image of base intact.
+
+Every change to a disk's base goes through :meth:`CopyBeforeWrite.write`.
+Before a block of base changes for the first time, its old content is saved
+into every attached *target* (a write-once :class:`BlockLog`) that does not
+hold it yet, and the targets are made durable before base is touched. The
+hidden buffer of a secondary is one target (emptied at each checkpoint); a
+snapshot is another (kept until deleted). A target's image is therefore
+``target[b] if b in target else base[b]`` at any time.
+
+Callers hold the disk's exclusive range lock over the blocks they change, so
+no read of base can interleave with the save and the overwrite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from colofs.core.blocklog import BlockLog
+from colofs.core.errors import DiskIOError
+from colofs.core.fileio import Buffer, datasync_all, read_into, write_all
+
+
+def block_runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
+    """Sorted block numbers as ``(first, count)`` runs of consecutive blocks."""
+    runs: list[tuple[int, int]] = []
+    if not blocks:
+        return runs
+    start = prev = blocks[0]
+    for b in blocks[1:]:
+        if b != prev + 1:
+            runs.append((start, prev - start + 1))
+            start = b
+        prev = b
+    runs.append((start, prev - start + 1))
+    return runs
+
+
+class CopyBeforeWrite:
+    """Writes to an image (base) that first preserve old blocks into the attached targets."""
+
+    def __init__(self, fd: int, block_size: int, label: str) -> None:
+        self.fd = fd
+        self.block_size = block_size
+        self.shift = block_size.bit_length() - 1
+        self.label = label
+        self.targets: list[BlockLog] = []
+
+    def attach(self, target: BlockLog) -> None:
+        if target not in self.targets:
+            self.targets.append(target)
+
+    def detach(self, target: BlockLog) -> None:
+        if target in self.targets:
+            self.targets.remove(target)
+
+    def blocks_of(self, extents: Sequence[tuple[int, Buffer]]) -> list[int]:
+        """The sorted blocks the extents touch."""
+        shift = self.shift
+        touched: set[int] = set()
+        for off, data in extents:
+            if len(data):
+                touched.update(range(off >> shift, ((off + len(data) - 1) >> shift) + 1))
+        return sorted(touched)
+
+    async def save(self, blocks: Sequence[int]) -> list[BlockLog]:
+        """Copy the current content of ``blocks`` into each target lacking them.
+
+        Returns the targets that grew; they still have to be synced. Each
+        block is read from base once, however many targets want it.
+        """
+        if not self.targets:
+            return []
+        wanted = {id(t): [b for b in blocks if b not in t.map] for t in self.targets}
+        union = sorted({b for missing in wanted.values() for b in missing})
+        if not union:
+            return []
+        bs = self.block_size
+        buf = bytearray(len(union) * bs)
+        mv = memoryview(buf)
+        index: dict[int, int] = {}
+        pos = 0
+        for first, count in block_runs(union):
+            try:
+                await read_into(self.fd, mv[pos : pos + count * bs], first * bs)
+            except OSError as e:
+                raise DiskIOError(
+                    f"{self.label}: reading base at {first * bs} for copy-before-write failed: {e.strerror}",
+                    e.errno,
+                ) from e
+            for i in range(count):
+                index[first + i] = pos + i * bs
+            pos += count * bs
+        grown: list[BlockLog] = []
+        for t in self.targets:
+            missing = wanted[id(t)]
+            if not missing:
+                continue
+            if len(missing) == len(union):
+                t.append(missing, [mv])
+            else:
+                t.append(missing, _gather(mv, [index[b] for b in missing], bs))
+            grown.append(t)
+        return grown
+
+    def store(self, extents: Sequence[tuple[int, Buffer]]) -> None:
+        """Overwrite base; only after :meth:`save` and a sync of the targets it returned."""
+        for off, data in _coalesce(extents):
+            try:
+                write_all(self.fd, data, off)
+            except OSError as e:
+                raise DiskIOError(
+                    f"{self.label}: writing base at {off} ({sum(len(d) for d in data)} bytes) failed: {e.strerror}",
+                    e.errno,
+                ) from e
+
+    async def write(self, extents: Sequence[tuple[int, Buffer]]) -> None:
+        """Apply ``(offset, data)`` extents to base in order, after saving old blocks durably."""
+        grown = await self.save(self.blocks_of(extents))
+        if grown:
+            await datasync_all([t.fd for t in grown])
+        self.store(extents)
+
+
+def _gather(mv: memoryview, offsets: list[int], bs: int) -> list[memoryview]:
+    """Views of ``bs`` bytes at ``offsets``, merged where they are adjacent."""
+    out: list[memoryview] = []
+    start = prev = offsets[0]
+    for o in offsets[1:]:
+        if o != prev + bs:
+            out.append(mv[start : prev + bs])
+            start = o
+        prev = o
+    out.append(mv[start : prev + bs])
+    return out
+
+
+def _coalesce(extents: Sequence[tuple[int, Buffer]]) -> list[tuple[int, list[Buffer]]]:
+    """Merge extents that follow each other into one ``pwritev`` each, keeping order."""
+    out: list[tuple[int, list[Buffer]]] = []
+    end = -1
+    for off, data in extents:
+        if not len(data):
+            continue
+        if out and off == end:
+            out[-1][1].append(data)
+        else:
+            out.append((off, [data]))
+        end = off + len(data)
+    return out

@@ -1,0 +1,325 @@
+"""One replicated disk: base, the hidden and active layers, and the views over them.
+
+The view served to the VM on this host is ``V[b] = A[b] if b in A else
+H[b] if b in H else B[b]`` (DESIGN.md). On a primary (and after failover) the
+layers are empty and V is base itself. Where a write goes depends on the
+VM's role and phase:
+
+* secondary: the SVM's writes go to active only (read-modify-write of V for
+  partial blocks);
+* secondary during a failover commit: blocks still buffered go to active
+  (the commit will carry them to base), all others straight to base;
+* primary: to base, and the VM hands each write to its forwarding queue.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from colofs.core.blocklog import BlockLog
+from colofs.core.cbw import CopyBeforeWrite, block_runs
+from colofs.core.errors import BadRange, DiskIOError
+from colofs.core.fileio import Buffer, datasync_all, read_into
+from colofs.core.rangelock import RangeLock
+from colofs.core.state import FAILOVER, PRIMARY
+
+if TYPE_CHECKING:
+    from colofs.core.vm import VM
+
+COMMIT_CHUNK = 4 << 20  # bytes of buffered blocks carried to base per locked step of a failover
+
+
+class _Iov:
+    """Collects byte ranges of buffers for one ``pwritev``, merging ranges that touch."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: list[list] = []  # [buffer, start, stop]
+
+    def add(self, buf: Buffer, start: int, stop: int) -> None:
+        if self.parts:
+            last = self.parts[-1]
+            if last[0] is buf and last[2] == start:
+                last[2] = stop
+                return
+        self.parts.append([buf, start, stop])
+
+    def views(self) -> list[memoryview]:
+        return [memoryview(b)[lo:hi] for b, lo, hi in self.parts]
+
+
+class Disk:
+    """A disk of a VM; the I/O entry points the mount and the wire call."""
+
+    def __init__(
+        self,
+        vm: VM,
+        name: str,
+        path: str,
+        size: int,
+        block_size: int,
+        base_fd: int,
+        hidden: BlockLog,
+        active: BlockLog,
+    ) -> None:
+        self.vm = vm
+        self.name = name
+        self.path = path
+        self.size = size
+        self.block_size = block_size
+        self.shift = block_size.bit_length() - 1
+        self.nblocks = (size + block_size - 1) >> self.shift
+        self.base_fd = base_fd
+        self.hidden = hidden
+        self.active = active
+        self.label = f"{vm.name}/{name}"
+        self.lock = RangeLock()
+        self.cbw = CopyBeforeWrite(base_fd, block_size, self.label)
+
+    def close(self) -> None:
+        self.hidden.close()
+        self.active.close()
+        if self.base_fd >= 0:
+            os.close(self.base_fd)
+            self.base_fd = -1
+
+    # -- checks -------------------------------------------------------------
+
+    def check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise BadRange(f"{self.label}: negative offset or length ({offset}, {length})")
+        if offset + length > self.size:
+            raise BadRange(
+                f"{self.label}: {length} bytes at {offset} end past the disk's size of {self.size}"
+            )
+
+    # -- reads ----------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytearray:
+        """The VM's view of ``length`` bytes at ``offset``, in one new buffer."""
+        self.check_range(offset, length)
+        out = bytearray(length)
+        if length:
+            req = await self.lock.acquire(offset >> self.shift, ((offset + length - 1) >> self.shift) + 1, False)
+            try:
+                await self.read_view(offset, memoryview(out))
+            finally:
+                self.lock.release(req)
+        return out
+
+    async def read_view(self, offset: int, mv: memoryview) -> None:
+        """Fill ``mv`` with V from ``offset``; the caller holds the range lock.
+
+        Consecutive blocks from one source and contiguous in its file are
+        read with one ``preadv``.
+        """
+        amap = self.active.map
+        hmap = self.hidden.map
+        if not amap and not hmap:
+            await self._read_file(self.base_fd, mv, offset, "base")
+            return
+        bs = self.block_size
+        shift = self.shift
+        end = offset + len(mv)
+        first = offset >> shift
+        last = (end - 1) >> shift
+        afd = self.active.fd
+        hfd = self.hidden.fd
+        bfd = self.base_fd
+        run_fd = -1
+        run_block = run_off = run_next = 0
+        for b in range(first, last + 1):
+            o = amap.get(b)
+            fd = afd
+            if o is None:
+                o = hmap.get(b)
+                fd = hfd
+                if o is None:
+                    o = b << shift
+                    fd = bfd
+            if fd == run_fd and o == run_next:
+                run_next += bs
+                continue
+            if run_fd >= 0:
+                await self._read_run(run_fd, run_block, run_off, b, offset, end, mv)
+            run_fd, run_block, run_off, run_next = fd, b, o, o + bs
+        await self._read_run(run_fd, run_block, run_off, last + 1, offset, end, mv)
+
+    async def _read_run(
+        self, fd: int, first: int, file_off: int, stop: int, offset: int, end: int, mv: memoryview
+    ) -> None:
+        lo = max(offset, first << self.shift)
+        hi = min(end, stop << self.shift)
+        layer = "active" if fd == self.active.fd else "hidden" if fd == self.hidden.fd else "base"
+        await self._read_file(fd, mv[lo - offset : hi - offset], file_off + lo - (first << self.shift), layer)
+
+    async def _read_file(self, fd: int, mv: memoryview, file_off: int, layer: str) -> None:
+        try:
+            await read_into(fd, mv, file_off)
+        except OSError as e:
+            raise DiskIOError(
+                f"{self.label}: reading {len(mv)} bytes of {layer} at {file_off} failed: {e.strerror}", e.errno
+            ) from e
+
+    # -- writes ---------------------------------------------------------------
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        """Write as the VM on this host does: to active on a secondary, to base on a primary."""
+        self.check_range(offset, len(data))
+        if not len(data):
+            return
+        if self.vm.state.role == PRIMARY:
+            await self.vm.primary_write(self, offset, data)
+            return
+        req = await self.lock.acquire(offset >> self.shift, ((offset + len(data) - 1) >> self.shift) + 1, True)
+        try:
+            await self._svm_write(offset, data)
+        finally:
+            self.lock.release(req)
+
+    async def write_base(self, offset: int, data: Buffer) -> None:
+        """Write to base through copy-before-write; the caller holds the range lock."""
+        await self.cbw.write([(offset, data)])
+
+    async def _svm_write(self, offset: int, data: Buffer) -> None:
+        bs = self.block_size
+        shift = self.shift
+        end = offset + len(data)
+        first = offset >> shift
+        last = (end - 1) >> shift
+        mv = memoryview(data)
+
+        # Partial first and last blocks: read V, patch in the new bytes.
+        patched: dict[int, bytearray] = {}
+        for b in {first, last}:
+            bstart = b << shift
+            if bstart >= offset and bstart + bs <= end:
+                continue
+            buf = bytearray(bs)
+            await self.read_view(bstart, memoryview(buf))
+            lo = max(offset, bstart)
+            hi = min(end, bstart + bs)
+            buf[lo - bstart : hi - bstart] = mv[lo - offset : hi - offset]
+            patched[b] = buf
+
+        amap = self.active.map
+        hmap = self.hidden.map
+        in_failover = self.vm.state.phase == FAILOVER
+        new_blocks: list[int] = []
+        new_iov = _Iov()
+        overwrite: list[tuple[int, _Iov]] = []  # (file offset, data) runs of blocks already in A
+        ow_next = -1
+        base_extents: list[tuple[int, Buffer]] = []
+        for b in range(first, last + 1):
+            bstart = b << shift
+            pbuf = patched.get(b)
+            if pbuf is not None:
+                src: Buffer = pbuf
+                lo = 0
+            else:
+                src = data
+                lo = bstart - offset
+            o = amap.get(b)
+            if o is None and in_failover and b not in hmap:
+                # Not buffered: V[b] is B[b], so the exact bytes go to base.
+                blo = max(offset, bstart)
+                bhi = min(end, bstart + bs, self.size)
+                base_extents.append((blo, mv[blo - offset : bhi - offset]))
+            elif o is None:
+                new_blocks.append(b)
+                new_iov.add(src, lo, lo + bs)
+            else:
+                if o == ow_next:
+                    overwrite[-1][1].add(src, lo, lo + bs)
+                else:
+                    iov = _Iov()
+                    iov.add(src, lo, lo + bs)
+                    overwrite.append((o, iov))
+                ow_next = o + bs
+        for file_off, iov in overwrite:
+            self.active.overwrite(file_off, iov.views())
+        if new_blocks:
+            self.active.append(new_blocks, new_iov.views())
+        if base_extents:
+            await self.cbw.write(base_extents)
+
+    async def flush(self) -> None:
+        """Make every write so far durable (the VM's fsync/flush)."""
+        if self.vm.state.role == PRIMARY:
+            await datasync_all([self.base_fd])
+        elif self.vm.state.phase == FAILOVER:
+            # Base first: a tombstone must never be durable before the base write it stands for.
+            await datasync_all([self.base_fd])
+            await datasync_all([self.active.fd, self.hidden.fd])
+        else:
+            await datasync_all([self.active.fd])
+
+    # -- failover ---------------------------------------------------------------
+
+    async def commit_buffers(self) -> int:
+        """Carry every buffered block's V into base; returns the number of blocks moved.
+
+        Runs while the SVM keeps reading and writing: each step locks only
+        the span of the blocks it moves. A moved block is dropped from the
+        layers with a tombstone, so writes to it then go straight to base.
+        The caller syncs base before declaring the failover complete.
+        """
+        bs = self.block_size
+        shift = self.shift
+        per_step = max(1, COMMIT_CHUNK // bs)
+        moved = 0
+        while True:
+            pending = sorted(self.active.map.keys() | self.hidden.map.keys())
+            if not pending:
+                return moved
+            for i in range(0, len(pending), per_step):
+                chunk = pending[i : i + per_step]
+                req = await self.lock.acquire(chunk[0], chunk[-1] + 1, True)
+                try:
+                    chunk = [b for b in chunk if b in self.active.map or b in self.hidden.map]
+                    if not chunk:
+                        continue
+                    buf = bytearray(len(chunk) * bs)
+                    mv = memoryview(buf)
+                    extents: list[tuple[int, Buffer]] = []
+                    pos = 0
+                    for first, count in block_runs(chunk):
+                        await self.read_view(first << shift, mv[pos : pos + count * bs])
+                        start = first << shift
+                        length = min(count * bs, self.size - start)
+                        extents.append((start, mv[pos : pos + length]))
+                        pos += count * bs
+                    await self.cbw.write(extents)
+                    self.active.drop(chunk)
+                    self.hidden.drop(chunk)
+                    moved += len(chunk)
+                finally:
+                    self.lock.release(req)
+
+    # -- status -------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        return {
+            "size": self.size,
+            "block_size": self.block_size,
+            "hidden_bytes": self.hidden.data_bytes,
+            "active_bytes": self.active.data_bytes,
+        }
+
+
+def extents_blocks(disk: Disk, extents: Sequence[tuple[int, Buffer]]) -> list[tuple[int, int]]:
+    """Merged ``(first, stop)`` block ranges covered by extents, for locking in order."""
+    spans = sorted(
+        (off >> disk.shift, ((off + len(d) - 1) >> disk.shift) + 1) for off, d in extents if len(d)
+    )
+    merged: list[tuple[int, int]] = []
+    for lo, hi in spans:
+        if merged and lo <= merged[-1][1]:
+            if hi > merged[-1][1]:
+                merged[-1] = (merged[-1][0], hi)
+        else:
+            merged.append((lo, hi))
+    return merged

@@ -1,0 +1,506 @@
+"""A VM: the consistency group of its disks, and the operations on all of them at once.
+
+Applying primary writes, checkpoints, failover and crash recovery are VM
+operations because sequence numbers are per VM and a checkpoint covers every
+disk of the VM atomically (DESIGN.md, invariants 3-5).
+
+Durability order of one applied batch (group commit):
+  1. copy-before-write of every first-touched block into hidden, all disks;
+  2. one concurrent ``fdatasync`` of the hidden logs that grew;
+  3. base overwritten in place;
+  4. ``fdatasync`` of the bases, then the batch counts as applied.
+A crash therefore never leaves a changed base block without its old content
+durable in hidden, and recovery can always roll back to the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import trio
+
+from colofs.core.blocklog import BlockLog
+from colofs.core.disk import Disk, extents_blocks
+from colofs.core.errors import (
+    AlreadyExists,
+    BadArgument,
+    BadRange,
+    DiskIOError,
+    NotFound,
+    RoleError,
+    SequenceError,
+    StoreError,
+)
+from colofs.core.fileio import Buffer, datasync_all, fsync_dir, read_into, write_all
+from colofs.core.forward import ForwardedWrite, ForwardQueue
+from colofs.core.names import check_name
+from colofs.core.state import (
+    FAILOVER,
+    NORMAL,
+    PRIMARY,
+    ROLES,
+    SECONDARY,
+    DiskState,
+    VMState,
+    load_vm_state,
+    save_vm_state,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state"
+BASE_FILE = "base.raw"
+HIDDEN_FILE = "hidden.log"
+ACTIVE_FILE = "active.log"
+NEW_PREFIX = ".new-"
+MIN_BLOCK = 512
+MAX_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class PrimaryWrite:
+    """One forwarded primary write: ``data`` at ``offset`` of disk ``disk``."""
+
+    disk: str
+    offset: int
+    data: Buffer
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What opening a VM had to do; ``resume_seq`` is where the primary must resume from."""
+
+    action: str  # "clean", "rolled-back", "failover-completed", "none"
+    blocks: int
+    resume_seq: int
+
+
+class VM:
+    """The disks of one VM and the state that covers them all."""
+
+    def __init__(self, path: str, state: VMState) -> None:
+        self.path = path
+        self.name = state.vm
+        self.state = state
+        self.disks: dict[str, Disk] = {}
+        self._apply_lock = trio.Lock()
+        self._failover_lock = trio.Lock()
+        self.forward: ForwardQueue | None = None
+        self.recovery = Recovery("none", 0, state.last_checkpoint)
+        self.closed = False
+
+    # -- creation and opening ----------------------------------------------------
+
+    @classmethod
+    async def create(cls, path: str, name: str, role: str) -> VM:
+        check_name("VM", name)
+        if role not in ROLES:
+            raise BadArgument(f"VM {name}: role must be one of {', '.join(ROLES)}, not {role!r}")
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            raise AlreadyExists(f"VM {name} already exists") from None
+        state = VMState(vm=name, role=role, clean=False)
+        await trio.to_thread.run_sync(save_vm_state, os.path.join(path, STATE_FILE), state)
+        fsync_dir(os.path.dirname(path))
+        vm = cls(path, state)
+        vm.recovery = Recovery("clean", 0, 0)
+        return vm
+
+    @classmethod
+    async def open(cls, path: str) -> VM:
+        """Open a VM's store, recovering from a crash if the last close was not clean."""
+        name = os.path.basename(path)
+        state = load_vm_state(os.path.join(path, STATE_FILE), f"VM {name}")
+        if state.vm != name:
+            raise StoreError(f"VM {name}: state file names VM {state.vm!r}")
+        vm = cls(path, state)
+        await trio.to_thread.run_sync(vm._settle_new_disks)
+        try:
+            if state.clean and state.phase == NORMAL:
+                await vm._open_clean()
+            else:
+                await vm._recover()
+        except BaseException:
+            vm._close_files()
+            raise
+        return vm
+
+    def _settle_new_disks(self) -> None:
+        """Finish or undo disk creations a crash interrupted (see :meth:`add_disk`)."""
+        for entry in os.listdir(self.path):
+            if not entry.startswith(NEW_PREFIX):
+                continue
+            disk = entry[len(NEW_PREFIX) :]
+            tmp = os.path.join(self.path, entry)
+            if disk in self.state.disks and not os.path.exists(os.path.join(self.path, disk)):
+                os.rename(tmp, os.path.join(self.path, disk))
+                log.info("VM %s: finished creating disk %s after a crash", self.name, disk)
+            else:
+                shutil.rmtree(tmp)
+                log.info("VM %s: removed the unfinished creation of disk %s", self.name, disk)
+        fsync_dir(self.path)
+
+    def _disk_paths(self, disk: str) -> tuple[str, str, str, str]:
+        d = os.path.join(self.path, disk)
+        return d, os.path.join(d, BASE_FILE), os.path.join(d, HIDDEN_FILE), os.path.join(d, ACTIVE_FILE)
+
+    def _open_disk(self, disk: str, ds: DiskState, *, clean: bool) -> Disk:
+        d, base, hidden_path, active_path = self._disk_paths(disk)
+        label = f"{self.name}/{disk}"
+        try:
+            base_fd = os.open(base, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StoreError(f"{label}: base image {base} is missing") from None
+        try:
+            st = os.fstat(base_fd)
+            if st.st_size != ds.size:
+                raise StoreError(f"{label}: base image is {st.st_size} bytes, the state says {ds.size}")
+            hidden = BlockLog.open(
+                hidden_path, ds.block_size, self.state.gen, mutable=False, label=f"{label} hidden",
+                expected_len=ds.hidden_len if clean else None, verify_data=not clean,
+            )
+            try:
+                active = BlockLog.open(
+                    active_path, ds.block_size, self.state.gen, mutable=True, label=f"{label} active",
+                    expected_len=ds.active_len if clean else None, verify_data=False,
+                )
+            except BaseException:
+                hidden.close()
+                raise
+        except BaseException:
+            os.close(base_fd)
+            raise
+        disk_obj = Disk(self, disk, d, ds.size, ds.block_size, base_fd, hidden, active)
+        if self.state.role == SECONDARY and self.state.phase == NORMAL:
+            disk_obj.cbw.attach(hidden)
+        return disk_obj
+
+    async def _open_clean(self) -> None:
+        for disk, ds in sorted(self.state.disks.items()):
+            self.disks[disk] = self._open_disk(disk, ds, clean=True)
+        await self._save(replace(self.state, clean=False))
+        self.recovery = Recovery("clean", 0, self.state.last_applied)
+
+    async def _recover(self) -> None:
+        """Crash recovery: roll back to the last checkpoint, or finish a started failover."""
+        st = self.state
+        for disk, ds in sorted(st.disks.items()):
+            self.disks[disk] = self._open_disk(disk, ds, clean=False)
+        if st.phase == FAILOVER:
+            moved = 0
+            for disk in self.disks.values():
+                moved += await disk.commit_buffers()
+            await datasync_all([d.base_fd for d in self.disks.values()])
+            await self._finish_failover()
+            self.recovery = Recovery("failover-completed", moved, self.state.last_applied)
+            log.warning("VM %s: completed an interrupted failover (%d blocks committed)", self.name, moved)
+            return
+        restored = 0
+        if st.role == SECONDARY:
+            for disk in self.disks.values():
+                restored += await self._roll_back(disk)
+            await datasync_all([d.base_fd for d in self.disks.values()])
+        new = replace(st, gen=st.gen + 1, last_applied=st.last_checkpoint, clean=False)
+        await self._save(new)
+        for disk in self.disks.values():
+            disk.hidden.reset(new.gen)
+            disk.active.reset(new.gen)
+        self.recovery = Recovery("rolled-back", restored, new.last_checkpoint)
+        log.warning(
+            "VM %s: recovered after a crash: %d blocks of base rolled back to checkpoint seq %d",
+            self.name, restored, new.last_checkpoint,
+        )
+
+    async def _roll_back(self, disk: Disk) -> int:
+        """``B[b] := H[b]`` for every block in hidden; through copy-before-write for snapshots."""
+        disk.cbw.detach(disk.hidden)
+        hmap = disk.hidden.map
+        blocks = sorted(hmap)
+        bs = disk.block_size
+        step = max(1, (8 << 20) // bs)
+        for i in range(0, len(blocks), step):
+            chunk = blocks[i : i + step]
+            buf = bytearray(len(chunk) * bs)
+            mv = memoryview(buf)
+            extents: list[tuple[int, Buffer]] = []
+            for j, b in enumerate(chunk):
+                view = mv[j * bs : (j + 1) * bs]
+                await read_into(disk.hidden.fd, view, hmap[b])
+                start = b * bs
+                extents.append((start, view[: min(bs, disk.size - start)]))
+            await disk.cbw.write(extents)
+        return len(blocks)
+
+    async def _save(self, new: VMState) -> None:
+        await trio.to_thread.run_sync(save_vm_state, os.path.join(self.path, STATE_FILE), new)
+        self.state = new
+
+    # -- disks -----------------------------------------------------------------
+
+    async def add_disk(
+        self, name: str, size: int, block_size: int = 4096, source: str | None = None
+    ) -> Disk:
+        """Create a disk (optionally with the content of a raw image) and commit it to the state.
+
+        The disk is built under a temporary name, then the state names it,
+        then it is renamed: a crash leaves either no disk or a whole one.
+        """
+        check_name("disk", name)
+        label = f"{self.name}/{name}"
+        if name in self.state.disks:
+            raise AlreadyExists(f"disk {label} already exists")
+        if not isinstance(size, int) or size <= 0 or size % 512:
+            raise BadArgument(f"{label}: size must be a positive multiple of 512 bytes, not {size}")
+        if block_size & (block_size - 1) or not MIN_BLOCK <= block_size <= MAX_BLOCK:
+            raise BadArgument(
+                f"{label}: block size must be a power of two from {MIN_BLOCK} to {MAX_BLOCK}, not {block_size}"
+            )
+        if source is not None:
+            src_size = os.stat(source).st_size
+            if src_size > size:
+                raise BadArgument(f"{label}: image {source} ({src_size} bytes) is larger than the disk ({size})")
+        tmp = os.path.join(self.path, NEW_PREFIX + name)
+        final, base, hidden, active = self._disk_paths(name)
+        if os.path.exists(final):
+            raise AlreadyExists(f"disk {label}: directory {final} already exists")
+        await trio.to_thread.run_sync(self._build_disk_dir, tmp, size, source)
+        ds = DiskState(size=size, block_size=block_size)
+        await self._save(replace(self.state, disks={**self.state.disks, name: ds}))
+        os.rename(tmp, final)
+        fsync_dir(self.path)
+        disk = self._open_disk(name, ds, clean=False)
+        self.disks[name] = disk
+        log.info("VM %s: created disk %s (%d bytes, %d-byte blocks)", self.name, name, size, block_size)
+        return disk
+
+    @staticmethod
+    def _build_disk_dir(tmp: str, size: int, source: str | None) -> None:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.mkdir(tmp, 0o700)
+        fd = os.open(os.path.join(tmp, BASE_FILE), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if source is not None:
+                _copy_sparse(source, fd)
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        for log_name in (HIDDEN_FILE, ACTIVE_FILE):
+            lfd = os.open(os.path.join(tmp, log_name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.fsync(lfd)
+            os.close(lfd)
+        fsync_dir(tmp)
+
+    def disk(self, name: str) -> Disk:
+        try:
+            return self.disks[name]
+        except KeyError:
+            raise NotFound(f"VM {self.name} has no disk {name!r}") from None
+
+    # -- the secondary's operations ---------------------------------------------------
+
+    def _check_batch(self, seq: int, writes: Sequence[PrimaryWrite]) -> None:
+        st = self.state
+        if st.role != SECONDARY or st.phase != NORMAL:
+            raise RoleError(f"VM {self.name}: primary writes refused, the VM is {st.role} ({st.phase})")
+        if not writes:
+            raise BadArgument(f"VM {self.name}: empty batch at seq {seq}")
+        expected = st.last_applied + 1
+        if seq != expected:
+            what = "replays or goes backwards" if seq < expected else "skips"
+            raise SequenceError(
+                f"VM {self.name}: batch at seq {seq} {what}: the next expected seq is {expected}"
+            )
+        for w in writes:
+            disk = self.disks.get(w.disk)
+            if disk is None:
+                raise NotFound(f"VM {self.name} has no disk {w.disk!r} (batch at seq {seq})")
+            disk.check_range(w.offset, len(w.data))
+            if not len(w.data):
+                raise BadRange(f"{disk.label}: empty write at {w.offset} in batch at seq {seq}")
+
+    async def apply_primary(self, seq: int, writes: Sequence[PrimaryWrite]) -> int:
+        """Apply forwarded primary writes ``seq, seq+1, ...``; returns the last applied seq.
+
+        Validates the whole batch before touching anything, so a bad batch
+        changes nothing. Returns once base and hidden are durable.
+        """
+        self._check_batch(seq, writes)
+        async with self._apply_lock:
+            self._check_batch(seq, writes)  # state may have moved while we waited
+            by_disk: dict[str, list[tuple[int, Buffer]]] = {}
+            for w in writes:
+                by_disk.setdefault(w.disk, []).append((w.offset, w.data))
+            disks = [(self.disks[n], ext) for n, ext in sorted(by_disk.items())]
+            held = []
+            try:
+                for disk, ext in disks:
+                    for lo, hi in extents_blocks(disk, ext):
+                        held.append((disk, await disk.lock.acquire(lo, hi, True)))
+                grown: list[BlockLog] = []
+                for disk, ext in disks:
+                    grown += await disk.cbw.save(disk.cbw.blocks_of(ext))
+                if grown:
+                    await datasync_all([t.fd for t in grown])
+                for disk, ext in disks:
+                    disk.cbw.store(ext)
+            finally:
+                for disk, req in held:
+                    disk.lock.release(req)
+            await datasync_all([disk.base_fd for disk, _ in disks])
+            self.state.last_applied = seq + len(writes) - 1
+            return self.state.last_applied
+
+    async def checkpoint(self, seq: int | None = None) -> int:
+        """Checkpoint after ``seq`` (default: the last applied): empty hidden and active of all disks.
+
+        The state file's generation bump is the single commit point; SVM I/O
+        is held off while it happens, so no SVM write straddles it.
+        """
+        async with self._apply_lock:
+            st = self.state
+            if st.phase != NORMAL:
+                raise RoleError(f"VM {self.name}: no checkpoint during a failover")
+            if seq is None:
+                seq = st.last_applied
+            if seq != st.last_applied:
+                raise SequenceError(
+                    f"VM {self.name}: checkpoint at seq {seq}, but the last applied seq is {st.last_applied}"
+                )
+            held = []
+            try:
+                for disk in self._sorted_disks():
+                    held.append((disk, await disk.lock.acquire(0, disk.nblocks, True)))
+                new = replace(st, gen=st.gen + 1, last_checkpoint=seq)
+                await self._save(new)
+                for disk in self.disks.values():
+                    disk.hidden.reset(new.gen)
+                    disk.active.reset(new.gen)
+            finally:
+                for disk, req in held:
+                    disk.lock.release(req)
+            return seq
+
+    async def failover(self) -> int:
+        """Make this secondary the primary: commit V into base while SVM I/O goes on.
+
+        Returns the number of blocks committed. If the commit fails half way
+        the error propagates, the disks keep serving V, and calling
+        :meth:`failover` again resumes it.
+        """
+        async with self._failover_lock:
+            async with self._apply_lock:
+                st = self.state
+                if st.role != SECONDARY:
+                    raise RoleError(f"VM {self.name}: failover of a {st.role}")
+                if st.phase == NORMAL:
+                    # Roll-forward after a crash trusts active: make it durable first.
+                    await datasync_all([d.active.fd for d in self.disks.values()])
+                    await self._save(replace(st, phase=FAILOVER, epoch=st.epoch + 1))
+                    for disk in self.disks.values():
+                        disk.cbw.detach(disk.hidden)
+                    log.warning("VM %s: failover started, epoch %d", self.name, self.state.epoch)
+            moved = 0
+            for disk in self._sorted_disks():
+                moved += await disk.commit_buffers()
+            await datasync_all([d.base_fd for d in self.disks.values()])
+            async with self._apply_lock:
+                await self._finish_failover()
+            log.warning("VM %s: failover complete, %d blocks committed; now primary", self.name, moved)
+            return moved
+
+    async def _finish_failover(self) -> None:
+        st = self.state
+        new = replace(st, role=PRIMARY, phase=NORMAL, gen=st.gen + 1, last_checkpoint=st.last_applied)
+        await self._save(new)
+        for disk in self.disks.values():
+            disk.hidden.reset(new.gen)
+            disk.active.reset(new.gen)
+
+    # -- the primary's writes -----------------------------------------------------
+
+    async def primary_write(self, disk: Disk, offset: int, data: Buffer) -> None:
+        """Write to the primary disk and hand the write, with its seq, to the forwarding queue."""
+        req = await disk.lock.acquire(offset >> disk.shift, ((offset + len(data) - 1) >> disk.shift) + 1, True)
+        try:
+            await disk.write_base(offset, data)
+            fwd = self.forward
+            if fwd is not None:
+                await fwd.wait_room(len(data))
+            # No await between taking the seq and queueing it: the queue stays in seq order.
+            seq = self.state.last_applied + 1
+            self.state.last_applied = seq
+            if fwd is not None:
+                fwd.put_nowait(ForwardedWrite(seq, disk.name, offset, data))
+        finally:
+            disk.lock.release(req)
+
+    # -- status and shutdown --------------------------------------------------------
+
+    def _sorted_disks(self) -> list[Disk]:
+        return [self.disks[n] for n in sorted(self.disks)]
+
+    def status(self) -> dict[str, object]:
+        st = self.state
+        return {
+            "vm": self.name,
+            "role": st.role,
+            "phase": st.phase,
+            "epoch": st.epoch,
+            "last_applied": st.last_applied,
+            "last_checkpoint": st.last_checkpoint,
+            "disks": {n: d.status() for n, d in sorted(self.disks.items())},
+        }
+
+    async def flush(self) -> None:
+        for disk in self._sorted_disks():
+            await disk.flush()
+
+    async def close(self) -> None:
+        """Make everything durable and mark the state clean, so the next open keeps the layers."""
+        if self.closed:
+            return
+        async with self._failover_lock, self._apply_lock:
+            fds: list[int] = []
+            for d in self.disks.values():
+                fds += [d.base_fd, d.hidden.fd, d.active.fd]
+            await datasync_all(fds)
+            disks = {
+                n: replace(ds, hidden_len=self.disks[n].hidden.end, active_len=self.disks[n].active.end)
+                for n, ds in self.state.disks.items()
+            }
+            await self._save(replace(self.state, clean=True, disks=disks))
+            self._close_files()
+
+    def _close_files(self) -> None:
+        for d in self.disks.values():
+            d.close()
+        self.closed = True
+
+    def abandon(self) -> None:
+        """Drop the VM without a clean close, as a crash would (for tests and fatal errors)."""
+        self._close_files()
+
+
+def _copy_sparse(source: str, fd: int) -> None:
+    """Copy a raw image into ``fd`` leaving holes where the image has zeros."""
+    chunk = 1 << 20
+    zero = bytes(chunk)
+    with open(source, "rb", buffering=0) as f:
+        off = 0
+        while True:
+            data = f.read(chunk)
+            if not data:
+                break
+            if data != zero[: len(data)]:
+                try:
+                    write_all(fd, [data], off)
+                except OSError as e:
+                    raise DiskIOError(f"importing {source}: write at {off} failed: {e.strerror}", e.errno) from e
+            off += len(data)

@@ -1,0 +1,1 @@
+"""mountctl: the command-line client that mounts and controls colofs."""

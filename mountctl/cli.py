@@ -1,0 +1,2 @@
+def main() -> int:
+    raise SystemExit("mountctl: not available yet")
