@@ -32,7 +32,11 @@ class BadFlags(ProtocolError):
 
 
 class FrameTooLarge(ProtocolError):
-    """The frame's payload exceeds the configured size limit."""
+    """A frame's payload exceeds the configured size limit.
+
+    Also raised by ``FrameStream.send`` before writing a frame the peer (with
+    the same limits) would refuse, so a caller can split its batch instead.
+    """
 
 
 class DecompressionBomb(ProtocolError):
@@ -48,7 +52,12 @@ class DigestMismatch(ProtocolError):
 
 
 class BadCompression(ProtocolError):
-    """The compression metadata or the lz4 block itself is inconsistent."""
+    """The compression metadata or the lz4 block itself is inconsistent.
+
+    Covers a corrupt lz4 block, a block that inflates to the wrong size, a
+    "compressed" payload not smaller than its raw size, and an uncompressed
+    frame whose raw_len differs from its wire_len.
+    """
 
 
 class MalformedMessage(ProtocolError):

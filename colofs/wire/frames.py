@@ -1,0 +1,352 @@
+"""The colofs frame codec: 24-byte header, optional lz4 block compression, xxh3 digest.
+
+Header layout (little-endian)::
+
+    0  magic     4s   b"COLF"
+    4  version   u8   1
+    5  type      u8   MessageType
+    6  flags     u16  bit 0: payload is an lz4 block; other bits must be 0
+    8  wire_len  u32  payload bytes that follow the header
+    12 raw_len   u32  payload bytes after decompression (== wire_len if not compressed)
+    16 digest    u64  xxh3_64(header[0:16] + payload as on the wire)
+
+The decoder checks the header in a fixed order -- magic, version, type,
+flags, wire_len limit, raw_len limit, length consistency -- and only then
+waits for the payload.  That way an oversized frame or an lz4 bomb is refused
+from 24 bytes, before this node buffers or inflates anything.  The digest
+covers the bytes as sent, so corruption is caught before lz4 ever sees them.
+
+Choices beyond the bare layout:
+
+* A compressed frame must be strictly smaller than its raw size (the encoder
+  only keeps lz4 output that saves bytes), and ``raw_len`` must equal
+  ``wire_len`` otherwise; both inconsistencies raise :class:`BadCompression`.
+* Any message type may arrive compressed; by default the encoder compresses
+  the two bulk-data types, BATCH and RESYNC_DATA (a full resync of a mostly
+  empty disk is where lz4 pays off most).
+* After a decoding error the :class:`FrameDecoder` is poisoned: framing is
+  lost, so every later call re-raises the same error.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import NoReturn
+
+import lz4.block
+import xxhash
+
+from colofs.wire.errors import (
+    BadCompression,
+    BadFlags,
+    BadMagic,
+    BadVersion,
+    ConnectionClosed,
+    DecompressionBomb,
+    DigestMismatch,
+    FrameTooLarge,
+    MalformedMessage,
+    ProtocolError,
+    TruncatedFrame,
+    UnknownType,
+)
+from colofs.wire.messages import Message, MessageType, decode_message
+
+MAGIC = b"COLF"
+FRAME_VERSION = 1
+HEADER_LEN = 24
+FLAG_LZ4 = 0x0001
+KNOWN_FLAGS = FLAG_LZ4
+DEFAULT_MAX_WIRE_LEN = 32 * 1024 * 1024
+DEFAULT_MAX_RAW_LEN = 64 * 1024 * 1024
+COMPRESSED_BY_DEFAULT = frozenset({MessageType.BATCH, MessageType.RESYNC_DATA})
+
+_U32_MAX = 0xFFFF_FFFF
+_HEADER = struct.Struct("<4sBBHIIQ")
+_PREFIX = struct.Struct("<4sBBHII")  # the digested part, header[0:16]
+_DIGEST = struct.Struct("<Q")
+_KNOWN_TYPES = frozenset(int(t) for t in MessageType)
+
+assert _HEADER.size == HEADER_LEN and _PREFIX.size == 16
+
+
+def _check_limit(name: str, value: int) -> None:
+    if not isinstance(value, int) or not 0 <= value <= _U32_MAX:
+        raise ValueError(f"{name} must be an int in 0..{_U32_MAX}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class FrameHeader:
+    """A parsed and validated frame header."""
+
+    type: MessageType
+    flags: int
+    wire_len: int
+    raw_len: int
+    digest: int
+
+    @property
+    def compressed(self) -> bool:
+        """The payload is an lz4 block."""
+        return bool(self.flags & FLAG_LZ4)
+
+    @property
+    def frame_len(self) -> int:
+        """Header plus payload as on the wire."""
+        return HEADER_LEN + self.wire_len
+
+
+def parse_header(
+    header: bytes | bytearray | memoryview,
+    *,
+    max_wire_len: int = DEFAULT_MAX_WIRE_LEN,
+    max_raw_len: int = DEFAULT_MAX_RAW_LEN,
+) -> FrameHeader:
+    """Validate the 24 header bytes; raises a :class:`ProtocolError` subclass."""
+    if len(header) != HEADER_LEN:
+        raise TruncatedFrame(f"frame header is {len(header)} bytes, expected {HEADER_LEN}")
+    magic, version, mtype, flags, wire_len, raw_len, digest = _HEADER.unpack(header)
+    if magic != MAGIC:
+        raise BadMagic(f"bad frame magic {magic!r}, expected {MAGIC!r}")
+    if version != FRAME_VERSION:
+        raise BadVersion(
+            f"frame version {version} is not supported (this node speaks {FRAME_VERSION})"
+        )
+    if mtype not in _KNOWN_TYPES:
+        raise UnknownType(f"unknown frame type {mtype}")
+    if flags & ~KNOWN_FLAGS:
+        raise BadFlags(f"frame flags {flags:#06x} set undefined bits {flags & ~KNOWN_FLAGS:#06x}")
+    compressed = bool(flags & FLAG_LZ4)
+    if wire_len > max_wire_len:
+        raise FrameTooLarge(f"frame payload {wire_len} bytes exceeds the limit of {max_wire_len}")
+    if raw_len > max_raw_len:
+        if compressed:
+            raise DecompressionBomb(
+                f"compressed frame of {wire_len} bytes claims {raw_len} bytes decompressed, "
+                f"exceeding the limit of {max_raw_len}"
+            )
+        raise FrameTooLarge(f"frame raw size {raw_len} bytes exceeds the limit of {max_raw_len}")
+    if compressed:
+        if wire_len >= raw_len:
+            raise BadCompression(
+                f"compressed payload of {wire_len} bytes is not smaller than its declared "
+                f"raw size of {raw_len} bytes"
+            )
+    elif raw_len != wire_len:
+        raise BadCompression(
+            f"uncompressed frame declares raw size {raw_len} but carries {wire_len} bytes"
+        )
+    return FrameHeader(MessageType(mtype), flags, wire_len, raw_len, digest)
+
+
+def encode_frame_parts(msg: Message, compress: bool | None = None) -> tuple[bytes, bytes]:
+    """Return ``(header, payload)`` for ``msg``, ready to be written back to back.
+
+    Kept as two buffers so a multi-megabyte batch is not copied once more
+    just to prepend 24 bytes.  ``compress=None`` compresses the bulk-data types
+    (:data:`COMPRESSED_BY_DEFAULT`); lz4 output is kept only if it is smaller.
+    """
+    payload = msg.encode()
+    raw_len = len(payload)
+    if raw_len > _U32_MAX:
+        raise FrameTooLarge(
+            f"{msg.TYPE.name} payload {raw_len} bytes exceeds the limit of {_U32_MAX}"
+        )
+    if compress is None:
+        compress = msg.TYPE in COMPRESSED_BY_DEFAULT
+    flags = 0
+    if compress and raw_len:
+        packed = lz4.block.compress(payload, store_size=False)
+        if len(packed) < raw_len:
+            payload, flags = packed, FLAG_LZ4
+    prefix = _PREFIX.pack(MAGIC, FRAME_VERSION, msg.TYPE, flags, len(payload), raw_len)
+    digest = xxhash.xxh3_64(prefix)
+    digest.update(payload)
+    return prefix + _DIGEST.pack(digest.intdigest()), payload
+
+
+def encode_frame(msg: Message, compress: bool | None = None) -> bytes:
+    """Return the complete frame for ``msg`` as one buffer (see :func:`encode_frame_parts`)."""
+    header, payload = encode_frame_parts(msg, compress)
+    return header + payload
+
+
+class FrameDecoder:
+    """Incremental (sans-I/O) frame decoder: feed bytes, pull messages.
+
+    The header is validated as soon as its 24 bytes are buffered (the magic as
+    soon as its first byte is), so a caller that feeds only what :attr:`needed`
+    asks for never holds more than one frame within the limits.  Uncompressed
+    payloads are decoded straight out of the receive buffer; the only copy of
+    bulk data is the one each message field keeps.
+    """
+
+    __slots__ = ("_buf", "_error", "_header", "_pos", "max_raw_len", "max_wire_len")
+
+    def __init__(
+        self,
+        *,
+        max_wire_len: int = DEFAULT_MAX_WIRE_LEN,
+        max_raw_len: int = DEFAULT_MAX_RAW_LEN,
+    ) -> None:
+        _check_limit("max_wire_len", max_wire_len)
+        _check_limit("max_raw_len", max_raw_len)
+        self.max_wire_len = max_wire_len
+        self.max_raw_len = max_raw_len
+        self._buf = bytearray()
+        self._pos = 0
+        self._header: FrameHeader | None = None
+        self._error: ProtocolError | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet consumed by a decoded frame."""
+        return len(self._buf) - self._pos
+
+    @property
+    def needed(self) -> int:
+        """Bytes still missing before the next header or frame is complete (at least 1)."""
+        if self._header is None:
+            return max(HEADER_LEN - self.buffered, 1)
+        return max(self._header.frame_len - self.buffered, 1)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append received bytes."""
+        if self._error is not None:
+            raise self._error
+        if self._pos:
+            # Start a fresh buffer instead of resizing in place: cheap (the tail is
+            # at most one receive chunk) and safe even if a view of the old one lives.
+            self._buf = self._buf[self._pos :] if self._pos < len(self._buf) else bytearray()
+            self._pos = 0
+        self._buf += data
+
+    def next_message(self) -> Message | None:
+        """Decode and return the next complete message, or ``None`` if more bytes are needed.
+
+        Raises only :class:`ProtocolError` subclasses, whatever was fed.
+        """
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._next()
+        except ProtocolError as exc:
+            self._error = exc
+            raise
+
+    def _next(self) -> Message | None:
+        buf, pos = self._buf, self._pos
+        avail = len(buf) - pos
+        header = self._header
+        if header is None:
+            if avail == 0:
+                return None
+            n = min(avail, len(MAGIC))
+            if buf[pos : pos + n] != MAGIC[:n]:
+                got = bytes(buf[pos : pos + n])
+                raise BadMagic(f"bad frame magic {got!r}, expected {MAGIC!r}")
+            if avail < HEADER_LEN:
+                return None
+            header = parse_header(
+                buf[pos : pos + HEADER_LEN],
+                max_wire_len=self.max_wire_len,
+                max_raw_len=self.max_raw_len,
+            )
+            self._header = header
+        if avail < header.frame_len:
+            return None
+        start = pos + HEADER_LEN
+        end = start + header.wire_len
+        with memoryview(buf) as view:
+            payload = view[start:end]
+            try:
+                digest = xxhash.xxh3_64(view[pos : pos + 16])
+                digest.update(payload)
+                computed = digest.intdigest()
+                if computed != header.digest:
+                    raise DigestMismatch(
+                        f"{header.type.name} frame digest {header.digest:#018x} does not match "
+                        f"the computed {computed:#018x} over {header.wire_len} payload bytes"
+                    )
+                if header.compressed:
+                    msg = decode_message(header.type, _decompress(payload, header))
+                else:
+                    msg = decode_message(header.type, payload)
+            finally:
+                payload.release()
+        self._pos = end
+        self._header = None
+        return msg
+
+    def feed_eof(self) -> NoReturn:
+        """Report the end of the stream; always raises.
+
+        :class:`ConnectionClosed` if it came on a frame boundary,
+        :class:`TruncatedFrame` if it cut a frame short.
+        """
+        if self._error is not None:
+            raise self._error
+        avail = self.buffered
+        if avail == 0:
+            raise ConnectionClosed("peer closed the connection")
+        if self._header is None:
+            raise TruncatedFrame(
+                f"connection closed after {avail} of the {HEADER_LEN} frame header bytes"
+            )
+        header = self._header
+        raise TruncatedFrame(
+            f"connection closed {avail} bytes into a {header.frame_len}-byte "
+            f"{header.type.name} frame"
+        )
+
+
+def _decompress(payload: memoryview, header: FrameHeader) -> bytes:
+    try:
+        raw = lz4.block.decompress(payload, uncompressed_size=header.raw_len)
+    except lz4.block.LZ4BlockError as exc:
+        raise BadCompression(
+            f"{header.type.name} lz4 payload of {header.wire_len} bytes does not decompress "
+            f"into {header.raw_len} bytes: {exc}"
+        ) from None
+    if len(raw) != header.raw_len:
+        raise BadCompression(
+            f"{header.type.name} lz4 payload decompressed to {len(raw)} bytes, "
+            f"the header says {header.raw_len}"
+        )
+    return raw
+
+
+def decode_frame(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_wire_len: int = DEFAULT_MAX_WIRE_LEN,
+    max_raw_len: int = DEFAULT_MAX_RAW_LEN,
+) -> Message:
+    """Decode a buffer holding exactly one complete frame."""
+    decoder = FrameDecoder(max_wire_len=max_wire_len, max_raw_len=max_raw_len)
+    decoder.feed(data)
+    msg = decoder.next_message()
+    if msg is None:
+        decoder.feed_eof()
+    if decoder.buffered:
+        raise MalformedMessage(f"{decoder.buffered} bytes follow the frame")
+    return msg
+
+
+__all__ = [
+    "COMPRESSED_BY_DEFAULT",
+    "DEFAULT_MAX_RAW_LEN",
+    "DEFAULT_MAX_WIRE_LEN",
+    "FLAG_LZ4",
+    "FRAME_VERSION",
+    "HEADER_LEN",
+    "KNOWN_FLAGS",
+    "MAGIC",
+    "FrameDecoder",
+    "FrameHeader",
+    "decode_frame",
+    "encode_frame",
+    "encode_frame_parts",
+    "parse_header",
+]
