@@ -28,7 +28,7 @@ from colofs.core.state import FAILOVER, PRIMARY
 if TYPE_CHECKING:
     from colofs.core.vm import VM
 
-COMMIT_CHUNK = 4 << 20  # bytes of buffered blocks carried to base per locked step of a failover
+COMMIT_CHUNK = 4 << 20  # default bytes of buffered blocks carried to base per locked step of a failover
 
 
 class _Iov:
@@ -78,6 +78,7 @@ class Disk:
         self.label = f"{vm.name}/{name}"
         self.lock = RangeLock()
         self.cbw = CopyBeforeWrite(base_fd, block_size, self.label)
+        self.commit_chunk = COMMIT_CHUNK
 
     def close(self) -> None:
         self.hidden.close()
@@ -269,7 +270,7 @@ class Disk:
         """
         bs = self.block_size
         shift = self.shift
-        per_step = max(1, COMMIT_CHUNK // bs)
+        per_step = max(1, self.commit_chunk // bs)
         moved = 0
         while True:
             pending = sorted(self.active.map.keys() | self.hidden.map.keys())

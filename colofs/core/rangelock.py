@@ -15,21 +15,31 @@ import trio
 
 
 class _Request:
-    __slots__ = ("event", "exclusive", "granted", "hi", "lo")
+    __slots__ = ("event", "exclusive", "granted", "spans")
 
-    def __init__(self, lo: int, hi: int, exclusive: bool) -> None:
-        self.lo = lo
-        self.hi = hi
+    def __init__(self, spans: list[tuple[int, int]], exclusive: bool) -> None:
+        self.spans = spans
         self.exclusive = exclusive
         self.granted = False
         self.event: trio.Event | None = None
 
     def conflicts(self, other: _Request) -> bool:
-        return (self.exclusive or other.exclusive) and self.lo < other.hi and other.lo < self.hi
+        if not (self.exclusive or other.exclusive):
+            return False
+        for lo, hi in self.spans:
+            for olo, ohi in other.spans:
+                if lo < ohi and olo < hi:
+                    return True
+        return False
 
 
 class RangeLock:
-    """Grants ``[lo, hi)`` shared or exclusive; conflicting requests are served first come, first served."""
+    """Grants sets of ``[lo, hi)`` spans shared or exclusive; conflicting requests go first come, first served.
+
+    A request for several spans is granted all at once or not at all: taking
+    them one by one could deadlock against a queued request that overlaps
+    two of them.
+    """
 
     def __init__(self) -> None:
         self._held: list[_Request] = []
@@ -45,8 +55,12 @@ class RangeLock:
         return True
 
     async def acquire(self, lo: int, hi: int, exclusive: bool) -> _Request:
-        """Wait until the range is free; returns the token to pass to :meth:`release`."""
-        req = _Request(lo, hi, exclusive)
+        """Wait until ``[lo, hi)`` is free; returns the token to pass to :meth:`release`."""
+        return await self.acquire_spans([(lo, hi)], exclusive)
+
+    async def acquire_spans(self, spans: list[tuple[int, int]], exclusive: bool) -> _Request:
+        """Wait until every span is free, then hold them all."""
+        req = _Request(spans, exclusive)
         if self._free_for(req, self._waiting):
             req.granted = True
             self._held.append(req)
@@ -83,23 +97,3 @@ class RangeLock:
     def held(self) -> int:
         """Number of granted requests (for tests and status)."""
         return len(self._held)
-
-
-class Locked:
-    """``async with Locked(lock, lo, hi, exclusive):`` for one range."""
-
-    __slots__ = ("_exclusive", "_hi", "_lo", "_lock", "_req")
-
-    def __init__(self, lock: RangeLock, lo: int, hi: int, exclusive: bool) -> None:
-        self._lock = lock
-        self._lo = lo
-        self._hi = hi
-        self._exclusive = exclusive
-        self._req: _Request | None = None
-
-    async def __aenter__(self) -> None:
-        self._req = await self._lock.acquire(self._lo, self._hi, self._exclusive)
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._req is not None
-        self._lock.release(self._req)

@@ -217,8 +217,11 @@ class VM:
         )
 
     async def _roll_back(self, disk: Disk) -> int:
-        """``B[b] := H[b]`` for every block in hidden; through copy-before-write for snapshots."""
-        disk.cbw.detach(disk.hidden)
+        """``B[b] := H[b]`` for every block in hidden; through copy-before-write for snapshots.
+
+        Hidden stays attached: it already holds every block written here, so
+        it takes no copy, while other targets keep their images.
+        """
         hmap = disk.hidden.map
         blocks = sorted(hmap)
         bs = disk.block_size
@@ -340,9 +343,8 @@ class VM:
             disks = [(self.disks[n], ext) for n, ext in sorted(by_disk.items())]
             held = []
             try:
-                for disk, ext in disks:
-                    for lo, hi in extents_blocks(disk, ext):
-                        held.append((disk, await disk.lock.acquire(lo, hi, True)))
+                for disk, ext in disks:  # disks in name order: no two batches cross
+                    held.append((disk, await disk.lock.acquire_spans(extents_blocks(disk, ext), True)))
                 grown: list[BlockLog] = []
                 for disk, ext in disks:
                     grown += await disk.cbw.save(disk.cbw.blocks_of(ext))

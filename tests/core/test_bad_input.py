@@ -1,0 +1,272 @@
+"""Every kind of bad input raises its own exception, names the disk and the problem, and writes nothing."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from colofs.core import PrimaryWrite, Store
+from colofs.core.errors import (
+    AlreadyExists,
+    BadArgument,
+    BadRange,
+    InvalidName,
+    MapCorrupt,
+    MapMissing,
+    MapTruncated,
+    NotFound,
+    RoleError,
+    SequenceError,
+    StateCorrupt,
+    StateMissing,
+    StoreError,
+    StoreVersionError,
+)
+from tests.core.conftest import snapshot_tree
+
+SIZE = 64 * 1024
+
+
+async def make(open_store, role: str = "secondary") -> Store:
+    store = await open_store(role)
+    await store.create_disk("vm", "disk0", SIZE)
+    return store
+
+
+def store_dir(store: Store) -> str:
+    return store.path
+
+
+async def test_write_past_end_and_negative(open_store) -> None:
+    store = await make(open_store)
+    disk = store.disk("vm", "disk0")
+    before = snapshot_tree(store.path)
+    for off, data in [(SIZE - 10, b"x" * 11), (SIZE, b"x"), (-1, b"x"), (1 << 60, b"x")]:
+        with pytest.raises(BadRange, match="vm/disk0"):
+            await disk.write(off, data)
+    with pytest.raises(BadRange, match="negative"):
+        await disk.read(0, -5)
+    with pytest.raises(BadRange, match="past the disk's size"):
+        await disk.read(SIZE - 1, 2)
+    assert snapshot_tree(store.path) == before
+
+
+async def test_primary_batch_past_end_changes_nothing(open_store) -> None:
+    store = await make(open_store)
+    vm = store.vm("vm")
+    before = snapshot_tree(store.path)
+    # The first write is fine, the second is not: the whole batch is refused.
+    batch = [PrimaryWrite("disk0", 0, b"a" * 100), PrimaryWrite("disk0", SIZE - 1, b"bb")]
+    with pytest.raises(BadRange, match="vm/disk0.*past the disk's size"):
+        await vm.apply_primary(1, batch)
+    with pytest.raises(BadRange, match="negative"):
+        await vm.apply_primary(1, [PrimaryWrite("disk0", -4, b"a")])
+    with pytest.raises(BadRange, match="empty write"):
+        await vm.apply_primary(1, [PrimaryWrite("disk0", 0, b"")])
+    with pytest.raises(NotFound, match="no disk 'nope'"):
+        await vm.apply_primary(1, [PrimaryWrite("nope", 0, b"a")])
+    with pytest.raises(BadArgument, match="empty batch"):
+        await vm.apply_primary(1, [])
+    assert vm.state.last_applied == 0
+    assert snapshot_tree(store.path) == before
+
+
+async def test_sequence_backwards_replayed_or_skipping(open_store) -> None:
+    store = await make(open_store)
+    vm = store.vm("vm")
+    await vm.apply_primary(1, [PrimaryWrite("disk0", 0, b"1" * 10), PrimaryWrite("disk0", 5, b"2")])
+    assert vm.state.last_applied == 2
+    before = snapshot_tree(store.path)
+    with pytest.raises(SequenceError, match="seq 2 replays or goes backwards.*next expected seq is 3"):
+        await vm.apply_primary(2, [PrimaryWrite("disk0", 0, b"x")])
+    with pytest.raises(SequenceError, match="seq 1 replays"):
+        await vm.apply_primary(1, [PrimaryWrite("disk0", 0, b"x")])
+    with pytest.raises(SequenceError, match="seq 5 skips"):
+        await vm.apply_primary(5, [PrimaryWrite("disk0", 0, b"x")])
+    assert snapshot_tree(store.path) == before
+    assert vm.state.last_applied == 2
+
+
+async def test_checkpoint_for_unapplied_sequence(open_store) -> None:
+    store = await make(open_store)
+    vm = store.vm("vm")
+    await vm.apply_primary(1, [PrimaryWrite("disk0", 0, b"1")])
+    await store.disk("vm", "disk0").write(100, b"svm")
+    with pytest.raises(SequenceError, match="checkpoint at seq 7, but the last applied seq is 1"):
+        await vm.checkpoint(7)
+    with pytest.raises(SequenceError, match="checkpoint at seq 0"):
+        await vm.checkpoint(0)
+    # Nothing was dropped by the refused checkpoints.
+    assert bytes(await store.disk("vm", "disk0").read(100, 3)) == b"svm"
+    assert vm.state.last_checkpoint == 0
+    assert await vm.checkpoint(1) == 1
+
+
+async def test_roles_refuse_what_does_not_fit(open_store) -> None:
+    store = await make(open_store, role="primary")
+    vm = store.vm("vm")
+    with pytest.raises(RoleError, match="VM vm: primary writes refused, the VM is primary"):
+        await vm.apply_primary(1, [PrimaryWrite("disk0", 0, b"x")])
+    with pytest.raises(RoleError, match="failover of a primary"):
+        await vm.failover()
+
+
+async def test_bad_creation_arguments(open_store) -> None:
+    store = await open_store()
+    with pytest.raises(BadArgument, match="block size must be a power of two"):
+        await store.create_disk("vm", "d", SIZE, block_size=3000)
+    with pytest.raises(BadArgument, match="block size"):
+        await store.create_disk("vm", "d", SIZE, block_size=256)
+    with pytest.raises(BadArgument, match="positive multiple of 512"):
+        await store.create_disk("vm", "d", 1000)
+    with pytest.raises(BadArgument, match="positive multiple of 512"):
+        await store.create_disk("vm", "d", 0)
+    for bad in ["", "a/b", ".hidden", "x" * 65, "with space", "snap@shot", "\x00"]:
+        with pytest.raises(InvalidName):
+            await store.create_disk("vm", bad, SIZE)
+    await store.create_disk("vm", "d", SIZE)
+    with pytest.raises(AlreadyExists, match="vm/d already exists"):
+        await store.create_disk("vm", "d", SIZE)
+    with pytest.raises(NotFound, match="no disk 'e'"):
+        store.disk("vm", "e")
+    with pytest.raises(NotFound, match="no VM 'other'"):
+        store.vm("other")
+
+
+# -- damaged stores: each raises its own error and writes nothing ----------------------
+
+
+async def closed_store(open_store) -> str:
+    store = await make(open_store)
+    vm = store.vm("vm")
+    await vm.apply_primary(1, [PrimaryWrite("disk0", 0, b"p" * 9000)])
+    await store.disk("vm", "disk0").write(3, b"s" * 5000)
+    await store.close()
+    return store.path
+
+
+async def reopen_fails(path: str, exc: type[Exception], match: str) -> None:
+    before = snapshot_tree(path)
+    with pytest.raises(exc, match=match):
+        await Store.open(path, role="secondary")
+    assert snapshot_tree(path) == before
+
+
+async def test_missing_state(open_store) -> None:
+    path = await closed_store(open_store)
+    os.unlink(os.path.join(path, "vm", "state"))
+    # Without its state file the directory is not a VM; opening the store ignores it.
+    store = await Store.open(path, role="secondary")
+    assert "vm" not in store.vms
+    store.abandon()
+    from colofs.core.vm import VM
+
+    with pytest.raises(StateMissing, match="VM vm: state file .* is missing"):
+        await VM.open(os.path.join(path, "vm"))
+
+
+async def test_truncated_state(open_store) -> None:
+    path = await closed_store(open_store)
+    state = os.path.join(path, "vm", "state")
+    data = open(state, "rb").read()
+    open(state, "wb").write(data[: len(data) // 2])
+    await reopen_fails(path, StateCorrupt, "VM vm: state file is truncated")
+
+
+async def test_corrupt_state(open_store) -> None:
+    path = await closed_store(open_store)
+    state = os.path.join(path, "vm", "state")
+    data = bytearray(open(state, "rb").read())
+    i = data.index(b'"epoch":1') + len(b'"epoch":')
+    data[i] = ord("7")
+    open(state, "wb").write(bytes(data))
+    await reopen_fails(path, StateCorrupt, "VM vm: state file fails its checksum")
+
+
+async def test_state_of_another_version(open_store) -> None:
+    path = await closed_store(open_store)
+    state = os.path.join(path, "vm", "state")
+    data = open(state, "rb").read().replace(b"COLOFS-VM-STATE 1", b"COLOFS-VM-STATE 2", 1)
+    open(state, "wb").write(data)
+    await reopen_fails(path, StoreVersionError, "state format '2', this colofs reads format 1")
+
+
+async def test_store_of_another_version(open_store) -> None:
+    path = await closed_store(open_store)
+    marker = os.path.join(path, "colofs-store")
+    data = open(marker, "rb").read().replace(b"COLOFS-STORE 1", b"COLOFS-STORE 9", 1)
+    open(marker, "wb").write(data)
+    await reopen_fails(path, StoreVersionError, "store format '9'")
+
+
+async def test_not_a_store(tmp_path) -> None:
+    os.mkdir(tmp_path / "plain")
+    with pytest.raises(StateMissing, match="not a colofs store"):
+        await Store.open(str(tmp_path / "plain"), role="secondary")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "file").write_text("x")
+    with pytest.raises(StoreError, match="non-empty directory"):
+        await Store.open(str(tmp_path / "full"), role="secondary", create=True)
+
+
+@pytest.mark.parametrize("layer", ["hidden.log", "active.log"])
+async def test_missing_map(open_store, layer: str) -> None:
+    path = await closed_store(open_store)
+    os.unlink(os.path.join(path, "vm", "disk0", layer))
+    await reopen_fails(path, MapMissing, f"vm/disk0 .*{layer} is missing")
+
+
+@pytest.mark.parametrize("layer", ["hidden.log", "active.log"])
+async def test_truncated_map(open_store, layer: str) -> None:
+    path = await closed_store(open_store)
+    log_path = os.path.join(path, "vm", "disk0", layer)
+    os.truncate(log_path, os.path.getsize(log_path) - 4096)
+    await reopen_fails(path, MapTruncated, "vm/disk0 .* bytes, the state recorded")
+
+
+@pytest.mark.parametrize("layer", ["hidden.log", "active.log"])
+async def test_corrupt_map_header(open_store, layer: str) -> None:
+    path = await closed_store(open_store)
+    log_path = os.path.join(path, "vm", "disk0", layer)
+    with open(log_path, "r+b") as f:
+        f.seek(40)  # the first record's block number
+        f.write(b"\xff")
+    await reopen_fails(path, MapCorrupt, "vm/disk0 .*fails its checksum at offset 0")
+
+
+async def test_corrupt_map_after_crash_is_not_mistaken_for_a_torn_tail(open_store) -> None:
+    store = await make(open_store)
+    vm = store.vm("vm")
+    await vm.apply_primary(1, [PrimaryWrite("disk0", 0, b"p" * 100)])
+    await vm.apply_primary(2, [PrimaryWrite("disk0", 8192, b"q" * 100)])
+    store.abandon()  # crash: the next open must roll back from hidden
+    hidden = os.path.join(store.path, "vm", "disk0", "hidden.log")
+    with open(hidden, "r+b") as f:
+        f.seek(4096)  # data of the first segment; a valid segment follows it
+        f.write(b"garbage")
+    await reopen_fails(store.path, MapCorrupt, "data that fails its checksum at offset 0, but a valid segment follows")
+
+
+async def test_torn_tail_after_crash_is_dropped(open_store) -> None:
+    store = await make(open_store)
+    vm = store.vm("vm")
+    disk = store.disk("vm", "disk0")
+    await vm.apply_primary(1, [PrimaryWrite("disk0", 0, b"p" * 100)])
+    store.abandon()
+    hidden = os.path.join(store.path, "vm", "disk0", "hidden.log")
+    size = os.path.getsize(hidden)
+    # A segment whose header made it to disk but whose data did not.
+    with open(hidden, "rb") as f:
+        seg = f.read(4096)
+    with open(hidden, "ab") as f:
+        f.write(seg + b"\x01" * 100)
+    store2 = await Store.open(store.path, role="secondary")
+    try:
+        assert store2.vm("vm").recovery.action == "rolled-back"
+        assert store2.vm("vm").recovery.resume_seq == 0
+        assert bytes(await store2.disk("vm", "disk0").read(0, 100)) == bytes(100)
+        assert os.path.getsize(hidden) == 0 < size
+    finally:
+        store2.abandon()
+    del disk
