@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -21,6 +22,22 @@ class ForwardedWrite:
     disk: str
     offset: int
     data: Buffer
+
+
+class WriteSink(Protocol):
+    """Where a primary disk hands its writes (the replication layer implements it).
+
+    ``wait_room`` and ``put_nowait`` run while the written blocks are locked,
+    so writes to one block reach the sink in the order they reached base;
+    ``wait_acked`` runs after the lock is released and returns at once in
+    asynchronous mode, or once the peer acknowledged ``seq`` in sync mode.
+    """
+
+    async def wait_room(self, nbytes: int) -> None: ...
+
+    def put_nowait(self, item: ForwardedWrite) -> None: ...
+
+    async def wait_acked(self, seq: int) -> None: ...
 
 
 class ForwardQueue:
@@ -63,6 +80,9 @@ class ForwardQueue:
         self._items.append(item)
         self._bytes += len(item.data)
         self._ready.set()
+
+    async def wait_acked(self, seq: int) -> None:
+        """The queue alone acknowledges nothing: asynchronous mode."""
 
     async def get_batch(self, max_bytes: int, max_writes: int = 1 << 16) -> list[ForwardedWrite]:
         """Wait for at least one write, then take as many as fit the limits."""

@@ -36,7 +36,7 @@ from colofs.core.errors import (
     StoreError,
 )
 from colofs.core.fileio import Buffer, datasync_all, fsync_dir, read_into, write_all
-from colofs.core.forward import ForwardedWrite, ForwardQueue
+from colofs.core.forward import ForwardedWrite, WriteSink
 from colofs.core.names import check_name
 from colofs.core.state import (
     FAILOVER,
@@ -89,7 +89,7 @@ class VM:
         self.disks: dict[str, Disk] = {}
         self._apply_lock = trio.Lock()
         self._failover_lock = trio.Lock()
-        self.forward: ForwardQueue | None = None
+        self.forward: WriteSink | None = None
         self.recovery = Recovery("none", 0, state.last_checkpoint)
         self.closed = False
 
@@ -442,6 +442,8 @@ class VM:
                 fwd.put_nowait(ForwardedWrite(seq, disk.name, offset, data))
         finally:
             disk.lock.release(req)
+        if fwd is not None:
+            await fwd.wait_acked(seq)
 
     # -- status and shutdown --------------------------------------------------------
 
