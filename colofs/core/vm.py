@@ -320,13 +320,7 @@ class VM:
             raise SequenceError(
                 f"VM {self.name}: batch at seq {seq} {what}: the next expected seq is {expected}"
             )
-        for w in writes:
-            disk = self.disks.get(w.disk)
-            if disk is None:
-                raise NotFound(f"VM {self.name} has no disk {w.disk!r} (batch at seq {seq})")
-            disk.check_range(w.offset, len(w.data))
-            if not len(w.data):
-                raise BadRange(f"{disk.label}: empty write at {w.offset} in batch at seq {seq}")
+        self._check_writes(writes, f"batch at seq {seq}")
 
     async def apply_primary(self, seq: int, writes: Sequence[PrimaryWrite]) -> int:
         """Apply forwarded primary writes ``seq, seq+1, ...``; returns the last applied seq.
@@ -337,27 +331,64 @@ class VM:
         self._check_batch(seq, writes)
         async with self._apply_lock:
             self._check_batch(seq, writes)  # state may have moved while we waited
-            by_disk: dict[str, list[tuple[int, Buffer]]] = {}
-            for w in writes:
-                by_disk.setdefault(w.disk, []).append((w.offset, w.data))
-            disks = [(self.disks[n], ext) for n, ext in sorted(by_disk.items())]
-            held = []
-            try:
-                for disk, ext in disks:  # disks in name order: no two batches cross
-                    held.append((disk, await disk.lock.acquire_spans(extents_blocks(disk, ext), True)))
-                grown: list[BlockLog] = []
-                for disk, ext in disks:
-                    grown += await disk.cbw.save(disk.cbw.blocks_of(ext))
-                if grown:
-                    await datasync_all([t.fd for t in grown])
-                for disk, ext in disks:
-                    disk.cbw.store(ext)
-            finally:
-                for disk, req in held:
-                    disk.lock.release(req)
-            await datasync_all([disk.base_fd for disk, _ in disks])
+            await self._apply(writes)
             self.state.last_applied = seq + len(writes) - 1
             return self.state.last_applied
+
+    async def apply_resync(self, writes: Sequence[PrimaryWrite]) -> None:
+        """Apply resynchronisation data: like primary writes (V does not change), outside the seq stream.
+
+        The primary sends the current content of blocks that changed while
+        the peers were apart; :meth:`finish_resync` then names the sequence
+        number the disks are now at.
+        """
+        self._check_writes(writes, "resync")
+        async with self._apply_lock:
+            self._check_writes(writes, "resync")
+            await self._apply(writes)
+
+    async def finish_resync(self, seq: int) -> None:
+        """After a resync: the disks hold the primary's image at ``seq`` (plus later writes to come)."""
+        async with self._apply_lock:
+            st = self.state
+            if seq < st.last_checkpoint:
+                raise SequenceError(
+                    f"VM {self.name}: resync up to seq {seq} is behind the last checkpoint {st.last_checkpoint}"
+                )
+            st.last_applied = seq
+
+    def _check_writes(self, writes: Sequence[PrimaryWrite], what: str) -> None:
+        st = self.state
+        if st.role != SECONDARY or st.phase != NORMAL:
+            raise RoleError(f"VM {self.name}: {what} refused, the VM is {st.role} ({st.phase})")
+        for w in writes:
+            disk = self.disks.get(w.disk)
+            if disk is None:
+                raise NotFound(f"VM {self.name} has no disk {w.disk!r} ({what})")
+            disk.check_range(w.offset, len(w.data))
+            if not len(w.data):
+                raise BadRange(f"{disk.label}: empty write at {w.offset} ({what})")
+
+    async def _apply(self, writes: Sequence[PrimaryWrite]) -> None:
+        by_disk: dict[str, list[tuple[int, Buffer]]] = {}
+        for w in writes:
+            by_disk.setdefault(w.disk, []).append((w.offset, w.data))
+        disks = [(self.disks[n], ext) for n, ext in sorted(by_disk.items())]
+        held = []
+        try:
+            for disk, ext in disks:  # disks in name order: no two batches cross
+                held.append((disk, await disk.lock.acquire_spans(extents_blocks(disk, ext), True)))
+            grown: list[BlockLog] = []
+            for disk, ext in disks:
+                grown += await disk.cbw.save(disk.cbw.blocks_of(ext))
+            if grown:
+                await datasync_all([t.fd for t in grown])
+            for disk, ext in disks:
+                disk.cbw.store(ext)
+        finally:
+            for disk, req in held:
+                disk.lock.release(req)
+        await datasync_all([disk.base_fd for disk, _ in disks])
 
     async def checkpoint(self, seq: int | None = None) -> int:
         """Checkpoint after ``seq`` (default: the last applied): empty hidden and active of all disks.
@@ -371,6 +402,15 @@ class VM:
                 raise RoleError(f"VM {self.name}: no checkpoint during a failover")
             if seq is None:
                 seq = st.last_applied
+            if st.role == PRIMARY:
+                # The primary records the checkpoint its peer confirmed; writes went on meanwhile.
+                if not st.last_checkpoint <= seq <= st.last_applied:
+                    raise SequenceError(
+                        f"VM {self.name}: checkpoint at seq {seq} outside "
+                        f"[{st.last_checkpoint}, {st.last_applied}]"
+                    )
+                await self._save(replace(st, last_checkpoint=seq))
+                return seq
             if seq != st.last_applied:
                 raise SequenceError(
                     f"VM {self.name}: checkpoint at seq {seq}, but the last applied seq is {st.last_applied}"
