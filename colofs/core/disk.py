@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 from colofs.core.blocklog import BlockLog
 from colofs.core.cbw import CopyBeforeWrite, block_runs
-from colofs.core.errors import BadRange, DiskIOError
-from colofs.core.fileio import Buffer, datasync_all, read_into
+from colofs.core.errors import BadRange
+from colofs.core.fileio import Buffer, datasync_all
+from colofs.core.layers import patch_edges, read_layers, write_overlay
 from colofs.core.rangelock import RangeLock
 from colofs.core.state import FAILOVER, PRIMARY
 
@@ -29,26 +30,6 @@ if TYPE_CHECKING:
     from colofs.core.vm import VM
 
 COMMIT_CHUNK = 4 << 20  # default bytes of buffered blocks carried to base per locked step of a failover
-
-
-class _Iov:
-    """Collects byte ranges of buffers for one ``pwritev``, merging ranges that touch."""
-
-    __slots__ = ("parts",)
-
-    def __init__(self) -> None:
-        self.parts: list[list] = []  # [buffer, start, stop]
-
-    def add(self, buf: Buffer, start: int, stop: int) -> None:
-        if self.parts:
-            last = self.parts[-1]
-            if last[0] is buf and last[2] == start:
-                last[2] = stop
-                return
-        self.parts.append([buf, start, stop])
-
-    def views(self) -> list[memoryview]:
-        return [memoryview(b)[lo:hi] for b, lo, hi in self.parts]
 
 
 class Disk:
@@ -79,6 +60,7 @@ class Disk:
         self.lock = RangeLock()
         self.cbw = CopyBeforeWrite(base_fd, block_size, self.label)
         self.commit_chunk = COMMIT_CHUNK
+        self._layers = (active, hidden)
 
     def close(self) -> None:
         self.hidden.close()
@@ -112,139 +94,63 @@ class Disk:
         return out
 
     async def read_view(self, offset: int, mv: memoryview) -> None:
-        """Fill ``mv`` with V from ``offset``; the caller holds the range lock.
-
-        Consecutive blocks from one source and contiguous in its file are
-        read with one ``preadv``.
-        """
-        amap = self.active.map
-        hmap = self.hidden.map
-        if not amap and not hmap:
-            await self._read_file(self.base_fd, mv, offset, "base")
-            return
-        bs = self.block_size
-        shift = self.shift
-        end = offset + len(mv)
-        first = offset >> shift
-        last = (end - 1) >> shift
-        afd = self.active.fd
-        hfd = self.hidden.fd
-        bfd = self.base_fd
-        run_fd = -1
-        run_block = run_off = run_next = 0
-        for b in range(first, last + 1):
-            o = amap.get(b)
-            fd = afd
-            if o is None:
-                o = hmap.get(b)
-                fd = hfd
-                if o is None:
-                    o = b << shift
-                    fd = bfd
-            if fd == run_fd and o == run_next:
-                run_next += bs
-                continue
-            if run_fd >= 0:
-                await self._read_run(run_fd, run_block, run_off, b, offset, end, mv)
-            run_fd, run_block, run_off, run_next = fd, b, o, o + bs
-        await self._read_run(run_fd, run_block, run_off, last + 1, offset, end, mv)
-
-    async def _read_run(
-        self, fd: int, first: int, file_off: int, stop: int, offset: int, end: int, mv: memoryview
-    ) -> None:
-        lo = max(offset, first << self.shift)
-        hi = min(end, stop << self.shift)
-        layer = "active" if fd == self.active.fd else "hidden" if fd == self.hidden.fd else "base"
-        await self._read_file(fd, mv[lo - offset : hi - offset], file_off + lo - (first << self.shift), layer)
-
-    async def _read_file(self, fd: int, mv: memoryview, file_off: int, layer: str) -> None:
-        try:
-            await read_into(fd, mv, file_off)
-        except OSError as e:
-            raise DiskIOError(
-                f"{self.label}: reading {len(mv)} bytes of {layer} at {file_off} failed: {e.strerror}", e.errno
-            ) from e
+        """Fill ``mv`` with V from ``offset``; the caller holds the range lock."""
+        await read_layers(self._layers, self.base_fd, self.shift, offset, mv, self.label)
 
     # -- writes ---------------------------------------------------------------
 
     async def write(self, offset: int, data: Buffer) -> None:
-        """Write as the VM on this host does: to active on a secondary, to base on a primary."""
+        """Write as the VM on this host does: to active on a secondary, to base on a primary.
+
+        The role is read only once the range lock is held: a failover
+        switches roles under every disk's full-range lock, so a write that
+        waited through the switch takes the new path.
+        """
         self.check_range(offset, len(data))
         if not len(data):
             return
-        if self.vm.state.role == PRIMARY:
-            await self.vm.primary_write(self, offset, data)
-            return
         req = await self.lock.acquire(offset >> self.shift, ((offset + len(data) - 1) >> self.shift) + 1, True)
+        seq = None
         try:
-            await self._svm_write(offset, data)
+            if self.vm.state.role == PRIMARY:
+                seq = await self.vm.primary_write_locked(self, offset, data)
+            else:
+                await self._svm_write(offset, data)
         finally:
             self.lock.release(req)
+        fwd = self.vm.forward
+        if seq is not None and fwd is not None:
+            await fwd.wait_acked(seq)
 
     async def write_base(self, offset: int, data: Buffer) -> None:
         """Write to base through copy-before-write; the caller holds the range lock."""
         await self.cbw.write([(offset, data)])
 
     async def _svm_write(self, offset: int, data: Buffer) -> None:
-        bs = self.block_size
         shift = self.shift
         end = offset + len(data)
-        first = offset >> shift
-        last = (end - 1) >> shift
-        mv = memoryview(data)
-
-        # Partial first and last blocks: read V, patch in the new bytes.
-        patched: dict[int, bytearray] = {}
-        for b in {first, last}:
-            bstart = b << shift
-            if bstart >= offset and bstart + bs <= end:
-                continue
-            buf = bytearray(bs)
-            await self.read_view(bstart, memoryview(buf))
-            lo = max(offset, bstart)
-            hi = min(end, bstart + bs)
-            buf[lo - bstart : hi - bstart] = mv[lo - offset : hi - offset]
-            patched[b] = buf
-
+        blocks = range(offset >> shift, ((end - 1) >> shift) + 1)
+        patched = await patch_edges(self.read_view, shift, offset, data)
+        if self.vm.state.phase != FAILOVER:
+            write_overlay(self.active, shift, offset, data, patched, blocks)
+            return
+        # During a failover commit only blocks still buffered go to active;
+        # for the others V[b] is B[b], so the exact bytes go to base.
         amap = self.active.map
         hmap = self.hidden.map
-        in_failover = self.vm.state.phase == FAILOVER
-        new_blocks: list[int] = []
-        new_iov = _Iov()
-        overwrite: list[tuple[int, _Iov]] = []  # (file offset, data) runs of blocks already in A
-        ow_next = -1
-        base_extents: list[tuple[int, Buffer]] = []
-        for b in range(first, last + 1):
-            bstart = b << shift
-            pbuf = patched.get(b)
-            if pbuf is not None:
-                src: Buffer = pbuf
-                lo = 0
-            else:
-                src = data
-                lo = bstart - offset
-            o = amap.get(b)
-            if o is None and in_failover and b not in hmap:
-                # Not buffered: V[b] is B[b], so the exact bytes go to base.
-                blo = max(offset, bstart)
-                bhi = min(end, bstart + bs, self.size)
-                base_extents.append((blo, mv[blo - offset : bhi - offset]))
-            elif o is None:
-                new_blocks.append(b)
-                new_iov.add(src, lo, lo + bs)
-            else:
-                if o == ow_next:
-                    overwrite[-1][1].add(src, lo, lo + bs)
-                else:
-                    iov = _Iov()
-                    iov.add(src, lo, lo + bs)
-                    overwrite.append((o, iov))
-                ow_next = o + bs
-        for file_off, iov in overwrite:
-            self.active.overwrite(file_off, iov.views())
-        if new_blocks:
-            self.active.append(new_blocks, new_iov.views())
-        if base_extents:
+        buffered = [b for b in blocks if b in amap or b in hmap]
+        if buffered:
+            write_overlay(self.active, shift, offset, data, patched, buffered)
+        if len(buffered) < len(blocks):
+            mv = memoryview(data)
+            base_extents: list[tuple[int, Buffer]] = []
+            bs = self.block_size
+            for b in blocks:
+                if b in amap or b in hmap:
+                    continue
+                lo = max(offset, b << shift)
+                hi = min(end, (b << shift) + bs, self.size)
+                base_extents.append((lo, mv[lo - offset : hi - offset]))
             await self.cbw.write(base_extents)
 
     async def flush(self) -> None:

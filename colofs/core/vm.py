@@ -458,32 +458,39 @@ class VM:
             return moved
 
     async def _finish_failover(self) -> None:
-        st = self.state
-        new = replace(st, role=PRIMARY, phase=NORMAL, gen=st.gen + 1, last_checkpoint=st.last_applied)
-        await self._save(new)
-        for disk in self.disks.values():
-            disk.hidden.reset(new.gen)
-            disk.active.reset(new.gen)
+        """Switch to primary with every disk fully locked, so no SVM write straddles the switch."""
+        held = []
+        try:
+            for disk in self._sorted_disks():
+                held.append((disk, await disk.lock.acquire(0, disk.nblocks, True)))
+            st = self.state
+            new = replace(st, role=PRIMARY, phase=NORMAL, gen=st.gen + 1, last_checkpoint=st.last_applied)
+            await self._save(new)
+            for disk in self.disks.values():
+                disk.hidden.reset(new.gen)
+                disk.active.reset(new.gen)
+        finally:
+            for disk, req in held:
+                disk.lock.release(req)
 
     # -- the primary's writes -----------------------------------------------------
 
-    async def primary_write(self, disk: Disk, offset: int, data: Buffer) -> None:
-        """Write to the primary disk and hand the write, with its seq, to the forwarding queue."""
-        req = await disk.lock.acquire(offset >> disk.shift, ((offset + len(data) - 1) >> disk.shift) + 1, True)
-        try:
-            await disk.write_base(offset, data)
-            fwd = self.forward
-            if fwd is not None:
-                await fwd.wait_room(len(data))
-            # No await between taking the seq and queueing it: the queue stays in seq order.
-            seq = self.state.last_applied + 1
-            self.state.last_applied = seq
-            if fwd is not None:
-                fwd.put_nowait(ForwardedWrite(seq, disk.name, offset, data))
-        finally:
-            disk.lock.release(req)
+    async def primary_write_locked(self, disk: Disk, offset: int, data: Buffer) -> int:
+        """Write to the primary disk and hand the write, with its seq, to the forwarding sink.
+
+        The caller holds the disk's range lock over the write, so writes to a
+        block reach the sink in the order they reached base.
+        """
+        await disk.write_base(offset, data)
+        fwd = self.forward
         if fwd is not None:
-            await fwd.wait_acked(seq)
+            await fwd.wait_room(len(data))
+        # No await between taking the seq and queueing it: the sink stays in seq order.
+        seq = self.state.last_applied + 1
+        self.state.last_applied = seq
+        if fwd is not None:
+            fwd.put_nowait(ForwardedWrite(seq, disk.name, offset, data))
+        return seq
 
     # -- status and shutdown --------------------------------------------------------
 

@@ -1,0 +1,139 @@
+"""Reading and writing images made of block-map layers over a base file.
+
+A disk's view is ``active | hidden | base``, a snapshot's ``target | base``,
+a clone's ``overlay | target | base``: each block comes from the first layer
+that holds it. These helpers serve all of them, reading consecutive blocks
+that sit contiguously in one file with a single ``preadv``, and writing a
+request to a mutable layer with one ``pwritev`` per contiguous run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+
+from colofs.core.blocklog import BlockLog
+from colofs.core.errors import DiskIOError
+from colofs.core.fileio import Buffer, read_into
+
+ReadView = Callable[[int, memoryview], Awaitable[None]]
+
+
+async def _read_file(fd: int, mv: memoryview, file_off: int, label: str) -> None:
+    try:
+        await read_into(fd, mv, file_off)
+    except OSError as e:
+        raise DiskIOError(f"{label}: reading {len(mv)} bytes at {file_off} failed: {e.strerror}", e.errno) from e
+
+
+async def read_layers(
+    layers: Sequence[BlockLog], base_fd: int, shift: int, offset: int, mv: memoryview, label: str
+) -> None:
+    """Fill ``mv`` with the image from ``offset``; the caller holds the range lock."""
+    if all(not layer.map for layer in layers):
+        await _read_file(base_fd, mv, offset, f"{label} base")
+        return
+    bs = 1 << shift
+    end = offset + len(mv)
+    first = offset >> shift
+    last = (end - 1) >> shift
+    maps = [(layer.map, layer.fd) for layer in layers if layer.map]
+    run_fd = -1
+    run_block = run_off = run_next = 0
+
+    async def flush(stop: int) -> None:
+        lo = max(offset, run_block << shift)
+        hi = min(end, stop << shift)
+        await _read_file(run_fd, mv[lo - offset : hi - offset], run_off + lo - (run_block << shift), label)
+
+    for b in range(first, last + 1):
+        o = None
+        fd = base_fd
+        for m, layer_fd in maps:
+            o = m.get(b)
+            if o is not None:
+                fd = layer_fd
+                break
+        if o is None:
+            o = b << shift
+        if fd == run_fd and o == run_next:
+            run_next += bs
+            continue
+        if run_fd >= 0:
+            await flush(b)
+        run_fd, run_block, run_off, run_next = fd, b, o, o + bs
+    await flush(last + 1)
+
+
+async def patch_edges(read_view: ReadView, shift: int, offset: int, data: Buffer) -> dict[int, bytearray]:
+    """Whole-block buffers for the partially written first and last blocks (read-modify-write)."""
+    bs = 1 << shift
+    end = offset + len(data)
+    mv = memoryview(data)
+    patched: dict[int, bytearray] = {}
+    for b in {offset >> shift, (end - 1) >> shift}:
+        bstart = b << shift
+        if bstart >= offset and bstart + bs <= end:
+            continue
+        buf = bytearray(bs)
+        await read_view(bstart, memoryview(buf))
+        lo = max(offset, bstart)
+        hi = min(end, bstart + bs)
+        buf[lo - bstart : hi - bstart] = mv[lo - offset : hi - offset]
+        patched[b] = buf
+    return patched
+
+
+class _Iov:
+    """Byte ranges of buffers for one ``pwritev``, merging ranges that touch."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: list[list] = []  # [buffer, start, stop]
+
+    def add(self, buf: Buffer, start: int, stop: int) -> None:
+        if self.parts:
+            last = self.parts[-1]
+            if last[0] is buf and last[2] == start:
+                last[2] = stop
+                return
+        self.parts.append([buf, start, stop])
+
+    def views(self) -> list[memoryview]:
+        return [memoryview(b)[lo:hi] for b, lo, hi in self.parts]
+
+
+def write_overlay(
+    overlay: BlockLog, shift: int, offset: int, data: Buffer, patched: dict[int, bytearray], blocks: Sequence[int]
+) -> None:
+    """Put ``blocks`` of a write into a mutable layer: in place where present, appended otherwise."""
+    bs = 1 << shift
+    omap = overlay.map
+    new_blocks: list[int] = []
+    new_iov = _Iov()
+    overwrite: list[tuple[int, _Iov]] = []
+    ow_next = -1
+    for b in blocks:
+        pbuf = patched.get(b)
+        if pbuf is not None:
+            src: Buffer = pbuf
+            lo = 0
+        else:
+            src = data
+            lo = (b << shift) - offset
+        o = omap.get(b)
+        if o is None:
+            new_blocks.append(b)
+            new_iov.add(src, lo, lo + bs)
+        elif o == ow_next:
+            overwrite[-1][1].add(src, lo, lo + bs)
+            ow_next = o + bs
+        else:
+            iov = _Iov()
+            iov.add(src, lo, lo + bs)
+            overwrite.append((o, iov))
+            ow_next = o + bs
+    for file_off, iov in overwrite:
+        overlay.overwrite(file_off, iov.views())
+    if new_blocks:
+        overlay.append(new_blocks, new_iov.views())
