@@ -27,6 +27,7 @@ from colofs.core.rangelock import RangeLock
 from colofs.core.state import FAILOVER, PRIMARY
 
 if TYPE_CHECKING:
+    from colofs.core.snapshot import Snapshot
     from colofs.core.vm import VM
 
 COMMIT_CHUNK = 4 << 20  # default bytes of buffered blocks carried to base per locked step of a failover
@@ -61,8 +62,11 @@ class Disk:
         self.cbw = CopyBeforeWrite(base_fd, block_size, self.label)
         self.commit_chunk = COMMIT_CHUNK
         self._layers = (active, hidden)
+        self.snapshots: dict[str, Snapshot] = {}
 
     def close(self) -> None:
+        for snap in self.snapshots.values():
+            snap.close()
         self.hidden.close()
         self.active.close()
         if self.base_fd >= 0:
@@ -214,6 +218,7 @@ class Disk:
             "block_size": self.block_size,
             "hidden_bytes": self.hidden.data_bytes,
             "active_bytes": self.active.data_bytes,
+            "snapshots": [snap.info() for _, snap in sorted(self.snapshots.items())],
         }
 
 

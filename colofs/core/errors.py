@@ -48,6 +48,10 @@ class AlreadyExists(ColofsError):
     """A VM, disk or snapshot of that name already exists."""
 
 
+class InUse(ColofsError):
+    """The object is needed by another (a snapshot that a clone is built on)."""
+
+
 class InvalidName(ColofsError):
     """A VM, disk or snapshot name that cannot be used."""
 

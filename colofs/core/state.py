@@ -34,6 +34,29 @@ FAILOVER = "failover"
 PHASES = (NORMAL, FAILOVER)
 
 
+SNAPSHOT = "snapshot"
+CLONE = "clone"
+
+
+@dataclass
+class SnapshotState:
+    """A snapshot or clone of a disk.
+
+    A snapshot owns a copy-before-write target (``snap-NAME.log``). A clone
+    has a writable overlay (``clone-NAME.log``) over either a target of its
+    own (cloned from the disk) or the target of snapshot ``base``.
+    Lengths are those of the logs at the last clean close.
+    """
+
+    kind: str
+    created: float
+    seq: int
+    base: str | None = None
+    own_target: bool = True
+    target_len: int = 0
+    overlay_len: int = 0
+
+
 @dataclass
 class DiskState:
     """What a VM's state knows of one disk; lengths are those of the logs at the last clean close."""
@@ -42,7 +65,16 @@ class DiskState:
     block_size: int
     hidden_len: int = 0
     active_len: int = 0
-    snapshots: dict[str, dict[str, Any]] = field(default_factory=dict)
+    snapshots: dict[str, SnapshotState] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> DiskState:
+        snaps = {name: SnapshotState(**v) for name, v in raw.pop("snapshots", {}).items()}
+        ds = cls(**raw, snapshots=snaps)
+        for name, sn in snaps.items():
+            if sn.kind not in (SNAPSHOT, CLONE) or (sn.base is not None and sn.base not in snaps):
+                raise ValueError(f"snapshot {name} is inconsistent")
+        return ds
 
 
 @dataclass
@@ -91,7 +123,7 @@ class VMState:
             raise StateCorrupt(f"{where}: state file fails its checksum")
         try:
             raw = json.loads(body)
-            disks = {name: DiskState(**d) for name, d in raw.pop("disks").items()}
+            disks = {name: DiskState.from_json(d) for name, d in raw.pop("disks").items()}
             st = cls(**raw, disks=disks)
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise StateCorrupt(f"{where}: state file has unexpected content ({e})") from None

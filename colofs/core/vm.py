@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -30,6 +31,7 @@ from colofs.core.errors import (
     BadArgument,
     BadRange,
     DiskIOError,
+    InUse,
     NotFound,
     RoleError,
     SequenceError,
@@ -38,13 +40,17 @@ from colofs.core.errors import (
 from colofs.core.fileio import Buffer, datasync_all, fsync_dir, read_into, write_all
 from colofs.core.forward import ForwardedWrite, WriteSink
 from colofs.core.names import check_name
+from colofs.core.snapshot import Snapshot, overlay_path, target_path
 from colofs.core.state import (
+    CLONE,
     FAILOVER,
     NORMAL,
     PRIMARY,
     ROLES,
     SECONDARY,
+    SNAPSHOT,
     DiskState,
+    SnapshotState,
     VMState,
     load_vm_state,
     save_vm_state,
@@ -178,7 +184,45 @@ class VM:
         disk_obj = Disk(self, disk, d, ds.size, ds.block_size, base_fd, hidden, active)
         if self.state.role == SECONDARY and self.state.phase == NORMAL:
             disk_obj.cbw.attach(hidden)
+        try:
+            self._open_snapshots(disk_obj, ds, clean=clean)
+        except BaseException:
+            disk_obj.close()
+            raise
         return disk_obj
+
+    def _open_snapshots(self, disk: Disk, ds: DiskState, *, clean: bool) -> None:
+        known = set()
+        # Snapshots before the clones built on them.
+        for name, sn in sorted(ds.snapshots.items(), key=lambda kv: kv[1].base is not None):
+            label = f"{disk.label}@{name}"
+            target = overlay = None
+            if sn.own_target:
+                known.add(os.path.basename(target_path(disk.path, name)))
+                target = BlockLog.open(
+                    target_path(disk.path, name), disk.block_size, 0, mutable=False, label=label,
+                    expected_len=sn.target_len if clean else None, verify_data=not clean,
+                )
+            try:
+                if sn.kind == CLONE:
+                    known.add(os.path.basename(overlay_path(disk.path, name)))
+                    overlay = BlockLog.open(
+                        overlay_path(disk.path, name), disk.block_size, 0, mutable=True, label=label,
+                        expected_len=sn.overlay_len if clean else None, verify_data=False,
+                    )
+            except BaseException:
+                if target is not None:
+                    target.close()
+                raise
+            base = disk.snapshots[sn.base] if sn.base is not None else None
+            disk.snapshots[name] = Snapshot(disk, name, sn, target, overlay, base)
+            if target is not None:
+                disk.cbw.attach(target)
+        for entry in os.listdir(disk.path):
+            if entry.endswith(".log") and entry.startswith(("snap-", "clone-")) and entry not in known:
+                # A creation or deletion that a crash interrupted before (or after) the state said so.
+                os.unlink(os.path.join(disk.path, entry))
+                log.info("%s: removed %s, which no snapshot owns", disk.label, entry)
 
     async def _open_clean(self) -> None:
         for disk, ds in sorted(self.state.disks.items()):
@@ -492,6 +536,139 @@ class VM:
             fwd.put_nowait(ForwardedWrite(seq, disk.name, offset, data))
         return seq
 
+    # -- snapshots and clones --------------------------------------------------------
+
+    async def snapshot(self, name: str, disks: Sequence[str] | None = None) -> list[Snapshot]:
+        """Snapshot ``disks`` (default: all of the VM's) at one instant.
+
+        On a primary the image is the disk now; on a secondary it is the
+        last checkpoint's image (base with hidden rolled back), which equals
+        the primary's disk at that checkpoint. Costs a copy of the blocks
+        buffered in hidden, never of the disk.
+        """
+        names = sorted(disks) if disks is not None else sorted(self.disks)
+        if not names:
+            raise BadArgument(f"VM {self.name}: no disk to snapshot")
+        return await self._new_snapshots(name, names, SNAPSHOT)
+
+    async def clone(self, disk: str, name: str, from_snapshot: str | None = None) -> Snapshot:
+        """A writable image of ``disk`` now (or of an existing snapshot) that writes to its own overlay."""
+        if from_snapshot is None:
+            return (await self._new_snapshots(name, [disk], CLONE))[0]
+        check_name("clone", name)
+        d = self.disk(disk)
+        async with self._failover_lock, self._apply_lock:
+            base = self._snapshot_of(d, from_snapshot)
+            if name in d.snapshots:
+                raise AlreadyExists(f"{d.label}: a snapshot or clone named {name!r} already exists")
+            overlay = BlockLog.create(overlay_path(d.path, name), d.block_size, 0, mutable=True, label=f"{d.label}@{name}")
+            try:
+                await datasync_all([overlay.fd])
+                fsync_dir(d.path)
+                sn = SnapshotState(kind=CLONE, created=time.time(), seq=base.state.seq, base=base.name, own_target=False)
+                await self._save_snapshot_states({d.name: {**self.state.disks[d.name].snapshots, name: sn}})
+            except BaseException:
+                overlay.close()
+                os.unlink(overlay.path)
+                raise
+            snap = Snapshot(d, name, sn, None, overlay, base)
+            d.snapshots[name] = snap
+            log.info("%s: clone %s of snapshot %s created", d.label, name, base.name)
+            return snap
+
+    def _snapshot_of(self, d: Disk, name: str) -> Snapshot:
+        try:
+            return d.snapshots[name]
+        except KeyError:
+            raise NotFound(f"{d.label} has no snapshot or clone {name!r}") from None
+
+    async def _new_snapshots(self, name: str, disk_names: Sequence[str], kind: str) -> list[Snapshot]:
+        check_name(kind, name)
+        targets = [self.disk(n) for n in disk_names]
+        for d in targets:
+            if name in d.snapshots:
+                raise AlreadyExists(f"{d.label}: a snapshot or clone named {name!r} already exists")
+        async with self._failover_lock, self._apply_lock:
+            st = self.state
+            secondary = st.role == SECONDARY
+            seq = st.last_checkpoint if secondary else st.last_applied
+            held = []
+            made: list[tuple[Disk, BlockLog, BlockLog | None]] = []
+            try:
+                for d in targets:
+                    held.append((d, await d.lock.acquire(0, d.nblocks, True)))
+                for d in targets:
+                    label = f"{d.label}@{name}"
+                    target = BlockLog.create(target_path(d.path, name), d.block_size, 0, mutable=False, label=label)
+                    overlay = None
+                    made.append((d, target, None))
+                    if kind == CLONE:
+                        overlay = BlockLog.create(overlay_path(d.path, name), d.block_size, 0, mutable=True, label=label)
+                        made[-1] = (d, target, overlay)
+                    if secondary:
+                        await _copy_blocks(d.hidden, target)
+                await datasync_all([log.fd for _, t, o in made for log in (t, o) if log is not None])
+                for d in targets:
+                    fsync_dir(d.path)
+                now = time.time()
+                states = {
+                    d.name: {**self.state.disks[d.name].snapshots, name: SnapshotState(kind=kind, created=now, seq=seq)}
+                    for d in targets
+                }
+                await self._save_snapshot_states(states)
+            except BaseException:
+                for _, t, o in made:
+                    for lg in (t, o):
+                        if lg is not None:
+                            lg.close()
+                            os.unlink(lg.path)
+                raise
+            else:
+                out = []
+                for d, t, o in made:
+                    snap = Snapshot(d, name, states[d.name][name], t, o, None)
+                    d.snapshots[name] = snap
+                    d.cbw.attach(t)
+                    out.append(snap)
+                log.info("VM %s: %s %s of %s at seq %d", self.name, kind, name, ", ".join(disk_names), seq)
+                return out
+            finally:
+                for d, req in held:
+                    d.lock.release(req)
+
+    async def _save_snapshot_states(self, per_disk: dict[str, dict[str, SnapshotState]]) -> None:
+        disks = dict(self.state.disks)
+        for n, snaps in per_disk.items():
+            disks[n] = replace(disks[n], snapshots=snaps)
+        await self._save(replace(self.state, disks=disks))
+
+    async def delete_snapshot(self, disk: str, name: str) -> int:
+        """Delete a snapshot or clone; returns the bytes freed. Refused while a clone is built on it."""
+        d = self.disk(disk)
+        async with self._failover_lock, self._apply_lock:
+            snap = self._snapshot_of(d, name)
+            users = sorted(n for n, s in d.snapshots.items() if s.base is snap)
+            if users:
+                raise InUse(f"{snap.label}: clone {', '.join(users)} is built on it; delete the clone first")
+            held = await d.lock.acquire(0, d.nblocks, True)
+            own = await snap.lock.acquire(0, d.nblocks, True)
+            try:
+                freed = snap.space
+                snaps = {n: s for n, s in self.state.disks[d.name].snapshots.items() if n != name}
+                await self._save_snapshot_states({d.name: snaps})
+                if snap.target is not None:
+                    d.cbw.detach(snap.target)
+                del d.snapshots[name]
+                snap.close()
+                for lg in snap.logs():
+                    os.unlink(lg.path)
+                fsync_dir(d.path)
+            finally:
+                snap.lock.release(own)
+                d.lock.release(held)
+            log.info("%s: deleted %s (%d bytes freed)", snap.label, snap.state.kind, freed)
+            return freed
+
     # -- status and shutdown --------------------------------------------------------
 
     def _sorted_disks(self) -> list[Disk]:
@@ -521,11 +698,21 @@ class VM:
             fds: list[int] = []
             for d in self.disks.values():
                 fds += [d.base_fd, d.hidden.fd, d.active.fd]
+                for snap in d.snapshots.values():
+                    fds += [log.fd for log in snap.logs()]
             await datasync_all(fds)
-            disks = {
-                n: replace(ds, hidden_len=self.disks[n].hidden.end, active_len=self.disks[n].active.end)
-                for n, ds in self.state.disks.items()
-            }
+            disks = {}
+            for n, ds in self.state.disks.items():
+                d = self.disks[n]
+                snaps = {
+                    name: replace(
+                        sn,
+                        target_len=d.snapshots[name].target.end if d.snapshots[name].target else 0,
+                        overlay_len=d.snapshots[name].overlay.end if d.snapshots[name].overlay else 0,
+                    )
+                    for name, sn in ds.snapshots.items()
+                }
+                disks[n] = replace(ds, hidden_len=d.hidden.end, active_len=d.active.end, snapshots=snaps)
             await self._save(replace(self.state, clean=True, disks=disks))
             self._close_files()
 
@@ -555,3 +742,17 @@ def _copy_sparse(source: str, fd: int) -> None:
                 except OSError as e:
                     raise DiskIOError(f"importing {source}: write at {off} failed: {e.strerror}", e.errno) from e
             off += len(data)
+
+
+async def _copy_blocks(src: BlockLog, dst: BlockLog) -> None:
+    """Append every block of ``src`` to ``dst`` (a snapshot taking hidden's undo copies)."""
+    bs = src.block_size
+    blocks = sorted(src.map)
+    step = max(1, (8 << 20) // bs)
+    for i in range(0, len(blocks), step):
+        chunk = blocks[i : i + step]
+        buf = bytearray(len(chunk) * bs)
+        mv = memoryview(buf)
+        for j, b in enumerate(chunk):
+            await read_into(src.fd, mv[j * bs : (j + 1) * bs], src.map[b])
+        dst.append(chunk, [mv])

@@ -72,6 +72,14 @@ class ModelDisk:
         self.H.clear()
         self.A.clear()
 
+    def checkpoint_image(self) -> bytes:
+        """Base as of the last checkpoint: base with the undo log applied (what a snapshot on a secondary holds)."""
+        img = bytearray(self.B)
+        for b, old in self.H.items():
+            start = b * self.bs
+            img[start : start + self.bs] = old[: max(0, min(self.bs, self.size - start))]
+        return bytes(img)
+
     def crash(self) -> None:
         """Invariant 5: roll base back with the undo log, drop active."""
         for b, old in self.H.items():

@@ -1,9 +1,11 @@
 """The core against the reference model of DESIGN.md, under random interleavings.
 
 Primary batches (multi-disk), SVM writes and reads at unaligned offsets,
-checkpoints, failovers, clean restarts and crash restarts (the VM dropped
-without closing, as SIGKILL would) are mixed at random. After every step,
-each disk's view V and its base file must equal the model's.
+checkpoints, failovers, snapshots and clones (taken, written, deleted),
+clean restarts and crash restarts (the VM dropped without closing, as
+SIGKILL would) are mixed at random. After every step, each disk's view V
+and its base file, and every snapshot's and clone's image, must equal the
+model's.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from colofs.core import VM, PrimaryWrite, Store
+from colofs.core.errors import InUse
 from tests.core.model import ModelDisk
 
 T = TypeVar("T")
@@ -47,6 +50,8 @@ class CoreMachine(RuleBasedStateMachine):
         self.role = "secondary"
         self.seq = 0  # last seq the primary sent
         self.pending: list[tuple[int, list[PrimaryWrite]]] = []  # batches since the last checkpoint
+        self.snaps: dict[tuple[str, str], bytearray] = {}  # (disk, name) -> image
+        self.clone_base: dict[tuple[str, str], str | None] = {}  # clones -> the snapshot under them
 
     def teardown(self) -> None:
         if self.store is not None:
@@ -123,6 +128,54 @@ class CoreMachine(RuleBasedStateMachine):
         self.pending.clear()
         assert self.vm.state.role == "primary"
 
+    # -- snapshots and clones ---------------------------------------------------------
+
+    def _image_now(self, disk: str) -> bytes:
+        m = self.models[disk]
+        return m.checkpoint_image() if self.role == "secondary" else bytes(m.B)
+
+    @rule(name=st.sampled_from(["s1", "s2", "s3"]), all_disks=st.booleans(), disk=st.sampled_from(sorted(DISKS)))
+    def take_snapshot(self, name: str, all_disks: bool, disk: str) -> None:
+        disks = sorted(DISKS) if all_disks else [disk]
+        if any((d, name) in self.snaps for d in disks):
+            return
+        self.run(self.vm.snapshot, name, disks)
+        for d in disks:
+            self.snaps[(d, name)] = bytearray(self._image_now(d))
+
+    @rule(name=st.sampled_from(["c1", "c2"]), disk=st.sampled_from(sorted(DISKS)), base=st.sampled_from([None, "s1", "s2", "s3"]))
+    def take_clone(self, name: str, disk: str, base: str | None) -> None:
+        if (disk, name) in self.snaps or (base is not None and (disk, base) not in self.snaps):
+            return
+        self.run(self.vm.clone, disk, name, base)
+        image = self.snaps[(disk, base)] if base is not None else self._image_now(disk)
+        self.snaps[(disk, name)] = bytearray(image)
+        self.clone_base[(disk, name)] = base
+
+    @rule(name=st.sampled_from(["c1", "c2"]), ext=extents())
+    def clone_write(self, name: str, ext: tuple[str, int, int, int]) -> None:
+        disk, off, n, v = ext
+        if (disk, name) not in self.snaps:
+            return
+        data = bytes([v]) * n
+        self.run(self.vm.disk(disk).snapshots[name].write, off, data)
+        self.snaps[(disk, name)][off : off + n] = data
+
+    @rule(name=st.sampled_from(["s1", "s2", "s3", "c1", "c2"]), disk=st.sampled_from(sorted(DISKS)))
+    def delete_snapshot(self, name: str, disk: str) -> None:
+        if (disk, name) not in self.snaps:
+            return
+        if any(b == name for (d, _), b in self.clone_base.items() if d == disk):
+            try:
+                self.run(self.vm.delete_snapshot, disk, name)
+            except InUse:
+                return
+            raise AssertionError("deleting a snapshot under a clone was allowed")
+        self.run(self.vm.delete_snapshot, disk, name)
+        del self.snaps[(disk, name)]
+        self.clone_base.pop((disk, name), None)
+        assert name not in self.vm.disk(disk).snapshots
+
     # -- restarts -------------------------------------------------------------------
 
     def _reopen(self) -> None:
@@ -172,6 +225,9 @@ class CoreMachine(RuleBasedStateMachine):
             assert bytes(self.run(disk.read, 0, m.size)) == bytes(m.view()), f"V of {name}"
             with open(os.path.join(disk.path, "base.raw"), "rb") as f:
                 assert f.read() == bytes(m.B), f"base of {name}"
+        for (d, sname), image in self.snaps.items():
+            snap = self.vm.disk(d).snapshots[sname]
+            assert bytes(self.run(snap.read, 0, len(image))) == bytes(image), f"image of {d}@{sname}"
 
 
 TestCoreModel = CoreMachine.TestCase
