@@ -1,2 +1,221 @@
-def main() -> int:
-    raise SystemExit("mountctl: not available yet")
+"""``mountctl``: mount a colofs store and control it through the mount.
+
+Exit status: 0 on success, 1 on a failure (one line on stderr), 2 on a usage
+error. Everything but ``mount`` and ``umount`` is a single extended-attribute
+call on the mount (see :mod:`colofs.fs.control` for the names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from colofs.fs.config import ConfigError, add_mount_arguments, config_from_args
+from mountctl.client import CtlError, command, expect, resolve
+from mountctl.mounting import preflight, start_daemon, unmount
+from mountctl.render import render_disk, render_root, render_vm
+from mountctl.units import human_bytes, human_seconds, parse_size
+
+
+def _vm_disk(text: str, parser: argparse.ArgumentParser) -> tuple[str, str]:
+    vm, sep, disk = text.partition("/")
+    if not sep or not vm or not disk or "/" in disk:
+        parser.error(f"{text!r} is not VM/DISK")
+    return vm, disk.removesuffix(".raw")
+
+
+def _size(text: str, parser: argparse.ArgumentParser, option: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        parser.error(f"{option}: {e}")
+
+
+def cmd_mount(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        parser.error(str(e))
+    preflight(cfg)
+    if args.foreground:
+        from colofs.fs.daemon import run
+
+        def ready(msg: dict[str, Any]) -> None:
+            if msg.get("ready"):
+                print(f"mounted {cfg.store} on {cfg.mountpoint} (pid {os.getpid()}, log {cfg.log_file}); "
+                      "Ctrl-C or mountctl umount to stop", flush=True)
+
+        return run(cfg, ready=ready, foreground=True)
+    msg = start_daemon(cfg, args.timeout)
+    for note in msg.get("notes", []):
+        print(f"mountctl: {note}", file=sys.stderr)
+    vms = msg.get("vms") or []
+    print(
+        f"mounted {cfg.store} on {cfg.mountpoint}: role {cfg.role}, {len(vms)} VM(s), "
+        f"daemon pid {msg.get('pid')}, log {cfg.log_file}"
+    )
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    print(unmount(args.mountpoint, lazy=args.lazy, timeout=args.timeout))
+    return 0
+
+
+def _root(path: str) -> str:
+    target = expect(resolve(path), "root", "give the mountpoint itself")
+    return target.path
+
+
+def cmd_create(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    vm, disk = _vm_disk(args.disk, parser)
+    size = _size(args.size, parser, "--size")
+    root = _root(args.mountpoint)
+    res = command(root, "create", json.dumps({"vm": vm, "disk": disk, "size": size, "block_size": args.block_size}))
+    print(f"created {res.get('file')}: {human_bytes(int(res.get('size', size)))}, "
+          f"{res.get('block_size')}-byte blocks")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    vm, disk = _vm_disk(args.disk, parser)
+    req: dict[str, Any] = {"vm": vm, "disk": disk, "source": os.path.abspath(args.source),
+                           "block_size": args.block_size}
+    if args.size is not None:
+        req["size"] = _size(args.size, parser, "--size")
+    if not os.path.isfile(req["source"]):
+        raise CtlError(f"{args.source}: no such image file")
+    root = _root(args.mountpoint)
+    res = command(root, "import", json.dumps(req))
+    print(f"imported {req['source']} into {res.get('file')}: {human_bytes(int(res.get('size', 0)))} "
+          f"in {human_seconds(float(res.get('seconds', 0)))}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    st = expect(resolve(args.mountpoint), "root", "give the mountpoint (and optionally VM or VM/DISK)").status
+    vm_name = disk_name = None
+    if args.what:
+        vm_name, _, disk_name = args.what.partition("/")
+        disk_name = disk_name.removesuffix(".raw") or None
+        if vm_name not in st["vms"]:
+            raise CtlError(f"no VM {vm_name!r} in the colofs mount at {st['mountpoint']}")
+        if disk_name is not None and disk_name not in st["vms"][vm_name]["disks"]:
+            raise CtlError(f"no disk {disk_name!r} in VM {vm_name!r} (mount {st['mountpoint']})")
+    if args.json:
+        out: Any = st
+        if vm_name is not None:
+            out = st["vms"][vm_name]
+            if disk_name is not None:
+                out = {"vm": vm_name, "disk": disk_name, "role": out["role"], "phase": out["phase"],
+                       "epoch": out["epoch"], **out["disks"][disk_name]}
+        print(json.dumps(out, indent=2, sort_keys=True))
+        return 0
+    if disk_name is not None:
+        vm = st["vms"][vm_name]
+        print(f"{vm_name} role:{vm['role']} phase:{vm['phase']} epoch:{vm['epoch']}")
+        print("\n".join(render_disk(disk_name, vm["disks"][disk_name])))
+    elif vm_name is not None:
+        print("\n".join(render_vm(st["vms"][vm_name])))
+    else:
+        print("\n".join(render_root(st)))
+    return 0
+
+
+def _vm_target(path: str) -> str:
+    return expect(resolve(path), "vm", "give a VM directory: MOUNTPOINT/VM").path
+
+
+def cmd_checkpoint(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    path = _vm_target(args.vm_dir)
+    res = command(path, "checkpoint", "" if args.seq is None else str(args.seq))
+    print(
+        f"{res.get('vm')}: checkpoint at seq {res.get('seq')}: discarded "
+        f"{human_bytes(int(res.get('discarded_active_bytes', 0)))} active and "
+        f"{human_bytes(int(res.get('discarded_hidden_bytes', 0)))} hidden; "
+        f"took {human_seconds(float(res.get('seconds', 0)))} "
+        f"(write-back {human_seconds(float(res.get('writeback_seconds', 0)))}, "
+        f"checkpoint {human_seconds(float(res.get('checkpoint_seconds', 0)))}, "
+        f"invalidate {human_seconds(float(res.get('invalidate_seconds', 0)))})"
+    )
+    return 0
+
+
+def cmd_failover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    path = _vm_target(args.vm_dir)
+    res = command(path, "failover", "")
+    print(
+        f"{res.get('vm')}: failover complete: {res.get('blocks_committed')} blocks committed "
+        f"({human_bytes(int(res.get('active_bytes_before', 0)))} active, "
+        f"{human_bytes(int(res.get('hidden_bytes_before', 0)))} hidden); "
+        f"epoch {res.get('epoch_before')} -> {res.get('epoch')}; now {res.get('role')}; "
+        f"took {human_seconds(float(res.get('seconds', 0)))}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mountctl", description="Mount and control colofs stores.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser("mount", help="serve a store on a mountpoint (creates the store if new)")
+    add_mount_arguments(m)
+    m.add_argument("--foreground", action="store_true", help="stay attached; log to stderr too")
+    m.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the mount (default 300)")
+    m.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("umount", help="flush everything, unmount, wait for the daemon to close the store")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("--lazy", action="store_true", help="detach even if busy; the daemon ends when unused")
+    u.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the daemon (default 300)")
+    u.set_defaults(func=cmd_umount)
+
+    c = sub.add_parser("create", help="create an empty disk")
+    c.add_argument("mountpoint", metavar="MOUNTPOINT")
+    c.add_argument("disk", metavar="VM/DISK")
+    c.add_argument("--size", required=True, help="disk size, e.g. 64M, 10G")
+    c.add_argument("--block-size", type=int, default=4096, help="copy-before-write block size (default 4096)")
+    c.set_defaults(func=cmd_create)
+
+    i = sub.add_parser("import", help="create a disk from a raw image")
+    i.add_argument("mountpoint", metavar="MOUNTPOINT")
+    i.add_argument("disk", metavar="VM/DISK")
+    i.add_argument("--from", dest="source", required=True, metavar="IMAGE", help="raw image to copy")
+    i.add_argument("--size", help="disk size (default: the image's size)")
+    i.add_argument("--block-size", type=int, default=4096, help="copy-before-write block size (default 4096)")
+    i.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("status", help="role, phase, epoch, sequence numbers and layers of VMs and disks")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    s.add_argument("what", nargs="?", metavar="VM[/DISK]")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_status)
+
+    k = sub.add_parser("checkpoint", help="checkpoint a VM (empties its hidden and active layers)")
+    k.add_argument("vm_dir", metavar="MOUNTPOINT/VM")
+    k.add_argument("--seq", type=int, help="the sequence number the checkpoint follows (default: last applied)")
+    k.set_defaults(func=cmd_checkpoint)
+
+    f = sub.add_parser("failover", help="make this host's copy of a VM the primary")
+    f.add_argument("vm_dir", metavar="MOUNTPOINT/VM")
+    f.set_defaults(func=cmd_failover)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args, parser)
+    except CtlError as e:
+        print(f"mountctl: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

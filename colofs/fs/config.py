@@ -1,0 +1,158 @@
+"""What a mount is started with, and the checks on it that need no daemon.
+
+``mountctl mount`` and the daemon share these checks, so a mistyped address
+or a missing key file is reported before anything is started.
+``--listen``, ``--peer`` and ``--key-file`` are kept for the replication layer;
+until it runs, a host serves its disks unreplicated and its status says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+from dataclasses import dataclass
+
+from colofs.core.state import PRIMARY, ROLES, SECONDARY
+
+LOG_NAME = ".colofs-mount.log"
+LOCK_NAME = ".colofs-mount.lock"
+
+
+class ConfigError(ValueError):
+    """A mount option that cannot work; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_endpoint(text: str, option: str) -> Endpoint:
+    """``HOST:PORT`` or ``[IPV6]:PORT``."""
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigError(f"{option}: {text!r} is not [IPV6]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ConfigError(f"{option}: {text!r} is not HOST:PORT (write IPv6 addresses as [ADDR]:PORT)")
+    if not host:
+        raise ConfigError(f"{option}: {text!r} has no host")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(f"{option}: port {port_text!r} is not a number from 1 to 65535")
+    return Endpoint(host, int(port_text))
+
+
+def check_key_file(path: str) -> str:
+    """The absolute path of a usable shared-key file."""
+    path = os.path.abspath(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"--key-file {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"--key-file {path}: not a regular file")
+    if st.st_size == 0:
+        raise ConfigError(f"--key-file {path}: the file is empty")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"--key-file {path}: not readable")
+    return path
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    store: str
+    mountpoint: str
+    role: str
+    log_file: str
+    listen: Endpoint | None = None
+    peer: Endpoint | None = None
+    key_file: str | None = None
+    allow_other: bool = False
+    debug: bool = False
+
+    @property
+    def lock_file(self) -> str:
+        return os.path.join(self.store, LOCK_NAME)
+
+    def replication(self) -> dict[str, object]:
+        """What status reports about the peer."""
+        if self.listen is None and self.peer is None:
+            return {"state": "not configured"}
+        return {
+            "state": "configured, inactive",
+            "listen": str(self.listen) if self.listen else None,
+            "peer": str(self.peer) if self.peer else None,
+            "key_file": self.key_file,
+            "note": "replication is not running in this version: disks are served unreplicated",
+        }
+
+
+def make_config(
+    *,
+    store: str,
+    mountpoint: str,
+    role: str,
+    listen: str | None = None,
+    peer: str | None = None,
+    key_file: str | None = None,
+    log_file: str | None = None,
+    allow_other: bool = False,
+    debug: bool = False,
+) -> MountConfig:
+    """Validate the options of a mount; raises :class:`ConfigError`."""
+    if role not in ROLES:
+        raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
+    if listen is not None and role != SECONDARY:
+        raise ConfigError("--listen is for a secondary (it waits for its primary); a primary uses --peer")
+    if peer is not None and role != PRIMARY:
+        raise ConfigError("--peer is for a primary (it connects to its secondary); a secondary uses --listen")
+    ep_listen = parse_endpoint(listen, "--listen") if listen is not None else None
+    ep_peer = parse_endpoint(peer, "--peer") if peer is not None else None
+    if key_file is not None and ep_listen is None and ep_peer is None:
+        raise ConfigError("--key-file is only used with --listen or --peer")
+    if (ep_listen is not None or ep_peer is not None) and key_file is None:
+        raise ConfigError("--listen and --peer need --key-file: peers authenticate with a shared key")
+    key = check_key_file(key_file) if key_file is not None else None
+    store = os.path.abspath(store)
+    return MountConfig(
+        store=store,
+        mountpoint=os.path.abspath(mountpoint),
+        role=role,
+        log_file=os.path.abspath(log_file) if log_file else os.path.join(store, LOG_NAME),
+        listen=ep_listen,
+        peer=ep_peer,
+        key_file=key,
+        allow_other=allow_other,
+        debug=debug,
+    )
+
+
+def add_mount_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a mount, shared with ``mountctl mount``."""
+    p.add_argument("--role", required=True, choices=("primary", "secondary"),
+                   help="role of VMs created in this store (existing VMs keep theirs)")
+    p.add_argument("--store", required=True, help="store directory (created if new)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="secondary: where to wait for the primary")
+    p.add_argument("--peer", metavar="HOST:PORT", help="primary: where the secondary listens")
+    p.add_argument("--key-file", metavar="FILE", help="shared key authenticating the peers")
+    p.add_argument("--log-file", metavar="FILE", help="log file (default: STORE/.colofs-mount.log)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users (e.g. the QEMU user) access the mount")
+    p.add_argument("--debug", action="store_true", help="debug logging, pyfuse3's included")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+
+
+def config_from_args(args: argparse.Namespace) -> MountConfig:
+    return make_config(
+        store=args.store, mountpoint=args.mountpoint, role=args.role, listen=args.listen,
+        peer=args.peer, key_file=args.key_file, log_file=args.log_file,
+        allow_other=args.allow_other, debug=args.debug,
+    )

@@ -1,0 +1,418 @@
+"""The control plane: extended attributes ``user.colofs.*`` on the mount.
+
+Reading an attribute answers a question (status as JSON); writing one runs a
+command (checkpoint, failover, create, import). ``mountctl`` is a thin client
+over exactly these names, and ``getfattr``/``setfattr`` work as well.
+
+====================  =========================  ====================================
+name                  on                         meaning
+====================  =========================  ====================================
+``status``            root, VM dir, disk file    get: JSON status of that node
+``version``           root                       get: ``colofs VERSION control N``
+``create``            root                       set: JSON ``{"vm","disk","size"[,"block_size"]}``
+``import``            root                       set: JSON ``{"vm","disk","source"[,"size","block_size"]}``
+``checkpoint``        VM dir                     set: checkpoint (value: empty, or the seq)
+``failover``          VM dir                     set: fail over to this host (value ignored)
+``block_size``        pending file               get/set: block size of the disk to be
+``last_error``        everywhere                 get: message of the caller's last failed set, or empty
+``last_result``       everywhere                 get: JSON outcome of the caller's last set
+====================  =========================  ====================================
+
+A failed write answers with an errno only, so the daemon keeps the message
+(and a JSON outcome) per calling process id: the client that just failed
+reads ``last_error`` and prints what went wrong. Unknown names read as
+``ENOATTR``; writing an unknown ``user.*`` name fails with ``EINVAL`` and a
+name outside ``user.`` with ``EOPNOTSUPP`` (so ``cp -a`` skips it quietly).
+No handler ever answers ``ENOSYS``: the kernel would stop asking for the rest
+of the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.metadata
+import json
+import logging
+import os
+import stat
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import pyfuse3
+import trio
+
+from colofs.core.errors import AlreadyExists, BadArgument
+from colofs.core.names import check_name
+from colofs.core.store import Store
+from colofs.core.vm import VM
+from colofs.fs.config import MountConfig
+from colofs.fs.errnos import errno_for
+from colofs.fs.inodes import DISK_SUFFIX, InodeTable, Kind, Node
+from colofs.fs.pagecache import PageCache
+
+log = logging.getLogger(__name__)
+
+PREFIX = b"user.colofs."
+CONTROL_VERSION = 1
+
+
+def _colofs_version() -> str:
+    try:
+        return importlib.metadata.version("colofs")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+COLOFS_VERSION = _colofs_version()
+
+STATUS = "status"
+VERSION = "version"
+CREATE = "create"
+IMPORT = "import"
+CHECKPOINT = "checkpoint"
+FAILOVER = "failover"
+BLOCK_SIZE = "block_size"
+LAST_ERROR = "last_error"
+LAST_RESULT = "last_result"
+
+# Names that can be read, per kind of node (listxattr lists these).
+READABLE: dict[Kind, tuple[str, ...]] = {
+    Kind.ROOT: (STATUS, VERSION, LAST_ERROR, LAST_RESULT),
+    Kind.VM: (STATUS, LAST_ERROR, LAST_RESULT),
+    Kind.DISK: (STATUS, LAST_ERROR, LAST_RESULT),
+    Kind.PENDING: (STATUS, BLOCK_SIZE, LAST_ERROR, LAST_RESULT),
+}
+WRITABLE: dict[Kind, tuple[str, ...]] = {
+    Kind.ROOT: (CREATE, IMPORT),
+    Kind.VM: (CHECKPOINT, FAILOVER),
+    Kind.DISK: (),
+    Kind.PENDING: (BLOCK_SIZE,),
+}
+
+MAX_OUTCOMES = 256  # callers whose last outcome is kept
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+class Refused(Exception):
+    """A control request that is wrong as sent; ``code`` is the errno to answer."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class MountInfo:
+    """Facts about the running mount that status reports."""
+
+    config: MountConfig
+    pid: int
+    started: float
+
+
+class Outcomes:
+    """The last control outcome of each calling process, bounded."""
+
+    def __init__(self) -> None:
+        self._by_pid: OrderedDict[int, dict[str, Any]] = OrderedDict()
+
+    def record(self, pid: int, outcome: dict[str, Any]) -> None:
+        self._by_pid[pid] = outcome
+        self._by_pid.move_to_end(pid)
+        while len(self._by_pid) > MAX_OUTCOMES:
+            self._by_pid.popitem(last=False)
+
+    def get(self, pid: int) -> dict[str, Any] | None:
+        return self._by_pid.get(pid)
+
+
+def _json(obj: object) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def _parse_json(value: bytes, op: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        raise Refused(errno.EINVAL, f"{op}: the value is not JSON") from None
+    if not isinstance(obj, dict):
+        raise Refused(errno.EINVAL, f"{op}: the value must be a JSON object")
+    return obj
+
+
+def _int_field(obj: dict[str, Any], key: str, op: str, default: int | None = None) -> int:
+    value = obj.get(key, default)
+    if value is None:
+        raise Refused(errno.EINVAL, f"{op}: {key!r} is missing")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise Refused(errno.EINVAL, f"{op}: {key!r} must be an integer")
+    return value
+
+
+def _str_field(obj: dict[str, Any], key: str, op: str) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not value:
+        raise Refused(errno.EINVAL, f"{op}: {key!r} must be a non-empty string")
+    return value
+
+
+class Control:
+    """Answers the ``user.colofs.*`` requests of one mount."""
+
+    def __init__(self, store: Store, inodes: InodeTable, cache: PageCache, info: MountInfo) -> None:
+        self.store = store
+        self.inodes = inodes
+        self.cache = cache
+        self.info = info
+        self.outcomes = Outcomes()
+        self.last_ops: dict[str, dict[str, Any]] = {}  # VM -> its last checkpoint/failover
+        self.io_errors: dict[str, int] = {}  # "VM/DISK" -> I/O errors answered since the mount
+
+    # -- the xattr handlers -------------------------------------------------------
+
+    def list(self, node: Node) -> list[bytes]:
+        return [PREFIX + n.encode() for n in READABLE[node.kind]]
+
+    async def get(self, node: Node, name: bytes, pid: int) -> bytes:
+        if not name.startswith(PREFIX):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)  # also the hot path: security.capability
+        key = name[len(PREFIX) :].decode(errors="replace")
+        if key not in READABLE[node.kind]:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if key == STATUS:
+            return _json(self.status_of(node))
+        if key == VERSION:
+            return f"colofs {COLOFS_VERSION} control {CONTROL_VERSION}\n".encode()
+        if key == BLOCK_SIZE:
+            return f"{node.block_size}\n".encode()
+        outcome = self.outcomes.get(pid)
+        if key == LAST_ERROR:
+            return b"" if outcome is None or outcome["ok"] else outcome["error"].encode()
+        return _json(outcome if outcome is not None else {})
+
+    async def set(self, node: Node, name: bytes, value: bytes, pid: int) -> None:
+        if not name.startswith(b"user."):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        key = name[len(PREFIX) :].decode(errors="replace") if name.startswith(PREFIX) else ""
+        if key not in WRITABLE[node.kind]:
+            where = f"{node.kind.value} {node.label}"
+            msg = (
+                f"{name.decode(errors='replace')} cannot be set on {where}"
+                + (f" (settable here: {', '.join(WRITABLE[node.kind])})" if WRITABLE[node.kind] else "")
+            )
+            self._fail(pid, key or name.decode(errors="replace"), node, errno.EINVAL, msg)
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        op = self._ops()[key]
+        started = time.monotonic()
+        try:
+            result = await op(node, value)
+        except Exception as e:
+            code = e.code if isinstance(e, Refused) else errno_for(e)
+            if isinstance(e, Refused | BadArgument | AlreadyExists) or code != errno.EIO:
+                msg = str(e) or os.strerror(code)
+            else:
+                log.exception("control: %s on %s failed", key, node.label)
+                msg = f"{e} (see the mount's log)"
+            self._fail(pid, key, node, code, msg)
+            raise pyfuse3.FUSEError(code) from None
+        outcome = {"ok": True, "op": key, "target": node.label, "seconds": round(time.monotonic() - started, 6)}
+        outcome.update(result)
+        self.outcomes.record(pid, outcome)
+
+    async def remove(self, node: Node, name: bytes) -> None:
+        key = name[len(PREFIX) :].decode(errors="replace") if name.startswith(PREFIX) else None
+        if key is not None and (key in READABLE[node.kind] or key in WRITABLE[node.kind]):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    def _fail(self, pid: int, op: str, node: Node, code: int, message: str) -> None:
+        log.warning("control: %s on %s refused (%s): %s", op, node.label, errno.errorcode.get(code, code), message)
+        self.outcomes.record(
+            pid,
+            {"ok": False, "op": op, "target": node.label, "errno": code,
+             "errno_name": errno.errorcode.get(code, str(code)), "error": message},
+        )
+
+    def _ops(self) -> dict[str, Callable[[Node, bytes], Awaitable[dict[str, Any]]]]:
+        return {
+            CREATE: self._create,
+            IMPORT: self._import,
+            CHECKPOINT: self._checkpoint,
+            FAILOVER: self._failover,
+            BLOCK_SIZE: self._set_block_size,
+        }
+
+    # -- commands -------------------------------------------------------------------
+
+    def _check_not_pending(self, vm: str, disk: str) -> None:
+        node = self.inodes.disk_node(vm, disk)
+        if node is not None and node.kind is Kind.PENDING:
+            raise AlreadyExists(
+                f"{vm}/{disk}{DISK_SUFFIX} is a pending file: give it a size with truncate, or remove it"
+            )
+
+    async def _create(self, node: Node, value: bytes) -> dict[str, Any]:
+        req = _parse_json(value, CREATE)
+        vm = check_name("VM", _str_field(req, "vm", CREATE))
+        disk = check_name("disk", _str_field(req, "disk", CREATE))
+        size = _int_field(req, "size", CREATE)
+        block_size = _int_field(req, "block_size", CREATE, 4096)
+        self._check_not_pending(vm, disk)
+        d = await self.store.create_disk(vm, disk, size, block_size=block_size)
+        return {"vm": vm, "disk": disk, "size": d.size, "block_size": d.block_size,
+                "file": os.path.join(self.info.config.mountpoint, vm, disk + DISK_SUFFIX)}
+
+    async def _import(self, node: Node, value: bytes) -> dict[str, Any]:
+        req = _parse_json(value, IMPORT)
+        vm = check_name("VM", _str_field(req, "vm", IMPORT))
+        disk = check_name("disk", _str_field(req, "disk", IMPORT))
+        source = _str_field(req, "source", IMPORT)
+        if not os.path.isabs(source):
+            raise Refused(errno.EINVAL, f"import: source {source!r} must be an absolute path")
+        try:
+            # The image may sit on a slow file system: look at it off the loop.
+            st, magic = await trio.to_thread.run_sync(_probe_image, source)
+        except OSError as e:
+            raise Refused(e.errno or errno.EIO, f"import: {source}: {e.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise Refused(errno.EINVAL, f"import: {source} is not a regular file")
+        if magic == QCOW2_MAGIC:
+            raise Refused(
+                errno.EINVAL,
+                f"import: {source} is a qcow2 image; import raw images (qemu-img convert -O raw), "
+                "or qemu-img convert it straight into the mounted disk file",
+            )
+        size = _int_field(req, "size", IMPORT, (st.st_size + 511) // 512 * 512 or 512)
+        block_size = _int_field(req, "block_size", IMPORT, 4096)
+        self._check_not_pending(vm, disk)
+        d = await self.store.create_disk(vm, disk, size, block_size=block_size, source=source)
+        return {"vm": vm, "disk": disk, "size": d.size, "block_size": d.block_size, "source": source,
+                "source_bytes": st.st_size,
+                "file": os.path.join(self.info.config.mountpoint, vm, disk + DISK_SUFFIX)}
+
+    async def _checkpoint(self, node: Node, value: bytes) -> dict[str, Any]:
+        text = value.decode(errors="replace").strip()
+        seq: int | None = None
+        if text:
+            if not text.isdigit():
+                raise Refused(errno.EINVAL, f"checkpoint: the value must be empty or a sequence number, not {text!r}")
+            seq = int(text)
+        vm = self.store.vm(node.vm)
+        nodes = self.inodes.disk_nodes(vm.name)
+        t0 = time.monotonic()
+        # Dirty pages written before the checkpoint land before it.
+        await self.cache.write_back(nodes)
+        t1 = time.monotonic()
+        before = _buffered(vm)
+        done = await vm.checkpoint(seq)
+        t2 = time.monotonic()
+        # No reader may see pages cached from before the checkpoint.
+        await self.cache.drop(nodes)
+        t3 = time.monotonic()
+        result = {
+            "vm": vm.name, "seq": done, "role": vm.state.role, "epoch": vm.state.epoch,
+            "discarded_hidden_bytes": before[0], "discarded_active_bytes": before[1],
+            "writeback_seconds": round(t1 - t0, 6), "checkpoint_seconds": round(t2 - t1, 6),
+            "invalidate_seconds": round(t3 - t2, 6),
+        }
+        self.last_ops[vm.name] = {"op": CHECKPOINT, "at": time.time(), "seconds": round(t3 - t0, 6), "seq": done}
+        log.info(
+            "VM %s: checkpoint at seq %d: discarded %d hidden and %d active bytes in %.3f s",
+            vm.name, done, before[0], before[1], t3 - t0,
+        )
+        return result
+
+    async def _failover(self, node: Node, value: bytes) -> dict[str, Any]:
+        vm = self.store.vm(node.vm)
+        before = _buffered(vm)
+        epoch = vm.state.epoch
+        t0 = time.monotonic()
+        # V does not change in a failover, so the kernel's cache stays valid.
+        moved = await vm.failover()
+        seconds = time.monotonic() - t0
+        self.last_ops[vm.name] = {"op": FAILOVER, "at": time.time(), "seconds": round(seconds, 6)}
+        return {
+            "vm": vm.name, "blocks_committed": moved, "hidden_bytes_before": before[0],
+            "active_bytes_before": before[1], "epoch_before": epoch, "epoch": vm.state.epoch,
+            "role": vm.state.role, "phase": vm.state.phase,
+        }
+
+    async def _set_block_size(self, node: Node, value: bytes) -> dict[str, Any]:
+        text = value.decode(errors="replace").strip()
+        if not text.isdigit():
+            raise Refused(errno.EINVAL, f"block_size: {text!r} is not a number")
+        bs = int(text)
+        if bs & (bs - 1) or not 512 <= bs <= 1 << 20:
+            raise Refused(errno.EINVAL, f"block_size: {bs} is not a power of two from 512 to 1048576")
+        node.block_size = bs
+        return {"block_size": bs}
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status_of(self, node: Node) -> dict[str, Any]:
+        if node.kind is Kind.ROOT:
+            return self.root_status()
+        if node.kind is Kind.VM:
+            return {"kind": "vm", "mountpoint": self.info.config.mountpoint, **self.vm_status(self.store.vm(node.vm))}
+        if node.kind is Kind.PENDING:
+            return {"kind": "pending", "vm": node.vm, "disk": node.disk, "size": 0, "block_size": node.block_size,
+                    "note": "no disk yet: the first truncate to a non-zero size creates it"}
+        vm = self.store.vm(node.vm)
+        return {
+            "kind": "disk", "vm": vm.name, "disk": node.disk, "role": vm.state.role,
+            "phase": vm.state.phase, "epoch": vm.state.epoch, **self.disk_status(vm, node.disk),
+        }
+
+    def root_status(self) -> dict[str, Any]:
+        cfg = self.info.config
+        return {
+            "kind": "root",
+            "version": COLOFS_VERSION,
+            "control_version": CONTROL_VERSION,
+            "store": self.store.path,
+            "node_id": self.store.node_id,
+            "default_role": self.store.default_role,
+            "mountpoint": cfg.mountpoint,
+            "pid": self.info.pid,
+            "started": self.info.started,
+            "log_file": cfg.log_file,
+            "lock_file": cfg.lock_file,
+            "replication": cfg.replication(),
+            "vms": {name: self.vm_status(vm) for name, vm in sorted(self.store.vms.items())},
+        }
+
+    def vm_status(self, vm: VM) -> dict[str, Any]:
+        st = dict(vm.status())
+        rec = vm.recovery
+        st["recovery"] = {"action": rec.action, "blocks": rec.blocks, "resume_seq": rec.resume_seq}
+        st["peer"] = self.info.config.replication()["state"]
+        st["disks"] = {name: self.disk_status(vm, name) for name in sorted(vm.disks)}
+        st["pending"] = [n.name for n in self.inodes.pending_of(vm.name)]
+        st["last_op"] = self.last_ops.get(vm.name)
+        return st
+
+    def disk_status(self, vm: VM, disk: str) -> dict[str, Any]:
+        st = dict(vm.disk(disk).status())
+        st["file"] = disk + DISK_SUFFIX
+        st["io_errors"] = self.io_errors.get(f"{vm.name}/{disk}", 0)
+        return st
+
+
+def _buffered(vm: VM) -> tuple[int, int]:
+    """Bytes in the hidden and active layers of all disks of a VM."""
+    hidden = active = 0
+    for disk in vm.disks.values():
+        st = disk.status()
+        hidden += cast(int, st["hidden_bytes"])
+        active += cast(int, st["active_bytes"])
+    return hidden, active
+
+
+def _probe_image(path: str) -> tuple[os.stat_result, bytes]:
+    """The image's stat and its first bytes (to recognise formats that are not raw)."""
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        return st, f.read(4)

@@ -1,0 +1,214 @@
+"""The mount daemon: one process per store, serving it on one mountpoint until unmounted.
+
+``mountctl mount`` starts ``python -m colofs.fs.daemon`` in the background and
+waits on ``--ready-fd`` for one JSON line: ``{"ready": true, ...}`` once the
+mount answers requests, or ``{"error": "..."}``. With ``--foreground`` the same
+code runs in the ``mountctl`` process.
+
+Shutdown is an unmount while the daemon still serves: the kernel writes the
+dirty pages of buffered writes back through the mount as the files are
+released, then ends the connection, and only then is the store closed (synced
+and marked clean). ``SIGTERM``/``SIGINT``/``SIGHUP`` start that unmount from
+inside; if the mount is busy (a VM still has a disk open) the unmount is made
+lazy, so the daemon exits, store closed, once the last user is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import functools
+import json
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pyfuse3
+import trio
+
+from colofs.core.errors import ColofsError
+from colofs.core.store import Store
+from colofs.fs.config import ConfigError, MountConfig, add_mount_arguments, config_from_args
+from colofs.fs.control import MountInfo
+from colofs.fs.lock import AlreadyMounted, StoreLock
+from colofs.fs.mountpoint import MountpointError, check_mountpoint, detach_stale, fuse_unmount
+from colofs.fs.operations import Operations
+
+log = logging.getLogger(__name__)
+
+Ready = Callable[[dict[str, Any]], None]
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class StartupError(Exception):
+    """The mount could not be started; the message is for the user."""
+
+
+def setup_logging(cfg: MountConfig, *, to_stderr: bool) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    os.makedirs(os.path.dirname(cfg.log_file), mode=0o700, exist_ok=True)
+    handler: logging.Handler = logging.handlers.WatchedFileHandler(cfg.log_file)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    if to_stderr:
+        err = logging.StreamHandler(sys.stderr)
+        err.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(err)
+    root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
+    logging.getLogger("pyfuse3").setLevel(logging.DEBUG if cfg.debug else logging.WARNING)
+
+
+def recovery_notes(store: Store) -> list[str]:
+    """One line per VM that opening the store had to repair."""
+    notes = []
+    for name, vm in sorted(store.vms.items()):
+        rec = vm.recovery
+        if rec.action == "rolled-back":
+            notes.append(
+                f"VM {name}: recovered after a crash: {rec.blocks} blocks rolled back, "
+                f"resuming after checkpoint seq {rec.resume_seq}"
+            )
+        elif rec.action == "failover-completed":
+            notes.append(f"VM {name}: completed an interrupted failover ({rec.blocks} blocks committed)")
+    return notes
+
+
+async def _run_fuse(done: trio.CancelScope, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    task_status.started()
+    try:
+        await pyfuse3.main()
+    finally:
+        done.cancel()  # the mount is gone: stop watching for signals
+
+
+async def _watch_signals(signals: AsyncIterator[int], mountpoint: str) -> None:
+    async for signum in signals:
+        name = signal.Signals(signum).name
+        log.info("%s received: unmounting %s (the kernel writes back its dirty pages first)", name, mountpoint)
+        ok, msg = await trio.to_thread.run_sync(fuse_unmount, mountpoint)
+        if ok:
+            continue
+        log.warning("unmount of %s failed (%s); detaching it lazily: the daemon exits when the last "
+                    "open file is closed", mountpoint, msg)
+        ok, msg = await trio.to_thread.run_sync(functools.partial(fuse_unmount, mountpoint, lazy=True))
+        if not ok:
+            log.error("lazy unmount of %s failed too: %s", mountpoint, msg)
+
+
+async def serve(cfg: MountConfig, lock: StoreLock, ready: Ready) -> None:
+    """Open the store, mount it, serve until unmounted, close the store."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        log.info("opening store %s (default role %s)", cfg.store, cfg.role)
+        try:
+            store = await Store.open(cfg.store, role=cfg.role, create=True)
+        except ColofsError as e:
+            raise StartupError(f"cannot open store {cfg.store}: {e}") from e
+        try:
+            notes = recovery_notes(store)
+            for note in notes:
+                log.warning("%s", note)
+            ops = Operations(store, MountInfo(cfg, os.getpid(), time.time()))
+            options = {"fsname=colofs", "subtype=colofs", "default_permissions"}
+            if cfg.allow_other:
+                options.add("allow_other")
+            try:
+                pyfuse3.init(ops, cfg.mountpoint, options)
+            except RuntimeError as e:
+                raise StartupError(f"cannot mount on {cfg.mountpoint}: {e} (see {cfg.log_file})") from e
+            try:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(_run_fuse, nursery.cancel_scope)
+                    ops.nursery = nursery
+                    nursery.start_soon(_watch_signals, signals, cfg.mountpoint)
+                    lock.update(state="serving")
+                    log.info("serving %s on %s: %d VMs; replication: %s", cfg.store, cfg.mountpoint,
+                             len(store.vms), cfg.replication()["state"])
+                    ready({"ready": True, "pid": os.getpid(), "mountpoint": cfg.mountpoint,
+                           "store": cfg.store, "log_file": cfg.log_file, "notes": notes,
+                           "vms": sorted(store.vms)})
+            finally:
+                pyfuse3.close(unmount=True)  # a no-op after a clean unmount
+            log.info("%s unmounted; closing the store", cfg.mountpoint)
+        finally:
+            lock.update(state="closing")
+            with trio.CancelScope(shield=True):
+                await store.close()
+        log.info("store %s closed cleanly", cfg.store)
+
+
+def run(cfg: MountConfig, *, ready: Ready, foreground: bool) -> int:
+    """The whole life of a mount; returns the process exit status."""
+    setup_logging(cfg, to_stderr=foreground)
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1)  # dumps every thread's stack into the log
+    lock = StoreLock(cfg.lock_file)
+    status = 1
+    try:
+        try:
+            if detach_stale(cfg.mountpoint):
+                log.warning("%s: detached a stale mount left by a dead daemon", cfg.mountpoint)
+            check_mountpoint(cfg.mountpoint)
+            os.makedirs(cfg.store, mode=0o700, exist_ok=True)
+            lock.acquire(pid=os.getpid(), mountpoint=cfg.mountpoint, store=cfg.store,
+                         log_file=cfg.log_file, state="starting", started=time.time())
+        except (MountpointError, AlreadyMounted, OSError) as e:
+            raise StartupError(str(e)) from e
+        trio.run(serve, cfg, lock, ready)
+        lock.update(state="closed", clean=True, ended=time.time())
+        status = 0
+    except StartupError as e:
+        log.error("%s", e)
+        ready({"error": str(e)})
+        if lock.fd >= 0:
+            lock.update(state="failed", error=str(e), ended=time.time())
+    except BaseException as e:
+        log.exception("the mount daemon failed")
+        what = f"{type(e).__name__}: {e}"
+        ready({"error": f"the mount daemon failed: {what} (see {cfg.log_file})"})
+        if lock.fd >= 0:
+            lock.update(state="failed", error=what, ended=time.time())
+    finally:
+        lock.release()
+    return status
+
+
+def _ready_writer(fd: int | None) -> Ready:
+    """Report readiness (or failure) once on ``fd``, then close it."""
+    state = {"fd": fd}
+
+    def ready(msg: dict[str, Any]) -> None:
+        f = state["fd"]
+        if f is None:
+            return
+        state["fd"] = None
+        try:
+            os.write(f, (json.dumps(msg) + "\n").encode())
+        except OSError:
+            pass
+        finally:
+            os.close(f)
+
+    return ready
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="colofs-mount", description="Serve a colofs store over FUSE.")
+    add_mount_arguments(p)
+    p.add_argument("--ready-fd", type=int, help="file descriptor to report readiness on")
+    args = p.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        p.error(str(e))
+    return run(cfg, ready=_ready_writer(args.ready_fd), foreground=args.ready_fd is None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Talking to a mounted colofs through its ``user.colofs.*`` extended attributes.
+
+Every command but mount and umount is one ``setxattr`` or ``getxattr`` on a
+path of the mount. A failed ``setxattr`` carries only an errno; the daemon
+keeps the message for the calling process, which reads it back from
+``user.colofs.last_error``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "user.colofs."
+
+
+class CtlError(Exception):
+    """A failure to report as one line on stderr (exit status 1)."""
+
+
+@dataclass
+class Target:
+    """A path on a colofs mount and what the daemon says it is."""
+
+    path: str
+    status: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return str(self.status.get("kind"))
+
+
+def _not_found(path: str) -> CtlError:
+    """Explain a missing path in colofs terms when its parent is on a mount."""
+    parent, name = os.path.split(os.path.abspath(path.rstrip("/")) or "/")
+    try:
+        st = json.loads(os.getxattr(parent, PREFIX + "status"))
+    except (OSError, ValueError):
+        return CtlError(f"{path}: no such file or directory")
+    if st.get("kind") == "root":
+        return CtlError(f"no VM {name!r} in the colofs mount at {parent}")
+    if st.get("kind") == "vm":
+        disk = name[:-4] if name.endswith(".raw") else name
+        return CtlError(f"no disk {disk!r} in VM {st.get('vm')!r} (mount {st.get('mountpoint')})")
+    return CtlError(f"{path}: no such file or directory")
+
+
+def resolve(path: str) -> Target:
+    """The colofs node at ``path``; a clear error if there is none."""
+    try:
+        raw = os.getxattr(path, PREFIX + "status")
+    except FileNotFoundError:
+        raise _not_found(path) from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise CtlError(
+                f"{path}: stale colofs mount (its daemon is gone): run 'mountctl umount' on it, "
+                "or mount the store again (that detaches it and recovers the store)"
+            ) from None
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise CtlError(f"{path} is not on a colofs mount") from None
+        raise CtlError(f"{path}: {e.strerror}") from None
+    try:
+        status = json.loads(raw)
+    except ValueError:
+        raise CtlError(f"{path}: the daemon answered a status that is not JSON") from None
+    if not isinstance(status, dict) or "kind" not in status:
+        raise CtlError(f"{path} is not on a colofs mount")
+    return Target(os.path.abspath(path), status)
+
+
+def expect(target: Target, kind: str, hint: str) -> Target:
+    if target.kind != kind:
+        what = {"root": "the root of a colofs mount", "vm": "a VM directory", "disk": "a disk file",
+                "pending": "a pending file"}.get(target.kind, target.kind)
+        raise CtlError(f"{target.path} is {what}; {hint}")
+    return target
+
+
+def command(path: str, name: str, value: bytes | str) -> dict[str, Any]:
+    """Run a control command; returns the daemon's JSON outcome or raises :class:`CtlError`."""
+    data = value.encode() if isinstance(value, str) else value
+    try:
+        os.setxattr(path, PREFIX + name, data)
+    except OSError as e:
+        message = ""
+        try:
+            message = os.getxattr(path, PREFIX + "last_error").decode(errors="replace").strip()
+        except OSError:
+            pass
+        raise CtlError(message or f"{path}: {name} failed: {e.strerror}") from None
+    try:
+        return json.loads(os.getxattr(path, PREFIX + "last_result"))
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,179 @@
+"""Starting a mount daemon in the background and stopping it again.
+
+``mount`` starts ``python -m colofs.fs.daemon`` detached (own session, output
+into the mount's log file) and waits on a pipe for its single readiness line.
+``umount`` unmounts (the kernel writes back its dirty pages while the daemon
+still serves), then waits for the daemon to close the store and let go of
+the store's lock, and reports how the daemon ended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from typing import Any
+
+from colofs.fs.config import MountConfig
+from colofs.fs.lock import holder, last_state
+from colofs.fs.mountpoint import MountpointError, check_mountpoint, detach_stale, fuse_unmount
+from mountctl.client import CtlError, resolve
+
+
+def preflight(cfg: MountConfig) -> None:
+    """The checks that need no daemon: stale mounts, the mountpoint, a store already served."""
+    try:
+        if detach_stale(cfg.mountpoint):
+            print(
+                f"mountctl: {cfg.mountpoint}: detached a stale mount left by a dead daemon "
+                "(fusermount3 -u -z); its store is recovered on mount",
+                file=sys.stderr,
+            )
+        check_mountpoint(cfg.mountpoint)
+    except MountpointError as e:
+        raise CtlError(str(e)) from None
+    other = holder(cfg.lock_file)
+    if other is not None:
+        where = f" on {other['mountpoint']}" if other.get("mountpoint") else ""
+        pid = f" by pid {other['pid']}" if other.get("pid") else ""
+        raise CtlError(f"store {cfg.store} is already mounted{where}{pid}")
+
+
+def daemon_args(cfg: MountConfig) -> list[str]:
+    args = ["--role", cfg.role, "--store", cfg.store, "--log-file", cfg.log_file]
+    if cfg.listen:
+        args += ["--listen", str(cfg.listen)]
+    if cfg.peer:
+        args += ["--peer", str(cfg.peer)]
+    if cfg.key_file:
+        args += ["--key-file", cfg.key_file]
+    if cfg.allow_other:
+        args.append("--allow-other")
+    if cfg.debug:
+        args.append("--debug")
+    return [*args, cfg.mountpoint]
+
+
+def _tail(path: str, lines: int = 5) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:]).rstrip()
+    except OSError:
+        return ""
+
+
+def start_daemon(cfg: MountConfig, timeout: float) -> dict[str, Any]:
+    """Start the daemon in the background; returns its readiness message."""
+    os.makedirs(os.path.dirname(cfg.log_file), mode=0o700, exist_ok=True)
+    r, w = os.pipe()
+    try:
+        with open(cfg.log_file, "ab") as logf:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "colofs.fs.daemon", *daemon_args(cfg), "--ready-fd", str(w)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
+                start_new_session=True, cwd="/",
+            )
+    finally:
+        os.close(w)
+    try:
+        data = b""
+        deadline = time.monotonic() + timeout
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise CtlError(
+                    f"the mount daemon (pid {proc.pid}) did not get ready within {timeout:.0f} s; "
+                    f"it keeps trying in the background, see {cfg.log_file}"
+                )
+            ready, _, _ = select.select([r], [], [], min(left, 1.0))
+            if ready:
+                chunk = os.read(r, 65536)
+                if not chunk:
+                    break
+                data += chunk
+    finally:
+        os.close(r)
+    msg: dict[str, Any] = {}
+    if data.strip():
+        try:
+            msg = json.loads(data)
+        except ValueError:
+            msg = {"error": data.decode(errors="replace").strip()}
+    if msg.get("ready"):
+        return msg
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    if msg.get("error"):
+        raise CtlError(msg["error"])
+    detail = _tail(cfg.log_file)
+    raise CtlError(
+        f"the mount daemon exited with status {proc.returncode} before it was ready; see {cfg.log_file}"
+        + (f"\n{detail}" if detail else "")
+    )
+
+
+def unmount(mountpoint: str, *, lazy: bool, timeout: float) -> str:
+    """Unmount and wait for the daemon to close the store; returns what to print."""
+    mountpoint = os.path.abspath(mountpoint)
+    try:
+        if detach_stale(mountpoint):
+            return (
+                f"{mountpoint}: the daemon was gone (stale mount); detached it. "
+                "The store was not closed cleanly: the next mount recovers it"
+            )
+    except MountpointError as e:
+        raise CtlError(str(e)) from None
+    target = resolve(mountpoint)
+    if target.kind != "root":
+        raise CtlError(f"{mountpoint} is not the root of a colofs mount (it is a {target.kind} path)")
+    lock_file = target.status["lock_file"]
+    pid = target.status.get("pid")
+    started = time.monotonic()
+    ok, msg = fuse_unmount(mountpoint, lazy=lazy)
+    if not ok:
+        if "busy" in msg.lower():
+            raise CtlError(
+                f"{mountpoint} is busy: a disk is still open (is a VM running?). "
+                "Stop its users first, or use --lazy to detach now and finish when they close"
+            )
+        raise CtlError(f"unmounting {mountpoint} failed: {msg}")
+    if lazy:
+        return f"{mountpoint}: detached; the daemon (pid {pid}) closes the store when the last open file is closed"
+    deadline = started + timeout
+    while holder(lock_file) is not None:
+        if time.monotonic() > deadline:
+            raise CtlError(
+                f"{mountpoint} is unmounted but the daemon (pid {pid}) is still closing the store after "
+                f"{timeout:.0f} s; see {target.status.get('log_file')}"
+            )
+        time.sleep(0.05)
+    if isinstance(pid, int):
+        _wait_exit(pid, deadline)
+    state = last_state(lock_file)
+    took = time.monotonic() - started
+    if state.get("state") == "closed":
+        return f"{mountpoint}: unmounted; store {target.status['store']} closed cleanly ({took:.2f} s)"
+    raise CtlError(
+        f"{mountpoint}: unmounted, but the daemon ended in state {state.get('state')!r}: "
+        f"{state.get('error', 'no detail')}; see {target.status.get('log_file')}"
+    )
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_exit(pid: int, deadline: float) -> None:
+    """The daemon lets go of the store's lock just before it exits: wait for the exit itself."""
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fs.mounts import Mount
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+
+for tool in ("fusermount3", "qemu-img", "qemu-io", "fio"):
+    if shutil.which(tool) is None:
+        raise RuntimeError(f"the fs tests need {tool} on PATH")
+
+
+@pytest.fixture
+def mounts(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
+    """Make mounts under the test's directory; each is unmounted (or killed and detached) at the end."""
+    made: list[Mount] = []
+
+    def make(role: str = "secondary", name: str = "m", mount: bool = True) -> Mount:
+        m = Mount(tmp_path, role, name)
+        made.append(m)
+        if mount:
+            m.mount()
+        return m
+
+    try:
+        yield make
+    finally:
+        for m in made:
+            m.cleanup()
+
+
+@pytest.fixture
+def sec(mounts: Callable[..., Mount]) -> Mount:
+    return mounts("secondary")
+
+
+@pytest.fixture
+def pri(mounts: Callable[..., Mount]) -> Mount:
+    return mounts("primary")
+
+
+def random_image(path: Path, size: int, seed: int) -> bytes:
+    """A raw image with reproducible random content (plus a zero stretch, to stay sparse-friendly)."""
+    import random
+
+    rnd = random.Random(seed)
+    data = bytearray(rnd.randbytes(size))
+    data[size // 4 : size // 4 + size // 8] = bytes(size // 8)
+    path.write_bytes(data)
+    return bytes(data)
