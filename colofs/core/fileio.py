@@ -61,15 +61,19 @@ class ReadPolicy:
     """
 
     PROBE_EVERY = 32
+    MODES = ("auto", "loop", "thread")
 
-    __slots__ = ("avg_ns", "inline", "skipped")
+    __slots__ = ("avg_ns", "inline", "mode", "skipped")
 
-    def __init__(self) -> None:
+    def __init__(self, mode: str = "auto") -> None:
         self.inline = True
         self.avg_ns = 0.0
         self.skipped = 0
+        self.mode = mode if mode in self.MODES else "auto"
 
     def use_loop(self) -> bool:
+        if self.mode != "auto":
+            return self.mode == "loop"
         if self.inline:
             return True
         self.skipped += 1
@@ -86,7 +90,8 @@ class ReadPolicy:
             self.inline = True
 
 
-READS = ReadPolicy()
+# COLOFS_SMALL_READS=loop|thread pins the policy (for slow or network-backed stores, or tests).
+READS = ReadPolicy(os.environ.get("COLOFS_SMALL_READS", "auto"))
 
 
 async def read_into(fd: int, buf: memoryview, offset: int) -> None:

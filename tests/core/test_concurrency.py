@@ -1,8 +1,9 @@
 """Requests that overlap in time: isolation, read-modify-write, checkpoint and failover under live I/O.
 
-Reads are pushed off the page cache (``POSIX_FADV_DONTNEED``) so they take
-the worker-thread path and really suspend in the middle, which is where an
-unserialised copy-before-write would let the SVM see the primary's data.
+Reads are pushed off the page cache (``POSIX_FADV_DONTNEED``) and, in one
+run of each test, sent to worker threads, so they really suspend in the
+middle, which is where an unserialised copy-before-write would let the SVM
+see the primary's data.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 import trio
 
 from colofs.core import PrimaryWrite
+from colofs.core.fileio import READS
 from colofs.core.rangelock import RangeLock
 from tests.core.model import ModelDisk
 
@@ -23,6 +25,15 @@ BS = 4096
 
 def evict(fd: int) -> None:
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+@pytest.fixture(autouse=True, params=["thread", "loop"])
+def read_path(request: pytest.FixtureRequest):
+    """Run each test with small reads in worker threads (they suspend mid-request) and on the loop."""
+    old = READS.mode
+    READS.mode = request.param
+    yield request.param
+    READS.mode = old
 
 
 async def test_reads_never_see_primary_writes_in_flight(open_store) -> None:
