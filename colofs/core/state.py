@@ -83,8 +83,10 @@ class VMState:
 
     ``gen`` tags the records of the hidden and active logs: bumping it empties
     both layers of every disk at once. ``last_applied`` is the last sequence
-    number applied (on a primary: the last one issued); after a crash it falls
-    back to ``last_checkpoint``, because recovery rolls base back to it.
+    number applied (on a primary: the last one issued); after a crash a
+    secondary falls back to ``last_checkpoint``, because recovery rolls base
+    back to it, and a primary jumps to ``seq_reserved``, the high-water mark
+    it persists before handing out sequence numbers beyond it.
     """
 
     vm: str
@@ -93,6 +95,7 @@ class VMState:
     gen: int = 1
     last_applied: int = 0
     last_checkpoint: int = 0
+    seq_reserved: int = 0
     phase: str = NORMAL
     clean: bool = True
     disks: dict[str, DiskState] = field(default_factory=dict)

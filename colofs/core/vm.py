@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import trio
@@ -64,6 +64,7 @@ HIDDEN_FILE = "hidden.log"
 ACTIVE_FILE = "active.log"
 NEW_PREFIX = ".new-"
 MIN_BLOCK = 512
+SEQ_RESERVE = 1 << 20  # sequence numbers a primary may hand out per state save
 MAX_BLOCK = 1 << 20
 
 
@@ -95,6 +96,8 @@ class VM:
         self.disks: dict[str, Disk] = {}
         self._apply_lock = trio.Lock()
         self._failover_lock = trio.Lock()
+        self._reserve_lock = trio.Lock()
+        self._state_lock = trio.Lock()
         self.forward: WriteSink | None = None
         self.recovery = Recovery("none", 0, state.last_checkpoint)
         self.closed = False
@@ -227,7 +230,7 @@ class VM:
     async def _open_clean(self) -> None:
         for disk, ds in sorted(self.state.disks.items()):
             self.disks[disk] = self._open_disk(disk, ds, clean=True)
-        await self._save(replace(self.state, clean=False))
+        await self._update(lambda s: replace(s, clean=False))
         self.recovery = Recovery("clean", 0, self.state.last_applied)
 
     async def _recover(self) -> None:
@@ -249,12 +252,16 @@ class VM:
             for disk in self.disks.values():
                 restored += await self._roll_back(disk)
             await datasync_all([d.base_fd for d in self.disks.values()])
-        new = replace(st, gen=st.gen + 1, last_applied=st.last_checkpoint, clean=False)
-        await self._save(new)
+        if st.role == SECONDARY:
+            resume = st.last_checkpoint
+        else:
+            # The exact count died with the process: continue past everything reserved.
+            resume = max(st.last_applied, st.seq_reserved)
+        new = await self._update(lambda s: replace(s, gen=s.gen + 1, last_applied=resume, clean=False))
         for disk in self.disks.values():
             disk.hidden.reset(new.gen)
             disk.active.reset(new.gen)
-        self.recovery = Recovery("rolled-back", restored, new.last_checkpoint)
+        self.recovery = Recovery("rolled-back", restored, new.last_applied)
         log.warning(
             "VM %s: recovered after a crash: %d blocks of base rolled back to checkpoint seq %d",
             self.name, restored, new.last_checkpoint,
@@ -283,9 +290,23 @@ class VM:
             await disk.cbw.write(extents)
         return len(blocks)
 
-    async def _save(self, new: VMState) -> None:
-        await trio.to_thread.run_sync(save_vm_state, os.path.join(self.path, STATE_FILE), new)
-        self.state = new
+    async def _update(self, change: Callable[[VMState], VMState]) -> VMState:
+        """Durably replace the state with ``change(current state)``; returns the new state.
+
+        Updates are serialised and each is computed from the state as it is
+        when its turn comes, so two updates never undo each other. A
+        primary's writes keep counting sequence numbers on the live state
+        while the file is written (they take no VM lock): those increments
+        are carried over, so no sequence number is handed out twice.
+        """
+        async with self._state_lock:
+            live = self.state
+            mark = live.last_applied
+            new = change(live)
+            await trio.to_thread.run_sync(save_vm_state, os.path.join(self.path, STATE_FILE), new)
+            new.last_applied += live.last_applied - mark
+            self.state = new
+            return new
 
     # -- disks -----------------------------------------------------------------
 
@@ -317,7 +338,7 @@ class VM:
             raise AlreadyExists(f"disk {label}: directory {final} already exists")
         await trio.to_thread.run_sync(self._build_disk_dir, tmp, size, source)
         ds = DiskState(size=size, block_size=block_size)
-        await self._save(replace(self.state, disks={**self.state.disks, name: ds}))
+        await self._update(lambda s: replace(s, disks={**s.disks, name: ds}))
         os.rename(tmp, final)
         fsync_dir(self.path)
         disk = self._open_disk(name, ds, clean=False)
@@ -401,6 +422,20 @@ class VM:
                 )
             st.last_applied = seq
 
+    async def adopt_epoch(self, epoch: int) -> None:
+        """Take over a primary's newer epoch (a pair rebuilt after a failover elsewhere).
+
+        Durable before anything from that primary is applied, so that the
+        older primary is refused from then on. Never lowers the epoch.
+        """
+        async with self._apply_lock:
+            st = self.state
+            if st.role != SECONDARY or st.phase != NORMAL:
+                raise RoleError(f"VM {self.name}: a {st.role} ({st.phase}) does not adopt a peer's epoch")
+            if epoch > st.epoch:
+                await self._update(lambda s: replace(s, epoch=max(s.epoch, epoch)))
+                log.warning("VM %s: adopted the primary's epoch %d", self.name, epoch)
+
     def _check_writes(self, writes: Sequence[PrimaryWrite], what: str) -> None:
         st = self.state
         if st.role != SECONDARY or st.phase != NORMAL:
@@ -453,7 +488,7 @@ class VM:
                         f"VM {self.name}: checkpoint at seq {seq} outside "
                         f"[{st.last_checkpoint}, {st.last_applied}]"
                     )
-                await self._save(replace(st, last_checkpoint=seq))
+                await self._update(lambda s: replace(s, last_checkpoint=seq))
                 return seq
             if seq != st.last_applied:
                 raise SequenceError(
@@ -463,8 +498,7 @@ class VM:
             try:
                 for disk in self._sorted_disks():
                     held.append((disk, await disk.lock.acquire(0, disk.nblocks, True)))
-                new = replace(st, gen=st.gen + 1, last_checkpoint=seq)
-                await self._save(new)
+                new = await self._update(lambda s: replace(s, gen=s.gen + 1, last_checkpoint=seq))
                 for disk in self.disks.values():
                     disk.hidden.reset(new.gen)
                     disk.active.reset(new.gen)
@@ -488,7 +522,7 @@ class VM:
                 if st.phase == NORMAL:
                     # Roll-forward after a crash trusts active: make it durable first.
                     await datasync_all([d.active.fd for d in self.disks.values()])
-                    await self._save(replace(st, phase=FAILOVER, epoch=st.epoch + 1))
+                    await self._update(lambda s: replace(s, phase=FAILOVER, epoch=s.epoch + 1))
                     for disk in self.disks.values():
                         disk.cbw.detach(disk.hidden)
                     log.warning("VM %s: failover started, epoch %d", self.name, self.state.epoch)
@@ -507,9 +541,9 @@ class VM:
         try:
             for disk in self._sorted_disks():
                 held.append((disk, await disk.lock.acquire(0, disk.nblocks, True)))
-            st = self.state
-            new = replace(st, role=PRIMARY, phase=NORMAL, gen=st.gen + 1, last_checkpoint=st.last_applied)
-            await self._save(new)
+            new = await self._update(
+                lambda s: replace(s, role=PRIMARY, phase=NORMAL, gen=s.gen + 1, last_checkpoint=s.last_applied)
+            )
             for disk in self.disks.values():
                 disk.hidden.reset(new.gen)
                 disk.active.reset(new.gen)
@@ -527,14 +561,32 @@ class VM:
         """
         await disk.write_base(offset, data)
         fwd = self.forward
-        if fwd is not None:
-            await fwd.wait_room(len(data))
+        while True:
+            if self.state.last_applied >= self.state.seq_reserved:
+                await self._reserve_seqs()
+            if fwd is not None:
+                await fwd.wait_room(len(data))
+            if self.state.last_applied < self.state.seq_reserved:
+                break
         # No await between taking the seq and queueing it: the sink stays in seq order.
         seq = self.state.last_applied + 1
         self.state.last_applied = seq
         if fwd is not None:
             fwd.put_nowait(ForwardedWrite(seq, disk.name, offset, data))
         return seq
+
+    async def _reserve_seqs(self) -> None:
+        """Persist a high-water mark before handing out more sequence numbers.
+
+        A primary persists its exact count only at checkpoints and clean
+        closes; after a crash it resumes past the reserved range, so a number
+        its peer may already have seen is never reused.
+        """
+        async with self._reserve_lock:
+            st = self.state
+            if st.last_applied < st.seq_reserved:
+                return
+            await self._update(lambda s: replace(s, seq_reserved=s.last_applied + SEQ_RESERVE))
 
     # -- snapshots and clones --------------------------------------------------------
 
@@ -637,10 +689,13 @@ class VM:
                     d.lock.release(req)
 
     async def _save_snapshot_states(self, per_disk: dict[str, dict[str, SnapshotState]]) -> None:
-        disks = dict(self.state.disks)
-        for n, snaps in per_disk.items():
-            disks[n] = replace(disks[n], snapshots=snaps)
-        await self._save(replace(self.state, disks=disks))
+        def change(s: VMState) -> VMState:
+            disks = dict(s.disks)
+            for n, snaps in per_disk.items():
+                disks[n] = replace(disks[n], snapshots=snaps)
+            return replace(s, disks=disks)
+
+        await self._update(change)
 
     async def delete_snapshot(self, disk: str, name: str) -> int:
         """Delete a snapshot or clone; returns the bytes freed. Refused while a clone is built on it."""
@@ -690,6 +745,22 @@ class VM:
         for disk in self._sorted_disks():
             await disk.flush()
 
+    def _log_lengths(self, st: VMState) -> dict[str, DiskState]:
+        """The disks' states with the current lengths of every log (for a clean close)."""
+        disks = {}
+        for n, ds in st.disks.items():
+            d = self.disks[n]
+            snaps = {}
+            for name, sn in ds.snapshots.items():
+                snap = d.snapshots[name]
+                snaps[name] = replace(
+                    sn,
+                    target_len=snap.target.end if snap.target is not None else 0,
+                    overlay_len=snap.overlay.end if snap.overlay is not None else 0,
+                )
+            disks[n] = replace(ds, hidden_len=d.hidden.end, active_len=d.active.end, snapshots=snaps)
+        return disks
+
     async def close(self) -> None:
         """Make everything durable and mark the state clean, so the next open keeps the layers."""
         if self.closed:
@@ -701,19 +772,7 @@ class VM:
                 for snap in d.snapshots.values():
                     fds += [log.fd for log in snap.logs()]
             await datasync_all(fds)
-            disks = {}
-            for n, ds in self.state.disks.items():
-                d = self.disks[n]
-                snaps = {
-                    name: replace(
-                        sn,
-                        target_len=d.snapshots[name].target.end if d.snapshots[name].target else 0,
-                        overlay_len=d.snapshots[name].overlay.end if d.snapshots[name].overlay else 0,
-                    )
-                    for name, sn in ds.snapshots.items()
-                }
-                disks[n] = replace(ds, hidden_len=d.hidden.end, active_len=d.active.end, snapshots=snaps)
-            await self._save(replace(self.state, clean=True, disks=disks))
+            await self._update(lambda s: replace(s, clean=True, disks=self._log_lengths(s)))
             self._close_files()
 
     def _close_files(self) -> None:

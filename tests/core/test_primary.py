@@ -71,3 +71,73 @@ async def test_same_block_writes_forward_in_base_order(open_store) -> None:
     assert [w.seq for w in batch] == list(range(1, 21))
     # The last write in seq order is the one base holds.
     assert bytes(await disk.read(100, 10)) == bytes(batch[-1].data)
+
+
+async def test_no_seq_is_lost_while_the_state_file_is_written(open_store) -> None:
+    """Writes that complete during a state save (a checkpoint here) keep their sequence numbers."""
+    store = await open_store("primary")
+    disk = await store.create_disk("vm", "d", SIZE)
+    vm = store.vm("vm")
+    q = ForwardQueue()
+    vm.forward = q
+    done = trio.Event()
+
+    async def writer() -> None:
+        for i in range(300):
+            await disk.write((i % 200) * 512, b"w" * 512)
+            await trio.sleep(0)
+        done.set()
+
+    async def checkpointer() -> None:
+        while not done.is_set():
+            await vm.checkpoint(vm.state.last_applied)
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(writer)
+        n.start_soon(checkpointer)
+    got = await q.get_batch(1 << 30)
+    assert [w.seq for w in got] == list(range(1, 301))
+    assert vm.state.last_applied == 300
+
+
+async def test_primary_never_reuses_seqs_after_a_crash(open_store) -> None:
+    from colofs.core import Store
+
+    store = await open_store("primary")
+    disk = await store.create_disk("vm", "d", SIZE)
+    for i in range(5):
+        await disk.write(i, b"x")
+    vm = store.vm("vm")
+    assert vm.state.last_applied == 5 and vm.state.seq_reserved >= 5
+    reserved = vm.state.seq_reserved
+    store.abandon()
+    store2 = await Store.open(store.path, role="primary")
+    try:
+        vm2 = store2.vm("vm")
+        assert vm2.state.last_applied == reserved
+        q = ForwardQueue()
+        vm2.forward = q
+        await vm2.disk("d").write(0, b"y")
+        assert [w.seq for w in await q.get_batch(1 << 20)] == [reserved + 1]
+        assert vm2.state.seq_reserved > reserved + 1
+    finally:
+        store2.abandon()
+
+
+async def test_secondary_adopts_a_newer_epoch_only(open_store) -> None:
+    from colofs.core import Store
+
+    store = await open_store("secondary")
+    await store.create_disk("vm", "d", SIZE)
+    vm = store.vm("vm")
+    await vm.adopt_epoch(5)
+    assert vm.state.epoch == 5
+    await vm.adopt_epoch(3)
+    assert vm.state.epoch == 5
+    await store.close()
+    store2 = await Store.open(store.path, role="secondary")
+    try:
+        assert store2.vm("vm").state.epoch == 5
+    finally:
+        store2.abandon()
