@@ -51,6 +51,7 @@ class MessageType(IntEnum):
     ERROR = 15
     PING = 16
     PONG = 17
+    RESYNC_QUERY = 18
 
 
 class Role(IntEnum):
@@ -89,6 +90,7 @@ _ATTACHED_TAIL = struct.Struct("<QQQI")  # epoch, last_applied, last_checkpoint,
 _BATCH_HEAD = struct.Struct("<QI")  # first_seq, count
 _WRITE_HEAD = struct.Struct("<HQI")  # disk, offset, data length
 _RESYNC_REQ_HEAD = struct.Struct("<HQI")  # disk, first_block, count
+_RESYNC_QUERY = struct.Struct("<HQI")  # disk, first_block, count
 _RESYNC_DATA_HEAD = struct.Struct("<HII")  # disk, block_size, count
 _BLOCK_HEAD = struct.Struct("<QI")  # block, data length
 _HELLO_MID = struct.Struct("<B32sI")  # role, nonce, features (after node_id)
@@ -731,6 +733,37 @@ class ResyncDone(Message):
         return cls(*r.unpack(_U64, "seq"))
 
 
+@dataclass(frozen=True, slots=True)
+class ResyncQuery(Message):
+    """Primary -> secondary: send your digests of blocks ``first_block .. + count`` (answer: RESYNC_REQUEST).
+
+    The primary knows which blocks may differ (its dirty bitmap, or all of
+    them for a full sync); the secondary answers with the xxh3 digests of its
+    base so that only blocks whose digests differ travel.
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.RESYNC_QUERY
+    disk: int
+    first_block: int
+    count: int
+
+    def __post_init__(self) -> None:
+        _check_uint("disk", self.disk, _U16_MAX)
+        _check_uint("first_block", self.first_block, _U64_MAX)
+        _check_uint("count", self.count, _U32_MAX)
+        if self.count == 0:
+            raise ValueError("a RESYNC_QUERY must ask for at least one block")
+        if self.first_block + self.count > _U64_MAX + 1:
+            raise ValueError(f"{self.count} blocks from block {self.first_block} overflow u64")
+
+    def encode(self) -> bytes:
+        return _RESYNC_QUERY.pack(self.disk, self.first_block, self.count)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(*r.unpack(_RESYNC_QUERY, "disk/first_block/count"))
+
+
 def truncate_utf8(text: str, limit: int = MAX_STR_LEN) -> bytes:
     """Encode ``text`` as UTF-8 cut to at most ``limit`` bytes on a character boundary.
 
@@ -823,6 +856,7 @@ MESSAGE_CLASSES: dict[int, type[Message]] = {
         Error,
         Ping,
         Pong,
+        ResyncQuery,
     )
 }
 assert set(MESSAGE_CLASSES) == set(MessageType)
@@ -879,6 +913,7 @@ __all__ = [
     "ResyncBlock",
     "ResyncData",
     "ResyncDone",
+    "ResyncQuery",
     "ResyncRequest",
     "Role",
     "Write",

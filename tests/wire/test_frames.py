@@ -236,7 +236,7 @@ def test_bad_version() -> None:
         decode_all(craft_frame(MessageType.PING, bytes(8), version=2))
 
 
-@pytest.mark.parametrize("mtype", [0, 14, 18, 255])
+@pytest.mark.parametrize("mtype", [0, 14, 19, 255])
 def test_unknown_type(mtype: int) -> None:
     with pytest.raises(UnknownType, match=f"unknown frame type {mtype}"):
         decode_all(craft_frame(mtype, bytes(8)))

@@ -34,7 +34,7 @@ from colofs.wire import (
     Write,
     decode_message,
 )
-from colofs.wire.messages import truncate_utf8
+from colofs.wire.messages import ResyncQuery, truncate_utf8
 
 U16 = 2**16 - 1
 U32 = 2**32 - 1
@@ -99,6 +99,9 @@ STRATEGIES: dict[MessageType, st.SearchStrategy[Message]] = {
     MessageType.ERROR: st.builds(Error, u16, st.text(max_size=60)),
     MessageType.PING: st.builds(Ping, u64),
     MessageType.PONG: st.builds(Pong, u64),
+    MessageType.RESYNC_QUERY: st.integers(1, U32).flatmap(
+        lambda n: st.builds(ResyncQuery, u16, st.integers(0, 2**64 - n), st.just(n))
+    ),
 }
 any_message: st.SearchStrategy[Message] = st.one_of(*STRATEGIES.values())
 
@@ -185,7 +188,7 @@ def test_every_truncation_refused(mtype: MessageType, data: st.DataObject) -> No
             decode_message(mtype, payload[:cut])
 
 
-@pytest.mark.parametrize("code", [0, 14, 18, 255, 1000])
+@pytest.mark.parametrize("code", [0, 14, 19, 255, 1000])
 def test_unknown_type_refused(code: int) -> None:
     with pytest.raises(UnknownType, match=str(code)):
         decode_message(code, b"")
@@ -337,3 +340,13 @@ def test_write_accepts_byte_views_but_not_wide_ones() -> None:
     )
     with pytest.raises(TypeError, match="flat byte view"):
         Write(0, 0, memoryview(array.array("I", [1, 2])))
+
+
+def test_resync_query_layout_and_limits() -> None:
+    assert ResyncQuery(2, 7, 3).encode() == struct.pack("<HQI", 2, 7, 3)
+    with pytest.raises(ValueError, match="at least one block"):
+        ResyncQuery(0, 0, 0)
+    with pytest.raises(ValueError, match="overflow u64"):
+        ResyncQuery(0, U64, 2)
+    with pytest.raises(MalformedMessage, match="at least one block"):
+        decode_message(MessageType.RESYNC_QUERY, struct.pack("<HQI", 0, 0, 0))

@@ -1,0 +1,154 @@
+"""Replication settings: limits of the engine, the per-VM write mode, the key rule.
+
+The mode decides when a primary write completes (DESIGN.md invariant 6):
+
+* ``async`` (the default, COLO): once it is on the primary disk. The
+  secondary catches up behind; a checkpoint waits for it.
+* ``sync`` (DRBD protocol C): once the secondary acknowledged that it applied
+  the write durably. While the secondary is not connected (or is being
+  resynchronised) sync writes complete locally instead of failing or
+  hanging, and the VM is reported ``degraded`` until the stream is back.
+
+The mode is kept in ``VM_DIR/repl.json`` so that it survives restarts on
+either host (after a failover the new primary keeps the VM's mode).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import trio
+
+from colofs.core.fileio import atomic_write
+from colofs.core.vm import VM
+from colofs.repl.errors import ReplConfigError
+from colofs.wire.frames import DEFAULT_MAX_RAW_LEN, DEFAULT_MAX_WIRE_LEN
+
+log = logging.getLogger(__name__)
+
+ASYNC = "async"
+SYNC = "sync"
+MODES = (ASYNC, SYNC)
+MODE_FILE = "repl.json"
+
+
+@dataclass(frozen=True)
+class ReplConfig:
+    """Limits and timings of the engine; the defaults suit a LAN between two hosts."""
+
+    batch_max_bytes: int = 4 << 20
+    """A batch carries whatever is queued, up to this many bytes of write data."""
+    batch_delay: float = 0.001
+    """While batches are in flight, a small batch waits this long for company."""
+    window: int = 16
+    """Batches sent and not yet acknowledged; the sender waits beyond that."""
+    max_inflight_bytes: int = 64 << 20
+    """While streaming, writers wait when this much written data is unacknowledged."""
+    max_backlog_bytes: int = 256 << 20
+    """Retained writes beyond this are dropped; catching up is then a dirty-block resync."""
+    max_write_bytes: int = 32 << 20
+    """A single write larger than this is not streamed but resynchronised as dirty blocks."""
+    resync_chunk_bytes: int = 4 << 20
+    """Blocks compared per RESYNC_QUERY, and most data per RESYNC_DATA frame."""
+    resync_window: int = 8
+    """RESYNC_QUERY frames outstanding at once."""
+    reconnect_min: float = 0.05
+    reconnect_max: float = 5.0
+    connect_timeout: float = 5.0
+    handshake_timeout: float = 10.0
+    ping_interval: float = 1.0
+    peer_timeout: float = 10.0
+    """No frame from the peer for this long drops the connection (then reconnect)."""
+    checkpoint_timeout: float = 30.0
+    dirty_save_interval: float = 2.0
+    """How often the dirty bitmap is made durable while it is what catching up relies on."""
+    scan_interval: float = 0.5
+    """How often the primary looks for VMs and disks created since it started."""
+    apply_merge_bytes: int = 16 << 20
+    """The secondary applies queued batches together (one group commit) up to this size."""
+    receive_queue: int = 64
+    """Decoded frames a secondary session holds before it stops reading the socket."""
+    max_disks_per_vm: int = 256
+    max_sessions: int = 256
+    """Connections a secondary serves at once; more are closed at accept."""
+    max_wire_len: int = DEFAULT_MAX_WIRE_LEN
+    max_raw_len: int = DEFAULT_MAX_RAW_LEN
+
+    def __post_init__(self) -> None:
+        for name in ("batch_max_bytes", "window", "max_inflight_bytes", "max_backlog_bytes",
+                     "resync_chunk_bytes", "resync_window", "receive_queue", "max_sessions"):
+            if getattr(self, name) <= 0:
+                raise ReplConfigError(f"replication setting {name} must be positive")
+        if self.batch_max_bytes + (1 << 20) > self.max_raw_len:
+            raise ReplConfigError("batch_max_bytes must leave room for headers below max_raw_len")
+        if self.max_write_bytes + 64 > self.max_raw_len:
+            raise ReplConfigError("max_write_bytes must fit in one frame (max_raw_len)")
+
+    @property
+    def effective_inflight(self) -> int:
+        """Unacknowledged bytes writers may run ahead; below the backlog bound so streaming never overflows it."""
+        return max(1, min(self.max_inflight_bytes, self.max_backlog_bytes // 2))
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ReplConfigError(f"replication mode must be one of {', '.join(MODES)}, not {mode!r}")
+    return mode
+
+
+def load_mode(vm: VM) -> str:
+    """The VM's persisted mode; ``async`` if none was set (or the file is unreadable, with a warning)."""
+    path = os.path.join(vm.path, MODE_FILE)
+    try:
+        with open(path, "rb") as f:
+            raw = json.loads(f.read())
+        return check_mode(raw["mode"])
+    except FileNotFoundError:
+        return ASYNC
+    except (ValueError, KeyError, TypeError, ReplConfigError) as e:
+        log.warning("VM %s: ignoring unreadable %s (%s); mode is %s", vm.name, path, e, ASYNC)
+        return ASYNC
+
+
+async def save_mode(vm: VM, mode: str) -> None:
+    """Persist the VM's mode atomically (temp file, fsync, rename)."""
+    check_mode(mode)
+    body = json.dumps({"format": 1, "mode": mode}, sort_keys=True).encode() + b"\n"
+    await trio.to_thread.run_sync(atomic_write, os.path.join(vm.path, MODE_FILE), body)
+
+
+def _is_loopback_literal(host: str) -> bool | None:
+    if host in ("localhost", "localhost.", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return None
+
+
+async def require_key_or_loopback(host: str, key: bytes | None, what: str) -> None:
+    """Without a shared key, only loopback endpoints are allowed (nothing would authenticate the peer).
+
+    ``what`` names the option in the error ("--listen", "--peer"). A host
+    name is resolved and every address it has must be loopback.
+    """
+    if key is not None:
+        return
+    verdict = _is_loopback_literal(host)
+    if verdict is None:
+        try:
+            infos = await trio.socket.getaddrinfo(host, None)
+        except OSError as e:
+            raise ReplConfigError(f"{what} {host}: cannot resolve ({e})") from None
+        verdict = bool(infos) and all(
+            ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos
+        )
+    if not verdict:
+        raise ReplConfigError(
+            f"{what} {host}: refusing to replicate over a non-loopback address without a shared key; "
+            f"give --key-file (the same key file on both hosts)"
+        )

@@ -1,0 +1,125 @@
+"""Opening a replication connection: transport, then identity (and proof of the key).
+
+With a shared key both sides run :func:`colofs.wire.authenticate` (mutual
+HMAC challenge, reflection refused) and announce :data:`FEATURE_KEYED` in
+HELLO. Without a key they only exchange HELLOs; a keyless node meeting a
+keyed one refuses it with ``AUTH_FAILED``, so a configuration mismatch is
+reported on both sides instead of silently running unauthenticated.
+
+The byte stream is whatever :func:`wrap_transport` returns: the TCP stream
+today; a ``trio.SSLStream`` around it is the place to add TLS (framing,
+handshake and sessions only need a ``trio.abc.Stream``).
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import trio
+
+from colofs.wire.auth import PROTO_VERSION, NonceRegistry, authenticate
+from colofs.wire.errors import (
+    AuthError,
+    BadVersion,
+    ConnectionClosed,
+    ProtocolError,
+    ReflectedChallenge,
+    TruncatedFrame,
+    UnexpectedMessage,
+    WrongKey,
+)
+from colofs.wire.messages import NONCE_LEN, Error, ErrorCode, Hello, Role
+from colofs.wire.stream import FrameStream
+
+FEATURE_KEYED = 0x1
+
+
+async def wrap_transport(stream: trio.abc.Stream, *, server_side: bool) -> trio.abc.Stream:
+    """The stream frames travel on; the hook for TLS (``trio.SSLStream``)."""
+    return stream
+
+
+async def refuse(fs: FrameStream, code: int, text: str) -> None:
+    """Tell the peer why we close (best effort, briefly)."""
+    with trio.move_on_after(1.0):
+        try:
+            await fs.send(Error(code, text))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ProtocolError):
+            pass
+
+
+async def handshake(
+    fs: FrameStream,
+    key: bytes | None,
+    node_id: str,
+    role: Role,
+    *,
+    initiator: bool,
+    nonces: NonceRegistry | None,
+    timeout: float,
+) -> Hello:
+    """Run the opening exchange and check that the peer has the other role; returns its HELLO."""
+    if key is not None:
+        peer = await authenticate(
+            fs, key, node_id, role, initiator=initiator, features=FEATURE_KEYED,
+            timeout=timeout, nonces=nonces,
+        )
+    else:
+        try:
+            with trio.fail_after(timeout):
+                peer = await _plain_hello(fs, node_id, role, initiator=initiator)
+        except trio.TooSlowError:
+            raise AuthError(f"handshake timed out after {timeout:g} s") from None
+    want = Role.SECONDARY if role == Role.PRIMARY else Role.PRIMARY
+    if peer.role != want:
+        text = (f"peer {peer.node_id!r} announces role {Role(peer.role).name.lower()}, "
+                f"a {role.name.lower()} only talks to a {want.name.lower()}")
+        await refuse(fs, ErrorCode.HANDSHAKE_REFUSED, text)
+        raise AuthError(text)
+    return peer
+
+
+async def _plain_hello(fs: FrameStream, node_id: str, role: Role, *, initiator: bool) -> Hello:
+    own = Hello(PROTO_VERSION, node_id, role, secrets.token_bytes(NONCE_LEN), 0)
+    if initiator:
+        await fs.send(own)
+    peer = await _expect_hello(fs)
+    exc: ProtocolError | None = None
+    code = ErrorCode.HANDSHAKE_REFUSED
+    if peer.proto != PROTO_VERSION:
+        exc = BadVersion(f"peer {peer.node_id!r} speaks colofs protocol {peer.proto}, this node {PROTO_VERSION}")
+    elif peer.features & FEATURE_KEYED:
+        code = ErrorCode.AUTH_FAILED
+        exc = WrongKey(
+            f"peer {peer.node_id!r} authenticates with a shared key but this node has none "
+            f"(give both nodes the same --key-file)"
+        )
+    elif peer.node_id == node_id:
+        exc = ReflectedChallenge(f"peer claims our own node id {node_id!r}")
+    if exc is not None:
+        await refuse(fs, code, str(exc))
+        raise exc
+    if not initiator:
+        await fs.send(own)
+    return peer
+
+
+async def _expect_hello(fs: FrameStream) -> Hello:
+    try:
+        msg = await fs.receive()
+    except (ConnectionClosed, TruncatedFrame) as exc:
+        raise type(exc)(f"{exc} during the handshake (waiting for HELLO)") from None
+    except ProtocolError as exc:
+        await refuse(fs, ErrorCode.PROTOCOL_ERROR, str(exc))
+        raise
+    if isinstance(msg, Hello):
+        return msg
+    if isinstance(msg, Error):
+        if msg.code == ErrorCode.AUTH_FAILED:
+            raise WrongKey(f"peer refused the handshake: {msg.message}")
+        raise AuthError(f"peer refused the handshake (error {msg.code}: {msg.message})")
+    exc = UnexpectedMessage(
+        f"expected HELLO, got {msg.TYPE.name}; nothing is accepted before the handshake completes"
+    )
+    await refuse(fs, ErrorCode.HANDSHAKE_REFUSED, str(exc))
+    raise exc

@@ -1,0 +1,74 @@
+"""async (COLO) and sync (protocol C) writes, the degraded state, and the persisted mode."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from colofs.repl import ReplConfigError, load_mode
+from tests.repl.conftest import wait_until
+
+SIZE = 256 << 10
+
+
+async def test_sync_waits_for_the_secondary_async_does_not(pair, repl_errors) -> None:
+    await pair.open_stores()
+    await pair.primary.create_disk("vm", "d0", SIZE)
+    await pair.start_secondary()
+    proxy = await pair.start_proxy()
+    await pair.start_primary(peer_port=proxy.port)
+    await pair.caught_up()
+    pvm = pair.primary.vm("vm")
+    link = pair.link()
+    assert pair.repl.mode("vm") == "async"
+
+    proxy.hold_down = True  # acknowledgements stop reaching the primary
+    with trio.fail_after(1):
+        await pvm.disk("d0").write(0, b"async")
+    assert link.acked < pvm.state.last_applied
+
+    await pair.repl.set_mode("vm", "sync")
+    done = trio.Event()
+
+    async def sync_write() -> None:
+        await pvm.disk("d0").write(4096, b"sync")
+        done.set()
+
+    pair.nursery.start_soon(sync_write)
+    await trio.sleep(0.3)
+    assert not done.is_set(), "a sync write completed before the secondary acknowledged it"
+    seq = pvm.state.last_applied
+    assert bytes(await pvm.disk("d0").read(4096, 4)) == b"sync"  # on the primary disk already
+    proxy.release()
+    with trio.fail_after(3):
+        await done.wait()
+    assert link.acked >= seq
+    assert pair.secondary.vm("vm").state.last_applied >= seq
+    assert pair.repl.status("vm")["degraded"] is False
+
+    # The secondary goes away: sync writes complete locally and the VM is reported degraded.
+    await pair.stop_secondary()
+    proxy.cut_all()
+    await wait_until(lambda: link.state != "streaming", what="the link to drop")
+    with trio.fail_after(2):
+        for i in range(10):
+            await pvm.disk("d0").write(i * 4096, b"degraded")
+    st = pair.repl.status("vm")
+    assert st["degraded"] is True and st["sync_degraded_writes"] >= 10 and st["mode"] == "sync"
+    assert not repl_errors()
+
+
+async def test_mode_is_persisted_and_validated(pair) -> None:
+    await pair.open_stores()
+    await pair.primary.create_disk("vm", "d0", SIZE)
+    await pair.start_secondary()
+    await pair.start_primary()
+    with pytest.raises(ReplConfigError, match="one of async, sync"):
+        await pair.repl.set_mode("vm", "full")
+    await pair.repl.set_mode("vm", "sync")
+    assert load_mode(pair.primary.vm("vm")) == "sync"
+    await pair.stop_primary()
+    await pair.start_primary()
+    assert pair.repl.mode("vm") == "sync" and pair.link().mode == "sync"
+    await pair.repl.set_mode("vm", "async")
+    assert load_mode(pair.primary.vm("vm")) == "async"
