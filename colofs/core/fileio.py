@@ -22,6 +22,7 @@ requests 30 µs. So:
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -92,6 +93,9 @@ class ReadPolicy:
 
 
 # COLOFS_SMALL_READS=loop|thread pins the policy (for slow or network-backed stores, or tests).
+# Descriptors whose file system refused RWF_NOWAIT; their large reads go straight to a thread.
+_NO_NOWAIT: set[int] = set()
+
 READS = ReadPolicy(os.environ.get("COLOFS_SMALL_READS", "auto"))
 
 
@@ -106,10 +110,16 @@ async def read_into(fd: int, buf: memoryview, offset: int) -> None:
         else:
             await trio.to_thread.run_sync(_pread_full, fd, buf, offset, limiter=IO_LIMITER)
         return
-    try:
-        n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
-    except BlockingIOError:
-        n = 0
+    n = 0
+    if fd not in _NO_NOWAIT:
+        try:
+            n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            _NO_NOWAIT.add(fd)  # tmpfs, FUSE, NFS: this file system cannot say "would block"
     if n < size:
         await trio.to_thread.run_sync(_pread_full, fd, buf[n:], offset + n, limiter=IO_LIMITER)
 

@@ -72,8 +72,10 @@ class DiskState:
         snaps = {name: SnapshotState(**v) for name, v in raw.pop("snapshots", {}).items()}
         ds = cls(**raw, snapshots=snaps)
         for name, sn in snaps.items():
-            if sn.kind not in (SNAPSHOT, CLONE) or (sn.base is not None and sn.base not in snaps):
-                raise ValueError(f"snapshot {name} is inconsistent")
+            if sn.kind not in (SNAPSHOT, CLONE):
+                raise ValueError(f"snapshot {name} has kind {sn.kind!r}")
+            if sn.base is not None and (sn.base not in snaps or snaps[sn.base].kind != SNAPSHOT):
+                raise ValueError(f"clone {name} is built on {sn.base!r}, which is not a snapshot")
         return ds
 
 

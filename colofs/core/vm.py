@@ -625,6 +625,10 @@ class VM:
         d = self.disk(disk)
         async with self._failover_lock, self._apply_lock:
             base = self._snapshot_of(d, from_snapshot)
+            if base.state.kind != SNAPSHOT:
+                raise BadArgument(
+                    f"{base.label} is a clone; clone a snapshot (take one of the clone's disk first)"
+                )
             if name in d.snapshots:
                 raise AlreadyExists(f"{d.label}: a snapshot or clone named {name!r} already exists")
             overlay = BlockLog.create(overlay_path(d.path, name), d.block_size, 0, mutable=True, label=f"{d.label}@{name}")
@@ -655,6 +659,9 @@ class VM:
             if name in d.snapshots:
                 raise AlreadyExists(f"{d.label}: a snapshot or clone named {name!r} already exists")
         async with self._failover_lock, self._apply_lock:
+            for d in targets:  # again: another creation may have taken the name while we waited
+                if name in d.snapshots:
+                    raise AlreadyExists(f"{d.label}: a snapshot or clone named {name!r} already exists")
             st = self.state
             secondary = st.role == SECONDARY
             seq = st.last_checkpoint if secondary else st.last_applied

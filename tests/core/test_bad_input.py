@@ -270,3 +270,38 @@ async def test_torn_tail_after_crash_is_dropped(open_store) -> None:
     finally:
         store2.abandon()
     del disk
+
+
+async def test_clone_of_a_clone_is_refused(open_store) -> None:
+    store = await make(open_store)
+    vm = store.vm("vm")
+    await vm.clone("disk0", "c1")
+    with pytest.raises(BadArgument, match="vm/disk0@c1 is a clone; clone a snapshot"):
+        await vm.clone("disk0", "c2", from_snapshot="c1")
+    with pytest.raises(NotFound, match="no snapshot or clone 'nope'"):
+        await vm.clone("disk0", "c3", from_snapshot="nope")
+
+
+async def test_concurrent_snapshots_of_one_name(open_store) -> None:
+    """Two creations racing for one name: one wins, the other is refused, the winner's log intact."""
+    import trio
+
+    store = await make(open_store, role="primary")
+    vm = store.vm("vm")
+    disk = store.disk("vm", "disk0")
+    await disk.write(0, b"before" * 100)
+    results: list[str] = []
+
+    async def take() -> None:
+        try:
+            await vm.snapshot("s", ["disk0"])
+            results.append("ok")
+        except AlreadyExists:
+            results.append("refused")
+
+    async with trio.open_nursery() as n:
+        n.start_soon(take)
+        n.start_soon(take)
+    assert sorted(results) == ["ok", "refused"]
+    await disk.write(0, b"after!" * 100)
+    assert bytes(await disk.snapshots["s"].read(0, 600)) == b"before" * 100
