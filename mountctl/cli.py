@@ -14,9 +14,9 @@ import sys
 from typing import Any
 
 from colofs.fs.config import ConfigError, add_mount_arguments, config_from_args
-from mountctl.client import CtlError, command, expect, resolve
+from mountctl.client import CtlError, Target, command, expect, query, remove, resolve
 from mountctl.mounting import preflight, start_daemon, unmount
-from mountctl.render import render_disk, render_root, render_vm
+from mountctl.render import render_disk, render_root, render_snapshot, render_vm
 from mountctl.units import human_bytes, human_seconds, parse_size
 
 
@@ -103,6 +103,8 @@ def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         disk_name = disk_name.removesuffix(".raw") or None
         if vm_name not in st["vms"]:
             raise CtlError(f"no VM {vm_name!r} in the colofs mount at {st['mountpoint']}")
+        if disk_name is not None and "@" in disk_name:
+            return _snapshot_status(st, args.what, args.json)
         if disk_name is not None and disk_name not in st["vms"][vm_name]["disks"]:
             raise CtlError(f"no disk {disk_name!r} in VM {vm_name!r} (mount {st['mountpoint']})")
     if args.json:
@@ -122,6 +124,18 @@ def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         print("\n".join(render_vm(st["vms"][vm_name])))
     else:
         print("\n".join(render_root(st)))
+    return 0
+
+
+def _snapshot_status(st: dict[str, Any], what: str, as_json: bool) -> int:
+    """``mountctl status MOUNTPOINT VM/DISK@NAME``: ask the snapshot's own file."""
+    vm_name, _, file_name = what.partition("/")
+    path = os.path.join(st["mountpoint"], vm_name, file_name.removesuffix(".raw") + ".raw")
+    target = resolve(path)
+    if as_json:
+        print(json.dumps(target.status, indent=2, sort_keys=True))
+    else:
+        print(f"{vm_name}/{render_snapshot(target.status)}")
     return 0
 
 
@@ -155,6 +169,103 @@ def cmd_failover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         f"took {human_seconds(float(res.get('seconds', 0)))}"
     )
     return 0
+
+
+def _node(path: str) -> Target:
+    """``MOUNTPOINT/VM``, ``MOUNTPOINT/VM/DISK`` or ``MOUNTPOINT/VM/DISK[@NAME].raw``: what it names."""
+    path = path.rstrip("/") or "/"
+    if not path.endswith(".raw") and not os.path.lexists(path):
+        path += ".raw"  # MOUNTPOINT/VM/DISK names the disk file
+    return resolve(path)
+
+
+def _snapshot_file(disk: Target, name: str) -> str:
+    return os.path.join(os.path.dirname(disk.path), f"{disk.status['disk']}@{name}.raw")
+
+
+def _report(args: argparse.Namespace, res: dict[str, Any], text: str) -> int:
+    """Print the daemon's outcome as JSON with ``--json``, else the line for people."""
+    print(json.dumps(res, indent=2, sort_keys=True) if args.json else text)
+    return 0
+
+
+def _need_name(name: str | None, parser: argparse.ArgumentParser, what: str) -> str:
+    """The NAME argument, a usage error without it (the daemon checks what it may be)."""
+    if not name:
+        parser.error(f"{what} needs a NAME")
+    return name
+
+
+def cmd_snapshot(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Take (one disk, or ``--vm``: all at one instant), list or delete snapshots; one xattr call each."""
+    if args.list and args.delete:
+        parser.error("--list and --delete exclude each other")
+    if args.list:
+        if args.name is not None:
+            parser.error("--list takes no NAME")
+        return _list_snapshots(args.path, args.json)
+    name = _need_name(args.name, parser, "--delete" if args.delete else "snapshot")
+    target = _node(args.path)
+    if args.delete:
+        if args.vm:
+            parser.error("--delete works on one disk: MOUNTPOINT/VM/DISK NAME")
+        disk = expect(target, "disk", "give MOUNTPOINT/VM/DISK and the snapshot's NAME")
+        path = _snapshot_file(disk, name)
+        snap = resolve(path)  # a clear message if there is no such snapshot
+        res = remove(path, "snapshot")
+        return _report(args, res, f"deleted {snap.kind} {name} of {disk.status['vm']}/{disk.status['disk']} "
+                                  f"({os.path.basename(path)}): {human_bytes(int(res.get('freed_bytes', 0)))} freed")
+    if args.vm:
+        vm = expect(target, "vm", "--vm snapshots every disk of a VM: give MOUNTPOINT/VM")
+        res = command(vm.path, "snapshot", name)
+        return _report(args, res, f"snapshot {name} of VM {res.get('vm')} ({', '.join(res.get('disks', []))}) "
+                                  f"at one instant: {', '.join(res.get('files', []))}; seq {res.get('seq')} "
+                                  f"({res.get('role')}); took {human_seconds(float(res.get('seconds', 0)))}")
+    if target.kind == "vm":
+        raise CtlError(f"{target.path} is a VM directory; give a disk (MOUNTPOINT/VM/DISK), "
+                       "or --vm to snapshot all its disks at one instant")
+    disk = expect(target, "disk", "give a disk: MOUNTPOINT/VM/DISK")
+    res = command(disk.path, "snapshot", name)
+    return _report(args, res, f"snapshot {name} of {res.get('vm')}/{disk.status['disk']}: "
+                              f"{os.path.join(os.path.dirname(disk.path), res.get('files', ['?'])[0])}; "
+                              f"seq {res.get('seq')} ({res.get('role')}); "
+                              f"took {human_seconds(float(res.get('seconds', 0)))}")
+
+
+def _list_snapshots(path: str, as_json: bool) -> int:
+    """``user.colofs.snapshots`` of a VM directory or disk file, as JSON or one line each."""
+    target = _node(path)
+    if target.kind not in ("vm", "disk"):
+        expect(target, "disk", "give MOUNTPOINT/VM or MOUNTPOINT/VM/DISK")
+    snaps = query(target.path, "snapshots")
+    if as_json:
+        print(json.dumps(snaps, indent=2, sort_keys=True))
+        return 0
+    where = target.status["vm"] + ("" if target.kind == "vm" else f"/{target.status['disk']}")
+    if not snaps:
+        print(f"{where}: no snapshots or clones")
+    for snap in snaps:
+        print(f"{target.status['vm']}/{render_snapshot(snap)}")
+    return 0
+
+
+def cmd_clone(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """A writable clone of the disk now, or of a snapshot (``--from``, or a snapshot file as PATH)."""
+    target = _node(args.path)
+    if target.kind == "snapshot":
+        if args.source:
+            parser.error("--from names a snapshot of the disk; give the disk, or the snapshot file without --from")
+        source = target
+    else:
+        disk = expect(target, "disk", "give a disk (MOUNTPOINT/VM/DISK) or a snapshot file")
+        source = resolve(_snapshot_file(disk, args.source)) if args.source else disk
+        if args.source:
+            expect(source, "snapshot", "--from must name a read-only snapshot")
+    res = command(source.path, "clone", args.name)
+    what = f"snapshot {res.get('base')}" if res.get("base") else f"the disk (seq {res.get('seq')})"
+    return _report(args, res, f"clone {args.name} of {res.get('vm')}/{res.get('disk')} from {what}: "
+                              f"{os.path.join(os.path.dirname(source.path), str(res.get('file')))} (writable); "
+                              f"took {human_seconds(float(res.get('seconds', 0)))}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +313,26 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("failover", help="make this host's copy of a VM the primary")
     f.add_argument("vm_dir", metavar="MOUNTPOINT/VM")
     f.set_defaults(func=cmd_failover)
+
+    sn = sub.add_parser(
+        "snapshot", help="take, list or delete read-only snapshots (files VM/DISK@NAME.raw)",
+        description="Take a read-only snapshot of a disk (on a secondary: of the last checkpoint), "
+                    "of every disk of a VM at one instant (--vm), list them (--list) or delete one (--delete).",
+    )
+    sn.add_argument("path", metavar="MOUNTPOINT/VM[/DISK]")
+    sn.add_argument("name", nargs="?", metavar="NAME", help="snapshot name (letters, digits, '.', '_', '-')")
+    sn.add_argument("--vm", action="store_true", help="snapshot every disk of the VM at one instant")
+    sn.add_argument("--list", action="store_true", help="list the snapshots and clones of a VM or disk")
+    sn.add_argument("--delete", action="store_true", help="delete snapshot (or clone) NAME of the disk")
+    sn.add_argument("--json", action="store_true", help="machine-readable output (the list, or the outcome)")
+    sn.set_defaults(func=cmd_snapshot)
+
+    cl = sub.add_parser("clone", help="make a writable clone VM/DISK@NAME.raw of a disk or of a snapshot")
+    cl.add_argument("path", metavar="MOUNTPOINT/VM/DISK")
+    cl.add_argument("name", metavar="NAME", help="clone name (letters, digits, '.', '_', '-')")
+    cl.add_argument("--from", dest="source", metavar="SNAPSHOT", help="clone this snapshot of the disk")
+    cl.add_argument("--json", action="store_true", help="machine-readable output (the daemon's outcome)")
+    cl.set_defaults(func=cmd_clone)
     return p
 
 

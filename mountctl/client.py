@@ -1,9 +1,9 @@
 """Talking to a mounted colofs through its ``user.colofs.*`` extended attributes.
 
-Every command but mount and umount is one ``setxattr`` or ``getxattr`` on a
-path of the mount. A failed ``setxattr`` carries only an errno; the daemon
-keeps the message for the calling process, which reads it back from
-``user.colofs.last_error``.
+Every command but mount and umount is one ``setxattr``, ``getxattr`` or
+``removexattr`` on a path of the mount. A failed call carries only an errno;
+the daemon keeps the message for the calling process, which reads it back
+from ``user.colofs.last_error``.
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ def _not_found(path: str) -> CtlError:
         return CtlError(f"no VM {name!r} in the colofs mount at {parent}")
     if st.get("kind") == "vm":
         disk = name[:-4] if name.endswith(".raw") else name
+        disk, sep, snap = disk.partition("@")
+        if sep:
+            return CtlError(f"no snapshot or clone {snap!r} of disk {disk!r} in VM {st.get('vm')!r} "
+                            f"(mount {st.get('mountpoint')})")
         return CtlError(f"no disk {disk!r} in VM {st.get('vm')!r} (mount {st.get('mountpoint')})")
     return CtlError(f"{path}: no such file or directory")
 
@@ -75,9 +79,24 @@ def resolve(path: str) -> Target:
 def expect(target: Target, kind: str, hint: str) -> Target:
     if target.kind != kind:
         what = {"root": "the root of a colofs mount", "vm": "a VM directory", "disk": "a disk file",
-                "pending": "a pending file"}.get(target.kind, target.kind)
+                "pending": "a pending file", "snapshot": "a snapshot file",
+                "clone": "a clone file"}.get(target.kind, target.kind)
         raise CtlError(f"{target.path} is {what}; {hint}")
     return target
+
+
+def _last_error(path: str) -> str:
+    try:
+        return os.getxattr(path, PREFIX + "last_error").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _last_result(path: str) -> dict[str, Any]:
+    try:
+        return json.loads(os.getxattr(path, PREFIX + "last_result"))
+    except (OSError, ValueError):
+        return {}
 
 
 def command(path: str, name: str, value: bytes | str) -> dict[str, Any]:
@@ -86,13 +105,27 @@ def command(path: str, name: str, value: bytes | str) -> dict[str, Any]:
     try:
         os.setxattr(path, PREFIX + name, data)
     except OSError as e:
-        message = ""
-        try:
-            message = os.getxattr(path, PREFIX + "last_error").decode(errors="replace").strip()
-        except OSError:
-            pass
-        raise CtlError(message or f"{path}: {name} failed: {e.strerror}") from None
+        raise CtlError(_last_error(path) or f"{path}: {name} failed: {e.strerror}") from None
+    return _last_result(path)
+
+
+def remove(path: str, name: str) -> dict[str, Any]:
+    """Remove a control attribute (deletes a snapshot); returns the outcome or raises :class:`CtlError`."""
     try:
-        return json.loads(os.getxattr(path, PREFIX + "last_result"))
-    except (OSError, ValueError):
-        return {}
+        os.removexattr(path, PREFIX + name)
+    except OSError as e:
+        raise CtlError(_last_error(path) or f"{path}: removing {name} failed: {e.strerror}") from None
+    # The file is gone now; the outcome is kept per process, readable anywhere on the mount.
+    return _last_result(os.path.dirname(path))
+
+
+def query(path: str, name: str) -> Any:
+    """The JSON value of a readable attribute."""
+    try:
+        raw = os.getxattr(path, PREFIX + name)
+    except OSError as e:
+        raise CtlError(f"{path}: reading {name} failed: {e.strerror}") from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise CtlError(f"{path}: the daemon answered {name} that is not JSON") from None

@@ -25,7 +25,27 @@ def render_disk(name: str, d: dict[str, Any], indent: str = "  ") -> list[str]:
     )
     if d.get("io_errors"):
         line += f" io-errors:{d['io_errors']}"
-    return [line]
+    lines = [line]
+    for snap in d.get("snapshots") or []:
+        lines.append(f"{indent}  {render_snapshot(snap)}")
+    return lines
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def render_snapshot(s: dict[str, Any]) -> str:
+    """One snapshot or clone: ``snapshot:NAME created:... seq:N used:X``."""
+    line = f"{s['kind']}:{s['name']}"
+    if s.get("base"):
+        line += f" of:{s['base']}"
+    line += f" created:{_when(float(s['created']))} seq:{s['seq']} used:{human_bytes(int(s['bytes']))}"
+    if s.get("file"):
+        line += f" file:{s['file']}"
+    if s.get("open_handles"):
+        line += f" open:{s['open_handles']}"
+    return line
 
 
 def render_vm(vm: dict[str, Any]) -> list[str]:

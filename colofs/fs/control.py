@@ -1,8 +1,9 @@
 """The control plane: extended attributes ``user.colofs.*`` on the mount.
 
 Reading an attribute answers a question (status as JSON); writing one runs a
-command (checkpoint, failover, create, import). ``mountctl`` is a thin client
-over exactly these names, and ``getfattr``/``setfattr`` work as well.
+command (checkpoint, failover, create, import, snapshot, clone); removing
+``snapshot`` from a snapshot's own file deletes it. ``mountctl`` is a thin
+client over exactly these names, and ``getfattr``/``setfattr`` work as well.
 
 ====================  =========================  ====================================
 name                  on                         meaning
@@ -13,14 +14,19 @@ name                  on                         meaning
 ``import``            root                       set: JSON ``{"vm","disk","source"[,"size","block_size"]}``
 ``checkpoint``        VM dir                     set: checkpoint (value: empty, or the seq)
 ``failover``          VM dir                     set: fail over to this host (value ignored)
+``snapshot``          disk file, VM dir          set: NAME: snapshot the disk (all disks at once)
+``snapshot``          snapshot or clone file     get: its name; remove: delete it
+``clone``             disk file, snapshot file   set: NAME: writable clone of the disk / snapshot
+``clone``             clone file                 remove: delete it (like ``snapshot``)
+``snapshots``         disk file, VM dir          get: JSON list of the snapshots and clones
 ``block_size``        pending file               get/set: block size of the disk to be
 ``last_error``        everywhere                 get: message of the caller's last failed set, or empty
 ``last_result``       everywhere                 get: JSON outcome of the caller's last set
 ====================  =========================  ====================================
 
-A failed write answers with an errno only, so the daemon keeps the message
-(and a JSON outcome) per calling process id: the client that just failed
-reads ``last_error`` and prints what went wrong. Unknown names read as
+A failed write (or removal) answers with an errno only, so the daemon keeps
+the message (and a JSON outcome) per calling process id: the client that just
+failed reads ``last_error`` and prints what went wrong. Unknown names read as
 ``ENOATTR``; writing an unknown ``user.*`` name fails with ``EINVAL`` and a
 name outside ``user.`` with ``EOPNOTSUPP`` (so ``cp -a`` skips it quietly).
 No handler ever answers ``ENOSYS``: the kernel would stop asking for the rest
@@ -50,8 +56,9 @@ from colofs.core.store import Store
 from colofs.core.vm import VM
 from colofs.fs.config import MountConfig
 from colofs.fs.errnos import errno_for
-from colofs.fs.inodes import DISK_SUFFIX, InodeTable, Kind, Node
+from colofs.fs.inodes import DISK_SUFFIX, SNAP_KINDS, InodeTable, Kind, Node
 from colofs.fs.pagecache import PageCache
+from colofs.fs.snapshots import SnapshotControl
 
 log = logging.getLogger(__name__)
 
@@ -77,19 +84,40 @@ FAILOVER = "failover"
 BLOCK_SIZE = "block_size"
 LAST_ERROR = "last_error"
 LAST_RESULT = "last_result"
+SNAPSHOT = "snapshot"
+CLONE = "clone"
+SNAPSHOTS = "snapshots"
+DELETE = "delete"  # the op name outcomes of a removal carry
 
 # Names that can be read, per kind of node (listxattr lists these).
 READABLE: dict[Kind, tuple[str, ...]] = {
     Kind.ROOT: (STATUS, VERSION, LAST_ERROR, LAST_RESULT),
-    Kind.VM: (STATUS, LAST_ERROR, LAST_RESULT),
-    Kind.DISK: (STATUS, LAST_ERROR, LAST_RESULT),
+    Kind.VM: (STATUS, SNAPSHOTS, LAST_ERROR, LAST_RESULT),
+    Kind.DISK: (STATUS, SNAPSHOTS, LAST_ERROR, LAST_RESULT),
     Kind.PENDING: (STATUS, BLOCK_SIZE, LAST_ERROR, LAST_RESULT),
+    Kind.SNAPSHOT: (STATUS, SNAPSHOT, LAST_ERROR, LAST_RESULT),
+    Kind.CLONE: (STATUS, SNAPSHOT, LAST_ERROR, LAST_RESULT),
 }
 WRITABLE: dict[Kind, tuple[str, ...]] = {
     Kind.ROOT: (CREATE, IMPORT),
-    Kind.VM: (CHECKPOINT, FAILOVER),
-    Kind.DISK: (),
+    Kind.VM: (CHECKPOINT, FAILOVER, SNAPSHOT),
+    Kind.DISK: (SNAPSHOT, CLONE),
     Kind.PENDING: (BLOCK_SIZE,),
+    Kind.SNAPSHOT: (CLONE,),
+    Kind.CLONE: (),
+}
+# Names whose removal runs a command: deleting the snapshot or clone itself.
+REMOVABLE: dict[Kind, tuple[str, ...]] = {
+    Kind.SNAPSHOT: (SNAPSHOT,),
+    Kind.CLONE: (SNAPSHOT, CLONE),
+}
+# What to say when a name cannot be set on a node, where the generic message is not enough.
+HINTS: dict[tuple[Kind, str], str] = {
+    (Kind.CLONE, CLONE): "a clone cannot be cloned; clone the snapshot it was made from, or snapshot the disk",
+    (Kind.CLONE, SNAPSHOT): "a clone cannot be snapshotted; snapshot the disk, or clone a snapshot",
+    (Kind.SNAPSHOT, SNAPSHOT): "this file is already a snapshot; to clone it set user.colofs.clone, "
+                               "to delete it remove user.colofs.snapshot (setfattr -x)",
+    (Kind.ROOT, SNAPSHOT): "snapshot a disk file (VM/DISK.raw) or a VM directory",
 }
 
 MAX_OUTCOMES = 256  # callers whose last outcome is kept
@@ -170,6 +198,7 @@ class Control:
         self.outcomes = Outcomes()
         self.last_ops: dict[str, dict[str, Any]] = {}  # VM -> its last checkpoint/failover
         self.io_errors: dict[str, int] = {}  # "VM/DISK" -> I/O errors answered since the mount
+        self.snapshots = SnapshotControl(store, inodes, cache)
 
     # -- the xattr handlers -------------------------------------------------------
 
@@ -188,6 +217,11 @@ class Control:
             return f"colofs {COLOFS_VERSION} control {CONTROL_VERSION}\n".encode()
         if key == BLOCK_SIZE:
             return f"{node.block_size}\n".encode()
+        if key == SNAPSHOTS:
+            # Compact: an xattr value is at most 64 KiB, a few hundred snapshots per disk.
+            return (json.dumps(self.snapshots.listing(node), sort_keys=True, separators=(",", ":")) + "\n").encode()
+        if key == SNAPSHOT:
+            return self.inodes.snapshot(node).name.encode()
         outcome = self.outcomes.get(pid)
         if key == LAST_ERROR:
             return b"" if outcome is None or outcome["ok"] else outcome["error"].encode()
@@ -199,16 +233,22 @@ class Control:
         key = name[len(PREFIX) :].decode(errors="replace") if name.startswith(PREFIX) else ""
         if key not in WRITABLE[node.kind]:
             where = f"{node.kind.value} {node.label}"
+            hint = HINTS.get((node.kind, key))
             msg = (
                 f"{name.decode(errors='replace')} cannot be set on {where}"
+                + (f": {hint}" if hint else "")
                 + (f" (settable here: {', '.join(WRITABLE[node.kind])})" if WRITABLE[node.kind] else "")
             )
             self._fail(pid, key or name.decode(errors="replace"), node, errno.EINVAL, msg)
             raise pyfuse3.FUSEError(errno.EINVAL)
         op = self._ops()[key]
+        await self._run(pid, key, node, op(node, value))
+
+    async def _run(self, pid: int, key: str, node: Node, command: Awaitable[dict[str, Any]]) -> None:
+        """Run a command, recording its outcome for ``last_result``/``last_error``; failures become FUSEError."""
         started = time.monotonic()
         try:
-            result = await op(node, value)
+            result = await command
         except Exception as e:
             code = e.code if isinstance(e, Refused) else errno_for(e)
             if isinstance(e, Refused | BadArgument | AlreadyExists) or code != errno.EIO:
@@ -222,9 +262,16 @@ class Control:
         outcome.update(result)
         self.outcomes.record(pid, outcome)
 
-    async def remove(self, node: Node, name: bytes) -> None:
+    async def remove(self, node: Node, name: bytes, pid: int) -> None:
         key = name[len(PREFIX) :].decode(errors="replace") if name.startswith(PREFIX) else None
+        if key is not None and key in REMOVABLE.get(node.kind, ()):
+            await self._run(pid, DELETE, node, self.snapshots.delete(node))
+            return
         if key is not None and (key in READABLE[node.kind] or key in WRITABLE[node.kind]):
+            msg = f"{name.decode(errors='replace')} cannot be removed from {node.kind.value} {node.label}"
+            if key in (SNAPSHOT, CLONE) and node.kind in (Kind.DISK, Kind.VM):
+                msg += ": to delete snapshot NAME, remove the attribute on its own file, VM/DISK@NAME.raw"
+            self._fail(pid, key, node, errno.EPERM, msg)
             raise pyfuse3.FUSEError(errno.EPERM)
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
@@ -243,7 +290,14 @@ class Control:
             CHECKPOINT: self._checkpoint,
             FAILOVER: self._failover,
             BLOCK_SIZE: self._set_block_size,
+            SNAPSHOT: self._snapshot,
+            CLONE: self.snapshots.clone,
         }
+
+    async def _snapshot(self, node: Node, value: bytes) -> dict[str, Any]:
+        if node.kind is Kind.VM:
+            return await self.snapshots.snapshot_vm(node, value)
+        return await self.snapshots.snapshot_disk(node, value)
 
     # -- commands -------------------------------------------------------------------
 
@@ -360,6 +414,8 @@ class Control:
         if node.kind is Kind.PENDING:
             return {"kind": "pending", "vm": node.vm, "disk": node.disk, "size": 0, "block_size": node.block_size,
                     "note": "no disk yet: the first truncate to a non-zero size creates it"}
+        if node.kind in SNAP_KINDS:
+            return self.snapshots.status(node)
         vm = self.store.vm(node.vm)
         return {
             "kind": "disk", "vm": vm.name, "disk": node.disk, "role": vm.state.role,

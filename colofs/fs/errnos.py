@@ -10,6 +10,8 @@ Choices (documented in the README section):
 * a write that ends past the disk's size fails with ``EFBIG``;
 * resizing a disk (truncate to another size, ``O_TRUNC`` on a disk) fails
   with ``EPERM``; so do unlink, rename and other changes the layout forbids;
+* a snapshot in use (a clone built on it, an open file handle) cannot be
+  deleted: ``EBUSY``;
 * ``ENOSPC`` and ``EDQUOT`` from the store's file system pass through; every
   other failure of the store's file system becomes ``EIO``.
 """
@@ -27,6 +29,7 @@ from colofs.core.errors import (
     BadRange,
     ColofsError,
     DiskIOError,
+    InUse,
     InvalidName,
     NotFound,
     RoleError,
@@ -42,6 +45,7 @@ PASSTHROUGH = frozenset({errno.ENOSPC, errno.EDQUOT})
 _BY_CLASS: tuple[tuple[type[ColofsError], int], ...] = (
     (NotFound, errno.ENOENT),
     (AlreadyExists, errno.EEXIST),
+    (InUse, errno.EBUSY),
     (InvalidName, errno.EINVAL),
     (BadRange, errno.EINVAL),
     (BadArgument, errno.EINVAL),

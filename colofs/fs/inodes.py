@@ -1,15 +1,20 @@
 """The inode table: what each inode number of the mount stands for.
 
 The tree is fixed by the store: the root holds a directory per VM, a VM
-directory holds ``DISK.raw`` per disk. Besides disks, a VM directory can hold
-*pending* files: made by ``create(2)`` (``qemu-img create``, ``touch``), empty,
-kept in memory only, and turned into a disk by the first truncate to a
-non-zero size, which fixes the disk's size.
+directory holds ``DISK.raw`` per disk and ``DISK@NAME.raw`` per snapshot or
+clone of that disk (``@`` cannot occur in names, so the split is unambiguous).
+Besides these, a VM directory can hold *pending* files: made by ``create(2)``
+(``qemu-img create``, ``touch``), empty, kept in memory only, and turned into
+a disk by the first truncate to a non-zero size, which fixes the disk's size.
 
 Inode numbers are derived from names (a 63-bit hash), so a disk keeps its
 number across remounts and a pending file keeps its number when it becomes a
-disk. Times are set when a node is first seen and change only when the kernel
-sets them: reporting "now" would make the kernel drop its page cache.
+disk. A snapshot's number also covers its creation time: a snapshot deleted
+and made again under the same name is a new file, so nothing the kernel
+cached of the old one can show through. Times are set when a node is first
+seen (a snapshot's to its creation time, so they are the same after a
+remount) and change only when the kernel sets them: reporting "now" would
+make the kernel drop its page cache.
 """
 
 from __future__ import annotations
@@ -25,16 +30,20 @@ import pyfuse3
 import xxhash
 
 from colofs.core.disk import Disk
+from colofs.core.snapshot import Snapshot
+from colofs.core.state import CLONE
 from colofs.core.store import Store
 
 ROOT_INO: int = pyfuse3.ROOT_INODE
 DISK_SUFFIX = ".raw"
+SNAP_SEP = "@"
 DEFAULT_BLOCK_SIZE = 4096
 _INO_MASK = (1 << 63) - 1
 _FIRST_INO = 1 << 16  # numbers below are never derived from names
 
-# How long the kernel may trust what we tell it. Entries only ever appear
-# (disks and VMs cannot be removed), and a disk's size never changes.
+# How long the kernel may trust what we tell it. Disks and VMs cannot be
+# removed and a disk's size never changes; a deleted snapshot's entry is
+# invalidated explicitly.
 ENTRY_TIMEOUT = 300.0
 FILE_ATTR_TIMEOUT = 300.0
 DIR_ATTR_TIMEOUT = 1.0
@@ -45,11 +54,17 @@ class Kind(enum.Enum):
     VM = "vm"
     DISK = "disk"
     PENDING = "pending"
+    SNAPSHOT = "snapshot"  # read-only point-in-time image of a disk
+    CLONE = "clone"  # writable image with its own overlay
+
+
+FILE_KINDS = (Kind.DISK, Kind.PENDING, Kind.SNAPSHOT, Kind.CLONE)
+SNAP_KINDS = (Kind.SNAPSHOT, Kind.CLONE)
 
 
 @dataclass(eq=False, slots=True)
 class Node:
-    """One inode; ``vm`` and ``disk`` name it in the store."""
+    """One inode; ``vm``, ``disk`` and ``snap`` name it in the store."""
 
     ino: int
     kind: Kind
@@ -60,11 +75,18 @@ class Node:
     ctime_ns: int
     lookups: int = 0
     block_size: int = DEFAULT_BLOCK_SIZE  # of a pending file's future disk
-    linked: bool = True  # False once a pending file is unlinked
+    linked: bool = True  # False once a pending file is unlinked or a snapshot deleted
+    snap: str = ""  # the snapshot or clone name, for those kinds
+    created: float = 0.0  # a snapshot's creation time: tells a re-made snapshot from the old one
+    size: int = 0  # a snapshot's size, kept for the kernel's questions after deletion
+    open_handles: int = 0  # open file handles: a snapshot in use cannot be deleted
+    deleting: bool = False  # a deletion is under way: no new opens
 
     @property
     def name(self) -> str:
         """The node's name in its directory."""
+        if self.kind in SNAP_KINDS:
+            return f"{self.disk}{SNAP_SEP}{self.snap}{DISK_SUFFIX}"
         if self.kind in (Kind.DISK, Kind.PENDING):
             return self.disk + DISK_SUFFIX
         return self.vm
@@ -76,14 +98,27 @@ class Node:
             return "/"
         if self.kind is Kind.VM:
             return self.vm
+        if self.kind in SNAP_KINDS:
+            return f"{self.vm}/{self.disk}{SNAP_SEP}{self.snap}"
         return f"{self.vm}/{self.disk}"
 
 
 def disk_name(file_name: str) -> str | None:
-    """``DISK`` for a file name ``DISK.raw``, else None."""
+    """``DISK`` for a file name ``DISK.raw``, else None (also for ``DISK@NAME.raw``)."""
     if file_name.endswith(DISK_SUFFIX) and len(file_name) > len(DISK_SUFFIX):
-        return file_name[: -len(DISK_SUFFIX)]
+        stem = file_name[: -len(DISK_SUFFIX)]
+        return None if SNAP_SEP in stem else stem
     return None
+
+
+def snapshot_name(file_name: str) -> tuple[str, str] | None:
+    """``(DISK, NAME)`` for a file name ``DISK@NAME.raw``, else None."""
+    if not file_name.endswith(DISK_SUFFIX):
+        return None
+    disk, sep, snap = file_name[: -len(DISK_SUFFIX)].partition(SNAP_SEP)
+    if not sep or not disk or not snap:
+        return None
+    return disk, snap
 
 
 class InodeTable:
@@ -97,6 +132,7 @@ class InodeTable:
         self._nodes: dict[int, Node] = {}
         self._vms: dict[str, Node] = {}
         self._disks: dict[tuple[str, str], Node] = {}
+        self._snaps: dict[tuple[str, str, str], Node] = {}
         self.root = Node(ROOT_INO, Kind.ROOT, "", "", now, now, now)
         self._nodes[ROOT_INO] = self.root
 
@@ -114,6 +150,16 @@ class InodeTable:
         now = time.time_ns()
         key = f"{kind.value if kind is Kind.VM else 'disk'}\0{vm}\0{disk}"
         node = Node(self._new_ino(key), kind, vm, disk, now, now, now)
+        self._nodes[node.ino] = node
+        return node
+
+    def _add_snapshot(self, vm: str, disk: str, snap: Snapshot) -> Node:
+        created = snap.state.created
+        key = f"snapshot\0{vm}\0{disk}\0{snap.name}\0{created!r}"
+        born = int(created * 1e9)
+        kind = Kind.CLONE if snap.state.kind == CLONE else Kind.SNAPSHOT
+        node = Node(self._new_ino(key), kind, vm, disk, born, born, born,
+                    snap=snap.name, created=created, size=snap.size)
         self._nodes[node.ino] = node
         return node
 
@@ -141,16 +187,34 @@ class InodeTable:
                 node = self._disks[(vm, disk)] = self._add(Kind.DISK, vm, disk)
         return node
 
+    def snap_node(self, vm: str, disk: str, snap: str) -> Node | None:
+        """The node of a snapshot or clone, if the store has it."""
+        vm_obj = self.store.vms.get(vm)
+        disk_obj = vm_obj.disks.get(disk) if vm_obj is not None else None
+        core = disk_obj.snapshots.get(snap) if disk_obj is not None else None
+        key = (vm, disk, snap)
+        node = self._snaps.get(key)
+        if core is None:
+            return None
+        if node is None or node.created != core.state.created:
+            if node is not None:  # the old one is gone from the store
+                self._unlink_snapshot(node)
+            node = self._snaps[key] = self._add_snapshot(vm, disk, core)
+        return node
+
     def child(self, parent: Node, name: str) -> Node | None:
         if parent.kind is Kind.ROOT:
             return self.vm_node(name)
         if parent.kind is Kind.VM:
+            snap = snapshot_name(name)
+            if snap is not None:
+                return self.snap_node(parent.vm, *snap)
             disk = disk_name(name)
             return None if disk is None else self.disk_node(parent.vm, disk)
         return None
 
     def parent_of(self, node: Node) -> Node:
-        if node.kind in (Kind.DISK, Kind.PENDING):
+        if node.kind in FILE_KINDS:
             parent = self.vm_node(node.vm)
             if parent is not None:
                 return parent
@@ -165,6 +229,8 @@ class InodeTable:
             names = set(vm.disks) if vm is not None else set()
             names.update(d for (v, d), n in self._disks.items() if v == node.vm and n.kind is Kind.PENDING)
             found = [self.disk_node(node.vm, d) for d in names]
+            if vm is not None:
+                found += [self.snap_node(node.vm, d, s) for d, disk in vm.disks.items() for s in disk.snapshots]
         else:
             return []
         return sorted((n for n in found if n is not None), key=lambda n: n.ino)
@@ -182,9 +248,48 @@ class InodeTable:
             key=lambda n: n.disk,
         )
 
+    def snapshot_nodes(self, vm: str, disk: str | None = None) -> list[Node]:
+        """The nodes of every snapshot and clone of a VM (or of one of its disks), oldest first."""
+        vm_obj = self.store.vms.get(vm)
+        if vm_obj is None:
+            return []
+        nodes = [
+            n
+            for d in sorted(vm_obj.disks)
+            if disk is None or d == disk
+            for s in vm_obj.disks[d].snapshots
+            if (n := self.snap_node(vm, d, s)) is not None
+        ]
+        return sorted(nodes, key=lambda n: (n.disk, n.created, n.snap))
+
     def disk(self, node: Node) -> Disk:
-        """The core disk behind a disk node."""
+        """The core disk behind a disk, snapshot or clone node."""
         return self.store.disk(node.vm, node.disk)
+
+    def snapshot(self, node: Node) -> Snapshot:
+        """The core snapshot or clone behind a node; ENOENT once it is deleted."""
+        core = self.disk(node).snapshots.get(node.snap)
+        if core is None or not node.linked or core.state.created != node.created:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return core
+
+    def size_of(self, node: Node) -> int:
+        """The file size of a node: a disk's (or its snapshot's) size, 0 for the rest."""
+        if node.kind is Kind.DISK:
+            return self.disk(node).size
+        if node.kind in SNAP_KINDS:
+            return node.size
+        return 0
+
+    def unlink_snapshot(self, node: Node) -> None:
+        """The snapshot was deleted: forget its name; the inode lives on while the kernel holds it."""
+        if self._snaps.get((node.vm, node.disk, node.snap)) is node:
+            del self._snaps[(node.vm, node.disk, node.snap)]
+        self._unlink_snapshot(node)
+
+    def _unlink_snapshot(self, node: Node) -> None:
+        node.linked = False
+        self._maybe_drop(node)
 
     # -- pending files -------------------------------------------------------
 
@@ -245,10 +350,15 @@ class InodeTable:
             attr.st_blocks = 0
             attr.attr_timeout = DIR_ATTR_TIMEOUT
             return attr
-        attr.st_mode = stat.S_IFREG | 0o600
+        # A snapshot is read-only for everyone: the mode says so to ls and to non-root users.
+        attr.st_mode = stat.S_IFREG | (0o400 if node.kind is Kind.SNAPSHOT else 0o600)
         attr.st_nlink = 1 if node.linked else 0
         attr.attr_timeout = FILE_ATTR_TIMEOUT
-        if node.kind is Kind.DISK:
+        if node.kind in SNAP_KINDS:
+            attr.st_size = node.size
+            attr.st_blksize = max(self._block_size(node), 4096)
+            attr.st_blocks = (node.size + 511) // 512
+        elif node.kind is Kind.DISK:
             disk = self.disk(node)
             attr.st_size = disk.size
             attr.st_blksize = max(disk.block_size, 4096)
@@ -258,3 +368,8 @@ class InodeTable:
             attr.st_blksize = max(node.block_size, 4096)
             attr.st_blocks = 0
         return attr
+
+    def _block_size(self, node: Node) -> int:
+        vm = self.store.vms.get(node.vm)
+        disk = vm.disks.get(node.disk) if vm is not None else None
+        return disk.block_size if disk is not None else DEFAULT_BLOCK_SIZE

@@ -1,15 +1,19 @@
 """The FUSE adapter: pyfuse3 requests on ``MOUNTPOINT/VM/DISK.raw`` turned into core calls.
 
 Reads and writes of a disk file are the VM's view of the disk on this host
-(``Disk.read``/``Disk.write``: the core routes by role). Everything else is
-either the fixed layout (directories per VM, one file per disk, sizes that
-never change) or the control plane (:mod:`colofs.fs.control`).
+(``Disk.read``/``Disk.write``: the core routes by role). A snapshot file
+``DISK@NAME.raw`` reads a past image and cannot be opened for writing
+(``EROFS``); a clone file reads and writes its own image, never the disk's.
+Everything else is either the fixed layout (directories per VM, one file per
+disk or snapshot, sizes that never change) or the control plane
+(:mod:`colofs.fs.control`).
 
 Every handler raises only ``pyfuse3.FUSEError``: an escaping exception would
 end the FUSE main loop and leave a dead mount. The kernel's writeback cache is
 on, so buffered writes reach us merged, and pages stay cached across opens
 (``keep_cache``) because content changes behind the kernel only at
-checkpoints, which invalidate explicitly.
+checkpoints, which invalidate explicitly; snapshots never change at all, and
+a clone changes only through its own file.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from colofs.core.disk import Disk
 from colofs.core.errors import DiskIOError
 from colofs.core.names import check_name
+from colofs.core.snapshot import Snapshot
 from colofs.core.store import Store
 from colofs.fs.control import PREFIX, Control, MountInfo
 from colofs.fs.errnos import fuse_error
-from colofs.fs.inodes import InodeTable, Kind, Node, disk_name
+from colofs.fs.inodes import SNAP_KINDS, InodeTable, Kind, Node, disk_name, snapshot_name
 from colofs.fs.pagecache import PageCache
 
 log = logging.getLogger(__name__)
@@ -100,6 +106,7 @@ class Operations(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = node
+        node.open_handles += 1
         return fh
 
     def _io_error(self, node: Node, exc: Exception, what: str) -> pyfuse3.FUSEError:
@@ -124,8 +131,7 @@ class Operations(pyfuse3.Operations):
 
     async def _repair_size(self, node: Node) -> None:
         try:
-            size = self.inodes.disk(node).size if node.kind is Kind.DISK else 0
-            await self.cache.reset_size(node, size)
+            await self.cache.reset_size(node, self.inodes.size_of(node))
         finally:
             self._size_repairs.discard(node.ino)
 
@@ -171,7 +177,8 @@ class Operations(pyfuse3.Operations):
             fields.update_gid and attr.st_gid != current.st_gid
         ):
             raise _refuse(errno.EPERM, "%s: chown refused: colofs files belong to the mounting user", node.label)
-        # Times are kept as the kernel sets them (it manages mtime with the writeback cache).
+        # Times are kept as the kernel sets them (it manages mtime with the writeback cache;
+        # it also sends a new ctime after every xattr change, a snapshot's included).
         if fields.update_atime:
             node.atime_ns = attr.st_atime_ns
         if fields.update_mtime:
@@ -188,8 +195,10 @@ class Operations(pyfuse3.Operations):
             self.inodes.settle_pending(node)
             log.info("%s: disk created by truncate: %d bytes, %d-byte blocks", node.label, disk.size, disk.block_size)
             return
-        current = self.inodes.disk(node).size if node.kind is Kind.DISK else 0
+        current = self.inodes.size_of(node)
         if size != current:
+            if node.kind is Kind.SNAPSHOT:
+                raise _refuse(errno.EROFS, "%s: resize refused: a snapshot is read-only", node.label)
             raise _refuse(
                 errno.EPERM, "%s: resize from %d to %d bytes refused: a disk's size is fixed",
                 node.label, current, size,
@@ -202,7 +211,14 @@ class Operations(pyfuse3.Operations):
         node = self.inodes.get(inode)
         if node.kind in (Kind.ROOT, Kind.VM):
             raise pyfuse3.FUSEError(errno.EISDIR)
-        if flags & os.O_TRUNC and node.kind is Kind.DISK:
+        if node.kind in SNAP_KINDS:
+            if node.deleting or not node.linked:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            if node.kind is Kind.SNAPSHOT and flags & os.O_ACCMODE != os.O_RDONLY:
+                # EROFS even for root, whom the mode bits do not stop.
+                raise _refuse(errno.EROFS, "%s: open for writing refused: a snapshot is read-only "
+                              "(clone it for a writable image)", node.label)
+        if flags & os.O_TRUNC and node.kind in (Kind.DISK, Kind.CLONE):
             raise _refuse(errno.EPERM, "%s: open with O_TRUNC refused: it would destroy the disk", node.label)
         return pyfuse3.FileInfo(fh=self._new_handle(node), keep_cache=True)
 
@@ -215,6 +231,9 @@ class Operations(pyfuse3.Operations):
         if parent.kind is not Kind.VM:
             raise _refuse(errno.EPERM, "create %s in %s refused: disk files live in VM directories",
                           fname, parent.label)
+        if snapshot_name(fname) is not None:
+            raise _refuse(errno.EPERM, "create %s/%s refused: snapshot files are made with "
+                          "setfattr -n user.colofs.snapshot (or .clone) -v NAME DISK.raw", parent.vm, fname)
         disk = disk_name(fname)
         if disk is None:
             raise _refuse(errno.EINVAL, "create %s/%s refused: disk files are named DISK.raw",
@@ -230,31 +249,36 @@ class Operations(pyfuse3.Operations):
     @_guarded
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         node = self._handle(fh)
-        if node.kind is not Kind.DISK:
+        if node.kind is Kind.DISK:
+            image: Disk | Snapshot = self.inodes.disk(node)
+        elif node.kind in SNAP_KINDS:
+            image = self.inodes.snapshot(node)
+        else:
             return b""
-        disk = self.inodes.disk(node)
-        if off >= disk.size or size <= 0:
+        if off >= image.size or size <= 0:
             return b""
-        size = min(size, disk.size - off)
+        size = min(size, image.size - off)
         try:
-            return await disk.read(off, size)
+            return await image.read(off, size)
         except Exception as e:
             raise self._io_error(node, e, f"read of {size} bytes at {off}") from None
 
     @_guarded
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         node = self._handle(fh)
-        if node.kind is not Kind.DISK:
+        if node.kind is Kind.SNAPSHOT:
+            raise _refuse(errno.EROFS, "%s: write refused: a snapshot is read-only", node.label)
+        if node.kind not in (Kind.DISK, Kind.CLONE):
             self._repair_size_later(node)
             raise _refuse(errno.EFBIG, "%s: write of %d bytes at %d refused: no disk yet (truncate it to its size first)",
                           node.label, len(buf), off)
-        disk = self.inodes.disk(node)
-        if off + len(buf) > disk.size:
+        image: Disk | Snapshot = self.inodes.disk(node) if node.kind is Kind.DISK else self.inodes.snapshot(node)
+        if off + len(buf) > image.size:
             self._repair_size_later(node)
             raise _refuse(errno.EFBIG, "%s: write of %d bytes at %d refused: it ends past the disk's size of %d",
-                          node.label, len(buf), off, disk.size)
+                          node.label, len(buf), off, image.size)
         try:
-            await disk.write(off, buf)
+            await image.write(off, buf)
         except Exception as e:
             raise self._io_error(node, e, f"write of {len(buf)} bytes at {off}") from None
         return len(buf)
@@ -262,9 +286,11 @@ class Operations(pyfuse3.Operations):
     @_guarded
     async def fsync(self, fh: int, datasync: bool) -> None:
         node = self._handle(fh)
-        if node.kind is Kind.DISK:
+        # A snapshot's saved blocks are durable before the disk changes; nothing to do for it.
+        if node.kind in (Kind.DISK, Kind.CLONE):
+            image: Disk | Snapshot = self.inodes.disk(node) if node.kind is Kind.DISK else self.inodes.snapshot(node)
             try:
-                await self.inodes.disk(node).flush()
+                await image.flush()
             except Exception as e:
                 raise self._io_error(node, e, "fsync") from None
 
@@ -273,7 +299,9 @@ class Operations(pyfuse3.Operations):
         self._handle(fh)
 
     async def release(self, fh: int) -> None:
-        self._handles.pop(fh, None)
+        node = self._handles.pop(fh, None)
+        if node is not None:
+            node.open_handles -= 1
 
     # -- directories -----------------------------------------------------------------------
 
@@ -318,6 +346,9 @@ class Operations(pyfuse3.Operations):
         node = self.inodes.child(parent, _name(name))
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        if node.kind in SNAP_KINDS:
+            raise _refuse(errno.EPERM, "unlink %s refused: delete a snapshot with "
+                          "setfattr -x user.colofs.snapshot FILE (or mountctl snapshot --delete)", node.label)
         if node.kind is not Kind.PENDING:
             raise _refuse(errno.EPERM, "unlink %s refused: disks cannot be removed through the mount", node.label)
         self.inodes.unlink_pending(node)
@@ -387,4 +418,4 @@ class Operations(pyfuse3.Operations):
 
     @_guarded
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self.control.remove(self.inodes.get(inode), name)
+        await self.control.remove(self.inodes.get(inode), name, ctx.pid)

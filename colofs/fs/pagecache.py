@@ -18,6 +18,17 @@ loop keeps serving:
   page dirtied meanwhile) and unmaps them from ``mmap`` users.
   ``fuse_lowlevel_notify_inval_inode`` runs without the GIL, so the loop
   thread keeps going.
+
+A snapshot of one disk is requested by a ``setxattr`` on the disk file
+itself, and the kernel holds that file's inode lock for the whole request.
+``fsync`` (and the ``close`` of any descriptor) of the same file takes that
+lock too and would deadlock, and ``syncfs`` no longer waits for FUSE
+writeback. So such a request brings the dirty pages down with the
+invalidation alone, which needs no inode lock: it writes each dirty page
+back synchronously and waits for pages under writeback (on Linux 6.16 and
+later a FUSE page stays under writeback until the daemon answered the
+write). The price is the file's clean cached pages, which are read again.
+A request on a VM directory holds no disk's lock and uses ``fsync``.
 """
 
 from __future__ import annotations
@@ -34,6 +45,8 @@ from colofs.fs.inodes import InodeTable, Node
 
 log = logging.getLogger(__name__)
 
+ENTRY_INVALIDATE_TIMEOUT = 5.0
+
 
 def _fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -41,6 +54,16 @@ def _fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _invalidate_entry(parent_ino: int, name: bytes) -> None:
+    try:
+        # Without ``deleted``: that variant takes the child's inode lock, which
+        # the removexattr request that deletes it still holds.
+        pyfuse3.invalidate_entry(parent_ino, name)
+    except OSError as e:
+        if e.errno != errno.ENOENT:  # the kernel never looked the name up
+            raise
 
 
 def _invalidate(ino: int) -> None:
@@ -72,6 +95,22 @@ class PageCache:
                 # A failed writeback was already logged by the write handler;
                 # an unreachable path (lazy unmount) leaves only the invalidation.
                 log.warning("%s: writing back cached pages through %s: %s", node.label, path, e)
+
+    async def write_back_locked(self, node: Node) -> None:
+        """Write back a file whose inode lock the current request holds: by invalidation (see above)."""
+        await self.drop([node])
+
+    async def forget_entry(self, parent: Node, node: Node) -> None:
+        """Make the kernel forget a deleted file's name now: the next lookup asks again and misses."""
+        with trio.move_on_after(ENTRY_INVALIDATE_TIMEOUT) as scope:
+            try:
+                await trio.to_thread.run_sync(_invalidate_entry, parent.ino, node.name.encode(),
+                                              limiter=self._limiter, abandon_on_cancel=True)
+            except OSError as e:
+                log.warning("%s: invalidating the kernel's entry failed: %s", node.label, e)
+        if scope.cancelled_caught:
+            log.warning("%s: the kernel did not drop its entry within %.0f s; it expires on its own",
+                        node.label, ENTRY_INVALIDATE_TIMEOUT)
 
     async def drop(self, nodes: Sequence[Node]) -> None:
         """Drop every cached page of ``nodes`` (dirty ones are written back first)."""

@@ -28,11 +28,15 @@ def _last_error(path) -> str:
 def test_names_listed_per_node(sec):
     mountctl("create", sec.mnt, "vm1/d0", "--size", "4M")
     sec.path("vm1", "new.raw").touch()
+    os.setxattr(sec.path("vm1", "d0.raw"), P + "snapshot", b"s1")
+    os.setxattr(sec.path("vm1", "d0.raw"), P + "clone", b"c1")
     names = {
         sec.mnt: {"status", "version", "last_error", "last_result"},
-        sec.path("vm1"): {"status", "last_error", "last_result"},
-        sec.path("vm1", "d0.raw"): {"status", "last_error", "last_result"},
+        sec.path("vm1"): {"status", "snapshots", "last_error", "last_result"},
+        sec.path("vm1", "d0.raw"): {"status", "snapshots", "last_error", "last_result"},
         sec.path("vm1", "new.raw"): {"status", "block_size", "last_error", "last_result"},
+        sec.path("vm1", "d0@s1.raw"): {"status", "snapshot", "last_error", "last_result"},
+        sec.path("vm1", "d0@c1.raw"): {"status", "snapshot", "last_error", "last_result"},
     }
     for path, want in names.items():
         assert set(os.listxattr(path)) == {P + n for n in want}, path
@@ -40,7 +44,7 @@ def test_names_listed_per_node(sec):
             os.getxattr(path, P + n)  # every listed name reads
     assert os.getxattr(sec.mnt, P + "version").decode().startswith("colofs ")
     kinds = {json.loads(os.getxattr(p, P + "status"))["kind"] for p in names}
-    assert kinds == {"root", "vm", "disk", "pending"}
+    assert kinds == {"root", "vm", "disk", "pending", "snapshot", "clone"}
     # getfattr dumps everything without an error.
     res = run("getfattr", "-d", "-m", "-", sec.path("vm1", "d0.raw"))
     assert "user.colofs.status" in res.stdout and res.stderr.count("Operation not supported") == 0

@@ -34,6 +34,7 @@ MiB = 1 << 20
     [
         (E.NotFound("x"), errno.ENOENT),
         (E.AlreadyExists("x"), errno.EEXIST),
+        (E.InUse("x"), errno.EBUSY),
         (E.InvalidName("x"), errno.EINVAL),
         (E.BadRange("x"), errno.EINVAL),
         (E.BadArgument("x"), errno.EINVAL),
