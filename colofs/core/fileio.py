@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -178,9 +179,43 @@ def start_writeback(fd: int) -> None:
         _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
 
 
+class _SyncState:
+    __slots__ = ("covered", "running")
+
+    def __init__(self) -> None:
+        self.covered = 0  # every write made before this ticket is durable
+        self.running: trio.Event | None = None
+
+
+_tickets = itertools.count(1)
+_syncs: dict[int, _SyncState] = {}
+
+
 async def datasync(fd: int) -> None:
-    """``fdatasync`` in a worker thread: it waits for the device."""
-    await trio.to_thread.run_sync(os.fdatasync, fd, limiter=IO_LIMITER)
+    """Make every write to ``fd`` completed so far durable; concurrent callers share one ``fdatasync``.
+
+    Group commit: a sync that *starts* after a caller's writes covers them,
+    so callers arriving while one runs wait for it and then share the next,
+    instead of queueing one ``fdatasync`` each (16 first-touch writes in
+    flight under a snapshot cost two device flushes, not sixteen). The
+    ``fdatasync`` runs in a worker thread: it waits for the device.
+    """
+    mine = next(_tickets)
+    st = _syncs.get(fd)
+    if st is None:
+        st = _syncs[fd] = _SyncState()
+    while st.covered < mine:
+        if st.running is not None:
+            await st.running.wait()
+            continue
+        start = next(_tickets)
+        done = st.running = trio.Event()
+        try:
+            await trio.to_thread.run_sync(os.fdatasync, fd, limiter=IO_LIMITER)
+            st.covered = max(st.covered, start)
+        finally:
+            st.running = None
+            done.set()
 
 
 async def datasync_all(fds: Sequence[int]) -> None:
