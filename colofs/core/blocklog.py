@@ -172,9 +172,7 @@ class BlockLog:
                 f"{self.label}: writing {n} blocks to {self.path} at {seg_off} failed: {e.strerror}", e.errno
             ) from e
         data_off = seg_off + len(header)
-        m = self.map
-        for i, b in enumerate(blocks):
-            m[b] = data_off + i * bs
+        self.map.update(zip(blocks, range(data_off, data_off + n * bs, bs), strict=True))
         self.end = data_off + n * bs
 
     def drop(self, blocks: Iterable[int]) -> None:

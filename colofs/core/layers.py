@@ -36,7 +36,21 @@ async def read_layers(
     end = offset + len(mv)
     first = offset >> shift
     last = (end - 1) >> shift
-    maps = [(layer.map, layer.fd) for layer in layers if layer.map]
+    span = range(first, last + 1)
+    maps = [(layer.map, layer.fd) for layer in layers if layer.map and not layer.map.keys().isdisjoint(span)]
+    if not maps:  # nothing of this range is in any layer (checked in C, not per block)
+        await _read_file(base_fd, mv, offset, f"{label} base")
+        return
+    if len(maps) == 1:
+        m, fd = maps[0]
+        start = m.get(first)
+        if (
+            start is not None
+            and m.get(last) == start + ((last - first) << shift)
+            and all(m.get(b) == start + ((b - first) << shift) for b in span)
+        ):  # the whole range sits contiguously in one layer
+            await _read_file(fd, mv, start + offset - (first << shift), label)
+            return
     run_fd = -1
     run_block = run_off = run_next = 0
 
@@ -103,12 +117,39 @@ class _Iov:
         return [memoryview(b)[lo:hi] for b, lo, hi in self.parts]
 
 
+def _whole_range(shift: int, offset: int, data: Buffer, patched: dict[int, bytearray], blocks: range) -> list[Buffer]:
+    """The block contents of a whole write as few buffers: patched edges, one view of the middle."""
+    first, last = blocks[0], blocks[-1]
+    out: list[Buffer] = []
+    lo = first
+    if first in patched:
+        out.append(patched[first])
+        lo += 1
+    hi = last - 1 if last in patched and last >= lo else last
+    if lo <= hi:
+        out.append(memoryview(data)[(lo << shift) - offset : ((hi + 1) << shift) - offset])
+    if last in patched and last >= lo:
+        out.append(patched[last])
+    return out
+
+
 def write_overlay(
     overlay: BlockLog, shift: int, offset: int, data: Buffer, patched: dict[int, bytearray], blocks: Sequence[int]
 ) -> None:
     """Put ``blocks`` of a write into a mutable layer: in place where present, appended otherwise."""
     bs = 1 << shift
     omap = overlay.map
+    if isinstance(blocks, range) and blocks:
+        # The common cases without a Python loop per block: all new (one
+        # append), or all present at consecutive file offsets (one overwrite).
+        if omap.keys().isdisjoint(blocks):
+            overlay.append(blocks, _whole_range(shift, offset, data, patched, blocks))
+            return
+        start = omap.get(blocks[0])
+        if start is not None and omap.get(blocks[-1]) == start + (len(blocks) - 1) * bs:
+            if all(omap.get(b) == start + i * bs for i, b in enumerate(blocks)):
+                overlay.overwrite(start, _whole_range(shift, offset, data, patched, blocks))
+                return
     new_blocks: list[int] = []
     new_iov = _Iov()
     overwrite: list[tuple[int, _Iov]] = []
