@@ -1,4 +1,4 @@
-# colofs: `make demo` runs the demo, `make test` the test suite, `make bench` the benchmarks.
+# colofs: `make demo` runs the demo, `make test` the test suite, `make bench` the comparison with QEMU.
 # Each installs what it needs on first use (Debian packages, then a venv) and is quick afterwards.
 
 SHELL := /bin/bash
@@ -7,7 +7,9 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc make python3-venv python3-dev qemu-utils fio attr
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo test lint bench deps apt venv clean
+BENCH_APT := fuse3 qemu-utils qemu-system-common fio libnbd-bin
+
+.PHONY: all demo test lint bench bench-quick bench-core bench-deps deps apt venv clean
 
 all: test
 
@@ -41,7 +43,24 @@ test: deps
 	$(VENV)/bin/ruff check colofs mountctl tests bench examples
 	$(VENV)/bin/pytest -q
 
-bench: deps
+bench-deps: deps
+	@missing=""; for p in $(BENCH_APT); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages for the comparison:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# colofs beside QEMU's replication chain and a raw file: table + bench/results/latest.json
+bench: bench-deps
+	$(PY) -m bench.compare $(BENCH_ARGS)
+
+bench-quick: bench-deps
+	$(PY) -m bench.compare --quick $(BENCH_ARGS)
+
+# the core alone beside raw file I/O
+bench-core: deps
 	$(PY) bench/core_bench.py
 
 clean:

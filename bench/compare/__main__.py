@@ -1,0 +1,130 @@
+"""``python -m bench.compare``: colofs beside QEMU's replication chain and a raw file, in one run.
+
+    sudo .venv/bin/python -m bench.compare [--quick] [--reps N] [--only ROWS] [--size 1G]
+
+Exit status: 0 when every selected cell was measured or skipped for a stated
+reason, 1 when a measurement failed (the table and JSON say which and why),
+2 on a usage error, 130 when interrupted (after cleaning up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from types import FrameType
+
+from bench.compare.proc import progress
+from bench.compare.report import machine_info, render, write_json
+from bench.compare.runner import Bench, Settings
+from bench.compare.workloads import GiB, MiB, all_rows, select
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_JSON = os.path.join(REPO, "bench", "results", "latest.json")
+
+
+def parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in units else t
+    try:
+        value = int(float(num) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 64M or 1G") from None
+    if value < 16 * MiB or value % MiB:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of MiB, at least 16M")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 rep, 1.5 s per fio run (about 3 minutes)")
+    p.add_argument("--reps", type=int, help="repetitions per row (default 3; 1 with --quick)")
+    p.add_argument("--runtime", type=float, help="seconds per time-based fio run (default 3; 1.5 with --quick)")
+    p.add_argument("--only", metavar="ROWS", help="comma-separated row ids or patterns, e.g. 'direct-*,checkpoint-64m'")
+    p.add_argument("--size", type=parse_size, default=GiB, help="working size of every file (default 1G)")
+    p.add_argument("--sparse-writes", type=parse_size,
+                   help="random 4K writes into the 1 TiB disk (default 1G; 128M with --quick)")
+    p.add_argument("--dir", default="/var/tmp", help="where the temporary work directory goes (default /var/tmp)")
+    p.add_argument("--json", default=DEFAULT_JSON, help="result file (default bench/results/latest.json)")
+    p.add_argument("--list", action="store_true", help="list the row ids and exit")
+    return p
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    quick = args.quick
+    settings = Settings(
+        size=args.size,
+        runtime=args.runtime if args.runtime is not None else (1.5 if quick else 3.0),
+        reps=args.reps if args.reps is not None else (1 if quick else 3),
+        sparse_writes=args.sparse_writes if args.sparse_writes is not None else (128 * MiB if quick else GiB),
+        quick=quick,
+    )
+    if settings.reps < 1 or settings.runtime <= 0:
+        parser.error("--reps must be at least 1 and --runtime positive")
+    rows = select(all_rows(settings.size, settings.runtime, settings.sparse_writes), args.only)
+    if args.list:
+        listed = rows if args.only else all_rows(settings.size, settings.runtime, settings.sparse_writes)
+        print("\n".join(f"{r.id:22s} {r.title}{'' if r.default else '  (only with --only)'}" for r in listed))
+        return 0
+    if not rows:
+        parser.error(f"--only {args.only!r} matches no row (see --list)")
+    if os.geteuid() != 0:
+        parser.error("run as root: it drops page caches and mounts FUSE file systems")
+    if shutil.which("fio") is None:
+        parser.error("fio is not installed (Debian: fio); every row needs it")
+    if not os.path.isdir(args.dir):
+        parser.error(f"--dir {args.dir}: no such directory")
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    workdir = tempfile.mkdtemp(prefix="colofs-compare-", dir=args.dir)
+    bench = Bench(settings, rows, workdir)
+    started = time.monotonic()
+    interrupted = False
+    try:
+        bench.run()
+    except KeyboardInterrupt:
+        interrupted = True
+        progress("interrupted")
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        try:
+            machine = machine_info(workdir)
+        finally:
+            bench.cleanup()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    took = time.monotonic() - started
+    bench.finish_cells(interrupted)
+    if interrupted:
+        bench.notes.append("the run was interrupted: rows without samples were not measured")
+    header = (f"colofs vs QEMU chain vs raw file: fio on the first {settings.size // MiB} MiB, "
+              f"{settings.runtime:g} s per time-based run, median [min-max] of {settings.reps} interleaved "
+              f"rep(s), caches dropped before each; MB/s (IOPS for 4K), ms, MiB; run took {took / 60:.1f} min")
+    print(render(bench.results, header))
+    for note in bench.notes:
+        print(f"note: {note}")
+    write_json(args.json, bench.results, machine, {
+        "size": settings.size, "runtime_s": settings.runtime, "reps": settings.reps,
+        "sparse_writes": settings.sparse_writes, "quick": quick, "only": args.only,
+        "seconds": round(took, 1), "interrupted": interrupted,
+    }, bench.notes)
+    print(f"results: {args.json}")
+    if interrupted:
+        return 130
+    return 1 if any(c.status == "failed" for r in bench.results for c in r.cells.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The rows of the comparison: what each measures, in which unit, and which way is better.
+
+Row ids are stable (``--only`` and the JSON use them): ``MODE-OP`` for the
+SVM's fio rows (MODE ``buffered``, ``direct``, ``aio16``; OP ``seq-write``,
+``seq-read``, ``rand-write``, ``rand-read``), ``ingest-*`` for the primary's
+writes into the secondary, ``checkpoint-64m``/``failover-256m``, and
+``rss-*`` for memory.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from bench.compare.fio import FioJob
+
+MiB = 1 << 20
+GiB = 1 << 30
+SYSTEMS = ("colofs", "qemu", "raw")
+LABELS = {"colofs": "colofs", "qemu": "QEMU chain", "raw": "raw file"}
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    group: str  # svm | ingest | checkpoint | failover | memory
+    title: str
+    unit: str  # MB/s | ms | MiB
+    higher_is_better: bool
+    job: FioJob | None = None
+    amount: int = 0  # bytes buffered before a checkpoint or failover
+    systems: tuple[str, ...] = SYSTEMS
+    default: bool = True  # False: only run when --only names it
+
+    @property
+    def small_blocks(self) -> bool:
+        """4 KiB rows also report IOPS."""
+        return self.job is not None and self.job.bs == "4k"
+
+
+MODES = (
+    ("buffered", "buffered psync", "psync", False, 1),
+    ("direct", "O_DIRECT psync", "psync", True, 1),
+    ("aio16", "O_DIRECT libaio qd16", "libaio", True, 16),
+)
+OPS = (
+    ("seq-write", "seq write 1M", "write", "1m"),
+    ("seq-read", "seq read 1M", "read", "1m"),
+    ("rand-write", "rand write 4K", "randwrite", "4k"),
+    ("rand-read", "rand read 4K", "randread", "4k"),
+)
+
+
+def svm_rows(size: int, runtime: float) -> list[Row]:
+    """fio on the first ``size`` bytes of the SVM's file: 3 modes x 4 operations."""
+    rows = []
+    for mode, mode_title, engine, direct, depth in MODES:
+        for op, op_title, rw, bs in OPS:
+            job = FioJob(rw=rw, bs=bs, engine=engine, direct=direct, iodepth=depth, size=size, runtime=runtime)
+            rows.append(Row(f"{mode}-{op}", "svm", f"{mode_title} {op_title}", "MB/s", True, job))
+    return rows
+
+
+def ingest_rows(size: int, runtime: float) -> list[Row]:
+    """The primary's writes arriving at the secondary, hidden buffer filling from empty."""
+    seq = FioJob(rw="write", bs="1m", engine="libaio", direct=True, iodepth=16, size=size, end_fsync=True,
+                 refill=True)
+    rand = FioJob(rw="randwrite", bs="4k", engine="libaio", direct=True, iodepth=16, size=size, runtime=runtime,
+                  end_fsync=True, refill=True)
+    return [
+        # fio's nbd engine covers sequential ingest; nbdcopy (ANCHORS' tool) is opt-in to keep the run short.
+        Row("ingest-seq-nbdcopy", "ingest", f"ingest seq {size // MiB} MiB, nbdcopy --flush", "MB/s", True,
+            default=False),
+        Row("ingest-seq-qd16", "ingest", f"ingest seq write 1M qd16, {size // MiB} MiB", "MB/s", True, seq),
+        Row("ingest-rand-qd16", "ingest", "ingest rand write 4K qd16", "MB/s", True, rand),
+    ]
+
+
+def control_rows() -> list[Row]:
+    return [
+        Row("checkpoint-64m", "checkpoint", "checkpoint, 64 MiB buffered", "ms", False, amount=64 * MiB),
+        Row("failover-256m", "failover", "failover commit, 256 MiB buffered", "ms", False, amount=256 * MiB),
+    ]
+
+
+def memory_rows(sparse_writes: int) -> list[Row]:
+    return [
+        Row("rss-1t-sparse", "memory",
+            f"RSS, 1 TiB sparse disk after {sparse_writes // MiB} MiB of rand 4K writes", "MiB", False,
+            FioJob(rw="randwrite", bs="4k", engine="libaio", direct=True, iodepth=16, size=1 << 40,
+                   io_size=sparse_writes), systems=("colofs",)),
+        Row("rss-peak-secondary", "memory", "peak RSS (VmHWM), secondary daemon", "MiB", False,
+            systems=("colofs", "qemu")),
+        Row("rss-peak-primary", "memory", "peak RSS (VmHWM), colofs primary daemon", "MiB", False,
+            systems=("colofs",)),
+    ]
+
+
+def all_rows(size: int, runtime: float, sparse_writes: int) -> list[Row]:
+    return [*svm_rows(size, runtime), *ingest_rows(size, runtime), *control_rows(), *memory_rows(sparse_writes)]
+
+
+def select(rows: list[Row], only: str | None) -> list[Row]:
+    """Rows whose id matches one of the comma-separated patterns (exact, or fnmatch like ``direct-*``).
+
+    Without patterns: the default rows.
+    """
+    if not only:
+        return [r for r in rows if r.default]
+    pats = [p.strip() for p in only.split(",") if p.strip()]
+    return [r for r in rows if any(r.id == p or fnmatch.fnmatchcase(r.id, p) for p in pats)]

@@ -1,0 +1,117 @@
+"""Smoke test of ``python -m bench.compare``: one small row end to end, the JSON's shape, and the cleanup.
+
+Runs one O_DIRECT row on a 64 MiB working size with 1 s of fio per system,
+so it stays well under a minute; QEMU's chain joins when
+qemu-storage-daemon is installed and must then be measured too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.compare.proc import Hung, call_with_timeout
+from bench.compare.report import Cell, RowResult, render
+from bench.compare.workloads import all_rows, select
+
+REPO = Path(__file__).resolve().parent.parent
+HAVE_QEMU = shutil.which("qemu-storage-daemon") is not None and shutil.which("qemu-img") is not None
+
+needs_root_tools = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/fuse") or shutil.which("fio") is None
+    or shutil.which("fusermount3") is None,
+    reason="needs root, /dev/fuse, fio and fusermount3",
+)
+
+
+def _mounts_under(root: Path) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if p.startswith(str(root))]
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(f"{pid}: {cmd}")
+    return found
+
+
+def test_select_patterns():
+    rows = all_rows(1 << 30, 5.0, 1 << 30)
+    assert len([r for r in rows if r.group == "svm"]) == 12
+    assert [r.id for r in select(rows, "direct-seq-*")] == ["direct-seq-write", "direct-seq-read"]
+    assert [r.id for r in select(rows, "checkpoint-64m, rss-peak-primary")] == ["checkpoint-64m", "rss-peak-primary"]
+    assert select(rows, "nothing-like-this") == []
+
+
+def test_render_marks_failures_and_ratios():
+    row = select(all_rows(1 << 30, 5.0, 1 << 30), "aio16-rand-read")[0]
+    good, ref, bad = Cell(), Cell(), Cell()
+    good.add(100.0, 25600.0)
+    ref.add(50.0, 12800.0)
+    bad.fail("the daemon died")
+    res = RowResult(row, {"colofs": good, "qemu": ref, "raw": bad})
+    assert res.ratio("qemu") == 2.0 and res.ratio("raw") is None
+    text = render([res], "header")
+    assert "| 100 (25.6k) | 50 (12.8k) | FAILED | 2.00 | - |" in text
+    assert "aio16-rand-read / raw file: failed: the daemon died" in text
+
+
+@needs_root_tools
+def test_quick_run_one_row(tmp_path: Path):
+    out = tmp_path / "result.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.compare", "--quick", "--only", "direct-seq-write", "--size", "64M",
+         "--runtime", "1", "--dir", str(tmp_path), "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    try:
+        assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+        doc = json.loads(out.read_text())
+        assert doc["schema"] == "colofs-bench-compare/1"
+        for key in ("date", "cpus", "kernel", "qemu", "fio"):
+            assert doc["machine"][key], key
+        assert doc["settings"]["reps"] == 1 and doc["settings"]["size"] == 64 << 20
+        assert [r["id"] for r in doc["rows"]] == ["direct-seq-write"]
+        row = doc["rows"][0]
+        assert row["unit"] == "MB/s" and row["better"] == "higher" and row["group"] == "svm"
+        expected = ["colofs", "raw"] + (["qemu"] if HAVE_QEMU else [])
+        for name in expected:
+            cell = row["systems"][name]
+            assert cell["status"] == "ok", cell
+            assert cell["median"] > 0 and cell["min"] <= cell["median"] <= cell["max"]
+            assert all(x > 0 for x in cell["samples"])
+        if not HAVE_QEMU:
+            assert row["systems"]["qemu"]["status"] == "skipped" and row["systems"]["qemu"]["reason"]
+        assert row["ratios"]["colofs/raw"] > 0
+        if HAVE_QEMU:
+            assert row["ratios"]["colofs/qemu"] > 0
+        assert "direct-seq-write" in res.stderr  # a progress line per measurement
+        assert "| O_DIRECT psync seq write 1M | MB/s |" in res.stdout
+    finally:
+        # Nothing it started may outlive it: no mounts, no daemons, no work directory.
+        assert _mounts_under(tmp_path) == []
+        assert _processes_mentioning(str(tmp_path)) == []
+        assert not list(tmp_path.glob("colofs-compare-*"))
+
+
+def test_a_call_that_never_returns_is_reported():
+    with pytest.raises(Hung, match="did not return within"):
+        call_with_timeout(lambda: time.sleep(5), 0.1, "a stuck call")
+    assert call_with_timeout(lambda: 42, 5, "a quick call") == 42
