@@ -145,29 +145,64 @@ def _vm_target(path: str) -> str:
 
 def cmd_checkpoint(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     path = _vm_target(args.vm_dir)
-    res = command(path, "checkpoint", "" if args.seq is None else str(args.seq))
-    print(
-        f"{res.get('vm')}: checkpoint at seq {res.get('seq')}: discarded "
-        f"{human_bytes(int(res.get('discarded_active_bytes', 0)))} active and "
-        f"{human_bytes(int(res.get('discarded_hidden_bytes', 0)))} hidden; "
-        f"took {human_seconds(float(res.get('seconds', 0)))} "
-        f"(write-back {human_seconds(float(res.get('writeback_seconds', 0)))}, "
-        f"checkpoint {human_seconds(float(res.get('checkpoint_seconds', 0)))}, "
-        f"invalidate {human_seconds(float(res.get('invalidate_seconds', 0)))})"
-    )
+    req: dict[str, Any] = {}
+    if args.seq is not None:
+        req["seq"] = args.seq
+    if args.timeout is not None:
+        if not 0 < args.timeout <= 3600:
+            parser.error("--timeout: give seconds from 0 to 3600")
+        req["timeout"] = args.timeout
+    res = command(path, "checkpoint", json.dumps(req) if req else "")
+    if args.json:
+        print(json.dumps(res, indent=2, sort_keys=True))
+    elif res.get("replicated"):
+        print(
+            f"{res.get('vm')}: checkpoint at seq {res.get('seq')} confirmed by the secondary: "
+            f"latency {human_seconds(float(res.get('latency_seconds', 0)))} "
+            f"(write-back {human_seconds(float(res.get('writeback_seconds', 0)))}, "
+            f"took {human_seconds(float(res.get('seconds', 0)))} in all)"
+        )
+    else:
+        print(
+            f"{res.get('vm')}: checkpoint at seq {res.get('seq')}: discarded "
+            f"{human_bytes(int(res.get('discarded_active_bytes', 0)))} active and "
+            f"{human_bytes(int(res.get('discarded_hidden_bytes', 0)))} hidden; "
+            f"took {human_seconds(float(res.get('seconds', 0)))} "
+            f"(write-back {human_seconds(float(res.get('writeback_seconds', 0)))}, "
+            f"checkpoint {human_seconds(float(res.get('checkpoint_seconds', 0)))}, "
+            f"invalidate {human_seconds(float(res.get('invalidate_seconds', 0)))})"
+        )
     return 0
 
 
 def cmd_failover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     path = _vm_target(args.vm_dir)
     res = command(path, "failover", "")
+    closed = f"; closed the session of primary {res['closed_session_of']}" if res.get("closed_session_of") else ""
     print(
         f"{res.get('vm')}: failover complete: {res.get('blocks_committed')} blocks committed "
         f"({human_bytes(int(res.get('active_bytes_before', 0)))} active, "
         f"{human_bytes(int(res.get('hidden_bytes_before', 0)))} hidden); "
-        f"epoch {res.get('epoch_before')} -> {res.get('epoch')}; now {res.get('role')}; "
+        f"epoch {res.get('epoch_before')} -> {res.get('epoch')}; now {res.get('role')}{closed}; "
         f"took {human_seconds(float(res.get('seconds', 0)))}"
     )
+    return 0
+
+
+def cmd_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Show or set a VM's replication mode (``user.colofs.mode``)."""
+    path = _vm_target(args.vm_dir)
+    vm = os.path.basename(path.rstrip("/"))
+    if args.mode is None:
+        try:
+            mode = os.getxattr(path, "user.colofs.mode").decode().strip()
+        except OSError as e:
+            raise CtlError(f"{path}: reading the mode failed: {e.strerror}") from None
+        print(f"{vm}: {mode}")
+        return 0
+    res = command(path, "mode", args.mode)
+    note = "" if res.get("replicated") else " (kept; applies when this host replicates the VM as its primary)"
+    print(f"{res.get('vm', vm)}: mode {res.get('mode')}{note}")
     return 0
 
 
@@ -307,12 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("checkpoint", help="checkpoint a VM (empties its hidden and active layers)")
     k.add_argument("vm_dir", metavar="MOUNTPOINT/VM")
-    k.add_argument("--seq", type=int, help="the sequence number the checkpoint follows (default: last applied)")
+    k.add_argument("--seq", type=int, help="unreplicated hosts: the sequence number the checkpoint follows "
+                                            "(default: last applied)")
+    k.add_argument("--timeout", type=float, help="replicated primary: seconds to wait for the secondary "
+                                                 "(default 30)")
+    k.add_argument("--json", action="store_true", help="machine-readable output (the daemon's outcome)")
     k.set_defaults(func=cmd_checkpoint)
 
-    f = sub.add_parser("failover", help="make this host's copy of a VM the primary")
+    f = sub.add_parser("failover", help="make this host's copy of a VM the primary (refuses the old primary)")
     f.add_argument("vm_dir", metavar="MOUNTPOINT/VM")
     f.set_defaults(func=cmd_failover)
+
+    md = sub.add_parser("mode", help="show or set a VM's replication mode: async (COLO) or sync")
+    md.add_argument("vm_dir", metavar="MOUNTPOINT/VM")
+    md.add_argument("mode", nargs="?", choices=("async", "sync"), help="the new mode (omit to show it)")
+    md.set_defaults(func=cmd_mode)
 
     sn = sub.add_parser(
         "snapshot", help="take, list or delete read-only snapshots (files VM/DISK@NAME.raw)",

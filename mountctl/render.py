@@ -62,8 +62,55 @@ def render_vm(vm: dict[str, Any]) -> list[str]:
         lines += render_disk(name, d)
     for p in vm.get("pending") or []:
         lines.append(f"  pending:{p} (no size yet)")
-    lines.append(f"  peer:{vm.get('peer', 'not configured')}")
+    lines.append(render_peer(vm.get("peer")))
     return lines
+
+
+def render_peer(peer: dict[str, Any] | str | None) -> str:
+    """A VM's replication: ``peer:connected mode:async acked:120 backlog:0B lz4:0.41``, and why if not."""
+    if not isinstance(peer, dict):
+        return f"  peer:{peer or 'not configured'}"
+    state = str(peer.get("state", "?"))
+    line = f"  peer:{state}"
+    if peer.get("peer_node"):
+        line += f" node:{peer['peer_node']}"
+    if peer.get("mode"):
+        line += f" mode:{peer['mode']}"
+    resync = peer.get("resync") or {}
+    if state == "resyncing" and resync.get("active"):
+        line += (f" progress:{resync.get('percent', 0)}% ({resync.get('blocks_checked', 0)}/"
+                 f"{resync.get('blocks_total', 0)} blocks, {human_bytes(int(resync.get('bytes_sent', 0)))} sent"
+                 f"{', full' if resync.get('full') else ''})")
+    if peer.get("acked_seq") is not None:
+        line += f" acked:{peer['acked_seq']}"
+    if peer.get("backlog_writes") is not None:
+        backlog = peer.get("backlog_bytes")
+        line += f" backlog:{peer['backlog_writes']} writes"
+        if backlog is not None:
+            line += f"/{human_bytes(int(backlog))}"
+    if peer.get("degraded"):
+        line += " DEGRADED"
+    if peer.get("lz4_ratio") is not None:
+        line += f" lz4:{peer['lz4_ratio']:.3f}"
+    if peer.get("reason") and state != "connected":
+        line += f" reason:{peer['reason']}"
+    return line
+
+
+def render_replication(rep: dict[str, Any]) -> str:
+    """The mount's replication: ``replication:running role:primary peer:HOST:PORT vms:2 connected:2``."""
+    line = f"  replication:{rep.get('state', '?')}"
+    for key in ("role", "listen", "port", "peer"):
+        if rep.get(key):
+            line += f" {key}:{rep[key]}"
+    if rep.get("state") == "running":
+        line += "" if rep.get("authenticated") else " unauthenticated(loopback)"
+        keys = (("vms", "connected", "connecting", "resyncing", "refused") if rep.get("role") == "primary"
+                else ("connections", "sessions", "refused"))
+        line += "".join(f" {k}:{rep.get(k, 0)}" for k in keys)
+        if rep.get("last_refusal"):
+            line += f" last-refusal:{rep['last_refusal']}"
+    return line
 
 
 def render_root(st: dict[str, Any], only_vm: str | None = None) -> list[str]:
@@ -72,12 +119,7 @@ def render_root(st: dict[str, Any], only_vm: str | None = None) -> list[str]:
         lines.append(
             f"colofs {st['mountpoint']} store:{st['store']} pid:{st['pid']} default-role:{st['default_role']}"
         )
-        rep = st.get("replication") or {}
-        rep_line = f"  replication:{rep.get('state', '?')}"
-        for key in ("listen", "peer"):
-            if rep.get(key):
-                rep_line += f" {key}:{rep[key]}"
-        lines.append(rep_line)
+        lines.append(render_replication(st.get("replication") or {}))
         if not st.get("vms"):
             lines.append("  no VMs yet (mkdir MOUNTPOINT/VM, or mountctl create)")
     for name, vm in sorted((st.get("vms") or {}).items()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -149,7 +150,7 @@ def test_mount_refusals(mounts, tmp_path):
         (["--role", "secondary", "--peer", "h:7000", "--key-file", key], "--peer is for a primary"),
         (["--role", "secondary", "--listen", "nohost", "--key-file", key], "is not HOST:PORT"),
         (["--role", "secondary", "--listen", "h:99999", "--key-file", key], "port '99999'"),
-        (["--role", "secondary", "--listen", "h:7000"], "need --key-file"),
+        (["--role", "secondary", "--listen", "10.1.2.3:7000"], "needs --key-file"),
         (["--role", "secondary", "--key-file", key], "only used with --listen or --peer"),
         (["--role", "secondary", "--listen", "h:7000", "--key-file", tmp_path / "nokey"], "--key-file"),
         (["--role", "tertiary"], "invalid choice"),
@@ -168,16 +169,24 @@ def test_mount_refusals(mounts, tmp_path):
 
 def test_replication_options_are_validated_and_shown(mounts, tmp_path):
     key = tmp_path / "key"
-    key.write_text("secret\n")
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o644)
     sec = mounts(mount=False)
-    sec.mount("--listen", "[::1]:7788", "--key-file", str(key))
+    err = _fails("mount", "--role", "secondary", "--store", sec.store, "--listen", "127.0.0.1:7788",
+                 "--key-file", key, sec.mnt)
+    assert "must not be accessible by group or others" in err and not os.path.ismount(sec.mnt)
+    key.chmod(0o600)
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    sec.mount("--listen", f"[::1]:{port}", "--key-file", str(key))
     rep = sec.status()["replication"]
-    assert rep["state"] == "configured, inactive" and rep["listen"] == "[::1]:7788"
-    assert rep["key_file"] == str(key)
+    assert rep["state"] == "running" and rep["role"] == "secondary"
+    assert rep["listen"] == f"[::1]:{port}" and rep["port"] == port and rep["key_file"] == str(key)
     pri = mounts("primary", name="p", mount=False)
     pri.mount("--peer", "backup.example:7788", "--key-file", str(key))
     assert pri.status()["replication"]["peer"] == "backup.example:7788"
-    assert "replication:configured, inactive peer:backup.example:7788" in mountctl("status", pri.mnt).stdout
+    assert "replication:running role:primary peer:backup.example:7788" in mountctl("status", pri.mnt).stdout
 
 
 def test_umount_busy_lazy_and_sigterm(mounts):
@@ -244,3 +253,27 @@ def test_foreground_mount_stops_on_sigint(mounts):
     m.mount()
     with open(m.path("vm1", "d0.raw"), "rb") as r:
         assert r.read(10) == b"foreground"
+
+
+def test_peer_and_replication_lines():
+    """What ``mountctl status`` prints of replication, for each state a VM's peer can be in."""
+    from mountctl.render import render_peer, render_replication
+
+    resync = {"active": True, "percent": 42.5, "blocks_checked": 425, "blocks_total": 1000,
+              "bytes_sent": 3 * MiB, "full": True}
+    line = render_peer({"state": "resyncing", "mode": "sync", "resync": resync, "acked_seq": 7,
+                        "backlog_writes": 3, "backlog_bytes": 8192, "degraded": True, "lz4_ratio": 0.51234})
+    assert "peer:resyncing mode:sync progress:42.5% (425/1000 blocks, 3MiB sent, full)" in line
+    assert "acked:7 backlog:3 writes/8KiB DEGRADED lz4:0.512" in line
+    line = render_peer({"state": "refused", "reason": "the secondary refused VM vm1: failed over"})
+    assert line == "  peer:refused reason:the secondary refused VM vm1: failed over"
+    assert render_peer({"state": "connected", "reason": "old"}) == "  peer:connected"
+    assert render_peer("not configured") == "  peer:not configured"
+    rep = render_replication({"state": "running", "role": "secondary", "listen": "0.0.0.0:7788", "port": 7788,
+                              "authenticated": True, "connections": 4, "sessions": 1, "refused": 2,
+                              "last_refusal": "10.0.0.9:5000: wrong key"})
+    assert rep == ("  replication:running role:secondary listen:0.0.0.0:7788 port:7788 connections:4 "
+                   "sessions:1 refused:2 last-refusal:10.0.0.9:5000: wrong key")
+    rep = render_replication({"state": "running", "role": "primary", "peer": "b:7788", "authenticated": False,
+                              "vms": 2, "connected": 1, "connecting": 1, "resyncing": 0, "refused": 0})
+    assert rep.endswith("peer:b:7788 unauthenticated(loopback) vms:2 connected:1 connecting:1 resyncing:0 refused:0")

@@ -2,13 +2,16 @@
 
 ``mountctl mount`` and the daemon share these checks, so a mistyped address
 or a missing key file is reported before anything is started.
-``--listen``, ``--peer`` and ``--key-file`` are kept for the replication layer;
-until it runs, a host serves its disks unreplicated and its status says so.
+``--listen`` (a secondary), ``--peer`` (a primary) and ``--key-file`` configure
+replication; without a key only loopback addresses are accepted (the daemon's
+replication engine refuses others at startup), and the key file itself is
+read, and its permissions checked, by the daemon.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import stat
 from dataclasses import dataclass
@@ -66,6 +69,14 @@ def check_key_file(path: str) -> str:
     return path
 
 
+def _maybe_loopback(host: str) -> bool:
+    """False for an address that is certainly not loopback; names are resolved by the daemon."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
 @dataclass(frozen=True)
 class MountConfig:
     store: str
@@ -83,15 +94,14 @@ class MountConfig:
         return os.path.join(self.store, LOCK_NAME)
 
     def replication(self) -> dict[str, object]:
-        """What status reports about the peer."""
+        """What status reports about the peer's configuration (the daemon adds what is running)."""
         if self.listen is None and self.peer is None:
             return {"state": "not configured"}
         return {
-            "state": "configured, inactive",
+            "state": "configured",
             "listen": str(self.listen) if self.listen else None,
             "peer": str(self.peer) if self.peer else None,
             "key_file": self.key_file,
-            "note": "replication is not running in this version: disks are served unreplicated",
         }
 
 
@@ -118,8 +128,10 @@ def make_config(
     ep_peer = parse_endpoint(peer, "--peer") if peer is not None else None
     if key_file is not None and ep_listen is None and ep_peer is None:
         raise ConfigError("--key-file is only used with --listen or --peer")
-    if (ep_listen is not None or ep_peer is not None) and key_file is None:
-        raise ConfigError("--listen and --peer need --key-file: peers authenticate with a shared key")
+    for ep, option in ((ep_listen, "--listen"), (ep_peer, "--peer")):
+        if ep is not None and key_file is None and not _maybe_loopback(ep.host):
+            raise ConfigError(f"{option} {ep}: a non-loopback address needs --key-file "
+                              "(peers authenticate with a shared key)")
     key = check_key_file(key_file) if key_file is not None else None
     store = os.path.abspath(store)
     return MountConfig(

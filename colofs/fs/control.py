@@ -12,8 +12,10 @@ name                  on                         meaning
 ``version``           root                       get: ``colofs VERSION control N``
 ``create``            root                       set: JSON ``{"vm","disk","size"[,"block_size"]}``
 ``import``            root                       set: JSON ``{"vm","disk","source"[,"size","block_size"]}``
-``checkpoint``        VM dir                     set: checkpoint (value: empty, or the seq)
+``checkpoint``        VM dir                     set: checkpoint (value: empty, the seq, or JSON
+                                                 ``{"seq", "timeout"}``); with a peer, via the secondary
 ``failover``          VM dir                     set: fail over to this host (value ignored)
+``mode``              VM dir                     get/set: replication mode, ``async`` or ``sync``
 ``snapshot``          disk file, VM dir          set: NAME: snapshot the disk (all disks at once)
 ``snapshot``          snapshot or clone file     get: its name; remove: delete it
 ``clone``             disk file, snapshot file   set: NAME: writable clone of the disk / snapshot
@@ -45,7 +47,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import pyfuse3
 import trio
@@ -58,7 +60,10 @@ from colofs.fs.config import MountConfig
 from colofs.fs.errnos import errno_for
 from colofs.fs.inodes import DISK_SUFFIX, SNAP_KINDS, InodeTable, Kind, Node
 from colofs.fs.pagecache import PageCache
+from colofs.fs.replication import Replication
 from colofs.fs.snapshots import SnapshotControl
+from colofs.fs.values import Refused, int_field, parse_json, str_field
+from colofs.fs.vmcontrol import CHECKPOINT, FAILOVER, VMControl
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +84,19 @@ STATUS = "status"
 VERSION = "version"
 CREATE = "create"
 IMPORT = "import"
-CHECKPOINT = "checkpoint"
-FAILOVER = "failover"
 BLOCK_SIZE = "block_size"
 LAST_ERROR = "last_error"
 LAST_RESULT = "last_result"
 SNAPSHOT = "snapshot"
 CLONE = "clone"
 SNAPSHOTS = "snapshots"
+MODE = "mode"
 DELETE = "delete"  # the op name outcomes of a removal carry
 
 # Names that can be read, per kind of node (listxattr lists these).
 READABLE: dict[Kind, tuple[str, ...]] = {
     Kind.ROOT: (STATUS, VERSION, LAST_ERROR, LAST_RESULT),
-    Kind.VM: (STATUS, SNAPSHOTS, LAST_ERROR, LAST_RESULT),
+    Kind.VM: (STATUS, SNAPSHOTS, MODE, LAST_ERROR, LAST_RESULT),
     Kind.DISK: (STATUS, SNAPSHOTS, LAST_ERROR, LAST_RESULT),
     Kind.PENDING: (STATUS, BLOCK_SIZE, LAST_ERROR, LAST_RESULT),
     Kind.SNAPSHOT: (STATUS, SNAPSHOT, LAST_ERROR, LAST_RESULT),
@@ -100,7 +104,7 @@ READABLE: dict[Kind, tuple[str, ...]] = {
 }
 WRITABLE: dict[Kind, tuple[str, ...]] = {
     Kind.ROOT: (CREATE, IMPORT),
-    Kind.VM: (CHECKPOINT, FAILOVER, SNAPSHOT),
+    Kind.VM: (CHECKPOINT, FAILOVER, SNAPSHOT, MODE),
     Kind.DISK: (SNAPSHOT, CLONE),
     Kind.PENDING: (BLOCK_SIZE,),
     Kind.SNAPSHOT: (CLONE,),
@@ -122,14 +126,6 @@ HINTS: dict[tuple[Kind, str], str] = {
 
 MAX_OUTCOMES = 256  # callers whose last outcome is kept
 QCOW2_MAGIC = b"QFI\xfb"
-
-
-class Refused(Exception):
-    """A control request that is wrong as sent; ``code`` is the errno to answer."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -161,44 +157,20 @@ def _json(obj: object) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
-def _parse_json(value: bytes, op: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(value)
-    except (ValueError, UnicodeDecodeError):
-        raise Refused(errno.EINVAL, f"{op}: the value is not JSON") from None
-    if not isinstance(obj, dict):
-        raise Refused(errno.EINVAL, f"{op}: the value must be a JSON object")
-    return obj
-
-
-def _int_field(obj: dict[str, Any], key: str, op: str, default: int | None = None) -> int:
-    value = obj.get(key, default)
-    if value is None:
-        raise Refused(errno.EINVAL, f"{op}: {key!r} is missing")
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise Refused(errno.EINVAL, f"{op}: {key!r} must be an integer")
-    return value
-
-
-def _str_field(obj: dict[str, Any], key: str, op: str) -> str:
-    value = obj.get(key)
-    if not isinstance(value, str) or not value:
-        raise Refused(errno.EINVAL, f"{op}: {key!r} must be a non-empty string")
-    return value
-
-
 class Control:
     """Answers the ``user.colofs.*`` requests of one mount."""
 
-    def __init__(self, store: Store, inodes: InodeTable, cache: PageCache, info: MountInfo) -> None:
+    def __init__(self, store: Store, inodes: InodeTable, cache: PageCache, info: MountInfo,
+                 repl: Replication) -> None:
         self.store = store
         self.inodes = inodes
         self.cache = cache
         self.info = info
+        self.repl = repl
         self.outcomes = Outcomes()
-        self.last_ops: dict[str, dict[str, Any]] = {}  # VM -> its last checkpoint/failover
         self.io_errors: dict[str, int] = {}  # "VM/DISK" -> I/O errors answered since the mount
         self.snapshots = SnapshotControl(store, inodes, cache)
+        self.vms = VMControl(store, inodes, cache, repl)
 
     # -- the xattr handlers -------------------------------------------------------
 
@@ -222,6 +194,8 @@ class Control:
             return (json.dumps(self.snapshots.listing(node), sort_keys=True, separators=(",", ":")) + "\n").encode()
         if key == SNAPSHOT:
             return self.inodes.snapshot(node).name.encode()
+        if key == MODE:
+            return self.vms.mode(node)
         outcome = self.outcomes.get(pid)
         if key == LAST_ERROR:
             return b"" if outcome is None or outcome["ok"] else outcome["error"].encode()
@@ -287,9 +261,10 @@ class Control:
         return {
             CREATE: self._create,
             IMPORT: self._import,
-            CHECKPOINT: self._checkpoint,
-            FAILOVER: self._failover,
+            CHECKPOINT: self.vms.checkpoint,
+            FAILOVER: self.vms.failover,
             BLOCK_SIZE: self._set_block_size,
+            MODE: self.vms.set_mode,
             SNAPSHOT: self._snapshot,
             CLONE: self.snapshots.clone,
         }
@@ -309,21 +284,22 @@ class Control:
             )
 
     async def _create(self, node: Node, value: bytes) -> dict[str, Any]:
-        req = _parse_json(value, CREATE)
-        vm = check_name("VM", _str_field(req, "vm", CREATE))
-        disk = check_name("disk", _str_field(req, "disk", CREATE))
-        size = _int_field(req, "size", CREATE)
-        block_size = _int_field(req, "block_size", CREATE, 4096)
+        req = parse_json(value, CREATE)
+        vm = check_name("VM", str_field(req, "vm", CREATE))
+        disk = check_name("disk", str_field(req, "disk", CREATE))
+        size = int_field(req, "size", CREATE)
+        block_size = int_field(req, "block_size", CREATE, 4096)
         self._check_not_pending(vm, disk)
         d = await self.store.create_disk(vm, disk, size, block_size=block_size)
+        self.repl.vm_created(vm)
         return {"vm": vm, "disk": disk, "size": d.size, "block_size": d.block_size,
                 "file": os.path.join(self.info.config.mountpoint, vm, disk + DISK_SUFFIX)}
 
     async def _import(self, node: Node, value: bytes) -> dict[str, Any]:
-        req = _parse_json(value, IMPORT)
-        vm = check_name("VM", _str_field(req, "vm", IMPORT))
-        disk = check_name("disk", _str_field(req, "disk", IMPORT))
-        source = _str_field(req, "source", IMPORT)
+        req = parse_json(value, IMPORT)
+        vm = check_name("VM", str_field(req, "vm", IMPORT))
+        disk = check_name("disk", str_field(req, "disk", IMPORT))
+        source = str_field(req, "source", IMPORT)
         if not os.path.isabs(source):
             raise Refused(errno.EINVAL, f"import: source {source!r} must be an absolute path")
         try:
@@ -339,60 +315,14 @@ class Control:
                 f"import: {source} is a qcow2 image; import raw images (qemu-img convert -O raw), "
                 "or qemu-img convert it straight into the mounted disk file",
             )
-        size = _int_field(req, "size", IMPORT, (st.st_size + 511) // 512 * 512 or 512)
-        block_size = _int_field(req, "block_size", IMPORT, 4096)
+        size = int_field(req, "size", IMPORT, (st.st_size + 511) // 512 * 512 or 512)
+        block_size = int_field(req, "block_size", IMPORT, 4096)
         self._check_not_pending(vm, disk)
         d = await self.store.create_disk(vm, disk, size, block_size=block_size, source=source)
+        self.repl.vm_created(vm)
         return {"vm": vm, "disk": disk, "size": d.size, "block_size": d.block_size, "source": source,
                 "source_bytes": st.st_size,
                 "file": os.path.join(self.info.config.mountpoint, vm, disk + DISK_SUFFIX)}
-
-    async def _checkpoint(self, node: Node, value: bytes) -> dict[str, Any]:
-        text = value.decode(errors="replace").strip()
-        seq: int | None = None
-        if text:
-            if not text.isdigit():
-                raise Refused(errno.EINVAL, f"checkpoint: the value must be empty or a sequence number, not {text!r}")
-            seq = int(text)
-        vm = self.store.vm(node.vm)
-        nodes = self.inodes.disk_nodes(vm.name)
-        t0 = time.monotonic()
-        # Dirty pages written before the checkpoint land before it.
-        await self.cache.write_back(nodes)
-        t1 = time.monotonic()
-        before = _buffered(vm)
-        done = await vm.checkpoint(seq)
-        t2 = time.monotonic()
-        # No reader may see pages cached from before the checkpoint.
-        await self.cache.drop(nodes)
-        t3 = time.monotonic()
-        result = {
-            "vm": vm.name, "seq": done, "role": vm.state.role, "epoch": vm.state.epoch,
-            "discarded_hidden_bytes": before[0], "discarded_active_bytes": before[1],
-            "writeback_seconds": round(t1 - t0, 6), "checkpoint_seconds": round(t2 - t1, 6),
-            "invalidate_seconds": round(t3 - t2, 6),
-        }
-        self.last_ops[vm.name] = {"op": CHECKPOINT, "at": time.time(), "seconds": round(t3 - t0, 6), "seq": done}
-        log.info(
-            "VM %s: checkpoint at seq %d: discarded %d hidden and %d active bytes in %.3f s",
-            vm.name, done, before[0], before[1], t3 - t0,
-        )
-        return result
-
-    async def _failover(self, node: Node, value: bytes) -> dict[str, Any]:
-        vm = self.store.vm(node.vm)
-        before = _buffered(vm)
-        epoch = vm.state.epoch
-        t0 = time.monotonic()
-        # V does not change in a failover, so the kernel's cache stays valid.
-        moved = await vm.failover()
-        seconds = time.monotonic() - t0
-        self.last_ops[vm.name] = {"op": FAILOVER, "at": time.time(), "seconds": round(seconds, 6)}
-        return {
-            "vm": vm.name, "blocks_committed": moved, "hidden_bytes_before": before[0],
-            "active_bytes_before": before[1], "epoch_before": epoch, "epoch": vm.state.epoch,
-            "role": vm.state.role, "phase": vm.state.phase,
-        }
 
     async def _set_block_size(self, node: Node, value: bytes) -> dict[str, Any]:
         text = value.decode(errors="replace").strip()
@@ -436,7 +366,7 @@ class Control:
             "started": self.info.started,
             "log_file": cfg.log_file,
             "lock_file": cfg.lock_file,
-            "replication": cfg.replication(),
+            "replication": self.repl.root_status(),
             "vms": {name: self.vm_status(vm) for name, vm in sorted(self.store.vms.items())},
         }
 
@@ -444,10 +374,11 @@ class Control:
         st = dict(vm.status())
         rec = vm.recovery
         st["recovery"] = {"action": rec.action, "blocks": rec.blocks, "resume_seq": rec.resume_seq}
-        st["peer"] = self.info.config.replication()["state"]
+        st["peer"] = self.repl.vm_status(vm)
+        st["mode"] = st["peer"]["mode"]
         st["disks"] = {name: self.disk_status(vm, name) for name in sorted(vm.disks)}
         st["pending"] = [n.name for n in self.inodes.pending_of(vm.name)]
-        st["last_op"] = self.last_ops.get(vm.name)
+        st["last_op"] = self.vms.last_ops.get(vm.name)
         return st
 
     def disk_status(self, vm: VM, disk: str) -> dict[str, Any]:
@@ -455,16 +386,6 @@ class Control:
         st["file"] = disk + DISK_SUFFIX
         st["io_errors"] = self.io_errors.get(f"{vm.name}/{disk}", 0)
         return st
-
-
-def _buffered(vm: VM) -> tuple[int, int]:
-    """Bytes in the hidden and active layers of all disks of a VM."""
-    hidden = active = 0
-    for disk in vm.disks.values():
-        st = disk.status()
-        hidden += cast(int, st["hidden_bytes"])
-        active += cast(int, st["active_bytes"])
-    return hidden, active
 
 
 def _probe_image(path: str) -> tuple[os.stat_result, bytes]:

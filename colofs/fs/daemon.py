@@ -5,10 +5,17 @@ waits on ``--ready-fd`` for one JSON line: ``{"ready": true, ...}`` once the
 mount answers requests, or ``{"error": "..."}``. With ``--foreground`` the same
 code runs in the ``mountctl`` process.
 
+With ``--peer`` or ``--listen`` the replication engine starts first (a
+primary's write sinks are attached before the mount serves a write; a
+secondary's port is bound), then the mount. A key file others can read, a
+keyless non-loopback address and a port in use stop the startup with the
+reason, which ``mountctl mount`` prints.
+
 Shutdown is an unmount while the daemon still serves: the kernel writes the
 dirty pages of buffered writes back through the mount as the files are
-released, then ends the connection, and only then is the store closed (synced
-and marked clean). ``SIGTERM``/``SIGINT``/``SIGHUP`` start that unmount from
+released, then ends the connection; then replication stops (a primary first
+gives its queued writes a moment to be acknowledged, then saves its dirty
+maps), and only then is the store closed (synced and marked clean). ``SIGTERM``/``SIGINT``/``SIGHUP`` start that unmount from
 inside; if the mount is busy (a VM still has a disk open) the unmount is made
 lazy, so the daemon exits, store closed, once the last user is gone.
 """
@@ -38,6 +45,9 @@ from colofs.fs.control import MountInfo
 from colofs.fs.lock import AlreadyMounted, StoreLock
 from colofs.fs.mountpoint import MountpointError, check_mountpoint, detach_stale, fuse_unmount
 from colofs.fs.operations import Operations
+from colofs.fs.replication import Replication
+from colofs.repl import ReplConfigError
+from colofs.wire import KeyFileError, load_key
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +90,12 @@ def recovery_notes(store: Store) -> list[str]:
     return notes
 
 
-async def _run_fuse(done: trio.CancelScope, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def _run_fuse(done: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     task_status.started()
     try:
         await pyfuse3.main()
     finally:
-        done.cancel()  # the mount is gone: stop watching for signals
+        done.set()  # the mount is gone
 
 
 async def _watch_signals(signals: AsyncIterator[int], mountpoint: str) -> None:
@@ -102,8 +112,48 @@ async def _watch_signals(signals: AsyncIterator[int], mountpoint: str) -> None:
             log.error("lazy unmount of %s failed too: %s", mountpoint, msg)
 
 
+def _load_key(cfg: MountConfig) -> bytes | None:
+    """The shared key, read once at startup; a file others can read is refused."""
+    if cfg.key_file is None:
+        return None
+    try:
+        return load_key(cfg.key_file)
+    except KeyFileError as e:
+        raise StartupError(f"--key-file: {e}") from None
+
+
+async def _start_replication(nursery: trio.Nursery, repl: Replication, cfg: MountConfig) -> None:
+    """Start the engine in ``nursery``: a primary's sinks are attached, a secondary's port is bound."""
+    try:
+        await nursery.start(repl.run)
+    except ReplConfigError as e:
+        raise StartupError(f"replication: {e}") from None
+    except OSError as e:
+        raise StartupError(f"replication: cannot listen on {cfg.listen}: {e.strerror or e}") from None
+    if cfg.peer is not None:
+        log.info("replication: primary, sending to %s (%s)", cfg.peer,
+                 "authenticated" if repl.key is not None else "no key: loopback only")
+
+
+def _mount(ops: Operations, cfg: MountConfig) -> None:
+    options = {"fsname=colofs", "subtype=colofs", "default_permissions"}
+    if cfg.allow_other:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(ops, cfg.mountpoint, options)
+    except RuntimeError as e:
+        raise StartupError(f"cannot mount on {cfg.mountpoint}: {e} (see {cfg.log_file})") from e
+
+
 async def serve(cfg: MountConfig, lock: StoreLock, ready: Ready) -> None:
-    """Open the store, mount it, serve until unmounted, close the store."""
+    """Open the store, replicate, mount it, serve until unmounted; stop replicating, close the store.
+
+    Start: the replication engine runs before the mount exists (no write is
+    served untracked). Stop: the unmount comes first (the kernel writes its
+    dirty pages back through the mount), then replication stops (a primary
+    saves its dirty maps), then the FUSE session is closed and the store.
+    """
+    key = _load_key(cfg)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         log.info("opening store %s (default role %s)", cfg.store, cfg.role)
         try:
@@ -114,33 +164,54 @@ async def serve(cfg: MountConfig, lock: StoreLock, ready: Ready) -> None:
             notes = recovery_notes(store)
             for note in notes:
                 log.warning("%s", note)
-            ops = Operations(store, MountInfo(cfg, os.getpid(), time.time()))
-            options = {"fsname=colofs", "subtype=colofs", "default_permissions"}
-            if cfg.allow_other:
-                options.add("allow_other")
-            try:
-                pyfuse3.init(ops, cfg.mountpoint, options)
-            except RuntimeError as e:
-                raise StartupError(f"cannot mount on {cfg.mountpoint}: {e} (see {cfg.log_file})") from e
+            repl = Replication(cfg, store, key)
+            ops = Operations(store, MountInfo(cfg, os.getpid(), time.time()), repl)
+            failure: StartupError | None = None
+            mounted = False
             try:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(_run_fuse, nursery.cancel_scope)
-                    ops.nursery = nursery
-                    nursery.start_soon(_watch_signals, signals, cfg.mountpoint)
-                    lock.update(state="serving")
-                    log.info("serving %s on %s: %d VMs; replication: %s", cfg.store, cfg.mountpoint,
-                             len(store.vms), cfg.replication()["state"])
-                    ready({"ready": True, "pid": os.getpid(), "mountpoint": cfg.mountpoint,
-                           "store": cfg.store, "log_file": cfg.log_file, "notes": notes,
-                           "vms": sorted(store.vms)})
+                    try:
+                        await _start_replication(nursery, repl, cfg)
+                        _mount(ops, cfg)
+                        mounted = True
+                    except StartupError as e:
+                        failure = e
+                        nursery.cancel_scope.cancel()
+                    else:
+                        await _serve_mount(nursery, ops, repl, cfg, lock, signals, ready, notes)
             finally:
-                pyfuse3.close(unmount=True)  # a no-op after a clean unmount
-            log.info("%s unmounted; closing the store", cfg.mountpoint)
+                if mounted:
+                    pyfuse3.close(unmount=True)  # a no-op after a clean unmount
+            if failure is not None:
+                raise failure
+            log.info("%s unmounted, replication stopped; closing the store", cfg.mountpoint)
         finally:
             lock.update(state="closing")
             with trio.CancelScope(shield=True):
                 await store.close()
         log.info("store %s closed cleanly", cfg.store)
+
+
+async def _serve_mount(nursery: trio.Nursery, ops: Operations, repl: Replication, cfg: MountConfig,
+                       lock: StoreLock, signals: AsyncIterator[int], ready: Ready, notes: list[str]) -> None:
+    """Serve until the mount is gone, then stop everything else in ``nursery``."""
+    unmounted = trio.Event()
+    await nursery.start(_run_fuse, unmounted)
+    ops.nursery = nursery
+    nursery.start_soon(_watch_signals, signals, cfg.mountpoint)
+    lock.update(state="serving")
+    log.info("serving %s on %s: %d VMs; replication: %s", cfg.store, cfg.mountpoint,
+             len(ops.store.vms), repl.root_status()["state"])
+    ready({"ready": True, "pid": os.getpid(), "mountpoint": cfg.mountpoint,
+           "store": cfg.store, "log_file": cfg.log_file, "notes": notes,
+           "vms": sorted(ops.store.vms)})
+    await unmounted.wait()
+    ops.cache.close()  # no kernel session to talk to any more
+    if repl.primary is not None or repl.server is not None:
+        log.info("%s unmounted: stopping replication", cfg.mountpoint)
+    lock.update(state="stopping replication")
+    await repl.drain()
+    nursery.cancel_scope.cancel()
 
 
 def run(cfg: MountConfig, *, ready: Ready, foreground: bool) -> int:

@@ -20,10 +20,13 @@ class MountpointError(Exception):
 
 
 def is_stale(path: str) -> bool:
-    try:
-        os.stat(path)
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
+    # statfs always reaches the daemon; stat may be answered from attributes the kernel cached.
+    for probe in (os.stat, os.statvfs):
+        try:
+            probe(path)
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                return True
     return False
 
 

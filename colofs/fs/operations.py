@@ -38,6 +38,7 @@ from colofs.fs.control import PREFIX, Control, MountInfo
 from colofs.fs.errnos import fuse_error
 from colofs.fs.inodes import SNAP_KINDS, InodeTable, Kind, Node, disk_name, snapshot_name
 from colofs.fs.pagecache import PageCache
+from colofs.fs.replication import Replication
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +77,19 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
     enable_acl = False
 
-    def __init__(self, store: Store, info: MountInfo) -> None:
+    def __init__(self, store: Store, info: MountInfo, repl: Replication | None = None) -> None:
         super().__init__()
         self.store = store
         self.inodes = InodeTable(store)
         self.cache = PageCache(info.config.mountpoint, self.inodes)
-        self.control = Control(store, self.inodes, self.cache, info)
+        self.repl = repl or Replication(info.config, store, None)
+        self.control = Control(store, self.inodes, self.cache, info, self.repl)
         self._handles: dict[int, Node] = {}
         self._next_fh = 1
         # Set by the daemon: where follow-up work of a request runs after its reply.
         self.nursery: trio.Nursery | None = None
         self._size_repairs: set[int] = set()
+        self._size_repairs_again: set[int] = set()
 
     # -- helpers -----------------------------------------------------------------
 
@@ -124,16 +127,24 @@ class Operations(pyfuse3.Operations):
         the pages past it. It must run after this reply: the kernel holds the
         failed page until then.
         """
-        if self.nursery is None or node.ino in self._size_repairs:
+        if self.nursery is None:
+            return
+        if node.ino in self._size_repairs:
+            self._size_repairs_again.add(node.ino)  # this failure may postdate the repair under way
             return
         self._size_repairs.add(node.ino)
         self.nursery.start_soon(self._repair_size, node)
 
     async def _repair_size(self, node: Node) -> None:
         try:
-            await self.cache.reset_size(node, self.inodes.size_of(node))
+            while True:
+                self._size_repairs_again.discard(node.ino)
+                await self.cache.reset_size(node, self.inodes.size_of(node))
+                if node.ino not in self._size_repairs_again:
+                    break
         finally:
             self._size_repairs.discard(node.ino)
+            self._size_repairs_again.discard(node.ino)
 
     # -- lookups and attributes ------------------------------------------------------
 
@@ -192,6 +203,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if node.kind is Kind.PENDING and size > 0:
             disk = await self.store.create_disk(node.vm, node.disk, size, block_size=node.block_size)
+            self.repl.vm_created(node.vm)
             self.inodes.settle_pending(node)
             log.info("%s: disk created by truncate: %d bytes, %d-byte blocks", node.label, disk.size, disk.block_size)
             return
@@ -335,6 +347,7 @@ class Operations(pyfuse3.Operations):
             raise _refuse(errno.EPERM, "mkdir %s in %s refused: only VM directories, at the top",
                           _name(name), parent.label)
         vm = await self.store.create_vm(_name(name))
+        self.repl.vm_created(vm.name)
         log.info("VM %s created by mkdir (role %s)", vm.name, vm.state.role)
         node = self.inodes.vm_node(vm.name)
         assert node is not None

@@ -29,6 +29,10 @@ back synchronously and waits for pages under writeback (on Linux 6.16 and
 later a FUSE page stays under writeback until the daemon answered the
 write). The price is the file's clean cached pages, which are read again.
 A request on a VM directory holds no disk's lock and uses ``fsync``.
+
+A disk the primary creates on a secondary appears behind the kernel's back
+too: ``refresh_dir`` drops what the kernel cached of its VM directory. Once
+the mount is gone (``close``), nothing here talks to the kernel any more.
 """
 
 from __future__ import annotations
@@ -74,6 +78,14 @@ def _invalidate(ino: int) -> None:
             raise
 
 
+def _invalidate_attributes(ino: int) -> None:
+    try:
+        pyfuse3.invalidate_inode(ino, True)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            raise
+
+
 class PageCache:
     """Write-back and invalidation of the kernel's cache for disk files of one mount."""
 
@@ -82,11 +94,20 @@ class PageCache:
         self.inodes = inodes
         # Each call parks a thread until the kernel is done; a few at once suffice.
         self._limiter = trio.CapacityLimiter(4)
+        self.live = True
+
+    def close(self) -> None:
+        """The mount is gone: the kernel holds no pages any more, and its session must not be used."""
+        self.live = False
+
+    def _held(self, node: Node) -> bool:
+        """Whether the kernel may hold pages or attributes of ``node``."""
+        return self.live and self.inodes.known_to_kernel(node)
 
     async def write_back(self, nodes: Sequence[Node]) -> None:
         """Make every write the kernel holds for ``nodes`` reach the core."""
         for node in nodes:
-            if not self.inodes.known_to_kernel(node):
+            if not self._held(node):
                 continue  # the kernel has no inode, hence no pages
             path = os.path.join(self.mountpoint, node.vm, node.name)
             try:
@@ -102,6 +123,8 @@ class PageCache:
 
     async def forget_entry(self, parent: Node, node: Node) -> None:
         """Make the kernel forget a deleted file's name now: the next lookup asks again and misses."""
+        if not self.live:
+            return
         with trio.move_on_after(ENTRY_INVALIDATE_TIMEOUT) as scope:
             try:
                 await trio.to_thread.run_sync(_invalidate_entry, parent.ino, node.name.encode(),
@@ -115,7 +138,7 @@ class PageCache:
     async def drop(self, nodes: Sequence[Node]) -> None:
         """Drop every cached page of ``nodes`` (dirty ones are written back first)."""
         for node in nodes:
-            if not self.inodes.known_to_kernel(node):
+            if not self._held(node):
                 continue
             try:
                 await trio.to_thread.run_sync(_invalidate, node.ino, limiter=self._limiter)
@@ -123,8 +146,26 @@ class PageCache:
                 log.error("%s: invalidating the kernel's cache failed: %s", node.label, e)
                 raise
 
+    async def refresh_dir(self, node: Node, name: str) -> None:
+        """A file appeared in directory ``node`` behind the kernel's back: drop what it cached of both."""
+        if not self._held(node):
+            return
+        with trio.move_on_after(ENTRY_INVALIDATE_TIMEOUT) as scope:
+            try:
+                await trio.to_thread.run_sync(_invalidate_attributes, node.ino, limiter=self._limiter,
+                                              abandon_on_cancel=True)
+                await trio.to_thread.run_sync(_invalidate_entry, node.ino, name.encode(),
+                                              limiter=self._limiter, abandon_on_cancel=True)
+            except OSError as e:
+                log.warning("%s: refreshing the kernel's view of the directory failed: %s", node.label, e)
+        if scope.cancelled_caught:
+            log.warning("%s: the kernel did not refresh the directory within %.0f s; its entries expire "
+                        "on their own", node.label, ENTRY_INVALIDATE_TIMEOUT)
+
     async def reset_size(self, node: Node, size: int) -> None:
         """Make the kernel take ``size`` as the file's size again (see ``Operations.write``)."""
+        if not self.live:
+            return
         path = os.path.join(self.mountpoint, node.vm, node.name)
         try:
             await trio.to_thread.run_sync(os.truncate, path, size, limiter=self._limiter)

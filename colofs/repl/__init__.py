@@ -13,7 +13,14 @@ Modules: :mod:`~colofs.repl.sender` (the primary's per-VM link),
 """
 
 from colofs.repl.config import ASYNC, MODES, SYNC, ReplConfig, load_mode, save_mode
-from colofs.repl.errors import CheckpointError, PeerRefused, ReplCode, ReplConfigError, ReplError
+from colofs.repl.errors import (
+    CheckpointError,
+    CheckpointTimeout,
+    PeerRefused,
+    ReplCode,
+    ReplConfigError,
+    ReplError,
+)
 from colofs.repl.primary import PrimaryReplicator
 from colofs.repl.receiver import SecondaryHooks, SecondaryServer, serve_secondary
 from colofs.repl.sender import CheckpointResult
@@ -24,6 +31,7 @@ __all__ = [
     "SYNC",
     "CheckpointError",
     "CheckpointResult",
+    "CheckpointTimeout",
     "PeerRefused",
     "PrimaryReplicator",
     "ReplCode",

@@ -42,6 +42,10 @@ class CheckpointError(ReplError):
     """A checkpoint did not complete: the secondary is unreachable, too slow, or refused it."""
 
 
+class CheckpointTimeout(CheckpointError):
+    """The checkpoint was not confirmed in time (the secondary is unreachable, or too slow)."""
+
+
 class PeerRefused(ReplError):
     """The peer answered with ERROR; ``code`` says why (a :class:`ReplCode` or a wire code)."""
 

@@ -13,7 +13,8 @@ untracked::
 VMs created later are picked up by a periodic scan, or at once with
 :meth:`PrimaryReplicator.attach_vm` (a write made before either is not
 tracked and costs a full, digest-compared sync). Disks created later are
-found on their first write or by the same scan.
+found on their first write, when the link next wakes, or at once with
+:meth:`PrimaryReplicator.attach_vm` of their VM.
 """
 
 from __future__ import annotations
@@ -78,8 +79,15 @@ class PrimaryReplicator:
                 self.attach_vm(name)
 
     def attach_vm(self, name: str) -> None:
-        """Start replicating VM ``name`` now (no await: call it right after creating the VM)."""
-        if name in self.links or self._nursery is None:
+        """Start replicating VM ``name`` now (no await: call it right after creating the VM or a disk).
+
+        For a VM already replicated, its new disks are announced at once.
+        """
+        link = self.links.get(name)
+        if link is not None:
+            link.notice_disks()
+            return
+        if self._nursery is None:
             return
         vm = self.store.vm(name)
         if vm.state.role != PRIMARY:

@@ -24,7 +24,8 @@ stopped applying.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
@@ -70,17 +71,24 @@ MAX_QUERY_BYTES = 64 << 20
 _STREAM = (Batch, Checkpoint, DiskAdd, ResyncQuery, ResyncData, ResyncDone)
 
 
+async def core_checkpoint(vm: VM, seq: int) -> None:
+    """The checkpoint a secondary takes without a mount: the core's alone."""
+    await vm.checkpoint(seq)
+
+
 @dataclass
 class SecondaryHooks:
-    """What the daemon wants to hear about (all optional, awaited in stream order).
+    """How the daemon takes part in the stream (awaited in stream order).
 
-    ``on_checkpoint`` runs after the checkpoint is durable and before
-    CHECKPOINT_DONE goes out: the place to drop the kernel's page cache of
-    the VM's files (DESIGN.md invariant 3). ``on_disk_added`` runs after a
-    disk was created for the primary.
+    ``checkpoint`` takes checkpoint ``seq`` of the VM once every write up to
+    it is applied, before CHECKPOINT_DONE goes out. It defaults to the core's
+    checkpoint; a mount replaces it to write back the SVM's dirty pages first
+    and drop the kernel's page cache after (DESIGN.md invariant 3). It runs
+    shielded: once started, a checkpoint is finished. ``on_disk_added`` runs
+    after a disk was created for the primary.
     """
 
-    on_checkpoint: Callable[[str, int], Awaitable[None]] | None = None
+    checkpoint: Callable[[VM, int], Awaitable[None]] = core_checkpoint
     on_disk_added: Callable[[str, str], Awaitable[None]] | None = None
 
 
@@ -110,6 +118,7 @@ class _Session:
         self.last_rx = trio.current_time()
         self.started = trio.current_time()
         self.end_reason: str | None = None
+        self.end_code: int = ReplCode.REPLACED
         self.stats = {"batches": 0, "writes": 0, "bytes": 0, "applies": 0, "checkpoints": 0,
                       "resync_queries": 0, "resync_blocks": 0, "resync_bytes": 0}
         self._tx, self._rx = trio.open_memory_channel[Message](self.cfg.receive_queue)
@@ -117,8 +126,10 @@ class _Session:
     def label(self) -> str:
         return f"VM {self.vm.name} from primary {self.peer}"
 
-    def replace(self, why: str) -> None:
+    def replace(self, why: str, code: int = ReplCode.REPLACED) -> None:
+        """End the session; the primary is told ``why`` with ERROR ``code``."""
         self.end_reason = why
+        self.end_code = code
         self.scope.cancel()
 
     async def run(self) -> None:
@@ -140,7 +151,7 @@ class _Session:
             elif self.end_reason:
                 log.info("%s: session ended: %s", self.label(), self.end_reason)
                 with trio.CancelScope(shield=True), trio.move_on_after(0.5):
-                    await self._refuse(ReplCode.REPLACED, self.end_reason)
+                    await self._refuse(self.end_code, self.end_reason)
         finally:
             self.finished.set()
 
@@ -294,15 +305,12 @@ class _Session:
             raise ReplProtocolError(
                 f"CHECKPOINT after seq {msg.seq}, but the last applied seq is {vm.state.last_applied}")
         with trio.CancelScope(shield=True):
-            await vm.checkpoint(msg.seq)
+            await self.server.hooks.checkpoint(vm, msg.seq)
             if self.full_done:
                 await save_needs_full_sync(vm, False)
                 self.full_done = False
                 self.needs_full = False
         self.stats["checkpoints"] += 1
-        hook = self.server.hooks.on_checkpoint
-        if hook is not None:
-            await hook(vm.name, msg.seq)
         await self.sender.send(CheckpointDone(msg.seq, msg.id))
 
     async def _disk_add(self, msg: DiskAdd) -> None:
@@ -414,6 +422,8 @@ class SecondaryServer:
         self._open = 0
         self.stats = {"connections": 0, "refused": 0, "sessions": 0}
         self.last_errors: dict[str, str] = {}
+        self.last_refusal: str | None = None
+        """Why the last connection was turned away before it named a VM (a wrong key, say)."""
 
     async def serve(self, listen: tuple[str, int], *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         host, port = listen
@@ -462,6 +472,7 @@ class SecondaryServer:
                 msg = await fs.receive()
         except (ProtocolError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as e:
             self.stats["refused"] += 1
+            self.last_refusal = f"{addr}: {_text(e)}"
             log.warning("replication: refused connection from %s: %s", addr, _text(e))
             return
         peer = f"{hello.node_id} ({addr})"
@@ -493,6 +504,7 @@ class SecondaryServer:
                 return
             session = _Session(self, res, fs, sender, hello.node_id)
             self.sessions[msg.vm] = session
+            self.last_errors.pop(msg.vm, None)
             st = res.vm.state
             log.info("replication: VM %s attached by primary %s at seq %d (checkpoint %d)%s",
                      msg.vm, peer, st.last_applied, st.last_checkpoint,
@@ -514,6 +526,24 @@ class SecondaryServer:
             if self.sessions.get(msg.vm) is session:
                 del self.sessions[msg.vm]
 
+    @asynccontextmanager
+    async def exclusive(self, vm_name: str, why: str, code: int = ReplCode.FAILED_OVER) -> AsyncIterator[None]:
+        """Close the VM's session (telling its primary ``why``) and take no primary for it until exit.
+
+        A failover runs inside: the session stops applying before the commit
+        starts, and no primary can attach in between; afterwards the VM's
+        role refuses them on its own.
+        """
+        lock = self._vm_locks.setdefault(vm_name, trio.Lock())
+        async with lock:
+            session = self.sessions.get(vm_name)
+            if session is not None:
+                log.warning("replication: VM %s: closing the session of primary %s: %s",
+                            vm_name, session.peer, why)
+                session.replace(why, code)
+                await session.finished.wait()
+            yield
+
     def status(self, vm_name: str | None = None) -> dict[str, object]:
         """Per VM: role, epoch, seqs, and the session if a primary is connected."""
         def one(name: str) -> dict[str, object]:
@@ -532,7 +562,8 @@ class SecondaryServer:
 
         if vm_name is not None:
             return one(vm_name)
-        return {"listen_port": self.port, **self.stats,
+        return {"listen_port": self.port, **self.stats, "open_sessions": len(self.sessions),
+                "last_refusal": self.last_refusal,
                 "vms": {n: one(n) for n in sorted(set(self.store.vms) | set(self.sessions))}}
 
 

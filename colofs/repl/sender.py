@@ -38,6 +38,7 @@ from colofs.repl.config import ASYNC, SYNC, ReplConfig, load_mode
 from colofs.repl.dirty import DirtyMap, bit_runs, count_bits
 from colofs.repl.errors import (
     CheckpointError,
+    CheckpointTimeout,
     PeerRefused,
     PeerTimeout,
     ReplError,
@@ -51,7 +52,7 @@ from colofs.repl.retained import RetainedLog
 from colofs.repl.session import ResumePlan, plan_resume
 from colofs.repl.util import Signal, first_error
 from colofs.wire.auth import NonceRegistry
-from colofs.wire.errors import ConnectionClosed, ProtocolError
+from colofs.wire.errors import ConnectionClosed, ProtocolError, WrongKey
 from colofs.wire.messages import (
     Ack,
     Attach,
@@ -222,6 +223,11 @@ class VMLink:
             log.info("VM %s: replicating new disk %s (%d bytes of data to compare)",
                      self.vm.name, name, sum(hi - lo for lo, hi in ranges))
 
+    def notice_disks(self) -> None:
+        """Disks were created: announce them now (and send what they hold) instead of at the next write."""
+        self._discover()
+        self._wake()
+
     async def save_tracking(self) -> None:
         """Make the dirty map durable, valid for a restart that finds ``last_applied`` unchanged."""
         meta = PrimaryMeta(sorted(self.known), self.vm.state.last_applied, self.vm.state.epoch,
@@ -331,7 +337,7 @@ class VMLink:
             if marker is not None and not marker.sent and marker in self.markers:
                 self.markers.remove(marker)
             where = "was not acknowledged" if marker is not None else "could not start"
-            raise CheckpointError(
+            raise CheckpointTimeout(
                 f"VM {self.vm.name}: checkpoint {where} within {timeout:g} s "
                 f"(secondary {self.state}; last error: {self.last_error or 'none'})"
             ) from None
@@ -366,7 +372,8 @@ class VMLink:
             refused = False
             try:
                 await self._connect_and_serve()
-            except PeerRefused as e:
+            except (PeerRefused, WrongKey) as e:
+                # A refusal (failed over, stale epoch, another key) will not change by retrying soon.
                 refused = True
                 self._record_error(str(e), warn=True)
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
@@ -491,6 +498,7 @@ class VMLink:
                 await self._resync(conn)
                 self._set_state(STREAMING)
                 continue
+            await self._sync_disks(conn)  # a new disk appears there even before its first write
             if not await self._send_ready(conn, None):
                 await self._work.wait()
 

@@ -17,7 +17,13 @@ import pytest
 import trio
 
 from colofs.core import Store
-from colofs.repl import PrimaryReplicator, ReplConfig, SecondaryServer, serve_secondary
+from colofs.repl import (
+    PrimaryReplicator,
+    ReplConfig,
+    SecondaryHooks,
+    SecondaryServer,
+    serve_secondary,
+)
 from colofs.wire import NonceRegistry
 from tests.repl.proxy import FaultProxy
 
@@ -87,7 +93,8 @@ class Pair:
 
     # -- secondary -------------------------------------------------------------------
 
-    async def start_secondary(self, port: int = 0, key: bytes | None | str = "same") -> SecondaryServer:
+    async def start_secondary(self, port: int = 0, key: bytes | None | str = "same",
+                              hooks: SecondaryHooks | None = None) -> SecondaryServer:
         if self.secondary is None:
             self.secondary = await Store.open(self.sdir, role="secondary", create=True)
         use_key = self.key if key == "same" else key
@@ -99,7 +106,7 @@ class Pair:
                 with trio.CancelScope() as scope:
                     self._server_scope = scope
                     await serve_secondary(self.secondary, ("127.0.0.1", port), use_key,
-                                          config=self.cfg, nonces=self.secondary_nonces,
+                                          config=self.cfg, nonces=self.secondary_nonces, hooks=hooks,
                                           task_status=task_status)
             finally:
                 done.set()

@@ -1,0 +1,187 @@
+"""The mount's side of replication: the engine a daemon runs, and what status says about it.
+
+A mount with ``--peer`` is a primary: it runs a
+:class:`~colofs.repl.PrimaryReplicator` whose write sinks are attached before
+the mount serves a single write, so no write goes untracked. A mount with
+``--listen`` is a secondary: it runs a :class:`~colofs.repl.SecondaryServer`
+whose checkpoints go through the mount (the hook :class:`Control` installs:
+write back the SVM's dirty pages, checkpoint the core, drop the page cache).
+A mount with neither serves its disks unreplicated.
+
+The engine knows nothing of FUSE; this module is where the daemon, the
+control plane and status reach it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from colofs.core.state import PRIMARY
+from colofs.core.store import Store
+from colofs.core.vm import VM
+from colofs.fs.config import MountConfig
+from colofs.repl import (
+    PrimaryReplicator,
+    ReplConfig,
+    SecondaryHooks,
+    SecondaryServer,
+    load_mode,
+    save_mode,
+)
+from colofs.repl.config import check_mode
+from colofs.repl.sender import CheckpointResult
+
+# The engine's link states, as status shows them per VM.
+LINK_STATES = {
+    "streaming": "connected",
+    "resyncing": "resyncing",
+    "refused": "refused",
+    "stopped": "stopped",
+    "idle": "connecting",
+    "connecting": "connecting",
+    "attaching": "connecting",
+    "disconnected": "connecting",
+}
+RUNNING = "running"
+DRAIN_SECONDS = 3.0  # at shutdown, how long the queued writes get to reach the secondary
+
+
+class Replication:
+    """None, a primary's replicator, or a secondary's listener, for one mount."""
+
+    def __init__(self, cfg: MountConfig, store: Store, key: bytes | None,
+                 settings: ReplConfig | None = None) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.key = key
+        self.settings = settings or ReplConfig()
+        self.hooks = SecondaryHooks()  # the control plane installs the mount's checkpoint
+        self.primary: PrimaryReplicator | None = None
+        self.server: SecondaryServer | None = None
+        if cfg.peer is not None:
+            self.primary = PrimaryReplicator(store, (cfg.peer.host, cfg.peer.port), key,
+                                             node_id=store.node_id, config=self.settings)
+        elif cfg.listen is not None:
+            self.server = SecondaryServer(store, key, node_id=store.node_id, config=self.settings,
+                                          nonces=None, hooks=self.hooks)
+
+    # -- running ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Replicate until cancelled; started once writes are tracked (primary) or the port is bound.
+
+        Raises before starting: :class:`~colofs.repl.ReplConfigError` for a
+        keyless non-loopback address, ``OSError`` for a port that cannot be bound.
+        """
+        if self.primary is not None:
+            await self.primary.run(task_status=task_status)
+        elif self.server is not None:
+            assert self.cfg.listen is not None
+            await self.server.serve((self.cfg.listen.host, self.cfg.listen.port), task_status=task_status)
+        else:
+            task_status.started()
+
+    async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
+        """Let connected links get their queued writes acknowledged before the engine stops.
+
+        Nothing depends on it (the dirty maps are saved either way); it only
+        spares the secondary a resync after a clean unmount.
+        """
+        if self.primary is None:
+            return
+        links = list(self.primary.links.values())
+        with trio.move_on_after(timeout):
+            while any(link.state == "streaming" and link.acked < link.vm.state.last_applied for link in links):
+                await trio.sleep(0.02)
+
+    def vm_created(self, name: str) -> None:
+        """A VM or disk was created through the mount: replicate it from its first write."""
+        if self.primary is not None and name in self.store.vms:
+            self.primary.attach_vm(name)
+
+    # -- commands ----------------------------------------------------------------------
+
+    def replicates(self, vm: VM) -> bool:
+        """Whether ``vm`` is a primary VM streaming to a secondary from here."""
+        return self.primary is not None and vm.name in self.primary.links
+
+    async def checkpoint(self, vm: VM, timeout: float | None) -> CheckpointResult:
+        """A checkpoint confirmed by the secondary; raises :class:`~colofs.repl.CheckpointError`."""
+        assert self.primary is not None
+        return await self.primary.checkpoint(vm.name, timeout)
+
+    def session_peer(self, vm: VM) -> str | None:
+        """The primary streaming ``vm`` into this secondary now, if one is."""
+        if self.server is None:
+            return None
+        session = self.server.sessions.get(vm.name)
+        return session.peer if session is not None else None
+
+    @asynccontextmanager
+    async def exclusive(self, vm: VM, why: str) -> AsyncIterator[None]:
+        """On a secondary: no primary writes into ``vm`` while inside (its session is closed first)."""
+        if self.server is None:
+            yield
+            return
+        async with self.server.exclusive(vm.name, why):
+            yield
+
+    def mode(self, vm: VM) -> str:
+        if self.primary is not None and vm.name in self.primary.links:
+            return self.primary.mode(vm.name)
+        return load_mode(vm)
+
+    async def set_mode(self, vm: VM, mode: str) -> None:
+        """Persist the VM's mode; a replicating primary applies it from the next write."""
+        check_mode(mode)
+        if self.primary is not None and vm.state.role == PRIMARY:
+            await self.primary.set_mode(vm.name, mode)
+        else:
+            await save_mode(vm, mode)
+
+    # -- status --------------------------------------------------------------------------
+
+    def root_status(self) -> dict[str, Any]:
+        """The mount's replication: its configuration and, while running, its connections."""
+        out: dict[str, Any] = dict(self.cfg.replication())
+        if self.primary is not None:
+            states = [LINK_STATES.get(link.state, link.state) for link in self.primary.links.values()]
+            out.update(state=RUNNING, role="primary", authenticated=self.key is not None,
+                       vms=len(states), **{s: states.count(s) for s in
+                                          ("connected", "connecting", "resyncing", "refused")})
+        elif self.server is not None:
+            st = self.server.status()
+            out.update(state=RUNNING, role="secondary", authenticated=self.key is not None,
+                       port=st["listen_port"], connections=st["connections"],
+                       sessions=st["open_sessions"], refused=st["refused"],
+                       last_refusal=st["last_refusal"])
+        return out
+
+    def vm_status(self, vm: VM) -> dict[str, Any]:
+        """What ``status`` shows as a VM's ``peer``."""
+        mode = self.mode(vm)
+        if self.primary is not None:
+            link = self.primary.links.get(vm.name)
+            if link is None:
+                return {"state": "not replicated", "mode": mode,
+                        "reason": f"the VM is a {vm.state.role} here; only primary VMs are sent to the peer"}
+            st = link.status()
+            reason = st.get("last_error") if link.state != "streaming" else None
+            return {**st, "state": LINK_STATES.get(link.state, link.state), "link_state": link.state,
+                    "reason": reason}
+        if self.server is not None:
+            st = self.server.status(vm.name)
+            out: dict[str, Any] = {**st, "mode": mode, "acked_seq": vm.state.last_applied,
+                                   "reason": st.get("last_error")}
+            if vm.state.role == PRIMARY:
+                out.update(state="failed over", reason="this node took the VM over; its old primary is refused")
+            elif st.get("connected"):
+                out["state"] = "resyncing" if st.get("resyncing") else "connected"
+            else:
+                out["state"] = "refused" if st.get("last_error") else "waiting"
+            return out
+        return {"state": self.cfg.replication()["state"], "mode": mode}
