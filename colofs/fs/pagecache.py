@@ -9,26 +9,21 @@ data from before it.
 
 Both steps wait on the kernel, and the kernel waits on this process to serve
 the writes it sends meanwhile, so they run in worker threads while the trio
-loop keeps serving:
+loop keeps serving. Both are one call: ``pyfuse3.invalidate_inode(ino)``
+writes each dirty page back synchronously (through this mount, to the
+core), waits for pages already under writeback (since Linux 6.16 a FUSE page
+stays under writeback until the daemon answered the write), then drops
+every cached page and unmaps it from ``mmap`` users.
+``fuse_lowlevel_notify_inval_inode`` runs without the GIL, so the loop
+thread keeps going.
 
-* ``fsync`` of the file opened through the mount: writes back every dirty
-  page and waits for writes already in flight (an invalidation alone does not
-  wait for pages whose writeback has started);
-* ``pyfuse3.invalidate_inode(ino)``: drops the cached pages (laundering any
-  page dirtied meanwhile) and unmaps them from ``mmap`` users.
-  ``fuse_lowlevel_notify_inval_inode`` runs without the GIL, so the loop
-  thread keeps going.
-
-A snapshot of one disk is requested by a ``setxattr`` on the disk file
-itself, and the kernel holds that file's inode lock for the whole request.
-``fsync`` (and the ``close`` of any descriptor) of the same file takes that
-lock too and would deadlock, and ``syncfs`` no longer waits for FUSE
-writeback. So such a request brings the dirty pages down with the
-invalidation alone, which needs no inode lock: it writes each dirty page
-back synchronously and waits for pages under writeback (on Linux 6.16 and
-later a FUSE page stays under writeback until the daemon answered the
-write). The price is the file's clean cached pages, which are read again.
-A request on a VM directory holds no disk's lock and uses ``fsync``.
+The daemon never writes back by opening the files through its own mount:
+every control request is a ``setxattr`` that holds the inode lock of its
+node (a disk file, or a VM directory), and a path lookup below a VM
+directory whose entries the kernel evicted takes that directory's lock too,
+so an ``open`` + ``fsync`` there deadlocks the request (and the daemon with
+it). The price of the invalidation is the file's clean cached pages, which
+are read again; a checkpoint on a secondary drops them anyway.
 
 A disk the primary creates on a secondary appears behind the kernel's back
 too: ``refresh_dir`` drops what the kernel cached of its VM directory. Once
@@ -50,14 +45,6 @@ from colofs.fs.inodes import InodeTable, Node
 log = logging.getLogger(__name__)
 
 ENTRY_INVALIDATE_TIMEOUT = 5.0
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _invalidate_entry(parent_ino: int, name: bytes) -> None:
@@ -105,21 +92,8 @@ class PageCache:
         return self.live and self.inodes.known_to_kernel(node)
 
     async def write_back(self, nodes: Sequence[Node]) -> None:
-        """Make every write the kernel holds for ``nodes`` reach the core."""
-        for node in nodes:
-            if not self._held(node):
-                continue  # the kernel has no inode, hence no pages
-            path = os.path.join(self.mountpoint, node.vm, node.name)
-            try:
-                await trio.to_thread.run_sync(_fsync_path, path, limiter=self._limiter)
-            except OSError as e:
-                # A failed writeback was already logged by the write handler;
-                # an unreachable path (lazy unmount) leaves only the invalidation.
-                log.warning("%s: writing back cached pages through %s: %s", node.label, path, e)
-
-    async def write_back_locked(self, node: Node) -> None:
-        """Write back a file whose inode lock the current request holds: by invalidation (see above)."""
-        await self.drop([node])
+        """Make every write the kernel holds for ``nodes`` reach the core (by invalidation, see above)."""
+        await self.drop(nodes)
 
     async def forget_entry(self, parent: Node, node: Node) -> None:
         """Make the kernel forget a deleted file's name now: the next lookup asks again and misses."""

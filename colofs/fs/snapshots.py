@@ -98,7 +98,7 @@ class SnapshotControl:
         async with self._lock(vm.name):
             t0 = time.monotonic()
             if self._sees_page_cache(vm):
-                await self.cache.write_back_locked(node)
+                await self.cache.write_back([node])
             t1 = time.monotonic()
             snaps = await vm.snapshot(name, [node.disk])
             t2 = time.monotonic()
@@ -140,7 +140,7 @@ class SnapshotControl:
                 snap = await vm.clone(node.disk, name, from_snapshot=base.name)
             else:
                 if self._sees_page_cache(vm):
-                    await self.cache.write_back_locked(node)
+                    await self.cache.write_back([node])
                 snap = await vm.clone(node.disk, name)
             took = time.monotonic() - t0
             log.info("%s: clone %s of %s at seq %d in %.3f s", snap.disk.label, name,

@@ -180,3 +180,23 @@ def test_checkpoints_under_concurrent_io_finish(sec, tmp_path):
         assert r.read() == primary
     result = json.loads(os.getxattr(sec.path("vm1"), "user.colofs.status"))
     assert result["last_op"]["op"] == "checkpoint"
+
+
+def test_checkpoint_after_the_kernel_evicted_its_entries(pri, tmp_path):
+    """A VM-directory request must not look paths up through its own mount.
+
+    The setxattr holds the VM directory's inode lock; once the kernel has
+    evicted the disk file's entry (drop_caches), a lookup below that directory
+    needs the same lock, so a write-back that opened the file by path would
+    hang the request and the daemon.
+    """
+    mountctl("create", pri.mnt, "vm1/d0", "--size", "16M")
+    with open(pri.path("vm1", "d0.raw"), "r+b") as f:
+        f.write(b"x" * 65536)
+    for i in range(3):
+        subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=True, timeout=60)
+        res = mountctl("checkpoint", pri.path("vm1"), "--json", timeout=30)
+        assert json.loads(res.stdout)["vm"] == "vm1"
+        snap = mountctl("snapshot", "--vm", pri.path("vm1"), f"s{i}", timeout=30)
+        assert snap.returncode == 0
+    assert pri.path("vm1", "d0@s2.raw").read_bytes()[:65536] == b"x" * 65536
