@@ -14,12 +14,17 @@ from colofs.core.forward import ForwardedWrite
 
 
 class RetainedLog:
-    """A FIFO of writes with consecutive seqs, indexable by seq."""
+    """A FIFO of writes with consecutive seqs, indexable by seq.
+
+    ``nbytes`` is what the log holds: a dropped write's slot is cleared at
+    once (the list is compacted only now and then), so its data is freed
+    when it is dropped, not when the list is next compacted.
+    """
 
     __slots__ = ("_head", "_items", "nbytes", "start")
 
     def __init__(self, start: int) -> None:
-        self._items: list[ForwardedWrite] = []
+        self._items: list[ForwardedWrite | None] = []
         self._head = 0
         self.start = start
         """Seq of the oldest retained write (the next one to be appended if empty)."""
@@ -44,29 +49,39 @@ class RetainedLog:
         return self.start <= seq <= self.end + 1
 
     def get(self, seq: int) -> ForwardedWrite:
-        return self._items[self._head + seq - self.start]
+        w = self._items[self._head + seq - self.start]
+        assert w is not None
+        return w
 
     def bytes_after(self, seq: int) -> int:
         """Bytes of the retained writes newer than ``seq``."""
         total = 0
         lo = max(seq + 1, self.start)
         for i in range(self._head + lo - self.start, len(self._items)):
-            total += len(self._items[i].data)
+            w = self._items[i]
+            assert w is not None
+            total += len(w.data)
         return total
 
     def drop_through(self, seq: int) -> int:
         """Forget writes ``<= seq``; returns the bytes freed."""
         freed = 0
         items = self._items
-        while self._head < len(items) and items[self._head].seq <= seq:
-            freed += len(items[self._head].data)
-            self._head += 1
-        if self._head == len(items):
+        head = self._head
+        stop = min(len(items), head + max(0, seq - self.start + 1))
+        while head < stop:
+            w = items[head]
+            assert w is not None
+            freed += len(w.data)
+            items[head] = None  # the data goes now, whatever the list does later
+            head += 1
+        self._head = head
+        if head == len(items):
             self.start = max(self.start, seq + 1)
             items.clear()
             self._head = 0
         else:
-            self.start = items[self._head].seq
+            self.start = max(self.start, seq + 1)
             if self._head > 1024 and self._head * 2 > len(items):
                 del items[: self._head]
                 self._head = 0

@@ -119,3 +119,24 @@ def test_chunking_and_digests(tmp_path) -> None:
         assert digests[8] != zero_digest(4096) and buf[8 * 4096 : 8 * 4096 + 4] == b"data"
     finally:
         os.close(fd)
+
+
+def test_retained_log_frees_dropped_writes_at_once() -> None:
+    """A dropped write's data must not stay referenced until the list is next compacted."""
+    import weakref
+
+    class Data(bytearray):
+        pass
+
+    r = RetainedLog(1)
+    refs = []
+    for s in range(1, 11):
+        d = Data(b"y" * 100)
+        refs.append(weakref.ref(d))
+        r.append(ForwardedWrite(s, "d", 0, d))
+        del d
+    assert r.drop_through(4) == 400 and r.nbytes == 600
+    assert [ref() is None for ref in refs] == [True] * 4 + [False] * 6
+    assert r.start == 5 and r.get(5).seq == 5 and r.bytes_after(7) == 300
+    r.drop_through(3)  # nothing older left: a no-op
+    assert r.start == 5 and r.nbytes == 600
