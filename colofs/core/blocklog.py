@@ -37,6 +37,7 @@ PUT = 1
 DROP = 2
 F_DATA_DIGEST = 1
 MAX_RECORDS = 1 << 20
+NEW_SUFFIX = ".new"  # a fresh log file before it is renamed over the old one
 
 
 def _header_len(nrec: int, block_size: int) -> int:
@@ -91,6 +92,11 @@ class BlockLog:
         by a valid segment of this generation is corruption.
         """
         try:
+            # A fresh file a crash caught before its rename: the old one still stands.
+            os.unlink(path + NEW_SUFFIX)
+        except FileNotFoundError:
+            pass
+        try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             raise MapMissing(f"{label}: block map {path} is missing") from None
@@ -116,6 +122,32 @@ class BlockLog:
             os.ftruncate(self.fd, 0)
         except OSError as e:
             raise DiskIOError(f"{self.label}: cannot truncate {self.path}: {e.strerror}", e.errno) from e
+
+    def start_over(self, gen: int) -> int:
+        """Empty the log for a new generation by renaming a fresh file over it; returns the old descriptor.
+
+        Unlike :meth:`reset` this costs no block freeing now: that happens
+        when the caller closes the returned descriptor, off the critical
+        path. Either file is valid after a crash (the old one holds only
+        older generations), but the caller must make the rename durable
+        (``fsync`` of the directory) before the new file takes data that
+        base depends on.
+        """
+        tmp = self.path + NEW_SUFFIX
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise DiskIOError(f"{self.label}: cannot create {tmp}: {e.strerror}", e.errno) from e
+        try:
+            os.rename(tmp, self.path)
+        except OSError as e:
+            os.close(fd)
+            raise DiskIOError(f"{self.label}: cannot replace {self.path}: {e.strerror}", e.errno) from e
+        old, self.fd = self.fd, fd
+        self.gen = gen
+        self.map.clear()
+        self.end = 0
+        return old
 
     # -- queries ----------------------------------------------------------
 

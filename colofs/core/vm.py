@@ -50,6 +50,7 @@ from colofs.core.fileio import (
 )
 from colofs.core.forward import ForwardedWrite, WriteSink
 from colofs.core.names import check_name
+from colofs.core.reaper import FdReaper
 from colofs.core.snapshot import Snapshot, overlay_path, target_path
 from colofs.core.state import (
     CLONE,
@@ -111,6 +112,7 @@ class VM:
         self.forward: WriteSink | None = None
         self.recovery = Recovery("none", 0, state.last_checkpoint)
         self.closed = False
+        self.reaper = FdReaper(self.name)
 
     # -- creation and opening ----------------------------------------------------
 
@@ -513,9 +515,7 @@ class VM:
                 for disk in self._sorted_disks():
                     held.append((disk, await disk.lock.acquire(0, disk.nblocks, True)))
                 new = await self._update(lambda s: replace(s, gen=s.gen + 1, last_checkpoint=seq))
-                for disk in self.disks.values():
-                    disk.hidden.reset(new.gen)
-                    disk.active.reset(new.gen)
+                await self._start_layers_over(new.gen)
             finally:
                 for disk, req in held:
                     disk.lock.release(req)
@@ -558,12 +558,33 @@ class VM:
             new = await self._update(
                 lambda s: replace(s, role=PRIMARY, phase=NORMAL, gen=s.gen + 1, last_checkpoint=s.last_applied)
             )
-            for disk in self.disks.values():
-                disk.hidden.reset(new.gen)
-                disk.active.reset(new.gen)
+            await self._start_layers_over(new.gen)
         finally:
             for disk, req in held:
                 disk.lock.release(req)
+
+    async def _start_layers_over(self, gen: int) -> None:
+        """Empty hidden and active of every disk for ``gen``, which the state file already names.
+
+        The caller holds every disk's whole range. Fresh files are renamed
+        over the logs and the old ones freed by the reaper, so the pause
+        does not grow with the amount buffered (see ``colofs.core.reaper``).
+        """
+        old: list[int] = []
+        dirs: set[str] = set()
+        try:
+            for disk in self._sorted_disks():
+                for layer in (disk.hidden, disk.active):
+                    try:
+                        old.append(layer.start_over(gen))
+                        dirs.add(os.path.dirname(layer.path))
+                    except DiskIOError as e:
+                        log.warning("%s; truncating it in place instead", e)
+                        layer.reset(gen)
+        finally:
+            self.reaper.put(old)
+        # The renames must be durable before the new files take data base depends on.
+        await trio.to_thread.run_sync(_fsync_dirs, sorted(dirs))
 
     # -- the primary's writes -----------------------------------------------------
 
@@ -795,6 +816,7 @@ class VM:
             await datasync_all(fds)
             await self._update(lambda s: replace(s, clean=True, disks=self._log_lengths(s)))
             self._close_files()
+        await self.reaper.stop()
 
     def _close_files(self) -> None:
         for d in self.disks.values():
@@ -804,6 +826,15 @@ class VM:
     def abandon(self) -> None:
         """Drop the VM without a clean close, as a crash would (for tests and fatal errors)."""
         self._close_files()
+        self.reaper.stop_now()
+
+
+def _fsync_dirs(paths: Sequence[str]) -> None:
+    for path in paths:
+        try:
+            fsync_dir(path)
+        except OSError as e:
+            raise DiskIOError(f"cannot make the new block logs in {path} durable: {e.strerror}", e.errno) from e
 
 
 def _copy_sparse(source: str, fd: int) -> None:
