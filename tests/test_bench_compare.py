@@ -73,6 +73,16 @@ def test_render_marks_failures_and_ratios():
     assert "aio16-rand-read / raw file: failed: the daemon died" in text
 
 
+def test_ratios_above_one_mean_colofs_wins_for_times_too():
+    row = select(all_rows(1 << 30, 5.0, 1 << 30), "failover-256m")[0]
+    assert not row.higher_is_better
+    fast, slow = Cell(), Cell()
+    fast.add(400.0)
+    slow.add(800.0)
+    assert RowResult(row, {"colofs": fast, "qemu": slow}).ratio("qemu") == 2.0
+    assert RowResult(row, {"colofs": slow, "qemu": fast}).ratio("qemu") == 0.5
+
+
 @needs_root_tools
 def test_quick_run_one_row(tmp_path: Path):
     out = tmp_path / "result.json"
@@ -84,7 +94,7 @@ def test_quick_run_one_row(tmp_path: Path):
     try:
         assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
         doc = json.loads(out.read_text())
-        assert doc["schema"] == "colofs-bench-compare/1"
+        assert doc["schema"] == "colofs-bench-compare/2"
         for key in ("date", "cpus", "kernel", "qemu", "fio"):
             assert doc["machine"][key], key
         assert doc["settings"]["reps"] == 1 and doc["settings"]["size"] == 64 << 20
@@ -99,9 +109,9 @@ def test_quick_run_one_row(tmp_path: Path):
             assert all(x > 0 for x in cell["samples"])
         if not HAVE_QEMU:
             assert row["systems"]["qemu"]["status"] == "skipped" and row["systems"]["qemu"]["reason"]
-        assert row["ratios"]["colofs/raw"] > 0
+        assert row["ratios"]["vs_raw"] > 0
         if HAVE_QEMU:
-            assert row["ratios"]["colofs/qemu"] > 0
+            assert row["ratios"]["vs_qemu"] > 0
         assert "direct-seq-write" in res.stderr  # a progress line per measurement
         assert "| O_DIRECT psync seq write 1M | MB/s |" in res.stdout
     finally:

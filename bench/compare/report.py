@@ -20,7 +20,7 @@ from typing import Any
 from bench.compare.proc import first_line
 from bench.compare.workloads import LABELS, Row
 
-SCHEMA = "colofs-bench-compare/1"
+SCHEMA = "colofs-bench-compare/2"
 
 
 @dataclass
@@ -74,10 +74,15 @@ class RowResult:
     cells: dict[str, Cell]
 
     def ratio(self, other: str) -> float | None:
+        """How many times better colofs is than ``other``: above 1.0 colofs wins, whichever way the unit points.
+
+        Throughput rows divide colofs by the other system; time and memory
+        rows divide the other system by colofs.
+        """
         a, b = self.cells.get("colofs"), self.cells.get(other)
-        if a is None or b is None or a.median is None or b.median is None or b.median == 0:
+        if a is None or b is None or a.median is None or b.median is None or min(a.median, b.median) <= 0:
             return None
-        return a.median / b.median
+        return a.median / b.median if self.row.higher_is_better else b.median / a.median
 
     def as_json(self) -> dict[str, Any]:
         r = self.row
@@ -85,7 +90,7 @@ class RowResult:
             "id": r.id, "group": r.group, "title": r.title, "unit": r.unit,
             "better": "higher" if r.higher_is_better else "lower",
             "systems": {name: cell.as_json() for name, cell in self.cells.items()},
-            "ratios": {"colofs/qemu": _round(self.ratio("qemu")), "colofs/raw": _round(self.ratio("raw"))},
+            "ratios": {"vs_qemu": _round(self.ratio("qemu")), "vs_raw": _round(self.ratio("raw"))},
         }
 
 
@@ -118,7 +123,7 @@ def fmt_cell(cell: Cell | None, row: Row) -> str:
 def render(results: list[RowResult], header: str) -> str:
     """The Markdown table for the terminal, then one line per failed or skipped cell with its reason."""
     lines = [header, "",
-             "| row | unit | colofs | QEMU chain | raw file | colofs/QEMU | colofs/raw |",
+             "| row | unit | colofs | QEMU chain | raw file | vs QEMU | vs raw |",
              "|---|---|---|---|---|---|---|"]
     notes = []
     for res in results:
@@ -182,6 +187,8 @@ def write_json(path: str, results: list[RowResult], machine: dict[str, Any], set
                notes: list[str]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     doc = {"schema": SCHEMA, "machine": machine, "settings": settings, "notes": notes,
+           "ratio_meaning": "vs_qemu / vs_raw: how many times better colofs is (above 1.0 colofs wins; "
+                            "throughput colofs/other, time and memory other/colofs)",
            "rows": [r.as_json() for r in results]}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
