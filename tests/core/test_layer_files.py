@@ -6,6 +6,8 @@ import os
 import shutil
 
 from colofs.core import PrimaryWrite, Store
+from colofs.core.disk import Disk
+from colofs.core.vm import VM
 
 SIZE = 256 * 1024
 
@@ -23,10 +25,14 @@ def deleted_fds_under(path: str) -> list[str]:
     return out
 
 
-async def test_checkpoint_starts_fresh_files_and_frees_the_old(open_store) -> None:
+async def one_disk(open_store) -> tuple[Store, VM, Disk]:
     store = await open_store()
     await store.create_disk("vm", "d", SIZE)
-    vm, disk = store.vm("vm"), store.disk("vm", "d")
+    return store, store.vm("vm"), store.disk("vm", "d")
+
+
+async def test_checkpoint_starts_fresh_files_and_frees_the_old(open_store) -> None:
+    store, vm, disk = await one_disk(open_store)
     await vm.apply_primary(1, [PrimaryWrite("d", 0, b"p" * 65536)])
     await disk.write(131072, b"s" * 65536)
     logs = [os.path.join(store.path, "vm", "d", name) for name in ("hidden.log", "active.log")]
@@ -51,9 +57,7 @@ async def test_checkpoint_starts_fresh_files_and_frees_the_old(open_store) -> No
 
 async def test_a_crash_before_the_rename_leaves_the_old_log_which_holds_nothing_current(open_store) -> None:
     """The state names the new generation, but the directory still names the old file (and a stray new one)."""
-    store = await open_store()
-    await store.create_disk("vm", "d", SIZE)
-    vm, disk = store.vm("vm"), store.disk("vm", "d")
+    store, vm, disk = await one_disk(open_store)
     await vm.apply_primary(1, [PrimaryWrite("d", 0, b"a" * 8192)])
     await vm.checkpoint(1)
     await vm.apply_primary(2, [PrimaryWrite("d", 0, b"b" * 8192)])
@@ -82,9 +86,7 @@ async def test_a_crash_before_the_rename_leaves_the_old_log_which_holds_nothing_
 
 
 async def test_failover_leaves_a_plain_primary_disk_that_survives_reopen(open_store) -> None:
-    store = await open_store()
-    await store.create_disk("vm", "d", SIZE)
-    vm, disk = store.vm("vm"), store.disk("vm", "d")
+    store, vm, disk = await one_disk(open_store)
     await vm.apply_primary(1, [PrimaryWrite("d", 0, b"p" * 100000)])
     await disk.write(50000, b"s" * 100000)
     expected = bytes(await disk.read(0, SIZE))
