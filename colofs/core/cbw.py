@@ -14,11 +14,15 @@ no read of base can interleave with the save and the overwrite.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from colofs.core.blocklog import BlockLog
 from colofs.core.errors import DiskIOError
-from colofs.core.fileio import Buffer, datasync_all, read_into, write_all
+from colofs.core.fileio import Buffer, datasync_all, read_into, start_writeback, write_all
+
+WRITEBACK_EVERY = 8 << 20
+"""Bytes written to base after which the kernel is asked to start writing them back."""
 
 
 def block_runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
@@ -45,6 +49,7 @@ class CopyBeforeWrite:
         self.shift = block_size.bit_length() - 1
         self.label = label
         self.targets: list[BlockLog] = []
+        self._unstarted = 0  # bytes stored since writeback was last started
 
     def attach(self, target: BlockLog) -> None:
         if target not in self.targets:
@@ -80,7 +85,15 @@ class CopyBeforeWrite:
         mv = memoryview(buf)
         index: dict[int, int] = {}
         pos = 0
-        for first, count in block_runs(union):
+        runs = block_runs(union)
+        if len(runs) > 1:
+            # Scattered blocks: let the device fetch them all at once instead of one read at a time.
+            for first, count in runs:
+                try:
+                    os.posix_fadvise(self.fd, first * bs, count * bs, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    break  # only a hint
+        for first, count in runs:
             try:
                 await read_into(self.fd, mv[pos : pos + count * bs], first * bs)
             except OSError as e:
@@ -104,7 +117,12 @@ class CopyBeforeWrite:
         return grown
 
     def store(self, extents: Sequence[tuple[int, Buffer]]) -> None:
-        """Overwrite base; only after :meth:`save` and a sync of the targets it returned."""
+        """Overwrite base; only after :meth:`save` and a sync of the targets it returned.
+
+        Every ``WRITEBACK_EVERY`` bytes the kernel is asked to start writing
+        base back, so the device works while writes stream in rather than all
+        at the next sync (a guest's flush, a checkpoint).
+        """
         for off, data in _coalesce(extents):
             try:
                 write_all(self.fd, data, off)
@@ -113,9 +131,17 @@ class CopyBeforeWrite:
                     f"{self.label}: writing base at {off} ({sum(len(d) for d in data)} bytes) failed: {e.strerror}",
                     e.errno,
                 ) from e
+            for d in data:
+                self._unstarted += len(d)
+        if self._unstarted >= WRITEBACK_EVERY:
+            self._unstarted = 0
+            start_writeback(self.fd)
 
     async def write(self, extents: Sequence[tuple[int, Buffer]]) -> None:
         """Apply ``(offset, data)`` extents to base in order, after saving old blocks durably."""
+        if not self.targets:  # a primary without snapshots: nothing to save
+            self.store(extents)
+            return
         grown = await self.save(self.blocks_of(extents))
         if grown:
             await datasync_all([t.fd for t in grown])
