@@ -78,6 +78,12 @@ class ReplConfig:
     """The secondary applies queued batches together (one group commit) up to this size."""
     receive_queue: int = 64
     """Decoded frames a secondary session holds before it stops reading the socket."""
+    receive_bytes: int = 40 << 20
+    """Write data a secondary session holds decoded (queued or being applied) before it stops reading.
+
+    With 4 MiB batches the frame count alone would let 256 MiB pile up;
+    this holds the group being applied (``apply_merge_bytes``) plus the
+    next one, which is all the merging uses; TCP holds the rest back."""
     max_disks_per_vm: int = 256
     max_sessions: int = 256
     """Connections a secondary serves at once; more are closed at accept."""
@@ -86,7 +92,7 @@ class ReplConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_max_bytes", "window", "max_inflight_bytes", "max_backlog_bytes",
-                     "resync_chunk_bytes", "resync_window", "receive_queue", "max_sessions"):
+                     "resync_chunk_bytes", "resync_window", "receive_queue", "receive_bytes", "max_sessions"):
             if getattr(self, name) <= 0:
                 raise ReplConfigError(f"replication setting {name} must be positive")
         if self.batch_max_bytes + (1 << 20) > self.max_raw_len:

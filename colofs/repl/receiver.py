@@ -40,7 +40,7 @@ from colofs.repl.handshake import handshake, refuse, wrap_transport
 from colofs.repl.persist import load_needs_full_sync, save_needs_full_sync
 from colofs.repl.resync import read_and_digest
 from colofs.repl.session import AttachResult, accept_attach, role_check
-from colofs.repl.util import first_error
+from colofs.repl.util import Signal, first_error
 from colofs.wire.auth import NonceRegistry
 from colofs.wire.errors import ConnectionClosed, ProtocolError, TruncatedFrame
 from colofs.wire.messages import (
@@ -69,6 +69,15 @@ log = logging.getLogger(__name__)
 
 MAX_QUERY_BYTES = 64 << 20
 _STREAM = (Batch, Checkpoint, DiskAdd, ResyncQuery, ResyncData, ResyncDone)
+
+
+def _frame_bytes(msg: Message) -> int:
+    """Write data a queued frame holds (what the receive budget counts)."""
+    if isinstance(msg, Batch):
+        return msg.data_bytes
+    if isinstance(msg, ResyncData):
+        return sum(len(b.data) for b in msg.blocks)
+    return 0
 
 
 async def core_checkpoint(vm: VM, seq: int) -> None:
@@ -122,6 +131,9 @@ class _Session:
         self.stats = {"batches": 0, "writes": 0, "bytes": 0, "applies": 0, "checkpoints": 0,
                       "resync_queries": 0, "resync_blocks": 0, "resync_bytes": 0}
         self._tx, self._rx = trio.open_memory_channel[Message](self.cfg.receive_queue)
+        self._queued = 0
+        """Write bytes decoded and not yet applied: the reader stops past ``receive_bytes``."""
+        self._drained = Signal()
 
     def label(self) -> str:
         return f"VM {self.vm.name} from primary {self.peer}"
@@ -188,7 +200,10 @@ class _Session:
     # -- reading -------------------------------------------------------------------------
 
     async def _read(self) -> None:
+        limit = self.cfg.receive_bytes
         while True:
+            while self._queued >= limit:
+                await self._drained.wait()  # TCP holds the primary back meanwhile
             msg = await self.fs.receive()
             self.last_rx = trio.current_time()
             if isinstance(msg, Ping):
@@ -196,6 +211,7 @@ class _Session:
             elif isinstance(msg, Error):
                 raise _PeerError(f"error {msg.code}: {msg.message}")
             elif isinstance(msg, _STREAM):
+                self._queued += _frame_bytes(msg)
                 await self._tx.send(msg)
             else:
                 raise ReplProtocolError(f"{msg.TYPE.name} is not accepted from a primary after ATTACH")
@@ -211,14 +227,20 @@ class _Session:
 
     # -- applying ------------------------------------------------------------------------
 
+    def _done_with(self, nbytes: int) -> None:
+        self._queued -= nbytes
+        self._drained.fire()
+
     async def _apply_loop(self) -> None:
         pending: Message | None = None
         while True:
             msg = pending if pending is not None else await self._rx.receive()
             pending = None
             role_check(self.vm)
+            size = _frame_bytes(msg)
             if isinstance(msg, Batch):
                 pending = await self._apply_batches(msg)
+                size = 0  # accounted for there
             elif isinstance(msg, Checkpoint):
                 await self._checkpoint(msg)
             elif isinstance(msg, DiskAdd):
@@ -229,6 +251,8 @@ class _Session:
                 await self._resync_data(msg)
             elif isinstance(msg, ResyncDone):
                 await self._resync_done(msg)
+            if size:
+                self._done_with(size)
 
     def _require_stream(self, what: str) -> None:
         if self.resyncing:
@@ -289,6 +313,7 @@ class _Session:
             count += 1
         with trio.CancelScope(shield=True):
             last = await self.vm.apply_primary(start, writes)
+        self._done_with(size)
         self.stats["batches"] += count
         self.stats["writes"] += len(writes)
         self.stats["bytes"] += size

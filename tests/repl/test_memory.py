@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import trio
 
+from colofs.repl import SecondaryHooks
 from tests.repl.conftest import wait_until
 
 SIZE = 8 << 20
@@ -66,4 +67,46 @@ async def test_unacknowledged_writes_hold_writers_back_within_the_bound(pair, re
     await pair.repl.checkpoint("vm")
     await pair.assert_identical()
     assert bytes(await pvm.disk("d0").read(0, SIZE)) == bytes(image)
+    assert repl_errors() == []
+
+
+async def test_a_busy_secondary_stops_reading_at_its_byte_budget(pair, repl_errors) -> None:
+    """While the secondary's applier is held up, decoded frames stop at ``receive_bytes``; then all arrive."""
+    budget = 512 << 10
+    pair.cfg = replace(pair.cfg, receive_bytes=budget, batch_max_bytes=WRITE,
+                       max_backlog_bytes=64 << 20, max_inflight_bytes=16 << 20)
+    gate = trio.Event()
+    held = trio.Event()
+
+    async def slow_checkpoint(vm, seq: int) -> None:
+        held.set()
+        await gate.wait()
+        await vm.checkpoint(seq)
+
+    await pair.open_stores()
+    await pair.primary.create_disk("vm", "d0", SIZE)
+    await pair.start_secondary(hooks=SecondaryHooks(checkpoint=slow_checkpoint))
+    await pair.start_primary()
+    await pair.caught_up()
+    pvm = pair.primary.vm("vm")
+    rng = random.Random(11)
+    await pvm.disk("d0").write(0, rng.randbytes(WRITE))
+    pair.nursery.start_soon(pair.repl.checkpoint, "vm")
+    await held.wait()  # the secondary's applier now waits in the checkpoint
+    session = pair.server.sessions["vm"]
+    link = pair.link()
+    try:  # the hook runs shielded: always let it finish, or teardown would wait for it forever
+        for i in range(64):  # 4 MiB, eight times the budget
+            await pvm.disk("d0").write(i * WRITE, rng.randbytes(WRITE))
+        await wait_until(lambda: session._queued + WRITE > budget, what="the budget to fill")
+        for _ in range(20):
+            await trio.sleep(0.01)
+            assert session._queued <= budget + WRITE
+        assert link.acked < pvm.state.last_applied
+    finally:
+        gate.set()
+    await pair.caught_up()
+    await pair.repl.checkpoint("vm")
+    await pair.assert_identical()
+    assert session._queued == 0 and link.stats["stream_breaks"] == 0
     assert repl_errors() == []
