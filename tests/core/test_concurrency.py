@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from colofs.core import PrimaryWrite
-from colofs.core.fileio import READS
+from colofs.core.fileio import READS, set_pending_probe
 from colofs.core.rangelock import RangeLock
 from tests.core.model import ModelDisk
 
@@ -27,12 +27,17 @@ def evict(fd: int) -> None:
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-@pytest.fixture(autouse=True, params=["thread", "loop"])
+@pytest.fixture(autouse=True, params=["thread", "loop", "auto-busy"])
 def read_path(request: pytest.FixtureRequest):
-    """Run each test with small reads in worker threads (they suspend mid-request) and on the loop."""
+    """Run each test with small reads in worker threads (they suspend mid-request), on the loop,
+    and on the loop as under load (a page-cache miss starts its device read, then yields to
+    the other requests before it waits for the data)."""
     old = READS.mode
-    READS.mode = request.param
+    READS.mode = "auto" if request.param == "auto-busy" else request.param
+    if request.param == "auto-busy":
+        set_pending_probe(lambda: True)
     yield request.param
+    set_pending_probe(None)
     READS.mode = old
 
 

@@ -68,3 +68,73 @@ async def test_concurrent_syncs_of_one_file_share_device_flushes(tmp_path) -> No
     assert 1 <= calls <= 3
     with open(tmp_path / "f", "rb") as f:
         assert f.read() == b"".join(bytes([i]) * 4096 for i in range(16))
+
+
+async def test_worker_pool_runs_calls_concurrently_and_returns_their_outcome() -> None:
+    """Four calls that only finish together: they run at once; values and exceptions come back."""
+    import threading
+
+    import trio
+
+    from colofs.core.fileio import POOL
+
+    barrier = threading.Barrier(4, timeout=10)
+    results: list[int] = []
+
+    async def one(i: int) -> None:
+        results.append(await POOL.run(lambda: barrier.wait() * 0 + i))
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as n:
+            for i in range(4):
+                n.start_soon(one, i)
+    assert sorted(results) == [0, 1, 2, 3]
+    with pytest.raises(ZeroDivisionError):
+        await POOL.run(lambda: 1 // 0)
+    assert POOL.in_flight == 0
+
+
+@pytest.mark.parametrize("busy", [False, True])
+async def test_small_reads_missing_the_page_cache(tmp_path, busy: bool) -> None:
+    """Cold small reads on the loop: exact data, with and without other requests waiting.
+
+    When others wait, a read that misses the page cache yields after starting
+    its device read; sixteen at once must each get their own bytes.
+    """
+    import random
+
+    import trio
+
+    from colofs.core import fileio
+
+    data = os.urandom(4 << 20)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    old = fileio.READS.mode
+    fileio.READS.mode = "auto"
+    fileio.set_pending_probe((lambda: True) if busy else None)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        rng = random.Random(7)
+
+        async def reader() -> None:
+            for _ in range(40):
+                off = rng.randrange(0, len(data) - 8192)
+                n = rng.choice([1, 512, 4096, 8192])
+                buf = bytearray(n)
+                await fileio.read_into(fd, memoryview(buf), off)
+                assert bytes(buf) == data[off : off + n]
+            tail = bytearray(4096)  # past EOF: zeros
+            await fileio.read_into(fd, memoryview(tail), len(data) - 100)
+            assert bytes(tail) == data[-100:] + bytes(3996)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(16):
+                nursery.start_soon(reader)
+        assert fileio._kicked == 0
+    finally:
+        fileio.set_pending_probe(None)
+        fileio.READS.mode = old
+        os.close(fd)
