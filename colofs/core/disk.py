@@ -90,11 +90,14 @@ class Disk:
         self.check_range(offset, length)
         out = bytearray(length)
         if length:
-            req = await self.lock.acquire(offset >> self.shift, ((offset + length - 1) >> self.shift) + 1, False)
+            lo = offset >> self.shift
+            hi = ((offset + length - 1) >> self.shift) + 1
+            lock = self.lock
+            req = lock.try_acquire(lo, hi, False) or await lock.acquire(lo, hi, False)
             try:
-                await self.read_view(offset, memoryview(out))
+                await read_layers(self._layers, self.base_fd, self.shift, offset, memoryview(out), self.label)
             finally:
-                self.lock.release(req)
+                lock.release(req)
         return out
 
     async def read_view(self, offset: int, mv: memoryview) -> None:
@@ -113,7 +116,10 @@ class Disk:
         self.check_range(offset, len(data))
         if not len(data):
             return
-        req = await self.lock.acquire(offset >> self.shift, ((offset + len(data) - 1) >> self.shift) + 1, True)
+        lo = offset >> self.shift
+        hi = ((offset + len(data) - 1) >> self.shift) + 1
+        lock = self.lock
+        req = lock.try_acquire(lo, hi, True) or await lock.acquire(lo, hi, True)
         seq = None
         try:
             if self.vm.state.role == PRIMARY:
@@ -121,7 +127,7 @@ class Disk:
             else:
                 await self._svm_write(offset, data)
         finally:
-            self.lock.release(req)
+            lock.release(req)
         fwd = self.vm.forward
         if seq is not None and fwd is not None:
             await fwd.wait_acked(seq)
@@ -134,7 +140,9 @@ class Disk:
         shift = self.shift
         end = offset + len(data)
         blocks = range(offset >> shift, ((end - 1) >> shift) + 1)
-        patched = await patch_edges(self.read_view, shift, offset, data)
+        mask = self.block_size - 1
+        # Whole blocks (the VM's usual request) need no read-modify-write.
+        patched = await patch_edges(self.read_view, shift, offset, data) if (offset | end) & mask else {}
         if self.vm.state.phase != FAILOVER:
             write_overlay(self.active, shift, offset, data, patched, blocks)
             return

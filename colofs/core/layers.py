@@ -18,19 +18,23 @@ from colofs.core.fileio import Buffer, read_into
 ReadView = Callable[[int, memoryview], Awaitable[None]]
 
 
-async def _read_file(fd: int, mv: memoryview, file_off: int, label: str) -> None:
+async def _read_file(fd: int, mv: memoryview, file_off: int, label: str, what: str = "") -> None:
     try:
         await read_into(fd, mv, file_off)
     except OSError as e:
-        raise DiskIOError(f"{label}: reading {len(mv)} bytes at {file_off} failed: {e.strerror}", e.errno) from e
+        raise DiskIOError(f"{label}{what}: reading {len(mv)} bytes at {file_off} failed: {e.strerror}",
+                          e.errno) from e
 
 
 async def read_layers(
     layers: Sequence[BlockLog], base_fd: int, shift: int, offset: int, mv: memoryview, label: str
 ) -> None:
     """Fill ``mv`` with the image from ``offset``; the caller holds the range lock."""
-    if all(not layer.map for layer in layers):
-        await _read_file(base_fd, mv, offset, f"{label} base")
+    for layer in layers:
+        if layer.map:
+            break
+    else:  # empty layers (after every checkpoint): base itself, with no per-request work
+        await _read_file(base_fd, mv, offset, label, " base")
         return
     bs = 1 << shift
     end = offset + len(mv)
@@ -39,7 +43,7 @@ async def read_layers(
     span = range(first, last + 1)
     maps = [(layer.map, layer.fd) for layer in layers if layer.map and not layer.map.keys().isdisjoint(span)]
     if not maps:  # nothing of this range is in any layer (checked in C, not per block)
-        await _read_file(base_fd, mv, offset, f"{label} base")
+        await _read_file(base_fd, mv, offset, label, " base")
         return
     if len(maps) == 1:
         m, fd = maps[0]
@@ -47,8 +51,8 @@ async def read_layers(
         if (
             start is not None
             and m.get(last) == start + ((last - first) << shift)
-            and all(m.get(b) == start + ((b - first) << shift) for b in span)
-        ):  # the whole range sits contiguously in one layer
+            and list(map(m.get, span)) == list(range(start, start + (len(span) << shift), 1 << shift))
+        ):  # the whole range sits contiguously in one layer (compared in C, not per block in Python)
             await _read_file(fd, mv, start + offset - (first << shift), label)
             return
     run_fd = -1
@@ -147,7 +151,7 @@ def write_overlay(
             return
         start = omap.get(blocks[0])
         if start is not None and omap.get(blocks[-1]) == start + (len(blocks) - 1) * bs:
-            if all(omap.get(b) == start + i * bs for i, b in enumerate(blocks)):
+            if list(map(omap.get, blocks)) == list(range(start, start + len(blocks) * bs, bs)):
                 overlay.overwrite(start, _whole_range(shift, offset, data, patched, blocks))
                 return
     new_blocks: list[int] = []

@@ -54,6 +54,18 @@ class RangeLock:
                 return False
         return True
 
+    def try_acquire(self, lo: int, hi: int, exclusive: bool) -> _Request | None:
+        """Hold ``[lo, hi)`` now if it is free (no coroutine, no wait); None if it is not.
+
+        The per-request fast path: an idle lock grants without scanning anything.
+        """
+        req = _Request([(lo, hi)], exclusive)
+        if (not self._held and not self._waiting) or self._free_for(req, self._waiting):
+            req.granted = True
+            self._held.append(req)
+            return req
+        return None
+
     async def acquire(self, lo: int, hi: int, exclusive: bool) -> _Request:
         """Wait until ``[lo, hi)`` is free; returns the token to pass to :meth:`release`."""
         return await self.acquire_spans([(lo, hi)], exclusive)

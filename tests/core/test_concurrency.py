@@ -13,6 +13,7 @@ import random
 
 import pytest
 import trio
+import trio.testing
 
 from colofs.core import PrimaryWrite
 from colofs.core.fileio import READS, set_pending_probe
@@ -275,3 +276,32 @@ async def test_unaligned_io_across_block_sizes(open_store, bs: int) -> None:
         lo = rng.randrange(0, size - bs)
         assert bytes(await disk.read(lo, bs)) == model.read(lo, bs)
     assert bytes(await disk.read(0, size)) == model.view()
+
+
+async def test_range_lock_try_acquire_is_the_uncontended_fast_path() -> None:
+    """try_acquire grants exactly when acquire would not wait, and never jumps a queued waiter."""
+    lock = RangeLock()
+    a = lock.try_acquire(0, 4, False)
+    assert a is not None
+    b = lock.try_acquire(2, 6, False)  # shared with shared: granted
+    assert b is not None
+    assert lock.try_acquire(3, 5, True) is None  # exclusive over held shared spans
+    c = lock.try_acquire(10, 12, True)  # disjoint: granted
+    assert c is not None
+    got = trio.Event()
+
+    async def writer() -> None:
+        req = await lock.acquire(0, 2, True)
+        got.set()
+        lock.release(req)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert lock.try_acquire(1, 2, False) is None  # a queued exclusive waiter goes first
+        assert lock.try_acquire(20, 22, False) is not None
+        lock.release(a)
+        lock.release(b)
+    assert got.is_set()
+    lock.release(c)
+    assert lock.held() == 1
