@@ -15,6 +15,7 @@ no read of base can interleave with the save and the overwrite.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 
 from colofs.core.blocklog import BlockLog
@@ -23,6 +24,43 @@ from colofs.core.fileio import Buffer, datasync_all, read_into, start_writeback,
 
 WRITEBACK_EVERY = 8 << 20
 """Bytes written to base after which the kernel is asked to start writing them back."""
+
+
+class _Writeback:
+    """Starts writeback of files from a thread of its own, without waiting for it.
+
+    ``sync_file_range`` submits every dirty page of the file and blocks
+    while the device queue is full: 30 ms for 8 MiB of scattered 4 KiB
+    writes was measured on the loop. It is only a hint (durability comes
+    from the syncs at flushes and checkpoints), so nobody waits for it;
+    requests for the same file made meanwhile are served by one call.
+    """
+
+    def __init__(self) -> None:
+        self._fds: set[int] = set()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def kick(self, fd: int) -> None:
+        with self._cv:
+            self._fds.add(fd)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="colofs-writeback", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._fds:
+                    self._cv.wait()
+                fds = list(self._fds)
+                self._fds.clear()
+            for fd in fds:
+                start_writeback(fd)  # a closed (or reused) descriptor only gets a harmless hint
+
+
+WRITEBACK = _Writeback()
 
 
 def block_runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
@@ -134,8 +172,12 @@ class CopyBeforeWrite:
             for d in data:
                 self._unstarted += len(d)
         if self._unstarted >= WRITEBACK_EVERY:
-            self._unstarted = 0
-            start_writeback(self.fd)
+            self.start_writeback()
+
+    def start_writeback(self) -> None:
+        """Have the kernel start writing base back now (in the background; nothing waits for it)."""
+        self._unstarted = 0
+        WRITEBACK.kick(self.fd)
 
     async def write(self, extents: Sequence[tuple[int, Buffer]]) -> None:
         """Apply ``(offset, data)`` extents to base in order, after saving old blocks durably."""

@@ -45,7 +45,6 @@ from colofs.core.fileio import (
     datasync_all,
     fsync_dir,
     read_into,
-    start_writeback,
     write_all,
 )
 from colofs.core.forward import ForwardedWrite, WriteSink
@@ -478,7 +477,7 @@ class VM:
                 await datasync_all([t.fd for t in grown])
             for disk, ext in disks:
                 disk.cbw.store(ext)
-                start_writeback(disk.base_fd)
+                disk.cbw.start_writeback()
         finally:
             for disk, req in held:
                 disk.lock.release(req)

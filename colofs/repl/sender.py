@@ -73,6 +73,7 @@ from colofs.wire.messages import (
     Role,
     Write,
 )
+from colofs.wire.messages import _trusted_write as trusted_write
 from colofs.wire.stream import FrameStream
 
 log = logging.getLogger(__name__)
@@ -582,7 +583,7 @@ class VMLink:
             n = len(fw.data)
             if idx is None or (writes and size + n > cap):
                 return writes, size, True
-            writes.append(Write(idx, fw.offset, fw.data))
+            writes.append(trusted_write(idx, fw.offset, fw.data))  # the core checked the range
             size += n
             seq += 1
         return writes, size, limit < end
