@@ -546,8 +546,7 @@ class VMLink:
             writes, size, full = self._collect(conn, end)
             if not writes:
                 return sent
-            if not full and conn.inflight and not delayed and upto is None:
-                # Batches are in flight anyway: give writers a moment to fill this one.
+            if not full and not delayed and upto is None and self._may_wait(conn):
                 delayed = True
                 await trio.sleep(self.cfg.batch_delay)
                 continue
@@ -562,6 +561,18 @@ class VMLink:
             self.stats["writes_sent"] += len(writes)
             self.stats["bytes_sent"] += size
             sent = True
+
+    def _may_wait(self, conn: _Conn) -> bool:
+        """Whether a batch that is not full may wait ``batch_delay`` for more writes.
+
+        It may while batches are in flight anyway; in async mode also when
+        none are, since no writer waits for it, and every batch costs both
+        loops a send, a decode, an apply and an ACK. Never while a
+        checkpoint marker waits to go out behind it.
+        """
+        if conn.inflight:
+            return True
+        return self.mode == ASYNC and not any(not m.sent for m in self.markers)
 
     def _collect(self, conn: _Conn, end: int) -> tuple[list[Write], int, bool]:
         """Writes from ``next_seq`` for one batch; ``full`` if a limit (size, marker) ended it."""
