@@ -165,6 +165,7 @@ class VMLink:
             "stream_breaks": 0, "sync_degraded_writes": 0, "internal_errors": 0,
         }
         self._bulk = [0, 0]  # raw and wire bytes of bulk frames over all connections
+        self._overflow_noted = False
         self._load_tracking()
 
     # -- tracking state ----------------------------------------------------------------
@@ -277,7 +278,8 @@ class VMLink:
 
     def _overflow(self) -> None:
         freed = self.retained.drop_through(self.acked)
-        if freed:
+        if freed and not self._overflow_noted:  # once per checkpoint interval, not every few MiB
+            self._overflow_noted = True
             log.info("VM %s: retained writes over %d bytes: dropped %d acknowledged bytes; "
                      "a secondary crash now means a dirty-block resync",
                      self.vm.name, self.cfg.max_backlog_bytes, freed)
@@ -361,6 +363,7 @@ class VMLink:
                 await vm.checkpoint(seq)
         self.retained.drop_through(min(seq, self.acked))
         self.dirty.drop_through(seq)
+        self._overflow_noted = False
         self.stats["checkpoints"] += 1
 
     # -- the connection loop ---------------------------------------------------------------
