@@ -13,7 +13,9 @@ end the FUSE main loop and leave a dead mount. The kernel's writeback cache is
 on, so buffered writes reach us merged, and pages stay cached across opens
 (``keep_cache``) because content changes behind the kernel only at
 checkpoints, which invalidate explicitly; snapshots never change at all, and
-a clone changes only through its own file.
+a clone changes only through its own file. An ``O_DIRECT`` open is served
+with ``direct_io`` (FOPEN_DIRECT_IO): no page cache for that handle, and no
+``GETXATTR security.capability`` request before each of its writes.
 """
 
 from __future__ import annotations
