@@ -141,3 +141,48 @@ async def test_secondary_adopts_a_newer_epoch_only(open_store) -> None:
         assert store2.vm("vm").state.epoch == 5
     finally:
         store2.abandon()
+
+
+async def test_base_writeback_is_started_every_few_mib_off_the_loop(open_store, monkeypatch) -> None:
+    """Writes to base ask the writeback thread to start writing back every WRITEBACK_EVERY bytes."""
+    from colofs.core import cbw
+
+    kicked: list[int] = []
+    monkeypatch.setattr(cbw, "WRITEBACK_EVERY", 64 << 10)
+    monkeypatch.setattr(cbw.WRITEBACK, "kick", kicked.append)
+    store = await open_store("primary")
+    disk = await store.create_disk("vm", "d", SIZE)
+    for i in range(10):  # 160 KiB: two kicks at 64 KiB each
+        await disk.write(i * 16384, bytes([i]) * 16384)
+    assert kicked == [disk.base_fd, disk.base_fd]
+    assert bytes(await disk.read(9 * 16384, 4)) == b"\x09" * 4
+
+
+def test_writeback_thread_coalesces_requests_per_file(monkeypatch) -> None:
+    import threading
+
+    from colofs.core import cbw
+
+    calls: list[int] = []
+    release = threading.Event()
+    done = threading.Event()
+
+    def fake(fd: int) -> None:
+        release.wait(5)
+        calls.append(fd)
+        if len(calls) == 2:
+            done.set()
+
+    monkeypatch.setattr(cbw, "start_writeback", fake)
+    wb = cbw._Writeback()
+    wb.kick(7)  # taken at once; the thread then blocks in it
+    for _ in range(50):
+        if not wb._fds:
+            break
+        threading.Event().wait(0.01)
+    for _ in range(5):
+        wb.kick(8)  # queued meanwhile: served by one call
+    release.set()
+    assert done.wait(5)
+    threading.Event().wait(0.05)
+    assert calls == [7, 8]
