@@ -18,6 +18,8 @@ import os
 import threading
 from collections.abc import Sequence
 
+import trio
+
 from colofs.core.blocklog import BlockLog
 from colofs.core.errors import DiskIOError
 from colofs.core.fileio import Buffer, datasync_all, read_into, start_writeback, write_all
@@ -179,15 +181,20 @@ class CopyBeforeWrite:
         self._unstarted = 0
         WRITEBACK.kick(self.fd)
 
-    async def write(self, extents: Sequence[tuple[int, Buffer]]) -> None:
-        """Apply ``(offset, data)`` extents to base in order, after saving old blocks durably."""
-        if not self.targets:  # a primary without snapshots: nothing to save
+    async def write(self, extents: Sequence[tuple[int, Buffer]], store_in_thread: bool = False) -> None:
+        """Apply ``(offset, data)`` extents to base in order, after saving old blocks durably.
+
+        ``store_in_thread`` is for writes of many megabytes (a failover's
+        commit), which the kernel may hold back while it writes dirty pages.
+        """
+        if self.targets:
+            grown = await self.save(self.blocks_of(extents))
+            if grown:
+                await datasync_all([t.fd for t in grown])
+        if store_in_thread:
+            await trio.to_thread.run_sync(self.store, extents)
+        else:
             self.store(extents)
-            return
-        grown = await self.save(self.blocks_of(extents))
-        if grown:
-            await datasync_all([t.fd for t in grown])
-        self.store(extents)
 
 
 def _gather(mv: memoryview, offsets: list[int], bs: int) -> list[memoryview]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from colofs.core.blocklog import BlockLog
 from colofs.core.cbw import CopyBeforeWrite, block_runs
 from colofs.core.errors import BadRange
-from colofs.core.fileio import Buffer, datasync_all, start_writeback
+from colofs.core.fileio import Buffer, datasync_all
 from colofs.core.layers import patch_edges, read_layers, write_overlay
 from colofs.core.rangelock import RangeLock
 from colofs.core.state import FAILOVER, PRIMARY
@@ -211,9 +211,8 @@ class Disk:
                         length = min(count * bs, self.size - start)
                         extents.append((start, mv[pos : pos + length]))
                         pos += count * bs
-                    await self.cbw.write(extents)
-                    # Base is synced once at the end; start its writeback now so that sync finds little left.
-                    start_writeback(self.base_fd)
+                    # Megabytes into base can wait on dirty-page throttling: not on the loop, SVM I/O goes on.
+                    await self.cbw.write(extents, store_in_thread=True)
                     self.active.drop(chunk)
                     self.hidden.drop(chunk)
                     moved += len(chunk)
