@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from colofs.core.snapshot import Snapshot
     from colofs.core.vm import VM
 
+COMMIT_PREFETCH_STEPS = 2  # steps of a failover whose layer data is read ahead
 COMMIT_CHUNK = 4 << 20  # default bytes of buffered blocks carried to base per locked step of a failover
 
 
@@ -194,8 +195,12 @@ class Disk:
             pending = sorted(self.active.map.keys() | self.hidden.map.keys())
             if not pending:
                 return moved
+            ahead = COMMIT_PREFETCH_STEPS * per_step
+            self._prefetch(pending[:ahead])
             for i in range(0, len(pending), per_step):
                 chunk = pending[i : i + per_step]
+                # The device reads the coming steps' blocks while this one is written to base.
+                self._prefetch(pending[i + ahead : i + ahead + per_step])
                 req = await self.lock.acquire(chunk[0], chunk[-1] + 1, True)
                 try:
                     chunk = [b for b in chunk if b in self.active.map or b in self.hidden.map]
@@ -218,6 +223,24 @@ class Disk:
                     moved += len(chunk)
                 finally:
                     self.lock.release(req)
+
+    def _prefetch(self, blocks: Sequence[int]) -> None:
+        """Ask the kernel to read the layer data of ``blocks`` ahead (a hint; errors are ignored)."""
+        bs = self.block_size
+        for layer, skip in ((self.active, None), (self.hidden, self.active)):
+            offsets = sorted(layer.map[b] for b in blocks if b in layer.map and (skip is None or b not in skip.map))
+            if not offsets:
+                continue
+            start = prev = offsets[0]
+            for off in [*offsets[1:], -1]:
+                if off == prev + bs:
+                    prev = off
+                    continue
+                try:
+                    os.posix_fadvise(layer.fd, start, prev + bs - start, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    return
+                start = prev = off
 
     # -- status -------------------------------------------------------------------
 
