@@ -56,6 +56,8 @@ class ReplConfig:
     Acknowledged writes past it are dropped first, and only they: writers
     wait (``max_inflight_bytes``, at most half of this) before unacknowledged
     writes could reach it, so a stream never breaks over it."""
+    max_retained_total_bytes: int = 256 << 20
+    """All VMs of one primary together retain at most this (see ``RetainedBudget``): the host's bound."""
     max_write_bytes: int = 32 << 20
     """A single write larger than this is not streamed but resynchronised as dirty blocks."""
     resync_chunk_bytes: int = 4 << 20
@@ -91,7 +93,7 @@ class ReplConfig:
     max_raw_len: int = DEFAULT_MAX_RAW_LEN
 
     def __post_init__(self) -> None:
-        for name in ("batch_max_bytes", "window", "max_inflight_bytes", "max_backlog_bytes",
+        for name in ("batch_max_bytes", "window", "max_inflight_bytes", "max_backlog_bytes", "max_retained_total_bytes",
                      "resync_chunk_bytes", "resync_window", "receive_queue", "receive_bytes", "max_sessions"):
             if getattr(self, name) <= 0:
                 raise ReplConfigError(f"replication setting {name} must be positive")

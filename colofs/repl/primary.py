@@ -28,6 +28,7 @@ from colofs.core.state import PRIMARY
 from colofs.core.store import Store
 from colofs.repl.config import ReplConfig, check_mode, load_mode, require_key_or_loopback, save_mode
 from colofs.repl.errors import CheckpointError
+from colofs.repl.retained import RetainedBudget
 from colofs.repl.sender import CheckpointResult, VMLink
 from colofs.wire.auth import NonceRegistry
 
@@ -54,6 +55,7 @@ class PrimaryReplicator:
         self.cfg = config or ReplConfig()
         self.nonces = nonces
         self.links: dict[str, VMLink] = {}
+        self.budget = RetainedBudget(self.cfg.max_retained_total_bytes)
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
@@ -92,7 +94,8 @@ class PrimaryReplicator:
         vm = self.store.vm(name)
         if vm.state.role != PRIMARY:
             return
-        link = VMLink(vm, self.peer, self.key, node_id=self.node_id, config=self.cfg, nonces=self.nonces)
+        link = VMLink(vm, self.peer, self.key, node_id=self.node_id, config=self.cfg, nonces=self.nonces,
+                      budget=self.budget)
         vm.forward = link
         self.links[name] = link
         self._nursery.start_soon(link.run, name=f"colofs-repl-{name}")

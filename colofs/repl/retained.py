@@ -10,7 +10,43 @@ outgrows its bound, dropped in favour of the dirty bitmap
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from colofs.core.forward import ForwardedWrite
+
+
+class RetainedBudget:
+    """What all VMs of one primary retain, bounded together: the host's memory, not one VM's.
+
+    Each VM's log is also bounded on its own (``max_backlog_bytes``), but a
+    host with many VMs would multiply that. Past ``limit`` the VMs holding
+    the most give up their acknowledged writes first (only those: the
+    unacknowledged ones are what the stream still needs), as a VM over its
+    own bound does.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self._members: dict[int, tuple[RetainedLog, Callable[[], int]]] = {}
+
+    def join(self, log: RetainedLog, shed: Callable[[], int]) -> None:
+        """``shed`` drops the member's acknowledged writes and returns the bytes freed."""
+        self._members[id(log)] = (log, shed)
+
+    def leave(self, log: RetainedLog) -> None:
+        self._members.pop(id(log), None)
+        self.total -= log.nbytes
+        log.budget = None
+
+    def relieve(self) -> int:
+        """Shed acknowledged writes, largest holders first, until within the limit; returns bytes freed."""
+        freed = 0
+        for _log, shed in sorted(self._members.values(), key=lambda m: m[0].nbytes, reverse=True):
+            if self.total <= self.limit:
+                break
+            freed += shed()
+        return freed
 
 
 class RetainedLog:
@@ -21,14 +57,15 @@ class RetainedLog:
     when it is dropped, not when the list is next compacted.
     """
 
-    __slots__ = ("_head", "_items", "nbytes", "start")
+    __slots__ = ("_head", "_items", "budget", "nbytes", "start")
 
-    def __init__(self, start: int) -> None:
+    def __init__(self, start: int, budget: RetainedBudget | None = None) -> None:
         self._items: list[ForwardedWrite | None] = []
         self._head = 0
         self.start = start
         """Seq of the oldest retained write (the next one to be appended if empty)."""
         self.nbytes = 0
+        self.budget = budget
 
     def __len__(self) -> int:
         return len(self._items) - self._head
@@ -43,6 +80,8 @@ class RetainedLog:
             raise ValueError(f"retained log: write seq {w.seq} does not follow {self.end}")
         self._items.append(w)
         self.nbytes += len(w.data)
+        if self.budget is not None:
+            self.budget.total += len(w.data)
 
     def covers(self, seq: int) -> bool:
         """Every write from ``seq`` to the newest is here (``seq == end + 1``: nothing missing)."""
@@ -86,6 +125,8 @@ class RetainedLog:
                 del items[: self._head]
                 self._head = 0
         self.nbytes -= freed
+        if self.budget is not None:
+            self.budget.total -= freed
         return freed
 
     def reset(self, start: int) -> None:
@@ -93,4 +134,6 @@ class RetainedLog:
         self._items = []
         self._head = 0
         self.start = start
+        if self.budget is not None:
+            self.budget.total -= self.nbytes
         self.nbytes = 0

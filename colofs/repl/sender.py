@@ -48,7 +48,7 @@ from colofs.repl.framing import FrameSender
 from colofs.repl.handshake import handshake, wrap_transport
 from colofs.repl.persist import PrimaryMeta, load_bitmaps, load_primary_meta, save_primary_state
 from colofs.repl.resync import ResyncProgress, chunk_runs, data_ranges, read_and_digest
-from colofs.repl.retained import RetainedLog
+from colofs.repl.retained import RetainedBudget, RetainedLog
 from colofs.repl.session import ResumePlan, plan_resume
 from colofs.repl.util import Signal, first_error
 from colofs.wire.auth import NonceRegistry
@@ -138,8 +138,10 @@ class VMLink:
         node_id: str,
         config: ReplConfig,
         nonces: NonceRegistry | None,
+        budget: RetainedBudget | None = None,
     ) -> None:
         self.vm = vm
+        self.budget = budget
         self.peer = peer
         self.key = key
         self.node_id = node_id
@@ -176,7 +178,9 @@ class VMLink:
         self.dirty = DirtyMap(st.last_checkpoint + 1)
         for n, d in vm.disks.items():
             self.dirty.add_disk(n, d.size, d.block_size)
-        self.retained = RetainedLog(st.last_applied + 1)
+        self.retained = RetainedLog(st.last_applied + 1, self.budget)
+        if self.budget is not None:
+            self.budget.join(self.retained, self._shed_acknowledged)
         self.retaining = True
         meta = load_primary_meta(vm)
         why = None
@@ -263,6 +267,8 @@ class VMLink:
                 self.unacked_bytes += n
                 if self.retained.nbytes > self.cfg.max_backlog_bytes:
                     self._overflow()
+                elif self.budget is not None and self.budget.total > self.budget.limit:
+                    self.budget.relieve()
         self._wake()
 
     async def wait_acked(self, seq: int) -> None:
@@ -277,14 +283,19 @@ class VMLink:
     # -- retention bounds -------------------------------------------------------------------
 
     def _overflow(self) -> None:
+        self._shed_acknowledged(f"retained writes over {self.cfg.max_backlog_bytes} bytes")
+        if self.retained.nbytes > self.cfg.max_backlog_bytes:
+            self._break_stream(f"{self.retained.nbytes} unacknowledged bytes exceed max_backlog_bytes")
+
+    def _shed_acknowledged(self, why: str = "") -> int:
+        """Drop the retained writes the secondary acknowledged; returns the bytes freed."""
         freed = self.retained.drop_through(self.acked)
         if freed and not self._overflow_noted:  # once per checkpoint interval, not every few MiB
             self._overflow_noted = True
-            log.info("VM %s: retained writes over %d bytes: dropped %d acknowledged bytes; "
-                     "a secondary crash now means a dirty-block resync",
-                     self.vm.name, self.cfg.max_backlog_bytes, freed)
-        if self.retained.nbytes > self.cfg.max_backlog_bytes:
-            self._break_stream(f"{self.retained.nbytes} unacknowledged bytes exceed max_backlog_bytes")
+            why = why or f"the primary's retained writes over {self.budget.limit if self.budget else 0} bytes"
+            log.info("VM %s: %s: dropped %d acknowledged bytes; a secondary crash now means a dirty-block resync",
+                     self.vm.name, why, freed)
+        return freed
 
     def _break_stream(self, why: str) -> None:
         """Stop retaining: the secondary will be caught up by a dirty-block resync."""
@@ -806,6 +817,8 @@ class VMLink:
         if self.vm.forward is self:
             self.vm.forward = None
         self._set_state(STOPPED)
+        if self.budget is not None:
+            self.budget.leave(self.retained)
         for m in list(self.markers):
             self._fail_marker(m, "replication stopped")
         if not self.vm.closed:

@@ -110,3 +110,33 @@ async def test_a_busy_secondary_stops_reading_at_its_byte_budget(pair, repl_erro
     await pair.assert_identical()
     assert session._queued == 0 and link.stats["stream_breaks"] == 0
     assert repl_errors() == []
+
+
+async def test_all_vms_together_stay_within_the_hosts_retained_budget(pair, repl_errors) -> None:
+    """Past ``max_retained_total_bytes`` the VM holding the most drops its acknowledged writes; nothing is lost."""
+    limit = 1 << 20
+    pair.cfg = replace(pair.cfg, max_retained_total_bytes=limit, max_backlog_bytes=8 << 20,
+                       max_inflight_bytes=512 << 10, batch_max_bytes=128 << 10)
+    await pair.open_stores()
+    for vm in ("a", "b"):
+        await pair.primary.create_disk(vm, "d0", SIZE)
+    await pair.start_secondary()
+    await pair.start_primary()
+    budget = pair.repl.budget
+    rng = random.Random(5)
+    for vm, count in (("a", 14), ("b", 14)):  # 896 KiB each: the second VM pushes the total past the limit
+        await pair.caught_up(vm)
+        for i in range(count):
+            await pair.primary.vm(vm).disk("d0").write(i * WRITE, rng.randbytes(WRITE))
+            held = sum(link.retained.nbytes for link in pair.repl.links.values())
+            assert budget.total == held
+            assert held <= limit + WRITE
+        await pair.caught_up(vm)
+    a, b = pair.link("a"), pair.link("b")
+    assert a.retained.nbytes == 0 and b.retained.nbytes == 14 * WRITE  # the larger, acknowledged holder gave way
+    assert a.retaining and a.stats["stream_breaks"] == 0 and b.stats["stream_breaks"] == 0
+    for vm in ("a", "b"):
+        await pair.repl.checkpoint(vm)
+        await pair.assert_identical(vm)
+    assert budget.total == 0
+    assert repl_errors() == []
