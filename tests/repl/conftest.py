@@ -160,6 +160,16 @@ class Pair:
         await self.nursery.start(self.proxy.run)
         return self.proxy
 
+    async def start_proxied(self, size: int) -> FaultProxy:
+        """Stores, one disk ``vm/d0`` of ``size``, a secondary, a proxy and a primary through it; caught up."""
+        await self.open_stores()
+        await self.primary.create_disk("vm", "d0", size)
+        await self.start_secondary()
+        proxy = await self.start_proxy()
+        await self.start_primary(peer_port=proxy.port)
+        await self.caught_up()
+        return proxy
+
     # -- checks ---------------------------------------------------------------------------
 
     def link(self, vm: str = "vm"):

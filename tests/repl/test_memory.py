@@ -18,12 +18,7 @@ async def test_unacknowledged_writes_hold_writers_back_within_the_bound(pair, re
     backlog = 1 << 20
     pair.cfg = replace(pair.cfg, max_backlog_bytes=backlog, max_inflight_bytes=256 << 10, batch_max_bytes=128 << 10)
     limit = pair.cfg.effective_inflight
-    await pair.open_stores()
-    await pair.primary.create_disk("vm", "d0", SIZE)
-    await pair.start_secondary()
-    proxy = await pair.start_proxy()
-    await pair.start_primary(peer_port=proxy.port)
-    await pair.caught_up()
+    proxy = await pair.start_proxied(SIZE)
     pvm = pair.primary.vm("vm")
     link = pair.link()
     rng = random.Random(7)

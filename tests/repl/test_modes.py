@@ -12,12 +12,7 @@ SIZE = 256 << 10
 
 
 async def test_sync_waits_for_the_secondary_async_does_not(pair, repl_errors) -> None:
-    await pair.open_stores()
-    await pair.primary.create_disk("vm", "d0", SIZE)
-    await pair.start_secondary()
-    proxy = await pair.start_proxy()
-    await pair.start_primary(peer_port=proxy.port)
-    await pair.caught_up()
+    proxy = await pair.start_proxied(SIZE)
     pvm = pair.primary.vm("vm")
     link = pair.link()
     assert pair.repl.mode("vm") == "async"
