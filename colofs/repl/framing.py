@@ -26,7 +26,8 @@ _PROBE_EVERY = 32
 _POOR_RATIO = 0.95
 
 
-def _bulk_size(msg: Message) -> int:
+def bulk_bytes(msg: Message) -> int:
+    """Write data a frame carries: what encoding costs, and what a receiver's budget counts."""
     if isinstance(msg, Batch):
         return msg.data_bytes
     if isinstance(msg, ResyncData):
@@ -65,7 +66,7 @@ class FrameSender:
     async def send(self, msg: Message) -> None:
         bulk = msg.TYPE in _BULK
         compress = self._compress_next() if bulk else False
-        if bulk and _bulk_size(msg) >= THREAD_ENCODE_MIN:
+        if bulk and bulk_bytes(msg) >= THREAD_ENCODE_MIN:
             header, payload = await trio.to_thread.run_sync(encode_frame_parts, msg, compress)
         else:
             header, payload = encode_frame_parts(msg, compress)

@@ -35,7 +35,7 @@ from colofs.core.store import Store
 from colofs.core.vm import VM, PrimaryWrite
 from colofs.repl.config import ReplConfig, require_key_or_loopback
 from colofs.repl.errors import AttachRefused, ReplCode, ReplProtocolError
-from colofs.repl.framing import FrameSender
+from colofs.repl.framing import FrameSender, bulk_bytes
 from colofs.repl.handshake import handshake, refuse, wrap_transport
 from colofs.repl.persist import load_needs_full_sync, save_needs_full_sync
 from colofs.repl.resync import read_and_digest
@@ -69,15 +69,6 @@ log = logging.getLogger(__name__)
 
 MAX_QUERY_BYTES = 64 << 20
 _STREAM = (Batch, Checkpoint, DiskAdd, ResyncQuery, ResyncData, ResyncDone)
-
-
-def _frame_bytes(msg: Message) -> int:
-    """Write data a queued frame holds (what the receive budget counts)."""
-    if isinstance(msg, Batch):
-        return msg.data_bytes
-    if isinstance(msg, ResyncData):
-        return sum(len(b.data) for b in msg.blocks)
-    return 0
 
 
 async def core_checkpoint(vm: VM, seq: int) -> None:
@@ -211,7 +202,7 @@ class _Session:
             elif isinstance(msg, Error):
                 raise _PeerError(f"error {msg.code}: {msg.message}")
             elif isinstance(msg, _STREAM):
-                self._queued += _frame_bytes(msg)
+                self._queued += bulk_bytes(msg)
                 await self._tx.send(msg)
             else:
                 raise ReplProtocolError(f"{msg.TYPE.name} is not accepted from a primary after ATTACH")
@@ -237,7 +228,7 @@ class _Session:
             msg = pending if pending is not None else await self._rx.receive()
             pending = None
             role_check(self.vm)
-            size = _frame_bytes(msg)
+            size = bulk_bytes(msg)
             if isinstance(msg, Batch):
                 pending = await self._apply_batches(msg)
                 size = 0  # accounted for there
