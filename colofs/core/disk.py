@@ -226,21 +226,15 @@ class Disk:
 
     def _prefetch(self, blocks: Sequence[int]) -> None:
         """Ask the kernel to read the layer data of ``blocks`` ahead (a hint; errors are ignored)."""
-        bs = self.block_size
+        shift = self.shift
         for layer, skip in ((self.active, None), (self.hidden, self.active)):
-            offsets = sorted(layer.map[b] for b in blocks if b in layer.map and (skip is None or b not in skip.map))
-            if not offsets:
-                continue
-            start = prev = offsets[0]
-            for off in [*offsets[1:], -1]:
-                if off == prev + bs:
-                    prev = off
-                    continue
+            # Log data is block aligned: file offsets in block units form runs like blocks do.
+            slots = sorted(layer.map[b] >> shift for b in blocks if b in layer.map and (skip is None or b not in skip.map))
+            for first, count in block_runs(slots):
                 try:
-                    os.posix_fadvise(layer.fd, start, prev + bs - start, os.POSIX_FADV_WILLNEED)
+                    os.posix_fadvise(layer.fd, first << shift, count << shift, os.POSIX_FADV_WILLNEED)
                 except OSError:
                     return
-                start = prev = off
 
     # -- status -------------------------------------------------------------------
 

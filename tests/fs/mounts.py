@@ -16,10 +16,24 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from colofs.fs.config import LOCK_NAME
 
 MOUNTCTL = [sys.executable, "-m", "mountctl.cli"]
 TIMEOUT = 60
+XATTR = "user.colofs."
+
+
+def errno_of(fn, *args) -> int:
+    """The errno ``fn(*args)`` fails with; the test fails if it succeeds."""
+    with pytest.raises(OSError) as e:
+        fn(*args)
+    return e.value.errno
+
+
+def last_error(path) -> str:
+    return os.getxattr(path, XATTR + "last_error").decode()
 
 
 def mountctl(*args: str, check: bool = True, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:

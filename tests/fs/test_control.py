@@ -8,21 +8,8 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from tests.fs.mounts import mountctl, run
-
-P = "user.colofs."
-
-
-def _err(fn, *args) -> int:
-    with pytest.raises(OSError) as e:
-        fn(*args)
-    return e.value.errno
-
-
-def _last_error(path) -> str:
-    return os.getxattr(path, P + "last_error").decode()
+from tests.fs.mounts import XATTR as P
+from tests.fs.mounts import errno_of, last_error, mountctl, run
 
 
 def test_names_listed_per_node(sec):
@@ -53,27 +40,27 @@ def test_names_listed_per_node(sec):
 def test_unknown_names_and_wrong_places(sec):
     mountctl("create", sec.mnt, "vm1/d0", "--size", "4M")
     d = sec.path("vm1", "d0.raw")
-    assert _err(os.getxattr, d, P + "nonsense") == errno.ENODATA
-    assert _err(os.getxattr, d, "user.other") == errno.ENODATA
-    assert _err(os.getxattr, d, "security.capability") == errno.ENODATA
-    assert _err(os.getxattr, sec.path("vm1"), P + "checkpoint") == errno.ENODATA  # write-only
-    assert _err(os.setxattr, d, P + "nonsense", b"1") == errno.EINVAL
-    assert "cannot be set on disk vm1/d0" in _last_error(d)
-    assert _err(os.setxattr, d, "user.other", b"1") == errno.EINVAL
-    assert _err(os.setxattr, d, "trusted.other", b"1") == errno.EOPNOTSUPP
-    assert _err(os.setxattr, sec.mnt, P + "checkpoint", b"") == errno.EINVAL
-    assert "settable here: create, import" in _last_error(sec.mnt)
-    assert _err(os.removexattr, d, P + "status") == errno.EPERM
-    assert _err(os.removexattr, d, "user.other") == errno.ENODATA
-    assert _err(os.setxattr, sec.path("vm1"), P + "checkpoint", b"abc") == errno.EINVAL
-    assert "sequence number" in _last_error(sec.path("vm1"))
-    assert _err(os.setxattr, sec.path("vm1"), P + "checkpoint", b"7") == errno.EINVAL
-    assert "last applied seq is 0" in _last_error(sec.path("vm1"))
+    assert errno_of(os.getxattr, d, P + "nonsense") == errno.ENODATA
+    assert errno_of(os.getxattr, d, "user.other") == errno.ENODATA
+    assert errno_of(os.getxattr, d, "security.capability") == errno.ENODATA
+    assert errno_of(os.getxattr, sec.path("vm1"), P + "checkpoint") == errno.ENODATA  # write-only
+    assert errno_of(os.setxattr, d, P + "nonsense", b"1") == errno.EINVAL
+    assert "cannot be set on disk vm1/d0" in last_error(d)
+    assert errno_of(os.setxattr, d, "user.other", b"1") == errno.EINVAL
+    assert errno_of(os.setxattr, d, "trusted.other", b"1") == errno.EOPNOTSUPP
+    assert errno_of(os.setxattr, sec.mnt, P + "checkpoint", b"") == errno.EINVAL
+    assert "settable here: create, import" in last_error(sec.mnt)
+    assert errno_of(os.removexattr, d, P + "status") == errno.EPERM
+    assert errno_of(os.removexattr, d, "user.other") == errno.ENODATA
+    assert errno_of(os.setxattr, sec.path("vm1"), P + "checkpoint", b"abc") == errno.EINVAL
+    assert "sequence number" in last_error(sec.path("vm1"))
+    assert errno_of(os.setxattr, sec.path("vm1"), P + "checkpoint", b"7") == errno.EINVAL
+    assert "last applied seq is 0" in last_error(sec.path("vm1"))
 
 
 def test_last_error_belongs_to_the_caller(sec):
-    assert _err(os.setxattr, sec.mnt, P + "create", b"not json") == errno.EINVAL
-    assert _last_error(sec.mnt) == "create: the value is not JSON"
+    assert errno_of(os.setxattr, sec.mnt, P + "create", b"not json") == errno.EINVAL
+    assert last_error(sec.mnt) == "create: the value is not JSON"
     result = json.loads(os.getxattr(sec.mnt, P + "last_result"))
     assert (result["ok"], result["op"], result["errno_name"]) == (False, "create", "EINVAL")
     other = subprocess.run(
@@ -83,7 +70,7 @@ def test_last_error_belongs_to_the_caller(sec):
     assert other.stdout.strip() == "b''"
     # A success clears it.
     os.setxattr(sec.mnt, P + "create", json.dumps({"vm": "vm1", "disk": "d0", "size": 1 << 20}).encode())
-    assert _last_error(sec.mnt) == ""
+    assert last_error(sec.mnt) == ""
     result = json.loads(os.getxattr(sec.mnt, P + "last_result"))
     assert result["ok"] and result["size"] == 1 << 20 and result["file"].endswith("vm1/d0.raw")
 
@@ -93,8 +80,8 @@ def test_create_and_import_through_xattrs(sec, tmp_path):
     create = json.dumps({"vm": "vm1", "disk": "d0", "size": 2 << 20, "block_size": 65536}).encode()
     os.setxattr(root, P + "create", create)
     assert os.stat(sec.path("vm1", "d0.raw")).st_size == 2 << 20
-    assert _err(os.setxattr, root, P + "create", create) == errno.EEXIST
-    assert "already exists" in _last_error(root)
+    assert errno_of(os.setxattr, root, P + "create", create) == errno.EEXIST
+    assert "already exists" in last_error(root)
     bad = [
         ({"vm": "vm1", "disk": "x", "size": 1000}, "multiple of 512"),
         ({"vm": "vm1", "disk": "x", "size": 4096, "block_size": 3000}, "power of two"),
@@ -102,8 +89,8 @@ def test_create_and_import_through_xattrs(sec, tmp_path):
         ({"vm": "vm1", "size": 4096}, "'disk'"),
     ]
     for req, words in bad:
-        assert _err(os.setxattr, root, P + "create", json.dumps(req).encode()) == errno.EINVAL
-        assert words in _last_error(root), req
+        assert errno_of(os.setxattr, root, P + "create", json.dumps(req).encode()) == errno.EINVAL
+        assert words in last_error(root), req
     img = tmp_path / "img.raw"
     img.write_bytes(os.urandom(3 << 20))
     os.setxattr(root, P + "import", json.dumps({"vm": "vm2", "disk": "sys", "source": str(img)}).encode())
@@ -112,13 +99,13 @@ def test_create_and_import_through_xattrs(sec, tmp_path):
     qcow = tmp_path / "img.qcow2"
     run("qemu-img", "create", "-f", "qcow2", qcow, "1M")
     req = json.dumps({"vm": "vm2", "disk": "q", "source": str(qcow)}).encode()
-    assert _err(os.setxattr, root, P + "import", req) == errno.EINVAL
-    assert "qcow2" in _last_error(root)
+    assert errno_of(os.setxattr, root, P + "import", req) == errno.EINVAL
+    assert "qcow2" in last_error(root)
     req = json.dumps({"vm": "vm2", "disk": "q", "source": "relative.raw"}).encode()
-    assert _err(os.setxattr, root, P + "import", req) == errno.EINVAL
+    assert errno_of(os.setxattr, root, P + "import", req) == errno.EINVAL
     req = json.dumps({"vm": "vm2", "disk": "q", "source": str(tmp_path / "missing.raw")}).encode()
-    assert _err(os.setxattr, root, P + "import", req) == errno.ENOENT
-    assert "No such file" in _last_error(root)
+    assert errno_of(os.setxattr, root, P + "import", req) == errno.ENOENT
+    assert "No such file" in last_error(root)
 
 
 def test_checkpoint_and_failover_xattrs(sec):
@@ -134,7 +121,7 @@ def test_checkpoint_and_failover_xattrs(sec):
     os.setxattr(vm, P + "failover", b"")
     result = json.loads(os.getxattr(vm, P + "last_result"))
     assert (result["role"], result["epoch"]) == ("primary", 2)
-    assert _err(os.setxattr, vm, P + "failover", b"") == errno.EPERM
-    assert "failover of a primary" in _last_error(vm)
+    assert errno_of(os.setxattr, vm, P + "failover", b"") == errno.EPERM
+    assert "failover of a primary" in last_error(vm)
     status = json.loads(os.getxattr(sec.path("vm1", "d0.raw"), P + "status"))
     assert (status["kind"], status["role"], status["epoch"], status["size"]) == ("disk", "primary", 2, 4 << 20)

@@ -8,22 +8,10 @@ import mmap
 import os
 import stat
 
-import pytest
-
-from tests.fs.mounts import mountctl, run
+from tests.fs.mounts import XATTR as P
+from tests.fs.mounts import errno_of, last_error, mountctl, run
 
 MiB = 1 << 20
-P = "user.colofs."
-
-
-def _err(fn, *args) -> int:
-    with pytest.raises(OSError) as e:
-        fn(*args)
-    return e.value.errno
-
-
-def _last_error(path) -> str:
-    return os.getxattr(path, P + "last_error").decode()
 
 
 def _fails(*args: object, code: int = 1) -> str:
@@ -59,11 +47,11 @@ def test_setfattr_getfattr_and_what_snapshot_files_allow(pri):
     st = os.stat(snap)
     assert (stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns) == (0o400, 4 * MiB, int(entry["created"] * 1e9))
     for flags in (os.O_WRONLY, os.O_RDWR, os.O_RDWR | os.O_TRUNC):
-        assert _err(os.open, snap, flags) == errno.EROFS
-    assert _err(os.truncate, snap, MiB) == errno.EROFS
-    assert _err(os.unlink, snap) == errno.EPERM
-    assert _err(os.rename, snap, pri.path("vm1", "d0@s2.raw")) == errno.EPERM
-    assert _err(os.open, pri.path("vm1", "d0@new.raw"), os.O_CREAT | os.O_WRONLY, 0o600) == errno.EPERM
+        assert errno_of(os.open, snap, flags) == errno.EROFS
+    assert errno_of(os.truncate, snap, MiB) == errno.EROFS
+    assert errno_of(os.unlink, snap) == errno.EPERM
+    assert errno_of(os.rename, snap, pri.path("vm1", "d0@s2.raw")) == errno.EPERM
+    assert errno_of(os.open, pri.path("vm1", "d0@new.raw"), os.O_CREAT | os.O_WRONLY, 0o600) == errno.EPERM
     assert "Read-only file system" in run("sh", "-c", f"echo x > '{snap}'", check=False).stderr
     with open(d0, "r+b") as w:
         w.write(b"changed" * 100)
@@ -98,7 +86,7 @@ def test_setfattr_getfattr_and_what_snapshot_files_allow(pri):
     run("setfattr", "-x", "user.colofs.clone", clone)
     run("setfattr", "-x", "user.colofs.snapshot", snap)
     assert os.listdir(pri.path("vm1")) == ["d0.raw"]
-    assert _err(os.stat, snap) == errno.ENOENT
+    assert errno_of(os.stat, snap) == errno.ENOENT
     assert json.loads(os.getxattr(d0, P + "snapshots")) == []
 
 
@@ -110,36 +98,36 @@ def test_names_are_checked_and_refusals_explain_themselves(sec):
     d0 = sec.path("vm1", "d0.raw")
     for attr in ("snapshot", "clone"):
         for bad in BAD_NAMES:
-            assert _err(os.setxattr, d0, P + attr, bad) == errno.EINVAL, (attr, bad)
-            assert f"{attr} name" in _last_error(d0), (attr, bad)
+            assert errno_of(os.setxattr, d0, P + attr, bad) == errno.EINVAL, (attr, bad)
+            assert f"{attr} name" in last_error(d0), (attr, bad)
     assert "control: snapshot on vm1/d0 refused (EINVAL): snapshot name" in sec.log()
     os.setxattr(d0, P + "snapshot", b"x" * 64)  # the longest name
     os.setxattr(d0, P + "snapshot", b"dup")
     for attr in ("snapshot", "clone"):
-        assert _err(os.setxattr, d0, P + attr, b"dup") == errno.EEXIST
-        assert "a snapshot or clone named 'dup' already exists" in _last_error(d0)
+        assert errno_of(os.setxattr, d0, P + attr, b"dup") == errno.EEXIST
+        assert "a snapshot or clone named 'dup' already exists" in last_error(d0)
     os.setxattr(d0, P + "clone", b"c1")
     snap, clone = sec.path("vm1", "d0@dup.raw"), sec.path("vm1", "d0@c1.raw")
 
     # Names that cannot be set (or removed) where they were sent, each with a reason.
-    assert _err(os.setxattr, clone, P + "clone", b"cc") == errno.EINVAL
-    assert "a clone cannot be cloned" in _last_error(clone)
-    assert _err(os.setxattr, snap, P + "snapshot", b"ss") == errno.EINVAL
-    assert "already a snapshot" in _last_error(snap)
-    assert _err(os.setxattr, sec.mnt, P + "snapshot", b"ss") == errno.EINVAL
-    assert "snapshot a disk file" in _last_error(sec.mnt)
-    assert _err(os.removexattr, d0, P + "snapshot") == errno.EPERM
-    assert "remove the attribute on its own file" in _last_error(d0)
-    assert _err(os.removexattr, snap, P + "clone") == errno.EPERM
-    assert _err(os.removexattr, snap, P + "status") == errno.EPERM
-    assert _err(os.removexattr, snap, "user.other") == errno.ENODATA
-    assert _err(os.getxattr, snap, P + "clone") == errno.ENODATA
-    assert _err(os.getxattr, snap, P + "snapshots") == errno.ENODATA
-    assert _err(os.setxattr, snap, "user.other", b"1") == errno.EINVAL
-    assert _err(os.setxattr, snap, "trusted.other", b"1") == errno.EOPNOTSUPP
+    assert errno_of(os.setxattr, clone, P + "clone", b"cc") == errno.EINVAL
+    assert "a clone cannot be cloned" in last_error(clone)
+    assert errno_of(os.setxattr, snap, P + "snapshot", b"ss") == errno.EINVAL
+    assert "already a snapshot" in last_error(snap)
+    assert errno_of(os.setxattr, sec.mnt, P + "snapshot", b"ss") == errno.EINVAL
+    assert "snapshot a disk file" in last_error(sec.mnt)
+    assert errno_of(os.removexattr, d0, P + "snapshot") == errno.EPERM
+    assert "remove the attribute on its own file" in last_error(d0)
+    assert errno_of(os.removexattr, snap, P + "clone") == errno.EPERM
+    assert errno_of(os.removexattr, snap, P + "status") == errno.EPERM
+    assert errno_of(os.removexattr, snap, "user.other") == errno.ENODATA
+    assert errno_of(os.getxattr, snap, P + "clone") == errno.ENODATA
+    assert errno_of(os.getxattr, snap, P + "snapshots") == errno.ENODATA
+    assert errno_of(os.setxattr, snap, "user.other", b"1") == errno.EINVAL
+    assert errno_of(os.setxattr, snap, "trusted.other", b"1") == errno.EOPNOTSUPP
     sec.path("vm2").mkdir()
-    assert _err(os.setxattr, sec.path("vm2"), P + "snapshot", b"s") == errno.EINVAL
-    assert "no disk to snapshot" in _last_error(sec.path("vm2"))
+    assert errno_of(os.setxattr, sec.path("vm2"), P + "snapshot", b"s") == errno.EINVAL
+    assert "no disk to snapshot" in last_error(sec.path("vm2"))
     # None of it made the kernel give up on xattrs (no ENOSYS): they still work.
     assert json.loads(os.getxattr(snap, P + "status"))["kind"] == "snapshot"
     os.removexattr(clone, P + "snapshot")

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.fs.conftest import random_image
+from tests.fs.mounts import XATTR as P
 from tests.fs.mounts import Mount, mountctl, run
 from tests.fs.slot_writer import SLOT, slot_data
 from tests.fs.test_crash import WRITER
@@ -29,9 +30,6 @@ from tests.fs.test_crash import WRITER
 MiB = 1 << 20
 SIZE = 32 * MiB
 ROOT = Path(__file__).resolve().parents[2]
-P = "user.colofs."
-
-
 # -- helpers ---------------------------------------------------------------------------
 
 
