@@ -111,26 +111,44 @@ async def test_concurrent_partial_writes_to_one_block(open_store) -> None:
 
 
 async def test_checkpoint_is_atomic_with_svm_writes(open_store) -> None:
-    """A write done before the checkpoint began is dropped; one begun after it returned survives."""
+    """A write done before the checkpoint began is dropped; one begun after it returned survives.
+
+    The interleaving is driven by the writes themselves, not by time: the checkpoint starts once
+    the writers have finished ``BEFORE`` writes, they keep writing while it runs, and they stop
+    only after it has returned and ``AFTER`` more writes have begun.
+    """
     store = await open_store()
     disk = await store.create_disk("vm", "d", SIZE, block_size=BS)
     vm = store.vm("vm")
+    before, after = 40, 40
     phase = 0  # 0: before the checkpoint, 1: during it, 2: after it returned
     log: list[tuple[int, bytes, int, int]] = []  # block, data, phase at start, phase at end
+    enough_before = trio.Event()
+    enough_after = trio.Event()
+    begun_after = 0
 
     async def writer(k: int) -> None:
-        for i in range(300):
+        nonlocal begun_after
+        i = 0
+        while not enough_after.is_set():
             blk = (i * 7 + k) % (SIZE // BS)
             data = (i * 4 + k).to_bytes(4, "little") * (BS // 4)
             began = phase
+            if began == 2:
+                begun_after += 1
+                if begun_after >= after:
+                    enough_after.set()
             evict(disk.base_fd)
             await disk.write(blk * BS, data)
             log.append((blk, data, began, phase))
+            if len(log) >= before:
+                enough_before.set()
+            i += 1
             await trio.sleep(0)
 
     async def checkpointer() -> None:
         nonlocal phase
-        await trio.sleep(0.02)
+        await enough_before.wait()
         phase = 1
         await vm.checkpoint()
         phase = 2
@@ -222,17 +240,17 @@ async def test_rangelock_fifo_and_sharing() -> None:
     async def want(name: str, lo: int, hi: int, excl: bool) -> None:
         req = await lock.acquire(lo, hi, excl)
         order.append(name)
-        await trio.sleep(0.01)
+        await trio.sleep(0)  # hold the range across a yield, as a real request does
         lock.release(req)
 
     async with trio.open_nursery() as n:
         n.start_soon(want, "writer", 8, 9, True)
-        await trio.sleep(0.01)
+        await trio.testing.wait_all_tasks_blocked()  # the writer is queued behind a and b
         # A reader behind a waiting writer on the same range waits its turn...
         n.start_soon(want, "reader-behind", 8, 9, False)
         # ...while a request on a disjoint range goes ahead at once.
         n.start_soon(want, "disjoint", 100, 101, True)
-        await trio.sleep(0.005)
+        await trio.testing.wait_all_tasks_blocked()
         assert order == ["disjoint"]
         lock.release(a)
         lock.release(b)
