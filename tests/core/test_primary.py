@@ -7,6 +7,7 @@ import os
 import trio
 
 from colofs.core.forward import ForwardQueue
+from tests.waiting import wait_until
 
 SIZE = 1 << 20
 
@@ -45,7 +46,12 @@ async def test_full_queue_holds_writers_back_until_drained(open_store) -> None:
     async with trio.open_nursery() as n:
         for i in range(6):
             n.start_soon(writer, i)
-        await trio.sleep(0.05)
+        # The four writers that do not fit are parked on the queue's room condition: a positive
+        # sign that they are held back, rather than a guess at how long writing takes.
+        await wait_until(
+            lambda: q._space.statistics().tasks_waiting == 4,
+            what="four writers waiting for room in the forward queue",
+        )
         assert len(done) == 2 and q.bytes_queued == 8192  # the rest wait for room
         got = []
         while len(got) < 6:
