@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 BENCH_APT := fuse3 qemu-utils qemu-system-common fio libnbd-bin
 
-.PHONY: all demo test lint bench bench-quick bench-core bench-deps deps apt venv clean
+.PHONY: all demo test lint bench bench-quick bench-core bench-deps deps apt venv clean constraints
 
 all: test
 
@@ -22,10 +22,10 @@ apt:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt --upgrade pip
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -62,6 +62,14 @@ bench-quick: bench-deps
 # the core alone beside raw file I/O
 bench-core: deps
 	$(PY) bench/core_bench.py
+
+# Refresh constraints.txt with the newest versions pyproject.toml allows (then run make test before committing it)
+constraints:
+	rm -rf .venv-constraints && python3 -m venv .venv-constraints
+	.venv-constraints/bin/pip install -q --upgrade pip setuptools
+	.venv-constraints/bin/pip install -q '.[test]'
+	{ sed -n '1,2p' constraints.txt; .venv-constraints/bin/pip freeze --all --exclude-editable | grep -v -i -e '^colofs' -e '^wheel=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .venv-constraints
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
