@@ -26,6 +26,9 @@ from colofs.repl import (
 )
 from colofs.wire import NonceRegistry
 from tests.repl.proxy import FaultProxy
+from tests.waiting import DEADLINE, wait_until
+
+__all__ = ["FAST", "Pair", "base_of", "file_bytes", "wait_until"]  # wait_until: re-exported for the repl tests
 
 FAST = ReplConfig(
     reconnect_min=0.01,
@@ -48,14 +51,6 @@ def base_of(disk: object) -> bytes:
     """The disk's base image as stored (the secondary's mirror), padded to its size."""
     data = file_bytes(os.path.join(disk.path, "base.raw"))  # type: ignore[attr-defined]
     return data + bytes(disk.size - len(data))  # type: ignore[attr-defined]
-
-
-async def wait_until(pred: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    with trio.move_on_after(timeout):
-        while not pred():
-            await trio.sleep(0.01)
-        return
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class Pair:
@@ -175,7 +170,7 @@ class Pair:
     def link(self, vm: str = "vm"):
         return self.repl.links[vm]
 
-    async def caught_up(self, vm: str = "vm", timeout: float = 10.0) -> None:
+    async def caught_up(self, vm: str = "vm", timeout: float = DEADLINE) -> None:
         link = self.link(vm)
         pvm = self.primary.vm(vm)
         await wait_until(lambda: link.state == "streaming" and link.acked == pvm.state.last_applied,

@@ -12,6 +12,7 @@ from colofs.repl import ReplCode
 from colofs.wire.messages import Ack, Batch, DiskInfo, Error, Write
 from tests.repl.conftest import wait_until
 from tests.repl.rawpeer import RawPrimary
+from tests.waiting import DEADLINE
 
 SIZE = 256 << 10
 
@@ -38,7 +39,7 @@ async def test_a_new_connection_replaces_a_half_open_one(pair) -> None:
     assert await old.receive() == Ack(1)
     new = await RawPrimary.connect(pair.port, "vm", disks)  # the primary reconnected; the old one is silent
     assert new.attached.last_applied == 1
-    closed, err = await old.until_closed(5)
+    closed, err = await old.until_closed(DEADLINE)
     assert closed and isinstance(err, Error) and err.code == ReplCode.REPLACED
     await new.send(Batch(2, (Write(0, 3, b"two"),)))
     assert await new.receive() == Ack(2)
@@ -58,7 +59,7 @@ async def test_a_write_too_big_for_a_frame_is_resynchronised(pair, repl_errors) 
     await pvm.disk("d0").write(1000, b"small")
     await pvm.disk("d0").write(4096, bytes(range(256)) * 1024)  # 256 KiB in one write
     await pvm.disk("d0").write(2000, b"after")
-    with trio.fail_after(10):
+    with trio.fail_after(DEADLINE):
         await pair.repl.checkpoint("vm")
     await pair.assert_identical()
     st = pair.repl.status("vm")
@@ -75,21 +76,27 @@ async def test_disk_created_during_a_write_storm(pair, caplog) -> None:
     await pair.caught_up()
     pvm = pair.primary.vm("vm")
     stop = trio.Event()
+    written = 0
 
     async def storm() -> None:
-        i = 0
+        nonlocal written
         while not stop.is_set():
+            i = written
             await pvm.disk("d0").write((i * 4096) % (1 << 20), bytes([i % 251 + 1]) * 4096)
-            i += 1
+            written += 1
             await trio.sleep(0)
+
+    async def more_writes(n: int) -> None:
+        target = written + n
+        await wait_until(lambda: written >= target, what=f"{n} more storm writes")
 
     async with trio.open_nursery() as n:
         n.start_soon(storm)
-        await trio.sleep(0.05)
+        await more_writes(20)
         for k in range(3):
             await pair.primary.create_disk("vm", f"new{k}", 64 << 10)
-            await trio.sleep(0.02)
+            await more_writes(10)  # the storm goes on between and after the creations
         stop.set()
-    with trio.fail_after(15):
+    with trio.fail_after(DEADLINE):
         await pair.repl.checkpoint("vm")
     await pair.assert_identical()

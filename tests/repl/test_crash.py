@@ -15,8 +15,9 @@ import trio
 
 from colofs.core import Store
 from colofs.repl import CheckpointError
-from tests.repl.conftest import base_of
+from tests.repl.conftest import base_of, wait_until
 from tests.repl.test_end_to_end import rand_write
+from tests.waiting import DEADLINE
 
 SIZE = 1 << 20
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -137,7 +138,7 @@ async def test_primary_restart_uses_its_saved_dirty_bitmap(pair, repl_errors) ->
     pvm = pair.primary.vm("vm")
     await pvm.disk("d0").write(SIZE - 4096, b"untracked")
     await pair.start_primary()
-    with trio.fail_after(10):
+    with trio.fail_after(DEADLINE):
         await pair.repl.checkpoint("vm")
     await pair.assert_identical()
     st = pair.repl.status("vm")
@@ -159,7 +160,7 @@ class _Child:
         self.proc = await nursery.start(partial(trio.run_process, cmd, stdout=subprocess.PIPE,
                                                 stderr=subprocess.DEVNULL, check=False, cwd=ROOT))
         buf = b""
-        with trio.fail_after(20):
+        with trio.fail_after(DEADLINE):
             while b"\n" not in buf:
                 chunk = await self.proc.stdout.receive_some(100)
                 assert chunk, "the secondary process exited before it was ready"
@@ -168,7 +169,7 @@ class _Child:
 
     async def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
-        with trio.fail_after(10):
+        with trio.fail_after(DEADLINE):
             await self.proc.wait()
 
 
@@ -183,13 +184,21 @@ async def test_sigkilled_secondary_process(pair, repl_errors) -> None:
     pvm = pair.primary.vm("vm")
     img = bytearray(SIZE)
     stop = trio.Event()
+    written = 0
 
     async def writer() -> None:
+        nonlocal written
         while not stop.is_set():
             off, data = rand_write(rng, SIZE)
             await pvm.disk("d0").write(off, data)
             img[off : off + len(data)] = data
+            written += 1
             await trio.sleep(0)
+
+    async def more_writes(n: int) -> None:
+        """The kill points are placed by the stream itself: after ``n`` more writes, however fast."""
+        target = written + n
+        await wait_until(lambda: written >= target, what=f"{n} more writes")
 
     async with trio.open_nursery() as n:
         n.start_soon(writer)
@@ -199,12 +208,12 @@ async def test_sigkilled_secondary_process(pair, repl_errors) -> None:
                     await pair.repl.checkpoint("vm", timeout=5)
                 except CheckpointError:
                     pass
-                await trio.sleep(rng.random() * 0.1)
+                await more_writes(rng.randrange(0, 30))
             await child.kill()
-            await trio.sleep(0.05)
+            await more_writes(rng.randrange(1, 30))  # the VM writes on while its secondary is dead
             await child.start(pair.nursery)
         stop.set()
-    res = await pair.repl.checkpoint("vm", timeout=20)
+    res = await pair.repl.checkpoint("vm", timeout=DEADLINE)
     await child.kill()
     store = await Store.open(pair.sdir, role="secondary")
     try:

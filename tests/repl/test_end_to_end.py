@@ -11,6 +11,7 @@ import trio
 from colofs.core.state import PRIMARY
 from colofs.repl import CheckpointError
 from tests.repl.conftest import base_of, wait_until
+from tests.waiting import DEADLINE
 
 D0 = 1 << 20  # 4 KiB blocks
 D1 = (256 << 10) + 512  # with 4 KiB blocks: a short last block
@@ -85,9 +86,12 @@ async def test_stream_with_checkpoints_isolation_and_failover(pair, repl_errors)
     await wait_until(lambda: link.state == "refused", what="the old primary to be refused")
     assert "failed over" in (link.last_error or "")
     assert "stale epoch" in (link.last_error or "")
-    # The old primary keeps serving its VM; nothing reaches the new primary.
+    # The old primary keeps serving its VM; nothing reaches the new primary. A connection attempt
+    # begun after the write, and refused, is where the write would have been sent.
+    refused = pair.server.stats["refused"]
     await pvm.disk("d0").write(0, b"after failover")
-    await trio.sleep(0.3)
+    await wait_until(lambda: pair.server.stats["refused"] >= refused + 2,
+                     what="a reconnection after the write to be refused")
     assert svm.state.last_applied == applied
     assert pair.server.status("vm")["connected"] is False
     with pytest.raises(CheckpointError):
@@ -136,7 +140,7 @@ async def test_checkpoint_needs_the_secondary_but_writes_do_not(pair, repl_error
     await pair.stop_secondary()
     await pair.start_primary(peer_port=port)
     pvm = pair.primary.vm("vm")
-    with trio.fail_after(5):
+    with trio.fail_after(DEADLINE):  # bounds a hang only: writes never wait for an absent secondary
         for i in range(50):
             await pvm.disk("d0").write(i * 4096, bytes([i + 1]) * 4096)
     with pytest.raises(CheckpointError, match="within 0.3 s"):

@@ -34,7 +34,7 @@ async def test_the_checkpoint_hook_runs_the_whole_checkpoint(pair) -> None:
     # A disk created on the primary is announced at once, before any write to it.
     await pair.primary.create_disk("vm", "d1", SIZE)
     pair.repl.attach_vm("vm")
-    await wait_until(lambda: ("vm", "d1") in added, 5, "the new disk on the secondary")
+    await wait_until(lambda: ("vm", "d1") in added, what="the new disk on the secondary")
     assert pair.secondary.vm("vm").disk("d1").size == SIZE
     await pair.assert_identical()
 
@@ -51,7 +51,7 @@ async def test_exclusive_closes_the_session_and_holds_off_the_primary(pair, capl
         assert "vm" not in pair.server.sessions
         await pair.primary.vm("vm").disk("d0").write(0, b"after the session closed")
         await svm.failover()
-    await wait_until(lambda: link.state == "refused", 5, "the old primary to be refused")
+    await wait_until(lambda: link.state == "refused", what="the old primary to be refused")
     assert "has failed over" in (link.last_error or "")
     assert bytes(await svm.disk("d0").read(0, 24)) == bytes(24), "no primary write after the close"
     text = "\n".join(r.getMessage() for r in caplog.records)

@@ -9,9 +9,15 @@ import trio
 
 from colofs.repl import SecondaryHooks
 from tests.repl.conftest import wait_until
+from tests.waiting import DEADLINE
 
 SIZE = 8 << 20
 WRITE = 64 << 10
+
+
+def waiters(signal: object) -> int:
+    """Tasks parked on a replication ``Signal`` now (how a test sees that a task waits on it)."""
+    return signal._event.statistics().tasks_waiting  # type: ignore[attr-defined]
 
 
 async def test_unacknowledged_writes_hold_writers_back_within_the_bound(pair, repl_errors) -> None:
@@ -45,16 +51,17 @@ async def test_unacknowledged_writes_hold_writers_back_within_the_bound(pair, re
         finished.set()
 
     pair.nursery.start_soon(run_writer)
-    await wait_until(lambda: link.unacked_bytes + WRITE > limit, what="the in-flight bound to be reached")
+    # The bound is reached and the writer is parked waiting for room (on the link's change signal):
+    # a positive sign that it is held back, instead of watching it not move for a while.
+    await wait_until(lambda: link.unacked_bytes + WRITE > limit
+                     and waiters(link._changed) == 1, what="the writer held back at the in-flight bound")
     stuck_at = done[0]
-    for _ in range(20):  # however long the loop runs, the writer gets no further without acknowledgements
-        await trio.sleep(0.01)
-    assert done[0] == stuck_at and not finished.is_set()
+    assert not finished.is_set()
     assert stuck_at * WRITE <= limit + WRITE
     assert link.state == "streaming" and link.retaining
 
     proxy.release()
-    with trio.fail_after(20):
+    with trio.fail_after(DEADLINE):
         await finished.wait()
     await pair.caught_up()
     assert peak[0] <= backlog and peak[1] <= limit
@@ -93,10 +100,10 @@ async def test_a_busy_secondary_stops_reading_at_its_byte_budget(pair, repl_erro
     try:  # the hook runs shielded: always let it finish, or teardown would wait for it forever
         for i in range(64):  # 4 MiB, eight times the budget
             await pvm.disk("d0").write(i * WRITE, rng.randbytes(WRITE))
-        await wait_until(lambda: session._queued + WRITE > budget, what="the budget to fill")
-        for _ in range(20):
-            await trio.sleep(0.01)
-            assert session._queued <= budget + WRITE
+        # The reader parks on the drained signal once the budget is used: then it reads no more.
+        await wait_until(lambda: session._queued + WRITE > budget and waiters(session._drained) == 1,
+                         what="the secondary's reader to stop at the budget")
+        assert session._queued <= budget + WRITE
         assert link.acked < pvm.state.last_applied
     finally:
         gate.set()

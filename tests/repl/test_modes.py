@@ -7,6 +7,7 @@ import trio
 
 from colofs.repl import ReplConfigError, load_mode
 from tests.repl.conftest import wait_until
+from tests.waiting import DEADLINE
 
 SIZE = 256 << 10
 
@@ -18,24 +19,28 @@ async def test_sync_waits_for_the_secondary_async_does_not(pair, repl_errors) ->
     assert pair.repl.mode("vm") == "async"
 
     proxy.hold_down = True  # acknowledgements stop reaching the primary
-    with trio.fail_after(1):
+    with trio.fail_after(DEADLINE):  # bounds a hang only: an async write never waits for the ack
         await pvm.disk("d0").write(0, b"async")
     assert link.acked < pvm.state.last_applied
 
     await pair.repl.set_mode("vm", "sync")
     done = trio.Event()
+    seq = pvm.state.last_applied + 1  # the sync write's sequence number
+    svm = pair.secondary.vm("vm")
 
     async def sync_write() -> None:
         await pvm.disk("d0").write(4096, b"sync")
         done.set()
 
     pair.nursery.start_soon(sync_write)
-    await trio.sleep(0.3)
+    # The secondary applying the write (its ack now held by the proxy) comes after the write
+    # would have completed had it not waited for the acknowledgement.
+    await wait_until(lambda: svm.state.last_applied >= seq, what="the secondary to apply the sync write")
     assert not done.is_set(), "a sync write completed before the secondary acknowledged it"
-    seq = pvm.state.last_applied
+    assert pvm.state.last_applied == seq
     assert bytes(await pvm.disk("d0").read(4096, 4)) == b"sync"  # on the primary disk already
     proxy.release()
-    with trio.fail_after(3):
+    with trio.fail_after(DEADLINE):
         await done.wait()
     assert link.acked >= seq
     assert pair.secondary.vm("vm").state.last_applied >= seq
@@ -45,7 +50,7 @@ async def test_sync_waits_for_the_secondary_async_does_not(pair, repl_errors) ->
     await pair.stop_secondary()
     proxy.cut_all()
     await wait_until(lambda: link.state != "streaming", what="the link to drop")
-    with trio.fail_after(2):
+    with trio.fail_after(DEADLINE):  # bounds a hang only: degraded sync writes do not wait
         for i in range(10):
             await pvm.disk("d0").write(i * 4096, b"degraded")
     st = pair.repl.status("vm")
