@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +14,11 @@ import pytest
 
 from colofs.fs.config import LOCK_NAME, LOG_NAME
 from tests.fs.mounts import MOUNTCTL, Mount, mountctl
+from tests.mountable import mount_skip_reason
+from tests.waiting import wait_until_sync
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+_SKIP = mount_skip_reason()
+pytestmark = pytest.mark.skipif(_SKIP is not None, reason=f"mount test {_SKIP}")
 MiB = 1 << 20
 
 
@@ -199,16 +201,13 @@ def test_umount_busy_lazy_and_sigterm(mounts):
         assert "is busy" in _fails("umount", m.mnt)
         # SIGTERM while busy: detached lazily, the daemon serves the open file until it is closed.
         os.kill(m.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        while os.path.ismount(m.mnt) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not os.path.ismount(m.mnt)
+        wait_until_sync(lambda: not os.path.ismount(m.mnt), what="the lazy detach after SIGTERM")
         os.pwrite(fd, b"after the detach", 4096)
         assert os.pread(fd, 18, 0) == b"written while busy"
     finally:
         os.close(fd)
     m.mounted = False
-    Mount._wait_gone(m.pid, 30)
+    Mount._wait_gone(m.pid)
     assert _lock_state(m)["state"] == "closed"
     m.mount()
     with open(f, "rb") as r:
@@ -217,14 +216,14 @@ def test_umount_busy_lazy_and_sigterm(mounts):
         assert r.read(16) == b"after the detach"
     # SIGTERM when idle: unmount, close, exit.
     os.kill(m.pid, signal.SIGTERM)
-    Mount._wait_gone(m.pid, 30)
+    Mount._wait_gone(m.pid)
     m.mounted = False
     assert not os.path.ismount(m.mnt) and _lock_state(m)["state"] == "closed"
     m.mount()
     out = mountctl("umount", "--lazy", m.mnt).stdout
     m.mounted = False
     assert "detached" in out
-    Mount._wait_gone(m.pid, 30)
+    Mount._wait_gone(m.pid)
     assert "is not on a colofs mount" in _fails("umount", m.mnt)
 
 

@@ -8,10 +8,13 @@ import subprocess
 import pytest
 
 from colofs.core import PrimaryWrite, Store
+from tests.mountable import root_skip_reason
 
 
 @pytest.fixture
 def tmpfs(tmp_path):
+    if (why := root_skip_reason()) is not None:
+        pytest.skip(f"tmpfs test {why}")
     path = tmp_path / "tmpfs"
     path.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], check=True, timeout=30)

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.pair import Pair
+from tests.mountable import skip_mount_tests
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+TOOLS = ("fusermount3", "qemu-img", "qemu-io")
+HERE = Path(__file__).parent
 
-for tool in ("fusermount3", "qemu-img", "qemu-io"):
-    if shutil.which(tool) is None:
-        raise RuntimeError(f"the e2e tests need {tool} on PATH")
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without /dev/fuse, root or the tools, these tests skip with the reason (they cannot mount)."""
+    skip_mount_tests(items, HERE, TOOLS)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import mmap
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import trio
 
 from tests.fs.mounts import Mount, mountctl
 from tests.repl.proxy import FaultProxy
+from tests.waiting import DEADLINE, wait_until_sync
 
 MiB = 1 << 20
 
@@ -38,14 +38,6 @@ def write_key(path: Path, data: bytes | None = None) -> Path:
     with os.fdopen(fd, "wb") as f:
         f.write(data if data is not None else os.urandom(32))
     return path
-
-
-def wait_for(pred: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def read_file(path: Path, *, direct: bool = False) -> bytes:
@@ -174,12 +166,13 @@ class Pair:
         st = self.vm_status(which, vm)
         return st["peer"] if st else {}
 
-    def wait_disk(self, vm: str, disk: str, size: int, timeout: float = 10) -> None:
+    def wait_disk(self, vm: str, disk: str, size: int, timeout: float = DEADLINE) -> None:
         """The disk shows on the secondary's mount with this size."""
         f = self.sfile(vm, disk)
-        wait_for(lambda: f.exists() and os.stat(f).st_size == size, timeout, f"{vm}/{disk} on the secondary")
+        wait_until_sync(lambda: f.exists() and os.stat(f).st_size == size, timeout, f"{vm}/{disk} on the secondary",
+                        catch=(OSError,))
 
-    def wait_caught_up(self, vm: str = "vm1", timeout: float = 30) -> None:
+    def wait_caught_up(self, vm: str = "vm1", timeout: float = DEADLINE) -> None:
         target = self.vm_status(self.pri, vm)["last_applied"]
-        wait_for(lambda: (self.vm_status(self.sec, vm) or {}).get("last_applied", -1) >= target, timeout,
-                 f"the secondary to apply seq {target}")
+        wait_until_sync(lambda: (self.vm_status(self.sec, vm) or {}).get("last_applied", -1) >= target, timeout,
+                        f"the secondary to apply seq {target}")

@@ -8,8 +8,9 @@ import os
 
 import pytest
 
-from tests.e2e.pair import MiB, Pair, direct_pwrite, read_file, wait_for, write_key
+from tests.e2e.pair import MiB, Pair, direct_pwrite, read_file, write_key
 from tests.fs.mounts import mountctl, run
+from tests.waiting import wait_until_sync
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 
@@ -55,10 +56,10 @@ def test_wrong_key_is_refused_on_both_sides(pair: Pair) -> None:
     mountctl("create", pair.pri.mnt, "vm1/d0", "--size", "8M")
     with open(pair.pfile(), "r+b") as f:
         f.write(b"must not reach the secondary")
-    wait_for(lambda: pair.peer(pair.pri).get("state") == "refused", 15, "the primary to be refused")
+    wait_until_sync(lambda: pair.peer(pair.pri).get("state") == "refused", what="the primary to be refused")
     assert "rejected our key" in pair.peer(pair.pri)["reason"]
     assert "peer:refused" in mountctl("status", pair.pri.mnt).stdout
-    wait_for(lambda: "shared keys differ" in pair.sec.log(), 10, "the secondary to log the refusal")
+    wait_until_sync(lambda: "shared keys differ" in pair.sec.log(), what="the secondary to log the refusal")
     assert "rejected our key" in pair.pri.log()
     st = pair.sec.status()
     assert st["vms"] == {} and not os.listdir(pair.sec.mnt), "nothing may be created or applied"
@@ -91,13 +92,13 @@ def test_sync_mode_waits_for_the_secondary_and_degrades_without_it(pair: Pair) -
 
     # Without the secondary, sync writes complete locally and the VM is reported degraded.
     pair.sec.umount()
-    wait_for(lambda: pair.peer(pair.pri)["state"] != "connected", 10, "the primary to notice")
+    wait_until_sync(lambda: pair.peer(pair.pri)["state"] != "connected", what="the primary to notice")
     direct_pwrite(pair.pfile(), 4 * MiB, os.urandom(MiB))
     peer = pair.peer(pair.pri)
     assert peer["degraded"] and peer["sync_degraded_writes"] >= 1
     assert "DEGRADED" in mountctl("status", pair.pri.mnt, "vm1").stdout
     pair.mount_secondary()
-    wait_for(lambda: pair.peer(pair.pri)["state"] == "connected", 20, "the primary to reconnect")
+    wait_until_sync(lambda: pair.peer(pair.pri)["state"] == "connected", what="the primary to reconnect")
     res = pair.checkpoint()
     assert read_file(pair.sfile()) == read_file(pair.pfile())
     assert not pair.peer(pair.pri)["degraded"]

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from tests.e2e.pair import MiB, Pair, direct_pwrite, read_file, wait_for
+from tests.e2e.pair import MiB, Pair, direct_pwrite, read_file
 from tests.fs.mounts import mountctl
+from tests.waiting import wait_until_sync
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 
@@ -123,14 +124,14 @@ def test_secondary_killed_during_a_stream_recovers_and_catches_up(pair: Pair) ->
         thread = threading.Thread(target=writer)
         thread.start()
         try:
-            wait_for(lambda: pair.vm_status(pair.pri)["last_applied"] > at_checkpoint["seq"] + 50, 20,
-                     "the stream to go on past the checkpoint")
+            wait_until_sync(lambda: pair.vm_status(pair.pri)["last_applied"] > at_checkpoint["seq"] + 50,
+                            what="the stream to go on past the checkpoint")
             # An SVM write after the checkpoint: the crash must drop it too.
             with open(pair.sfile(), "r+b") as s:
                 s.write(b"svm write that a crash loses")
             pair.sec.kill9()
             pair.sec.mounted = False
-            wait_for(lambda: pair.peer(pair.pri).get("state") != "connected", 10, "the primary to notice")
+            wait_until_sync(lambda: pair.peer(pair.pri).get("state") != "connected", what="the primary to notice")
             res = pair.sec.mount("--listen", f"127.0.0.1:{pair.port}", "--key-file", str(pair.key))
             assert "detached a stale mount" in res.stderr and "recovered after a crash" in res.stderr
             rec = pair.vm_status(pair.sec)["recovery"]

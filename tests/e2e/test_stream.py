@@ -14,8 +14,9 @@ import random
 import pytest
 
 from tests.core.model import ModelDisk
-from tests.e2e.pair import Pair, direct_pwrite, read_file, wait_for
+from tests.e2e.pair import Pair, direct_pwrite, read_file
 from tests.fs.mounts import mountctl, run
+from tests.waiting import wait_until_sync
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 
@@ -125,14 +126,14 @@ def test_stream_checkpoints_isolation_and_failover(pair: Pair) -> None:
     _assert_svm_sees(pair, model.view(), "after the failover")
 
     # The old primary is refused from now on, and says so; its writes never reach the new primary.
-    wait_for(lambda: pair.peer(pair.pri).get("state") == "refused", 15, "the old primary to be refused")
+    wait_until_sync(lambda: pair.peer(pair.pri).get("state") == "refused", what="the old primary to be refused")
     assert "failed over" in pair.peer(pair.pri)["reason"]
     _primary_writes(pair, ModelDisk(SIZE, BS), rng, 10)
     assert pair.vm_status(pair.sec)["role"] == "primary"
     assert pair.peer(pair.sec)["state"] == "failed over"
     slog, plog = pair.sec.log(), pair.pri.log()
     assert "closing the session of primary" in slog and "primary writes are refused from now on" in slog
-    wait_for(lambda: "refusing primary" in pair.sec.log(), 15, "a refused attach in the secondary's log")
+    wait_until_sync(lambda: "refusing primary" in pair.sec.log(), what="a refused attach in the secondary's log")
     assert "fails over to node" in plog and "has failed over to this node" in pair.pri.log()
     _assert_svm_sees(pair, model.view(), "after the old primary tried again")
     fail = mountctl("checkpoint", "--timeout", "1", pair.pri.path("vm1"), check=False)

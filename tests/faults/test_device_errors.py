@@ -14,14 +14,17 @@ import mmap
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.fs.mounts import Mount, mountctl
+from tests.mountable import mount_skip_reason
+from tests.waiting import wait_until_sync
 
+_SKIP = mount_skip_reason()
+pytestmark = pytest.mark.skipif(_SKIP is not None, reason=f"mount test {_SKIP}")
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,10 +96,8 @@ def test_device_errors_reach_the_vm_and_the_log(faultfs: Path, tmp_path: Path) -
             assert buf[:4096] == b"\x02" * 4096
         finally:
             os.close(fd)
-        deadline = time.monotonic() + 10
-        while "vm/d: read of 4096 bytes at 8192" not in m.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        log = m.log()
+        log = wait_until_sync(lambda: (lg := m.log()) and "vm/d: read of 4096 bytes at 8192" in lg and lg,
+                              what="the failed read in the mount's log")
         assert "vm/d: read of 4096 bytes at 8192" in log and "Input/output error" in log
         assert f"vm/d: write of 4096 bytes at {2 * MiB + 4096}" in log
         assert m.status()["vms"]["vm"]["disks"]["d"]["io_errors"] >= 3

@@ -1,19 +1,20 @@
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.fs.mounts import Mount
+from tests.mountable import skip_mount_tests
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+TOOLS = ("fusermount3", "qemu-img", "qemu-io", "fio")
+HERE = Path(__file__).parent
 
-for tool in ("fusermount3", "qemu-img", "qemu-io", "fio"):
-    if shutil.which(tool) is None:
-        raise RuntimeError(f"the fs tests need {tool} on PATH")
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without /dev/fuse, root or the tools, these tests skip with the reason (they cannot mount)."""
+    skip_mount_tests(items, HERE, TOOLS)
 
 
 @pytest.fixture

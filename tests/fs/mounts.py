@@ -13,12 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from colofs.fs.config import LOCK_NAME
+from tests.waiting import DEADLINE, wait_until_sync
 
 MOUNTCTL = [sys.executable, "-m", "mountctl.cli"]
 TIMEOUT = 60
@@ -91,7 +91,7 @@ class Mount:
     def umount(self) -> subprocess.CompletedProcess[str]:
         res = mountctl("umount", self.mnt)
         self.mounted = False
-        self._wait_gone(self.pid, 30)
+        self._wait_gone(self.pid)
         return res
 
     def remount(self) -> None:
@@ -101,15 +101,12 @@ class Mount:
     def kill9(self) -> None:
         """Kill the daemon as a crash would; the mount goes stale."""
         os.kill(self.pid, signal.SIGKILL)
-        self._wait_gone(self.pid, 30)
+        self._wait_gone(self.pid)
 
     @staticmethod
-    def _wait_gone(pid: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while _alive(pid):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"daemon {pid} still alive after {timeout} s")
-            time.sleep(0.02)
+    def _wait_gone(pid: int, timeout: float = DEADLINE) -> None:
+        """Wait until the daemon ``pid`` has exited (a zombie counts as gone)."""
+        wait_until_sync(lambda: not _alive(pid), timeout, f"daemon {pid} to exit")
 
     def cleanup(self) -> None:
         if self.mounted and os.path.ismount(self.mnt):
@@ -120,7 +117,7 @@ class Mount:
         for pid in self.pids:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
-                self._wait_gone(pid, 10)
+                self._wait_gone(pid)
         subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True, timeout=30, check=False)
         self.mounted = False
 
