@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.fs.mounts import mountctl, run
+from tests.waiting import wait_until_sync
 
 MiB = 1 << 20
 
@@ -61,10 +62,7 @@ def test_pending_file_can_be_removed_and_only_raw_files_are_created(sec):
         assert e.value.errno == errno.EFBIG
     finally:
         os.close(fd)
-    deadline = time.monotonic() + 10
-    while os.stat(p).st_size != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert os.stat(p).st_size == 0  # the kernel's cached size was reset
+    _wait_size(p, 0)  # the kernel's cached size was reset
     p.unlink()
     assert os.listdir(sec.path("vm1")) == []
     for bad, code in [(sec.path("vm1", "notes.txt"), errno.EINVAL), (sec.path("top.raw"), errno.EPERM),
@@ -111,10 +109,13 @@ def test_size_is_fixed_and_disks_cannot_be_removed_or_renamed(sec):
 
 
 def _wait_size(f, size: int) -> None:
-    deadline = time.monotonic() + 10
-    while os.stat(f).st_size != size and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert os.stat(f).st_size == size
+    """The daemon resets the kernel's cached size after its reply to a refused write: wait for it."""
+    wait_until_sync(lambda: os.stat(f).st_size == size, what=f"{f} to show {size} bytes again")
+
+
+def _resets(m) -> int:
+    """How many cached-size resets the daemon has logged."""
+    return m.log().count("cached size is back")
 
 
 def test_writes_past_the_end_fail_with_efbig(sec):
@@ -124,19 +125,19 @@ def test_writes_past_the_end_fail_with_efbig(sec):
     buf.write(b"\xaa" * 8192)
     fd = os.open(f, os.O_RDWR | os.O_DIRECT)
     try:
-        for off in (4 * MiB, 4 * MiB - 4096, 8 * MiB):
+        for n, off in enumerate((4 * MiB, 4 * MiB - 4096, 8 * MiB), 1):
             with pytest.raises(OSError) as e:
                 os.pwrite(fd, buf, off)
             assert e.value.errno == errno.EFBIG
+            # The daemon resets the kernel's size after each refusal, after its reply. Waiting for
+            # each reset's log line before the next refusal keeps them one per write (none merges
+            # into one under way), so none can land later and truncate the page cache under the
+            # buffered write below.
+            wait_until_sync(lambda n=n: _resets(sec) >= n, what=f"cached-size reset {n} in the log")
         assert os.pread(fd, 4096, 4 * MiB) == b""  # reads at the end see EOF
     finally:
         os.close(fd)
-    # The daemon resets the kernel's size after each refusal, after its reply: let those resets
-    # land, or one could truncate the page cache under the buffered write below.
-    deadline = time.monotonic() + 10
-    while "cached size is back" not in sec.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
+    assert _resets(sec) == 3
     _wait_size(f, 4 * MiB)
     # Buffered: the page cache takes the write, its writeback fails, fsync reports it.
     fd = os.open(f, os.O_RDWR)
@@ -158,7 +159,7 @@ def test_attributes_are_stable(sec):
     mountctl("create", sec.mnt, "vm1/d0", "--size", "4M")
     f = sec.path("vm1", "d0.raw")
     st1 = os.stat(f)
-    time.sleep(1.1)
+    time.sleep(1.1)  # lets the clock pass a second boundary: attributes must not follow it
     st2 = os.stat(f)
     assert (st1.st_ino, st1.st_mtime_ns, st1.st_size) == (st2.st_ino, st2.st_mtime_ns, st2.st_size)
     assert st1.st_ino != os.stat(sec.path("vm1")).st_ino
