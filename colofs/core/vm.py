@@ -29,6 +29,7 @@ import trio
 
 from colofs.core.blocklog import BlockLog
 from colofs.core.disk import Disk, extents_blocks
+from colofs.core.disksize import check_disk_size
 from colofs.core.errors import (
     AlreadyExists,
     BadArgument,
@@ -45,9 +46,9 @@ from colofs.core.fileio import (
     datasync_all,
     fsync_dir,
     read_into,
-    write_all,
 )
 from colofs.core.forward import ForwardedWrite, WriteSink
+from colofs.core.imagesource import ImageSource, open_image
 from colofs.core.names import check_name
 from colofs.core.reaper import FdReaper
 from colofs.core.snapshot import Snapshot, overlay_path, target_path
@@ -322,12 +323,15 @@ class VM:
     # -- disks -----------------------------------------------------------------
 
     async def add_disk(
-        self, name: str, size: int, block_size: int = 4096, source: str | None = None
+        self, name: str, size: int, block_size: int = 4096, source: str | ImageSource | None = None
     ) -> Disk:
         """Create a disk (optionally with the content of a raw image) and commit it to the state.
 
         The disk is built under a temporary name, then the state names it,
-        then it is renamed: a crash leaves either no disk or a whole one.
+        then it is renamed: a crash leaves either no disk or a whole one. A
+        size the store cannot hold is refused before anything is made, and a
+        build that fails (an image that changed while it was copied, an I/O
+        error) removes the temporary directory.
         """
         check_name("disk", name)
         label = f"{self.name}/{name}"
@@ -339,15 +343,22 @@ class VM:
             raise BadArgument(
                 f"{label}: block size must be a power of two from {MIN_BLOCK} to {MAX_BLOCK}, not {block_size}"
             )
-        if source is not None:
-            src_size = os.stat(source).st_size
-            if src_size > size:
-                raise BadArgument(f"{label}: image {source} ({src_size} bytes) is larger than the disk ({size})")
+        if isinstance(source, str):
+            with await trio.to_thread.run_sync(open_image, source) as image:
+                return await self.add_disk(name, size, block_size, image)
+        if source is not None and source.size > size:
+            raise BadArgument(f"{label}: image {source.path} ({source.size} bytes) is larger than the disk ({size})")
         tmp = os.path.join(self.path, NEW_PREFIX + name)
         final, base, hidden, active = self._disk_paths(name)
         if os.path.exists(final):
             raise AlreadyExists(f"disk {label}: directory {final} already exists")
-        await trio.to_thread.run_sync(self._build_disk_dir, tmp, size, source)
+        await trio.to_thread.run_sync(check_disk_size, self.path, f"disk {label}", size)
+        try:
+            await trio.to_thread.run_sync(self._build_disk_dir, tmp, size, source)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_remove_tree, tmp)
+            raise
         ds = DiskState(size=size, block_size=block_size)
         await self._update(lambda s: replace(s, disks={**s.disks, name: ds}))
         os.rename(tmp, final)
@@ -358,23 +369,26 @@ class VM:
         return disk
 
     @staticmethod
-    def _build_disk_dir(tmp: str, size: int, source: str | None) -> None:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        os.mkdir(tmp, 0o700)
-        fd = os.open(os.path.join(tmp, BASE_FILE), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    def _build_disk_dir(tmp: str, size: int, source: ImageSource | None) -> None:
         try:
-            if source is not None:
-                _copy_sparse(source, fd)
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        for log_name in (HIDDEN_FILE, ACTIVE_FILE):
-            lfd = os.open(os.path.join(tmp, log_name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            os.fsync(lfd)
-            os.close(lfd)
-        fsync_dir(tmp)
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+            os.mkdir(tmp, 0o700)
+            fd = os.open(os.path.join(tmp, BASE_FILE), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                if source is not None:
+                    source.copy_into(fd)
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            for log_name in (HIDDEN_FILE, ACTIVE_FILE):
+                lfd = os.open(os.path.join(tmp, log_name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                os.fsync(lfd)
+                os.close(lfd)
+            fsync_dir(tmp)
+        except OSError as e:
+            raise DiskIOError(f"creating disk directory {tmp}: {e.strerror}", e.errno) from e
 
     def disk(self, name: str) -> Disk:
         try:
@@ -836,22 +850,11 @@ def _fsync_dirs(paths: Sequence[str]) -> None:
             raise DiskIOError(f"cannot make the new block logs in {path} durable: {e.strerror}", e.errno) from e
 
 
-def _copy_sparse(source: str, fd: int) -> None:
-    """Copy a raw image into ``fd`` leaving holes where the image has zeros."""
-    chunk = 1 << 20
-    zero = bytes(chunk)
-    with open(source, "rb", buffering=0) as f:
-        off = 0
-        while True:
-            data = f.read(chunk)
-            if not data:
-                break
-            if data != zero[: len(data)]:
-                try:
-                    write_all(fd, [data], off)
-                except OSError as e:
-                    raise DiskIOError(f"importing {source}: write at {off} failed: {e.strerror}", e.errno) from e
-            off += len(data)
+def _remove_tree(path: str) -> None:
+    """Remove what a failed creation left at ``path`` (if anything), durably."""
+    if os.path.lexists(path):
+        shutil.rmtree(path, ignore_errors=True)
+        fsync_dir(os.path.dirname(path))
 
 
 async def _copy_blocks(src: BlockLog, dst: BlockLog) -> None:

@@ -42,7 +42,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import stat
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -52,8 +51,12 @@ from typing import Any
 import pyfuse3
 import trio
 
-from colofs.core.errors import AlreadyExists, BadArgument
+from colofs.core.disk import Disk
+from colofs.core.disksize import DiskTooLarge
+from colofs.core.errors import AlreadyExists, BadArgument, ColofsError
+from colofs.core.imagesource import ImageSource, SourceChanged, open_image
 from colofs.core.names import check_name
+from colofs.core.provision import create_disk
 from colofs.core.store import Store
 from colofs.core.vm import VM
 from colofs.fs.config import MountConfig
@@ -289,11 +292,22 @@ class Control:
         disk = check_name("disk", str_field(req, "disk", CREATE))
         size = int_field(req, "size", CREATE)
         block_size = int_field(req, "block_size", CREATE, 4096)
-        self._check_not_pending(vm, disk)
-        d = await self.store.create_disk(vm, disk, size, block_size=block_size)
-        self.repl.vm_created(vm)
+        d = await self._new_disk(CREATE, vm, disk, size, block_size)
         return {"vm": vm, "disk": disk, "size": d.size, "block_size": d.block_size,
                 "file": os.path.join(self.info.config.mountpoint, vm, disk + DISK_SUFFIX)}
+
+    async def _new_disk(self, op: str, vm: str, disk: str, size: int, block_size: int,
+                        source: ImageSource | None = None) -> Disk:
+        """Create the disk (and its VM if new); a failure leaves the store as it was."""
+        self._check_not_pending(vm, disk)
+        try:
+            d = await create_disk(self.store, vm, disk, size, block_size=block_size, source=source)
+        except DiskTooLarge as e:
+            raise Refused(errno.EFBIG, f"{op}: {e}") from None
+        except SourceChanged as e:
+            raise Refused(errno.EBUSY, f"{op}: {e}") from None
+        self.repl.vm_created(vm)
+        return d
 
     async def _import(self, node: Node, value: bytes) -> dict[str, Any]:
         req = parse_json(value, IMPORT)
@@ -303,25 +317,25 @@ class Control:
         if not os.path.isabs(source):
             raise Refused(errno.EINVAL, f"import: source {source!r} must be an absolute path")
         try:
-            # The image may sit on a slow file system: look at it off the loop.
-            st, magic = await trio.to_thread.run_sync(_probe_image, source)
+            # Never a blocking open (a FIFO would hold the root until written), and off the loop:
+            # the image may sit on a slow file system.
+            image = await trio.to_thread.run_sync(open_image, source)
         except OSError as e:
             raise Refused(e.errno or errno.EIO, f"import: {source}: {e.strerror}") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise Refused(errno.EINVAL, f"import: {source} is not a regular file")
-        if magic == QCOW2_MAGIC:
-            raise Refused(
-                errno.EINVAL,
-                f"import: {source} is a qcow2 image; import raw images (qemu-img convert -O raw), "
-                "or qemu-img convert it straight into the mounted disk file",
-            )
-        size = int_field(req, "size", IMPORT, (st.st_size + 511) // 512 * 512 or 512)
-        block_size = int_field(req, "block_size", IMPORT, 4096)
-        self._check_not_pending(vm, disk)
-        d = await self.store.create_disk(vm, disk, size, block_size=block_size, source=source)
-        self.repl.vm_created(vm)
+        except ColofsError as e:
+            raise Refused(errno_for(e), f"import: {e}") from None
+        with image:
+            if await trio.to_thread.run_sync(image.magic) == QCOW2_MAGIC:
+                raise Refused(
+                    errno.EINVAL,
+                    f"import: {source} is a qcow2 image; import raw images (qemu-img convert -O raw), "
+                    "or qemu-img convert it straight into the mounted disk file",
+                )
+            size = int_field(req, "size", IMPORT, (image.size + 511) // 512 * 512 or 512)
+            block_size = int_field(req, "block_size", IMPORT, 4096)
+            d = await self._new_disk(IMPORT, vm, disk, size, block_size, image)
         return {"vm": vm, "disk": disk, "size": d.size, "block_size": d.block_size, "source": source,
-                "source_bytes": st.st_size,
+                "source_bytes": image.size, "source_kind": image.kind,
                 "file": os.path.join(self.info.config.mountpoint, vm, disk + DISK_SUFFIX)}
 
     async def _set_block_size(self, node: Node, value: bytes) -> dict[str, Any]:
@@ -386,10 +400,3 @@ class Control:
         st["file"] = disk + DISK_SUFFIX
         st["io_errors"] = self.io_errors.get(f"{vm.name}/{disk}", 0)
         return st
-
-
-def _probe_image(path: str) -> tuple[os.stat_result, bytes]:
-    """The image's stat and its first bytes (to recognise formats that are not raw)."""
-    st = os.stat(path)
-    with open(path, "rb") as f:
-        return st, f.read(4)

@@ -21,7 +21,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import trio
+
+from colofs.core.disksize import MAX_DISK_BYTES, DiskTooLarge, check_disk_size
 from colofs.core.names import check_name
+from colofs.core.provision import discard_new_vm
 from colofs.core.state import FAILOVER, NORMAL, PRIMARY, SECONDARY
 from colofs.core.store import Store
 from colofs.core.vm import MAX_BLOCK, MIN_BLOCK, VM
@@ -48,6 +52,11 @@ def _check_geometry(vm_name: str, name: str, size: int, block_size: int) -> None
         raise AttachRefused(
             f"VM {vm_name}: disk {name} has an unusable geometry ({size} bytes, {block_size}-byte blocks)",
             ReplCode.DISK_MISMATCH,
+        )
+    if size > MAX_DISK_BYTES:
+        raise AttachRefused(
+            f"VM {vm_name}: disk {name} of {size} bytes is larger than the largest disk colofs takes "
+            f"({MAX_DISK_BYTES} bytes)", ReplCode.DISK_MISMATCH,
         )
 
 
@@ -81,11 +90,29 @@ async def accept_attach(store: Store, att: Attach, peer: str, *, max_disks: int)
                     f"here, {d.size} bytes with {d.block_size}-byte blocks on primary {peer}",
                     ReplCode.DISK_MISMATCH,
                 )
-    created = vm is None
-    if vm is None:
-        vm = await store.create_vm(att.vm, SECONDARY)
+    missing = [d for d in att.disks if vm is None or d.name not in vm.disks]
+    for d in missing:
+        try:
+            await trio.to_thread.run_sync(check_disk_size, store.path, f"disk {att.vm}/{d.name}", d.size)
+        except DiskTooLarge as e:
+            raise AttachRefused(f"VM {att.vm}: {e}", ReplCode.DISK_MISMATCH) from None
+    if vm is not None:
+        return await _settle_attach(vm, att, peer)
+    vm = await store.create_vm(att.vm, SECONDARY)
+    try:
         await save_needs_full_sync(vm, True)
-        log.info("VM %s: created as a secondary for primary %s", att.vm, peer)
+        res = await _settle_attach(vm, att, peer, created=True)
+    except BaseException:
+        # Nothing of a VM this refused attach created stays behind.
+        with trio.CancelScope(shield=True):
+            await discard_new_vm(store, vm)
+        raise
+    log.info("VM %s: created as a secondary for primary %s", att.vm, peer)
+    return res
+
+
+async def _settle_attach(vm: VM, att: Attach, peer: str, *, created: bool = False) -> AttachResult:
+    """Rules 3 and 4 for a VM that exists (or was just created for this attach)."""
     needs_full = created or load_needs_full_sync(vm)
     if vm.state.epoch < att.epoch:
         if not needs_full:
