@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from colofs.fs.config import ConfigError, add_mount_arguments, config_from_args
-from mountctl.client import CtlError, Target, command, expect, query, remove, resolve
+from mountctl.client import CtlError, Target, check_image, command, expect, query, remove, resolve
 from mountctl.mounting import preflight, start_daemon, unmount
 from mountctl.render import render_disk, render_root, render_snapshot, render_vm
 from mountctl.units import human_bytes, human_seconds, parse_size
@@ -86,8 +86,7 @@ def cmd_import(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                            "block_size": args.block_size}
     if args.size is not None:
         req["size"] = _size(args.size, parser, "--size")
-    if not os.path.isfile(req["source"]):
-        raise CtlError(f"{args.source}: no such image file")
+    check_image(req["source"])
     root = _root(args.mountpoint)
     res = command(root, "import", json.dumps(req))
     print(f"imported {req['source']} into {res.get('file')}: {human_bytes(int(res.get('size', 0)))} "

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from colofs.core.imagesource import ACCEPTED, accepted, kind_of
+
 PREFIX = "user.colofs."
 
 
@@ -129,3 +131,18 @@ def query(path: str, name: str) -> Any:
         return json.loads(raw)
     except ValueError:
         raise CtlError(f"{path}: the daemon answered {name} that is not JSON") from None
+
+
+def check_image(path: str) -> None:
+    """Refuse, before the daemon is asked, an import source that is missing or of a kind it cannot take.
+
+    Only ``stat``: nothing is opened here (a FIFO would block the open).
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CtlError(f"{path}: no such image file") from None
+    except OSError as e:
+        raise CtlError(f"{path}: {e.strerror}") from None
+    if not accepted(st.st_mode):
+        raise CtlError(f"{path} is {kind_of(st.st_mode)}, not an image: import takes a raw image, {ACCEPTED}")
