@@ -1,11 +1,13 @@
 """Sending frames without stalling the event loop, and counting what compression saves.
 
-Encoding a 4 MiB batch (join, lz4, xxh3) takes milliseconds; on the loop
-that would delay every FUSE request of the host. :class:`FrameSender`
-encodes bulk frames in a worker thread (lz4 releases the GIL) and writes
-them under a lock so frames never interleave. Receiving stays with
-:class:`~colofs.wire.stream.FrameStream`, which also ran the handshake and
-may hold bytes the peer sent right after it.
+Encoding a 4 MiB batch (join, lz4, xxh3, and the MAC's pass over the
+payload) takes milliseconds; on the loop that would delay every FUSE request
+of the host. :class:`FrameSender` encodes bulk frames in a worker thread (lz4
+and hashlib release the GIL) and writes them through the connection's one
+:class:`~colofs.wire.stream.FrameWriter`, shared with its
+:class:`~colofs.wire.stream.FrameStream`, so frames never interleave and MAC
+counters follow the wire order. Receiving stays with the ``FrameStream``,
+which also ran the handshake and may hold bytes the peer sent right after it.
 
 Compression adapts: when recent bulk frames did not shrink (encrypted or
 already compressed guest data), lz4 is skipped for a while and then tried
@@ -16,9 +18,8 @@ from __future__ import annotations
 
 import trio
 
-from colofs.wire.errors import FrameTooLarge
-from colofs.wire.frames import encode_frame_parts
 from colofs.wire.messages import Batch, Message, MessageType, ResyncData
+from colofs.wire.stream import FrameStream
 
 THREAD_ENCODE_MIN = 128 << 10
 _BULK = (MessageType.BATCH, MessageType.RESYNC_DATA)
@@ -36,21 +37,21 @@ def bulk_bytes(msg: Message) -> int:
 
 
 class FrameSender:
-    """Writes whole frames to a stream; one task at a time, frames never interleave."""
+    """Sends whole frames on ``fs``'s stream, bulk ones encoded off the loop; frames never interleave."""
 
-    def __init__(self, stream: trio.abc.Stream, *, max_wire_len: int, max_raw_len: int) -> None:
-        self.stream = stream
-        self.max_wire_len = max_wire_len
-        self.max_raw_len = max_raw_len
-        self._lock = trio.Lock()
-        self._broken = False
+    def __init__(self, fs: FrameStream) -> None:
+        self.writer = fs.writer
         self.bulk_raw = 0
         """Payload bytes of bulk frames before compression."""
         self.bulk_wire = 0
         """The same frames' payload bytes as sent."""
-        self.bytes_sent = 0
         self._ratio = 0.5
         self._skip = 0
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes written on the connection so far, by any sender."""
+        return self.writer.bytes_sent
 
     @property
     def lz4_ratio(self) -> float | None:
@@ -66,34 +67,18 @@ class FrameSender:
     async def send(self, msg: Message) -> None:
         bulk = msg.TYPE in _BULK
         compress = self._compress_next() if bulk else False
+        writer = self.writer
         if bulk and bulk_bytes(msg) >= THREAD_ENCODE_MIN:
-            header, payload = await trio.to_thread.run_sync(encode_frame_parts, msg, compress)
+            frame = await trio.to_thread.run_sync(writer.encode, msg, compress)
         else:
-            header, payload = encode_frame_parts(msg, compress)
-        raw_len = int.from_bytes(header[12:16], "little")
-        if len(payload) > self.max_wire_len or raw_len > self.max_raw_len:
-            raise FrameTooLarge(
-                f"{msg.TYPE.name} frame of {raw_len} bytes exceeds the limits "
-                f"({self.max_raw_len} raw, {self.max_wire_len} on the wire)"
-            )
+            frame = writer.encode(msg, compress)
+        raw_len = frame.raw_len
         if bulk:
             self.bulk_raw += raw_len
-            self.bulk_wire += len(payload)
+            self.bulk_wire += len(frame.payload)
             if compress and raw_len:
-                self._ratio = 0.8 * self._ratio + 0.2 * (len(payload) / raw_len)
+                self._ratio = 0.8 * self._ratio + 0.2 * (len(frame.payload) / raw_len)
                 if self._ratio > _POOR_RATIO:
                     self._skip = _PROBE_EVERY
                     self._ratio = 0.9  # one good probe brings compression back
-        async with self._lock:
-            if self._broken:
-                raise trio.BrokenResourceError("an earlier send was interrupted mid-frame")
-            try:
-                if len(payload) < 65536:
-                    await self.stream.send_all(header + payload)
-                else:
-                    await self.stream.send_all(header)
-                    await self.stream.send_all(payload)
-            except BaseException:
-                self._broken = True
-                raise
-            self.bytes_sent += len(header) + len(payload)
+        await writer.write(frame)

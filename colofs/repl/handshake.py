@@ -1,8 +1,8 @@
 """Opening a replication connection: transport, then identity (and proof of the key).
 
 With a shared key both sides run :func:`colofs.wire.authenticate` (mutual
-HMAC challenge, reflection refused) and announce :data:`FEATURE_KEYED` in
-HELLO. Without a key they only exchange HELLOs; a keyless node meeting a
+HMAC challenge, reflection refused, then a MAC on every later frame) and
+announce :data:`FEATURE_KEYED` in HELLO. Without a key they only exchange HELLOs; a keyless node meeting a
 keyed one refuses it with ``AUTH_FAILED``, so a configuration mismatch is
 reported on both sides instead of silently running unauthenticated.
 
@@ -17,7 +17,7 @@ import secrets
 
 import trio
 
-from colofs.wire.auth import PROTO_VERSION, NonceRegistry, authenticate
+from colofs.wire.auth import HANDSHAKE_MAX_FRAME, PROTO_VERSION, NonceRegistry, authenticate
 from colofs.wire.errors import (
     AuthError,
     BadVersion,
@@ -66,7 +66,7 @@ async def handshake(
         )
     else:
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(timeout), fs.limited(HANDSHAKE_MAX_FRAME, "handshake"):
                 peer = await _plain_hello(fs, node_id, role, initiator=initiator)
         except trio.TooSlowError:
             raise AuthError(f"handshake timed out after {timeout:g} s") from None

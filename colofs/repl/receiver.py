@@ -480,7 +480,7 @@ class SecondaryServer:
         cfg = self.cfg
         stream = await wrap_transport(tcp, server_side=True)
         fs = FrameStream(stream, max_wire_len=cfg.max_wire_len, max_raw_len=cfg.max_raw_len)
-        sender = FrameSender(stream, max_wire_len=cfg.max_wire_len, max_raw_len=cfg.max_raw_len)
+        sender = FrameSender(fs)
         try:
             hello = await handshake(fs, self.key, self.node_id, Role.SECONDARY, initiator=False,
                                     nonces=self.nonces, timeout=cfg.handshake_timeout)

@@ -428,7 +428,7 @@ class VMLink:
         try:
             stream = await wrap_transport(tcp, server_side=False)
             fs = FrameStream(stream, max_wire_len=self.cfg.max_wire_len, max_raw_len=self.cfg.max_raw_len)
-            sender = FrameSender(stream, max_wire_len=self.cfg.max_wire_len, max_raw_len=self.cfg.max_raw_len)
+            sender = FrameSender(fs)
             self._set_state(ATTACHING)
             hello = await handshake(fs, self.key, self.node_id, Role.PRIMARY, initiator=True,
                                     nonces=self.nonces, timeout=self.cfg.handshake_timeout)

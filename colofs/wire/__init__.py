@@ -4,12 +4,14 @@ Primary and secondary exchange lz4-compressed, xxh3-checked frames
 (:mod:`~colofs.wire.frames`) carrying typed messages
 (:mod:`~colofs.wire.messages`) over any ``trio.abc.Stream``
 (:mod:`~colofs.wire.stream`), after a shared-key mutual handshake
-(:mod:`~colofs.wire.auth`).  Everything a peer can send is refused, if it is
+(:mod:`~colofs.wire.auth`) that agrees per-direction session keys; with a
+key, every later frame carries a MAC (:mod:`~colofs.wire.mac`).  Everything a peer can send is refused, if it is
 wrong, with a :class:`ProtocolError` subclass and nothing else.
 """
 
 from colofs.wire.auth import (
     DEFAULT_AUTH_TIMEOUT,
+    HANDSHAKE_MAX_FRAME,
     PROCESS_NONCES,
     PROTO_VERSION,
     KeyFileError,
@@ -23,6 +25,7 @@ from colofs.wire.errors import (
     AuthError,
     BadCompression,
     BadFlags,
+    BadMac,
     BadMagic,
     BadVersion,
     ConnectionClosed,
@@ -48,6 +51,7 @@ from colofs.wire.frames import (
     encode_frame_parts,
     parse_header,
 )
+from colofs.wire.mac import TAG_LEN, FrameMac, SessionKeys, derive_session_keys
 from colofs.wire.messages import (
     ATTACHED_NEEDS_FULL_SYNC,
     Ack,
@@ -75,16 +79,18 @@ from colofs.wire.messages import (
     Write,
     decode_message,
 )
-from colofs.wire.stream import FrameStream
+from colofs.wire.stream import FrameStream, FrameWriter
 
 __all__ = [
     "ATTACHED_NEEDS_FULL_SYNC",
     "DEFAULT_AUTH_TIMEOUT",
     "DEFAULT_MAX_RAW_LEN",
     "DEFAULT_MAX_WIRE_LEN",
+    "HANDSHAKE_MAX_FRAME",
     "HEADER_LEN",
     "PROCESS_NONCES",
     "PROTO_VERSION",
+    "TAG_LEN",
     "Ack",
     "Attach",
     "Attached",
@@ -93,6 +99,7 @@ __all__ = [
     "AuthOk",
     "BadCompression",
     "BadFlags",
+    "BadMac",
     "BadMagic",
     "BadVersion",
     "Batch",
@@ -107,7 +114,9 @@ __all__ = [
     "ErrorCode",
     "FrameDecoder",
     "FrameHeader",
+    "FrameMac",
     "FrameStream",
+    "FrameWriter",
     "FrameTooLarge",
     "Hello",
     "KeyFileError",
@@ -125,6 +134,7 @@ __all__ = [
     "ResyncDone",
     "ResyncRequest",
     "Role",
+    "SessionKeys",
     "TruncatedFrame",
     "UnexpectedMessage",
     "UnknownType",
@@ -134,6 +144,7 @@ __all__ = [
     "authenticate",
     "decode_frame",
     "decode_message",
+    "derive_session_keys",
     "encode_frame",
     "encode_frame_parts",
     "load_key",

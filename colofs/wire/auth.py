@@ -19,7 +19,14 @@ The exchange is strictly alternating, initiator first::
     AUTH_OK               ->
                           <-       AUTH_OK
 
-so the handshake never depends on transport buffering (it completes over a
+After both AUTH_OKs every frame, both ways, carries a MAC under per-direction
+session keys derived from the key and both nonces (:mod:`~colofs.wire.mac`):
+the handshake alone would prove who opened the connection, not who sends
+what follows.  Frames of the handshake itself are limited to
+:data:`HANDSHAKE_MAX_FRAME` bytes, so a stranger cannot make this node buffer
+a full-size frame.
+
+The handshake never depends on transport buffering (it completes over a
 zero-buffer stream) and the responder, which accepts unknown connections,
 reveals no MAC before the initiator has proved the key.  A reflection attack
 (handing our own challenge back to us, on this or a parallel connection) is
@@ -57,6 +64,7 @@ from colofs.wire.errors import (
     UnexpectedMessage,
     WrongKey,
 )
+from colofs.wire.mac import derive_session_keys
 from colofs.wire.messages import (
     NONCE_LEN,
     Auth,
@@ -68,8 +76,15 @@ from colofs.wire.messages import (
 )
 from colofs.wire.stream import FrameStream
 
-PROTO_VERSION = 1
-"""Protocol version announced in HELLO; peers must speak the same one."""
+PROTO_VERSION = 2
+"""Protocol version announced in HELLO; peers must speak the same one.
+
+2: with a shared key, every frame after the handshake carries a MAC.
+"""
+
+HANDSHAKE_MAX_FRAME = 4096
+"""Largest frame payload accepted before the peer is authenticated (HELLO, AUTH
+and ERROR need a few hundred bytes)."""
 
 AUTH_CONTEXT = b"colofs-auth-v1\0"
 KEY_MIN_LEN = 16
@@ -131,8 +146,9 @@ def load_key(path: str | os.PathLike[str]) -> bytes:
 
     Both nodes must hold byte-identical copies; copy the file rather than
     retyping it.  Refused with :class:`KeyFileError` (naming the path and the
-    mode) if it is missing, not a regular file, accessible by group or others,
-    empty, shorter than 16 bytes or longer than 4096.  The checks run on the
+    mode) if it is missing, not a regular file, owned by another user than
+    this process's (whoever owns it can read it or loosen its mode), accessible
+    by group or others, empty, shorter than 16 bytes or longer than 4096.  The checks run on the
     opened descriptor, so the file cannot be swapped between check and read.
     """
     where = os.fspath(path)
@@ -148,6 +164,12 @@ def load_key(path: str | os.PathLike[str]) -> bytes:
         mode = stat.S_IMODE(st.st_mode)
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"key file {where} is not a regular file (mode {st.st_mode:#o})")
+        if st.st_uid != os.geteuid():
+            raise KeyFileError(
+                f"key file {where} is owned by uid {st.st_uid}, not by this daemon's uid "
+                f"{os.geteuid()}: another user could read or replace it "
+                f"(chown {os.geteuid()} {where})"
+            )
         if mode & 0o077:
             raise KeyFileError(
                 f"key file {where} has mode {mode:04o}: it must not be accessible by "
@@ -205,7 +227,8 @@ async def authenticate(
     :class:`BadVersion`, :class:`AuthError` (timeout, or the peer refused), or
     any other :class:`ProtocolError` from decoding.  Nothing the peer sends is
     acted upon before this returns; messages the peer sends right after its
-    AUTH_OK stay buffered in ``fs``.  ``nonces`` defaults to the process-wide
+    AUTH_OK stay buffered in ``fs``.  On success ``fs`` MACs every later frame
+    both ways with this connection's session keys.  ``nonces`` defaults to the process-wide
     :data:`PROCESS_NONCES` (see :class:`NonceRegistry`).
     """
     if not isinstance(key, bytes | bytearray) or len(key) < KEY_MIN_LEN:
@@ -215,12 +238,21 @@ async def authenticate(
     with registry.issue() as nonce:
         own = Hello(PROTO_VERSION, node_id, role, nonce, features)
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(timeout), fs.limited(HANDSHAKE_MAX_FRAME, "handshake"):
                 if initiator:
-                    return await _initiate(fs, bytes(key), own, registry)
-                return await _respond(fs, bytes(key), own, registry)
+                    peer = await _initiate(fs, bytes(key), own, registry)
+                else:
+                    peer = await _respond(fs, bytes(key), own, registry)
         except trio.TooSlowError:
             raise AuthError(f"authentication handshake timed out after {timeout:g} s") from None
+    if initiator:
+        keys = derive_session_keys(key, own.nonce, peer.nonce, own.node_id, peer.node_id,
+                                   initiator=True)
+    else:
+        keys = derive_session_keys(key, peer.nonce, own.nonce, peer.node_id, own.node_id,
+                                   initiator=False)
+    fs.require_mac(keys)
+    return peer
 
 
 async def _initiate(fs: FrameStream, key: bytes, own: Hello, nonces: NonceRegistry) -> Hello:
@@ -309,6 +341,7 @@ async def _refuse(fs: FrameStream, code: int, text: str, exc: ProtocolError) -> 
 __all__ = [
     "AUTH_CONTEXT",
     "DEFAULT_AUTH_TIMEOUT",
+    "HANDSHAKE_MAX_FRAME",
     "KEY_MAX_LEN",
     "KEY_MIN_LEN",
     "PROCESS_NONCES",

@@ -51,6 +51,14 @@ class DigestMismatch(ProtocolError):
     """The xxh3 digest in the header does not match the header and payload."""
 
 
+class BadMac(ProtocolError):
+    """A frame after the handshake fails its MAC, or lacks one.
+
+    It was altered, injected, replayed, reordered or spliced on the way, or a
+    frame before it was dropped: nothing of it may be used.
+    """
+
+
 class BadCompression(ProtocolError):
     """The compression metadata or the lz4 block itself is inconsistent.
 
@@ -96,6 +104,7 @@ __all__ = [
     "AuthError",
     "BadCompression",
     "BadFlags",
+    "BadMac",
     "BadMagic",
     "BadVersion",
     "ConnectionClosed",

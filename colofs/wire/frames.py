@@ -1,14 +1,22 @@
-"""The colofs frame codec: 24-byte header, optional lz4 block compression, xxh3 digest.
+"""The colofs frame codec: 24-byte header, optional lz4 block compression, xxh3 digest, MAC.
 
 Header layout (little-endian)::
 
     0  magic     4s   b"COLF"
     4  version   u8   1
     5  type      u8   MessageType
-    6  flags     u16  bit 0: payload is an lz4 block; other bits must be 0
-    8  wire_len  u32  payload bytes that follow the header
+    6  flags     u16  bit 0: payload is an lz4 block;
+                      bit 1: a 16-byte MAC tag follows the payload; other bits must be 0
+    8  wire_len  u32  payload bytes that follow the header (the tag not counted)
     12 raw_len   u32  payload bytes after decompression (== wire_len if not compressed)
     16 digest    u64  xxh3_64(header[0:16] + payload as on the wire)
+
+The digest catches damage; it has no key, so anyone on the path can
+recompute it.  With a shared key, every frame after the handshake also
+carries a MAC tag (:mod:`~colofs.wire.mac`) that a decoder given the
+session's receive MAC (:meth:`FrameDecoder.require_mac`) checks before
+anything else of the payload is looked at; from then on a frame without the
+tag is refused too.
 
 The decoder checks the header in a fixed order -- magic, version, type,
 flags, wire_len limit, raw_len limit, length consistency -- and only then
@@ -40,6 +48,7 @@ import xxhash
 from colofs.wire.errors import (
     BadCompression,
     BadFlags,
+    BadMac,
     BadMagic,
     BadVersion,
     ConnectionClosed,
@@ -51,13 +60,15 @@ from colofs.wire.errors import (
     TruncatedFrame,
     UnknownType,
 )
+from colofs.wire.mac import TAG_LEN, FrameMac
 from colofs.wire.messages import Message, MessageType, decode_message
 
 MAGIC = b"COLF"
 FRAME_VERSION = 1
 HEADER_LEN = 24
 FLAG_LZ4 = 0x0001
-KNOWN_FLAGS = FLAG_LZ4
+FLAG_MAC = 0x0002
+KNOWN_FLAGS = FLAG_LZ4 | FLAG_MAC
 DEFAULT_MAX_WIRE_LEN = 32 * 1024 * 1024
 DEFAULT_MAX_RAW_LEN = 64 * 1024 * 1024
 COMPRESSED_BY_DEFAULT = frozenset({MessageType.BATCH, MessageType.RESYNC_DATA})
@@ -92,9 +103,14 @@ class FrameHeader:
         return bool(self.flags & FLAG_LZ4)
 
     @property
+    def authenticated(self) -> bool:
+        """A MAC tag follows the payload."""
+        return bool(self.flags & FLAG_MAC)
+
+    @property
     def frame_len(self) -> int:
-        """Header plus payload as on the wire."""
-        return HEADER_LEN + self.wire_len
+        """Header, payload and tag (if any) as on the wire."""
+        return HEADER_LEN + self.wire_len + (TAG_LEN if self.flags & FLAG_MAC else 0)
 
 
 def parse_header(
@@ -140,12 +156,15 @@ def parse_header(
     return FrameHeader(MessageType(mtype), flags, wire_len, raw_len, digest)
 
 
-def encode_frame_parts(msg: Message, compress: bool | None = None) -> tuple[bytes, bytes]:
+def encode_frame_parts(
+    msg: Message, compress: bool | None = None, *, mac: bool = False
+) -> tuple[bytes, bytes]:
     """Return ``(header, payload)`` for ``msg``, ready to be written back to back.
 
     Kept as two buffers so a multi-megabyte batch is not copied once more
     just to prepend 24 bytes.  ``compress=None`` compresses the bulk-data types
     (:data:`COMPRESSED_BY_DEFAULT`); lz4 output is kept only if it is smaller.
+    ``mac=True`` sets :data:`FLAG_MAC`: the caller sends the tag after the payload.
     """
     payload = msg.encode()
     raw_len = len(payload)
@@ -155,11 +174,11 @@ def encode_frame_parts(msg: Message, compress: bool | None = None) -> tuple[byte
         )
     if compress is None:
         compress = msg.TYPE in COMPRESSED_BY_DEFAULT
-    flags = 0
+    flags = FLAG_MAC if mac else 0
     if compress and raw_len:
         packed = lz4.block.compress(payload, store_size=False)
         if len(packed) < raw_len:
-            payload, flags = packed, FLAG_LZ4
+            payload, flags = packed, flags | FLAG_LZ4
     prefix = _PREFIX.pack(MAGIC, FRAME_VERSION, msg.TYPE, flags, len(payload), raw_len)
     digest = xxhash.xxh3_64(prefix)
     digest.update(payload)
@@ -182,7 +201,7 @@ class FrameDecoder:
     bulk data is the one each message field keeps.
     """
 
-    __slots__ = ("_buf", "_error", "_header", "_pos", "max_raw_len", "max_wire_len")
+    __slots__ = ("_buf", "_error", "_header", "_mac", "_pos", "max_raw_len", "max_wire_len")
 
     def __init__(
         self,
@@ -198,6 +217,22 @@ class FrameDecoder:
         self._pos = 0
         self._header: FrameHeader | None = None
         self._error: ProtocolError | None = None
+        self._mac: FrameMac | None = None
+
+    def require_mac(self, mac: FrameMac) -> None:
+        """From the next frame on, accept only frames whose tag ``mac`` verifies.
+
+        Call it on a frame boundary (right after the handshake's last frame was
+        returned); frames already decoded are not affected.
+        """
+        if self._header is not None:
+            raise RuntimeError("require_mac() called in the middle of a frame")
+        self._mac = mac
+
+    @property
+    def authenticated(self) -> bool:
+        """Frames must carry a MAC tag (:meth:`require_mac` was called)."""
+        return self._mac is not None
 
     @property
     def buffered(self) -> int:
@@ -264,6 +299,10 @@ class FrameDecoder:
                 digest = xxhash.xxh3_64(view[pos : pos + 16])
                 digest.update(payload)
                 computed = digest.intdigest()
+                if header.authenticated or self._mac is not None:
+                    self._check_mac(header, view[pos:start], payload, view[end : end + TAG_LEN],
+                                    computed == header.digest)
+                    end += TAG_LEN
                 if computed != header.digest:
                     raise DigestMismatch(
                         f"{header.type.name} frame digest {header.digest:#018x} does not match "
@@ -278,6 +317,26 @@ class FrameDecoder:
         self._pos = end
         self._header = None
         return msg
+
+    def _check_mac(self, header: FrameHeader, raw_header: memoryview, payload: memoryview,
+                   tag: memoryview, digest_ok: bool) -> None:
+        mac = self._mac
+        name = header.type.name
+        if mac is None:
+            raise BadMac(f"{name} frame carries a MAC but no session key was agreed")
+        if not header.authenticated:
+            raise BadMac(
+                f"{name} frame #{mac.counter} after the handshake carries no MAC; "
+                f"every frame of an authenticated session must"
+            )
+        if not mac.verify(raw_header, payload, tag):
+            how = ("its xxh3 digest matches, so it was altered or forged on purpose, "
+                   "or replayed, reordered or spliced, or a frame before it was dropped"
+                   if digest_ok else "it is also corrupt (xxh3 digest mismatch)")
+            raise BadMac(
+                f"{name} frame #{mac.counter} ({header.wire_len} payload bytes) fails "
+                f"authentication: {how}"
+            )
 
     def feed_eof(self) -> NoReturn:
         """Report the end of the stream; always raises.
@@ -339,6 +398,7 @@ __all__ = [
     "DEFAULT_MAX_RAW_LEN",
     "DEFAULT_MAX_WIRE_LEN",
     "FLAG_LZ4",
+    "FLAG_MAC",
     "FRAME_VERSION",
     "HEADER_LEN",
     "KNOWN_FLAGS",

@@ -125,7 +125,8 @@ async def test_reflected_challenge_and_frames_before_auth_are_refused(pair, capl
         await s.aclose()
     assert pair.secondary.vms == {}
     text = _messages(caplog, "colofs.repl.receiver")
-    assert "expected HELLO during authentication, got ATTACH" in text and "another connection" in text
+    # Refusal lines are rate-limited per kind: the first one is logged, later ones counted.
+    assert "expected HELLO during authentication, got ATTACH" in text
 
 
 async def test_stale_epoch_refused_and_newer_epoch_adopted(pair, caplog) -> None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import struct
 from collections.abc import Callable
 
 import pytest
 import trio
 import trio.testing
+import xxhash
 
 from colofs.wire import (
+    DEFAULT_MAX_WIRE_LEN,
     Auth,
     AuthError,
     AuthOk,
@@ -20,8 +23,10 @@ from colofs.wire import (
     ConnectionClosed,
     Error,
     FrameStream,
+    FrameTooLarge,
     Hello,
     KeyFileError,
+    MessageType,
     NonceRegistry,
     Ping,
     ProtocolError,
@@ -32,10 +37,17 @@ from colofs.wire import (
     authenticate,
     load_key,
 )
+from colofs.wire.auth import PROTO_VERSION
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
 PAIRS = [trio.testing.memory_stream_pair, trio.testing.lockstep_stream_pair]
+
+
+def craft_header(mtype: int, wire_len: int) -> bytes:
+    """A version-1 frame header announcing ``wire_len`` payload bytes, digest over the header only."""
+    prefix = struct.pack("<4sBBHII", b"COLF", 1, mtype, 0, wire_len, wire_len)
+    return prefix + struct.pack("<Q", xxhash.xxh3_64_intdigest(prefix))
 
 
 def spec_mac(key: bytes, peer_nonce: bytes, node_id: str, role: int) -> bytes:
@@ -113,15 +125,15 @@ async def test_initiator_follows_the_spec_exactly() -> None:
 
             nursery.start_soon(initiator)
             hello_i = await peer.receive()
-            assert isinstance(hello_i, Hello) and hello_i.node_id == "pvm" and hello_i.proto == 1
+            assert isinstance(hello_i, Hello) and hello_i.node_id == "pvm" and hello_i.proto == 2
             my_nonce = os.urandom(32)
-            await peer.send(Hello(1, "fake-svm", 2, my_nonce, 3))
+            await peer.send(Hello(2, "fake-svm", 2, my_nonce, 3))
             auth = await peer.receive()
             assert auth == Auth(spec_mac(KEY, my_nonce, "pvm", 1))
             await peer.send(Auth(spec_mac(KEY, hello_i.nonce, "fake-svm", 2)))
             assert await peer.receive() == AuthOk()
             await peer.send(AuthOk())
-        assert result[0] == Hello(1, "fake-svm", 2, my_nonce, 3)
+        assert result[0] == Hello(2, "fake-svm", 2, my_nonce, 3)
         nonces.append(hello_i.nonce)
     assert nonces[0] != nonces[1]  # a fresh challenge per handshake
 
@@ -151,7 +163,7 @@ async def test_responder_sends_error_on_wrong_key() -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(responder)
-        await fake.send(Hello(1, "pvm", 1, os.urandom(32)))
+        await fake.send(Hello(PROTO_VERSION, "pvm", 1, os.urandom(32)))
         hello_r = await fake.receive()
         await fake.send(Auth(spec_mac(OTHER_KEY, hello_r.nonce, "pvm", 1)))
         assert await fake.receive() == Error(1, "authentication failed")
@@ -173,7 +185,7 @@ async def test_impostor_responder_refused_by_initiator() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(initiator)
         await fake.receive()
-        await fake.send(Hello(1, "svm", 2, os.urandom(32)))
+        await fake.send(Hello(PROTO_VERSION, "svm", 2, os.urandom(32)))
         await fake.receive()  # the initiator's AUTH
         await fake.send(Auth(bytes(32)))
         assert await fake.receive() == Error(1, "authentication failed")
@@ -197,7 +209,7 @@ async def test_echoed_nonce_refused_before_any_mac_is_sent() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(initiator)
         hello_i = await fake.receive()
-        await fake.send(Hello(1, "svm", 2, hello_i.nonce))  # hand our challenge back
+        await fake.send(Hello(PROTO_VERSION, "svm", 2, hello_i.nonce))  # hand our challenge back
         reply = await fake.receive()
     assert isinstance(reply, Error) and reply.code == 2  # a refusal, not an AUTH
     assert "echoed our own challenge nonce" in str(errors[0])
@@ -221,10 +233,10 @@ async def test_nonce_outstanding_on_another_connection_refused() -> None:
     r3: list[object] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(responder, FrameStream(b1), r1)
-        await att1.send(Hello(1, "evil", 1, os.urandom(32)))
+        await att1.send(Hello(PROTO_VERSION, "evil", 1, os.urandom(32)))
         challenge = (await att1.receive()).nonce  # now outstanding on connection 1
         nursery.start_soon(responder, FrameStream(b2), r2)
-        await att2.send(Hello(1, "evil", 1, challenge))
+        await att2.send(Hello(PROTO_VERSION, "evil", 1, challenge))
         reply = await att2.receive()
         assert isinstance(reply, Error) and reply.code == 2
         await att1.aclose()  # connection 1 ends; its nonce is no longer outstanding
@@ -233,7 +245,7 @@ async def test_nonce_outstanding_on_another_connection_refused() -> None:
     assert isinstance(r1[0], ConnectionClosed)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(responder, FrameStream(b3), r3)
-        await att3.send(Hello(1, "evil", 1, challenge))
+        await att3.send(Hello(PROTO_VERSION, "evil", 1, challenge))
         assert isinstance(await att3.receive(), Hello)  # accepted as a challenge now
         await att3.aclose()
 
@@ -301,7 +313,7 @@ async def test_batch_instead_of_auth_refused() -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(responder)
-        await fake.send(Hello(1, "pvm", 1, os.urandom(32)))
+        await fake.send(Hello(PROTO_VERSION, "pvm", 1, os.urandom(32)))
         await fake.receive()
         await fake.send(Batch(1, (Write(0, 0, b"evil"),)))
     assert "expected AUTH during authentication, got BATCH" in str(errors[0])
@@ -325,7 +337,8 @@ async def test_initiator_refuses_unexpected_message() -> None:
     assert "expected HELLO during authentication, got AUTH_OK" in str(errors[0])
 
 
-async def test_protocol_version_mismatch_refused() -> None:
+async def test_peer_of_the_unauthenticated_frames_protocol_refused() -> None:
+    """A peer that speaks protocol 1 (no MAC after the handshake) is refused, and told why."""
     a, b = trio.testing.memory_stream_pair()
     fake = FrameStream(a)
     errors: list[Exception] = []
@@ -338,9 +351,10 @@ async def test_protocol_version_mismatch_refused() -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(responder)
-        await fake.send(Hello(2, "pvm", 1, os.urandom(32)))
-        assert (await fake.receive()).code == 2
-    assert "speaks colofs protocol 2, this node speaks 1" in str(errors[0])
+        await fake.send(Hello(1, "pvm", 1, os.urandom(32)))
+        refusal = await fake.receive()
+        assert refusal.code == 2 and "protocol 1, this node speaks 2" in refusal.message
+    assert "speaks colofs protocol 1, this node speaks 2" in str(errors[0])
 
 
 async def test_peer_closing_during_handshake() -> None:
@@ -441,3 +455,51 @@ def test_load_key_refuses_huge_file(tmp_path) -> None:
 
 def test_key_file_error_is_a_value_error() -> None:
     assert issubclass(KeyFileError, ValueError)
+
+
+def test_load_key_refuses_a_file_owned_by_another_user(tmp_path) -> None:
+    """Whoever owns the key file can read it or loosen its mode at will, even at 0600."""
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's owner needs root")
+    path = write_key(tmp_path / "key", os.urandom(32), 0o600)
+    os.chown(path, 65534, -1)
+    with pytest.raises(KeyFileError, match="owned by uid 65534, not by this daemon's uid 0") as info:
+        load_key(path)
+    assert path in str(info.value)
+    os.chown(path, 0, -1)
+    assert len(load_key(path)) == 32
+
+
+# ----------------------------------------------------------------- frames before authentication
+
+
+@pytest.mark.parametrize("initiator", [False, True])
+async def test_big_frame_before_authentication_refused_from_its_header(initiator: bool) -> None:
+    """A peer that proved nothing cannot make this node buffer a full-size (32 MiB) frame."""
+    a, b = trio.testing.memory_stream_pair()
+    errors: list[Exception] = []
+
+    async def victim() -> None:
+        try:
+            await authenticate(FrameStream(b), KEY, "svm", 2, initiator=initiator)
+        except FrameTooLarge as exc:
+            errors.append(exc)
+
+    big = craft_header(MessageType.HELLO, 32 << 20)
+    with trio.fail_after(30):  # bounds a victim that waits for the payload instead
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(victim)
+            if initiator:
+                await a.receive_some(65536)  # the victim's HELLO
+            await a.send_all(big)  # the header alone: the payload never comes
+    assert "frame payload 33554432 bytes exceeds the limit of 4096" in str(errors[0])
+    assert "handshake frames are limited to 4096 bytes" in str(errors[0])
+
+
+async def test_limits_are_restored_after_the_handshake() -> None:
+    _, _, fi, fr = await run_pair(KEY, KEY)
+    big = Batch(1, (Write(0, 0, os.urandom(1 << 20)),))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fi.send, big)
+        assert await fr.receive() == big
+    assert fr.max_wire_len == DEFAULT_MAX_WIRE_LEN
