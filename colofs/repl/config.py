@@ -93,13 +93,20 @@ class ReplConfig:
     next one, which is all the merging uses; TCP holds the rest back."""
     max_disks_per_vm: int = 256
     max_sessions: int = 256
-    """Connections a secondary serves at once; more are closed at accept."""
+    """Authenticated connections a secondary serves at once; more are refused after the handshake."""
+    max_unauthenticated: int = 64
+    """Connections still in their handshake, all addresses together (see ``colofs.repl.admission``)."""
+    max_unauthenticated_per_source: int = 8
+    """Connections still in their handshake from one address; more are closed at accept, unread."""
+    max_write_rate: int = 10_000_000
+    """Writes per second no primary exceeds: how far past what ATTACH announced a RESYNC_DONE may reach."""
     max_wire_len: int = DEFAULT_MAX_WIRE_LEN
     max_raw_len: int = DEFAULT_MAX_RAW_LEN
 
     def __post_init__(self) -> None:
         for name in ("batch_max_bytes", "window", "max_inflight_bytes", "max_backlog_bytes", "max_retained_total_bytes",
-                     "resync_chunk_bytes", "resync_window", "receive_queue", "receive_bytes", "max_sessions"):
+                     "resync_chunk_bytes", "resync_window", "receive_queue", "receive_bytes", "max_sessions",
+                     "max_unauthenticated", "max_unauthenticated_per_source", "max_write_rate"):
             if getattr(self, name) <= 0:
                 raise ReplConfigError(f"replication setting {name} must be positive")
         if self.batch_max_bytes + (1 << 20) > self.max_raw_len:

@@ -33,12 +33,23 @@ import trio
 from colofs.core.errors import ColofsError
 from colofs.core.store import Store
 from colofs.core.vm import VM, PrimaryWrite
+from colofs.repl.admission import (
+    EVICTED,
+    HANDSHAKE_FAILED,
+    HANDSHAKE_TIMEOUT,
+    SESSION_LIMIT,
+    SOURCE_LIMIT,
+    Admission,
+    Ticket,
+)
 from colofs.repl.config import ReplConfig, require_key_or_loopback
 from colofs.repl.errors import AttachRefused, ReplCode, ReplProtocolError
 from colofs.repl.framing import FrameSender, bulk_bytes
 from colofs.repl.handshake import handshake, refuse, wrap_transport
 from colofs.repl.persist import load_needs_full_sync, save_needs_full_sync
+from colofs.repl.ratelog import RateLimitedLog
 from colofs.repl.resync import read_and_digest
+from colofs.repl.seqguard import SeqGuard
 from colofs.repl.session import AttachResult, accept_attach, role_check
 from colofs.repl.util import Signal, first_error
 from colofs.wire.auth import NonceRegistry
@@ -100,7 +111,7 @@ class _Session:
     """One primary's connection for one VM."""
 
     def __init__(self, server: SecondaryServer, res: AttachResult, fs: FrameStream,
-                 sender: FrameSender, peer: str) -> None:
+                 sender: FrameSender, peer: str, *, announced: int) -> None:
         self.server = server
         self.cfg = server.cfg
         self.vm: VM = res.vm
@@ -111,8 +122,9 @@ class _Session:
         self.peer = peer
         self.scope = trio.CancelScope()
         self.finished = trio.Event()
-        self.next_seq = self.vm.state.last_applied + 1
-        self.resyncing = False
+        self.seq = SeqGuard(announced=announced, last_applied=self.vm.state.last_applied,
+                            max_rate=self.cfg.max_write_rate, now=trio.current_time())
+        """Every seq the primary sends is checked against it before anything is recorded."""
         self.full_done = False
         self.synced = not self.needs_full
         self.last_rx = trio.current_time()
@@ -246,7 +258,7 @@ class _Session:
                 self._done_with(size)
 
     def _require_stream(self, what: str) -> None:
-        if self.resyncing:
+        if self.seq.resyncing:
             raise ReplProtocolError(f"{what} in the middle of a resync")
         if not self.synced:
             raise ReplProtocolError(f"{what} before the full sync this VM asked for")
@@ -260,10 +272,7 @@ class _Session:
     def _convert(self, batch: Batch) -> list[PrimaryWrite]:
         """Check one batch completely; the list is what the core will apply."""
         self._require_stream("BATCH")
-        if batch.first_seq != self.next_seq:
-            what = "replays or goes backwards" if batch.first_seq < self.next_seq else "skips ahead"
-            raise ReplProtocolError(
-                f"BATCH at seq {batch.first_seq} {what}: the next seq is {self.next_seq}")
+        self.seq.check_batch(batch.first_seq)
         out = []
         disks = self.vm.disks
         for i, w in enumerate(batch.writes):
@@ -281,7 +290,7 @@ class _Session:
         """Apply ``first`` and the batches queued behind it in one group commit; ACK the last."""
         writes = self._convert(first)
         start = first.first_seq
-        self.next_seq = first.last_seq + 1
+        self.seq.took_batch(first.last_seq, trio.current_time())
         size = first.data_bytes
         count = 1
         pending: Message | None = None
@@ -299,7 +308,7 @@ class _Session:
             except ReplProtocolError as e:
                 refused = e  # apply what came before it, then refuse it
                 break
-            self.next_seq = nxt.last_seq + 1
+            self.seq.took_batch(nxt.last_seq, trio.current_time())
             size += nxt.data_bytes
             count += 1
         with trio.CancelScope(shield=True):
@@ -317,9 +326,7 @@ class _Session:
     async def _checkpoint(self, msg: Checkpoint) -> None:
         self._require_stream("CHECKPOINT")
         vm = self.vm
-        if msg.seq != vm.state.last_applied:
-            raise ReplProtocolError(
-                f"CHECKPOINT after seq {msg.seq}, but the last applied seq is {vm.state.last_applied}")
+        self.seq.check_checkpoint(msg.seq, vm.state.last_applied)
         with trio.CancelScope(shield=True):
             await self.server.hooks.checkpoint(vm, msg.seq)
             if self.full_done:
@@ -364,13 +371,14 @@ class _Session:
             raise ReplProtocolError(
                 f"RESYNC_QUERY for blocks {msg.first_block}+{msg.count} of disk {name} "
                 f"({disk.nblocks} blocks; at most {MAX_QUERY_BYTES} bytes per query)")
-        self.resyncing = True
+        self.seq.took_query()
         digests, _ = await trio.to_thread.run_sync(
             read_and_digest, disk.base_fd, disk.size, disk.block_size, msg.first_block, msg.count)
         self.stats["resync_queries"] += 1
         await self.sender.send(ResyncRequest(msg.disk, msg.first_block, tuple(digests)))
 
     async def _resync_data(self, msg: ResyncData) -> None:
+        self.seq.check_data()
         name = self._disk(msg.disk)
         disk = self.vm.disks[name]
         bs = disk.block_size
@@ -389,7 +397,6 @@ class _Session:
             size += want
         if not writes:
             raise ReplProtocolError("RESYNC_DATA without blocks")
-        self.resyncing = True
         with trio.CancelScope(shield=True):
             await self.vm.apply_resync(writes)
         self.stats["resync_blocks"] += len(writes)
@@ -397,13 +404,11 @@ class _Session:
 
     async def _resync_done(self, msg: ResyncDone) -> None:
         vm = self.vm
-        if not self.resyncing and msg.seq != vm.state.last_applied:
-            raise ReplProtocolError(
-                f"RESYNC_DONE at seq {msg.seq} without a resync (the last applied seq is {vm.state.last_applied})")
+        self.seq.check_done(msg.seq, vm.state.last_applied, has_disks=bool(self.disk_names),
+                            now=trio.current_time())
         with trio.CancelScope(shield=True):
             await vm.finish_resync(msg.seq)
-        self.resyncing = False
-        self.next_seq = msg.seq + 1
+        self.seq.took_done(msg.seq, trio.current_time())
         if self.needs_full:
             self.full_done = True
             self.synced = True
@@ -415,7 +420,7 @@ class _Session:
             "connected": True,
             "peer_node": self.peer,
             "since_s": round(trio.current_time() - self.started, 3),
-            "resyncing": self.resyncing,
+            "resyncing": self.seq.resyncing,
             "full_sync_pending": self.needs_full,
             **self.stats,
         }
@@ -435,7 +440,11 @@ class SecondaryServer:
         self.port: int | None = None
         self.sessions: dict[str, _Session] = {}
         self._vm_locks: dict[str, trio.Lock] = {}
-        self._open = 0
+        self.admission = Admission(total=config.max_unauthenticated,
+                                   per_source=config.max_unauthenticated_per_source,
+                                   sessions=config.max_sessions)
+        self.strangers = RateLimitedLog(log)
+        """Lines any stranger can cause (refusals before the key is proven): one per kind a second."""
         self.stats = {"connections": 0, "refused": 0, "sessions": 0}
         self.last_errors: dict[str, str] = {}
         self.last_refusal: str | None = None
@@ -461,29 +470,56 @@ class SecondaryServer:
             host, port = tcp.socket.getpeername()[:2]
             peer_addr = f"{host}:{port}"
         except OSError:
-            peer_addr = "?"
+            host = peer_addr = "?"
         self.stats["connections"] += 1
-        if self._open >= self.cfg.max_sessions:
-            log.warning("replication: refusing connection from %s: %d sessions open", peer_addr, self._open)
+        ticket = self.admission.admit(str(host))
+        if not isinstance(ticket, Ticket):
+            cfg = self.cfg
+            text = (f"{cfg.max_unauthenticated_per_source} unauthenticated connections from this address "
+                    f"already" if ticket == SOURCE_LIMIT else
+                    f"{cfg.max_unauthenticated} unauthenticated connections already")
+            self._stranger_refused(ticket, peer_addr, f"closed at accept, unread: {text}")
             await trio.aclose_forcefully(tcp)
             return
-        self._open += 1
         try:
-            await self._connection(tcp, peer_addr)
+            await self._connection(tcp, peer_addr, ticket)
         except Exception:  # never let one connection take the listener down
             log.exception("replication: internal error on the connection from %s", peer_addr)
         finally:
-            self._open -= 1
+            self.admission.release(ticket)
             await trio.aclose_forcefully(tcp)
 
-    async def _connection(self, tcp: trio.SocketStream, addr: str) -> None:
+    def _stranger_refused(self, kind: str, addr: str, text: str) -> None:
+        """Count and log (at most one line per kind a second) a connection turned away before the key."""
+        self.stats["refused"] += 1
+        self.last_refusal = f"{addr}: {text}"
+        self.strangers.warning(kind, "replication: refused connection from %s: %s", addr, text)
+
+    async def _connection(self, tcp: trio.SocketStream, addr: str, ticket: Ticket) -> None:
         cfg = self.cfg
+        started = trio.current_time()
         stream = await wrap_transport(tcp, server_side=True)
         fs = FrameStream(stream, max_wire_len=cfg.max_wire_len, max_raw_len=cfg.max_raw_len)
-        sender = FrameSender(fs)
+        sender = FrameSender(stream, max_wire_len=cfg.max_wire_len, max_raw_len=cfg.max_raw_len)
         try:
-            hello = await handshake(fs, self.key, self.node_id, Role.SECONDARY, initiator=False,
-                                    nonces=self.nonces, timeout=cfg.handshake_timeout)
+            with ticket.scope:  # cancelled when an address holding fewer needs the slot
+                hello = await handshake(fs, self.key, self.node_id, Role.SECONDARY, initiator=False,
+                                        nonces=self.nonces, timeout=cfg.handshake_timeout)
+        except (ProtocolError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as e:
+            kind = HANDSHAKE_TIMEOUT if trio.current_time() - started >= cfg.handshake_timeout else HANDSHAKE_FAILED
+            self.admission.count(kind)
+            self._stranger_refused(f"{kind}:{type(e).__name__}", addr, _text(e))  # one kind per failure type
+            return
+        if ticket.evicted:
+            self._stranger_refused(EVICTED, addr, f"dropped during its handshake: {cfg.max_unauthenticated} "
+                                   f"unauthenticated connections, and an address holding fewer needed the slot")
+            return
+        if not self.admission.authenticated(ticket):
+            text = f"{cfg.max_sessions} sessions open, no room for another"
+            self._stranger_refused(SESSION_LIMIT, addr, text)
+            await refuse(fs, ReplCode.BAD_REQUEST, text)
+            return
+        try:
             with trio.fail_after(cfg.handshake_timeout):
                 msg = await fs.receive()
         except (ProtocolError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as e:
@@ -518,7 +554,7 @@ class SecondaryServer:
                 log.warning("replication: refused primary %s for VM %s: %s", peer, msg.vm, e)
                 await refuse(fs, code, str(e))
                 return
-            session = _Session(self, res, fs, sender, hello.node_id)
+            session = _Session(self, res, fs, sender, hello.node_id, announced=max(0, msg.next_seq - 1))
             self.sessions[msg.vm] = session
             self.last_errors.pop(msg.vm, None)
             st = res.vm.state
@@ -579,7 +615,7 @@ class SecondaryServer:
         if vm_name is not None:
             return one(vm_name)
         return {"listen_port": self.port, **self.stats, "open_sessions": len(self.sessions),
-                "last_refusal": self.last_refusal,
+                "last_refusal": self.last_refusal, **self.admission.status(),
                 "vms": {n: one(n) for n in sorted(set(self.store.vms) | set(self.sessions))}}
 
 
