@@ -17,19 +17,18 @@ with the defaults.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-MOUNTCTL = [sys.executable, "-m", "mountctl.cli"]
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `bench` importable
+
+from bench.host import cpu_seconds, drop_caches, fio_job, require_root, sh
+from mountctl.pair import Node
 
 
 @dataclass(frozen=True)
@@ -56,36 +55,16 @@ def workloads() -> list[Workload]:
     return out
 
 
-def sh(*cmd: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stdout}{res.stderr}")
-    return res
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(") ", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def fio(path: Path, w: Workload, size: str, runtime: int) -> tuple[float, float]:
     """(MB/s, IOPS) of one workload."""
-    res = sh(
+    out = sh(
         "fio", "--name=bench", f"--filename={path}", f"--rw={w.rw}", f"--bs={w.bs}",
         f"--ioengine={w.engine}", f"--direct={w.direct}", f"--iodepth={w.iodepth}", f"--size={size}",
         f"--runtime={runtime}", "--time_based", "--fallocate=none", "--allow_file_create=0",
         "--randrepeat=0", "--norandommap", "--invalidate=1", "--output-format=json",
         timeout=runtime * 10 + 60,
     )
-    job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
-    side = job["read" if w.is_read else "write"]
+    side = fio_job(out)["read" if w.is_read else "write"]
     return side["bw_bytes"] / 1e6, side["iops"]
 
 
@@ -96,23 +75,19 @@ def main() -> int:
     ap.add_argument("--dir", default="/var/tmp", help="where the store and the raw file live")
     ap.add_argument("--only", help="run only workloads whose name contains this text")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root: it drops page caches and mounts FUSE")
-    for tool in ("fio", "fusermount3"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is missing")
+    require_root("fio", "fusermount3")
     work = Path(tempfile.mkdtemp(prefix="colofs-bench-", dir=args.dir))
     raw = work / "raw.raw"
-    store, mnt = work / "store", work / "mnt"
-    mnt.mkdir()
-    pid = None
+    node = Node(work, "secondary", "secondary")
     try:
         print(f"preparing {args.size} of random data in {raw} ...", flush=True)
         sh("fio", "--name=fill", f"--filename={raw}", "--rw=write", "--bs=1m", f"--size={args.size}",
            "--direct=1", "--ioengine=libaio", "--iodepth=8", "--refill_buffers", "--output-format=terse")
-        sh(*MOUNTCTL, "mount", "--role", "secondary", "--store", str(store), str(mnt))
-        pid = int(json.loads((store / ".colofs-mount.lock").read_text())["pid"])
-        sh(*MOUNTCTL, "import", str(mnt), "vm/disk", "--from", str(raw))
+        node.mount()
+        pid = node.pid
+        assert pid is not None
+        node.import_("vm", raw)
+        mnt = node.mnt
         disk = mnt / "vm" / "disk.raw"
         rows = []
         for w in workloads():
@@ -120,7 +95,7 @@ def main() -> int:
                 continue
             drop_caches()
             r_mb, r_iops = fio(raw, w, args.size, args.runtime)
-            sh(*MOUNTCTL, "checkpoint", str(mnt / "vm"))
+            node.control("vm", "checkpoint")
             drop_caches()
             cpu0, t0 = cpu_seconds(pid), time.monotonic()
             c_mb, c_iops = fio(disk, w, args.size, args.runtime)
@@ -140,17 +115,7 @@ def main() -> int:
             print(f"| {w.name} | {raw_s} | {col_s} | {c_mb / r_mb if r_mb else 0:.2f} | {cpu:.0f}% |")
         return 0
     finally:
-        if pid is not None:
-            res = subprocess.run([*MOUNTCTL, "umount", str(mnt)], capture_output=True, text=True, timeout=300,
-                                 check=False)
-            if res.returncode != 0:
-                print(res.stderr, file=sys.stderr)
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=30,
-                               check=False)
+        node.cleanup()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -27,26 +27,20 @@ Needs root (drop_caches, FUSE), fio and fusermount3; about 3-5 minutes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import secrets
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-MOUNTCTL = [sys.executable, "-m", "mountctl.cli"]
-REPO = Path(__file__).resolve().parent.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-MiB = 1 << 20
-XATTR = "user.colofs."
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `bench` importable
+
+from bench.host import MiB, cpu_seconds, drop_caches, fio_job, require_root, sh
+from mountctl.pair import Pair, PairError
+from mountctl.units import parse_size
 
 
 @dataclass(frozen=True)
@@ -67,25 +61,6 @@ WORKLOADS = (
 )
 
 
-def sh(*cmd: str, timeout: float = 900) -> str:
-    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False, cwd=REPO)
-    if res.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stdout}{res.stderr}")
-    return res.stdout
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(") ", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
 def fio(path: Path, w: Workload, size: int, io_bytes: int) -> tuple[int, float]:
     """Run one job; (bytes written, seconds fio took, its end_fsync included)."""
     t0 = time.monotonic()
@@ -95,69 +70,7 @@ def fio(path: Path, w: Workload, size: int, io_bytes: int) -> tuple[int, float]:
              "--refill_buffers", "--buffer_compress_percentage=50", "--randrepeat=0", "--norandommap",
              "--invalidate=1", "--output-format=json")
     seconds = time.monotonic() - t0
-    job = json.loads(out[out.index("{"):])["jobs"][0]
-    return int(job["write"]["io_bytes"]), seconds
-
-
-class Mount:
-    """One daemon of the pair; cleaned up by its own PID only."""
-
-    def __init__(self, work: Path, name: str, role: str) -> None:
-        self.store = work / f"{name}-store"
-        self.mnt = work / f"{name}-mnt"
-        self.mnt.mkdir()
-        self.role = role
-        self.pid: int | None = None
-
-    def mount(self, *opts: str) -> None:
-        sh(*MOUNTCTL, "mount", "--role", self.role, "--store", str(self.store), *opts, str(self.mnt))
-        self.pid = int(self.status()["pid"])
-
-    def status(self, vm: str | None = None) -> dict[str, Any]:
-        st = json.loads(os.getxattr(self.mnt, XATTR + "status"))
-        return st["vms"][vm] if vm else st
-
-    def control(self, vm: str, name: str, value: bytes = b"") -> dict[str, Any]:
-        """Set ``user.colofs.NAME`` on the VM directory, as mountctl does; the daemon's outcome."""
-        path = self.mnt / vm
-        try:
-            os.setxattr(path, XATTR + name, value)
-        except OSError as e:
-            raise SystemExit(f"{name} on {path}: {os.getxattr(path, XATTR + 'last_error').decode()} ({e})") from None
-        return json.loads(os.getxattr(path, XATTR + "last_result"))
-
-    def cleanup(self) -> None:
-        pid, self.pid = self.pid, None
-        if pid is None:
-            return
-        res = subprocess.run([*MOUNTCTL, "umount", str(self.mnt)], capture_output=True, text=True, timeout=300,
-                             check=False, cwd=REPO)
-        if res.returncode != 0:
-            print(res.stderr.strip(), file=sys.stderr)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True, timeout=30,
-                           check=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_acked(pri: Mount, vm: str, timeout: float = 600) -> float:
-    """Poll until the secondary acknowledged every write of ``vm``; the time it did."""
-    deadline = time.monotonic() + timeout
-    while True:
-        st = pri.status(vm)
-        if st["peer"].get("state") == "connected" and st["peer"]["acked_seq"] >= st["last_applied"]:
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise SystemExit(f"the secondary did not catch up: {st['peer']}")
-        time.sleep(0.005)
+    return int(fio_job(out)["write"]["io_bytes"]), seconds
 
 
 @dataclass
@@ -175,19 +88,19 @@ class Row:
     cpu_sec: float
 
 
-def measure(pri: Mount, sec: Mount, w: Workload, mode: str, size: int, io_bytes: int,
-            raw_mb: float) -> Row:
-    disk = pri.mnt / "vm" / "disk.raw"
+def measure(pair: Pair, w: Workload, mode: str, size: int, io_bytes: int, raw_mb: float) -> Row:
+    pri, sec = pair.primary, pair.secondary
+    disk = pri.file("vm")
     drop_caches()
     assert pri.pid is not None and sec.pid is not None
     c0 = (cpu_seconds(pri.pid), cpu_seconds(sec.pid))
     t0 = time.monotonic()
     nbytes, fio_s = fio(disk, w, size, io_bytes)
-    t_ack = wait_acked(pri, "vm")
+    t_ack = pair.wait_acked("vm", timeout=600)
     elapsed = t_ack - t0
     cpu = ((cpu_seconds(pri.pid) - c0[0]) / elapsed * 100, (cpu_seconds(sec.pid) - c0[1]) / elapsed * 100)
-    hidden = sum(d["hidden_bytes"] for d in sec.status("vm")["disks"].values())
-    lz4 = pri.status("vm")["peer"].get("lz4_ratio")
+    hidden = sec.buffered("vm")[0]
+    lz4 = pri.vm_status("vm")["peer"].get("lz4_ratio")
     t1 = time.monotonic()
     res = pri.control("vm", "checkpoint")
     ckpt = time.monotonic() - t1
@@ -196,26 +109,22 @@ def measure(pri: Mount, sec: Mount, w: Workload, mode: str, size: int, io_bytes:
                ckpt * 1000, hidden / MiB, lz4, cpu[0], cpu[1])
 
 
-def checkpoint_latency(pri: Mount, sec: Mount, buffered: int) -> tuple[float, float, float]:
+def checkpoint_latency(pair: Pair, buffered: int) -> tuple[float, float, float]:
     """Median (setxattr round trip, engine latency, secondary hidden MiB) of three checkpoints with ``buffered`` bytes."""
-    disk = pri.mnt / "vm" / "disk.raw"
+    pri, sec = pair.primary, pair.secondary
+    disk = pri.file("vm")
     totals, engine, hidden = [], [], []
     for i in range(3):
         sh("fio", "--name=fill", f"--filename={disk}", "--rw=write", "--bs=1m", f"--size={buffered}",
            f"--offset={i * buffered}", "--direct=1", "--ioengine=psync", "--refill_buffers",
            "--buffer_compress_percentage=50", "--allow_file_create=0", "--output-format=terse")
-        wait_acked(pri, "vm")
-        hidden.append(sum(d["hidden_bytes"] for d in sec.status("vm")["disks"].values()) / MiB)
+        pair.wait_acked("vm", timeout=600)
+        hidden.append(sec.buffered("vm")[0] / MiB)
         t0 = time.monotonic()
         res = pri.control("vm", "checkpoint")
         totals.append(time.monotonic() - t0)
         engine.append(float(res["latency_seconds"]))
     return statistics.median(totals) * 1000, statistics.median(engine) * 1000, statistics.median(hidden)
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(text[:-1]) * units[text[-1].upper()] if text[-1].upper() in units else int(text)
 
 
 def main() -> int:
@@ -226,29 +135,20 @@ def main() -> int:
     ap.add_argument("--dir", default="/var/tmp", help="where the stores and the raw file live")
     args = ap.parse_args()
     size, rand_io, buffered = parse_size(args.size), parse_size(args.rand_io), parse_size(args.buffered)
-    if os.geteuid() != 0:
-        raise SystemExit("run as root: it drops page caches and mounts FUSE")
-    for tool in ("fio", "fusermount3"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is missing")
+    require_root("fio", "fusermount3")
     work = Path(tempfile.mkdtemp(prefix="colofs-pair-bench-", dir=args.dir))
-    key = work / "colofs.key"
-    key.write_bytes(secrets.token_bytes(32))
-    key.chmod(0o600)
-    port = free_port()
-    sec, pri = Mount(work, "secondary", "secondary"), Mount(work, "primary", "primary")
+    pair = Pair(work)
+    pri = pair.primary
     raw = work / "raw.raw"
     started = time.monotonic()
     try:
-        sec.mount("--listen", f"127.0.0.1:{port}", "--key-file", str(key))
-        pri.mount("--peer", f"127.0.0.1:{port}", "--key-file", str(key))
-        sh(*MOUNTCTL, "create", str(pri.mnt), "vm/disk", "--size", str(size))
-        disk = pri.mnt / "vm" / "disk.raw"
+        pair.start()
+        disk = pri.create("vm", size)
         print(f"filling the {size // MiB} MiB disk through the pair, and the raw file ...", flush=True)
         t0 = time.monotonic()
         fill = Workload("fill", "write", "1m", "libaio", 1, 8, True)
         fio(disk, fill, size, size)
-        fill_rate = size / (wait_acked(pri, "vm") - t0) / 1e6
+        fill_rate = size / (pair.wait_acked("vm", timeout=600) - t0) / 1e6
         pri.control("vm", "checkpoint")
         with open(raw, "wb") as f:
             f.truncate(size)
@@ -263,17 +163,18 @@ def main() -> int:
                     drop_caches()
                     nbytes, seconds = fio(raw, w, size, io_bytes)
                     raw_rates[w.name] = nbytes / seconds / 1e6
-                row = measure(pri, sec, w, mode, size, io_bytes, raw_rates[w.name])
+                row = measure(pair, w, mode, size, io_bytes, raw_rates[w.name])
                 rows.append(row)
                 print(f"  {mode:5s} {w.name:22s} colofs {row.colofs_mb:6.0f} MB/s (fio {row.fio_mb:.0f}, "
                       f"lag {row.lag:.2f} s)  raw {row.raw_mb:6.0f} MB/s  checkpoint {row.checkpoint_ms:.0f} ms "
                       f"({row.hidden_mib:.0f} MiB hidden)", flush=True)
         pri.control("vm", "mode", b"async")
-        total_ms, engine_ms, hidden_mib = checkpoint_latency(pri, sec, buffered)
-        lz4 = pri.status("vm")["peer"].get("lz4_ratio")
+        total_ms, engine_ms, hidden_mib = checkpoint_latency(pair, buffered)
+        lz4 = pri.vm_status("vm")["peer"].get("lz4_ratio")
+    except PairError as e:
+        raise SystemExit(str(e)) from None
     finally:
-        pri.cleanup()
-        sec.cleanup()
+        pair.cleanup()
         shutil.rmtree(work, ignore_errors=True)
 
     print()

@@ -29,9 +29,7 @@ import json
 import os
 import platform
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,31 +39,15 @@ from pathlib import Path
 
 import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `bench` importable
+
+from bench.host import MiB, drop_caches, fio_job, require_root, sh
 from colofs.core.store import Store
 from colofs.core.vm import PrimaryWrite
+from mountctl.pair import Node
+from mountctl.units import parse_size
 
-MOUNTCTL = [sys.executable, "-m", "mountctl.cli"]
-MiB = 1 << 20
 P = "user.colofs."
-
-
-def sh(*cmd: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{res.stdout}{res.stderr}")
-    return res
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
 @dataclass
@@ -187,10 +169,9 @@ def fio_iops(path: Path, direct: bool, offset: int, length: int, runtime: int, *
     if not direct:
         args.append("--end_fsync=1")
     t0 = time.monotonic()
-    res = sh(*args, timeout=runtime * 20 + 120)
+    out = sh(*args, timeout=runtime * 20 + 120)
     wall = time.monotonic() - t0
-    job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
-    return job["write"]["io_bytes"] / 4096 / wall
+    return fio_job(out)["write"]["io_bytes"] / 4096 / wall
 
 
 def iops_runs(mnt: Path, size: int, runtime: int) -> list[tuple[str, float, float, float]]:
@@ -230,20 +211,14 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=5, help="creations per case (default 5)")
     ap.add_argument("--dir", default="/var/tmp", help="where the stores live")
     args = ap.parse_args()
-    if os.geteuid() != 0:
-        raise SystemExit("run as root: it drops page caches and mounts FUSE")
-    for tool in ("fio", "fusermount3"):
-        if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is missing")
+    require_root("fio", "fusermount3")
     size, hidden = parse_size(args.size), parse_size(args.hidden)
     work = Path(tempfile.mkdtemp(prefix="colofs-snapbench-", dir=args.dir))
-    store, mnt = work / "store", work / "mnt"
-    mnt.mkdir()
-    pid = None
+    node = Node(work, "primary", "primary")
+    mnt = node.mnt
     try:
-        sh(*MOUNTCTL, "mount", "--role", "primary", "--store", str(store), str(mnt))
-        pid = int(json.loads((store / ".colofs-mount.lock").read_text())["pid"])
-        sh(*MOUNTCTL, "create", str(mnt), "vm/disk", "--size", str(size))
+        node.mount()
+        node.create("vm", size)
         disk = mnt / "vm" / "disk.raw"
         print(f"writing {size / MiB:.0f} MiB to the mounted primary disk ...", flush=True)
         sh("fio", "--name=fill", f"--filename={disk}", "--rw=write", "--bs=1m", f"--size={size}", "--direct=1",
@@ -256,16 +231,7 @@ def main() -> int:
         print("4 KiB random-write IOPS without and with a snapshot ...", flush=True)
         rows = iops_runs(mnt, size, args.runtime)
     finally:
-        if pid is not None:
-            res = subprocess.run([*MOUNTCTL, "umount", str(mnt)], capture_output=True, text=True, timeout=300,
-                                 check=False)
-            if res.returncode != 0:
-                print(res.stderr, file=sys.stderr)
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=30, check=False)
+        node.cleanup()
         shutil.rmtree(work, ignore_errors=True)
 
     print()

@@ -1,6 +1,7 @@
 """colofs demo: a COLO pair on one machine, replicating over loopback TCP through two mounts.
 
-Mounts a secondary (``--listen``) and a primary (``--peer``) with ``mountctl``,
+Mounts a secondary (``--listen``) and a primary (``--peer``) with ``mountctl``
+(through :mod:`mountctl.pair`, the harness the tests and benchmarks use too),
 creates a 256 MiB disk on the primary, writes to it with ``qemu-io`` as the
 primary VM would, writes to the secondary's file as the secondary VM would,
 and shows the secondary's invariants through the mounted files: the SVM never
@@ -17,44 +18,21 @@ import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+
+from mountctl.pair import Node, Pair
 
 MiB = 1 << 20
 SIZE = 256 * MiB
 CHUNK = 16 * MiB
-MOUNTCTL = [sys.executable, "-m", "mountctl.cli"]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VM, DISK = "vm1", "disk0"
 
 
 def say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
-
-
-def sh(*cmd: str, timeout: float = 120) -> str:
-    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}): {(res.stderr or res.stdout).strip()}")
-    return res.stdout.strip()
-
-
-def mountctl(*args: str, timeout: float = 120) -> str:
-    return sh(*MOUNTCTL, *args, timeout=timeout)
-
-
-def status(mnt: str) -> dict[str, Any]:
-    return json.loads(mountctl("status", mnt, "--json"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def same(path: str, image: bytearray) -> bool:
@@ -85,125 +63,71 @@ def pattern_writes(path: str, image: bytearray, rng: random.Random, count: int, 
         pattern = rng.randrange(1, 256)
         cmds += ["-c", f"write -P {pattern} {off} {size}"]
         image[off : off + size] = bytes([pattern]) * size
-    sh("qemu-io", "-f", "raw", *(["-n"] if direct else []), *cmds, path)
+    res = subprocess.run(["qemu-io", "-f", "raw", *(["-n"] if direct else []), *cmds, path], capture_output=True,
+                         text=True, timeout=120, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"qemu-io on {path} failed ({res.returncode}): {(res.stderr or res.stdout).strip()}")
     return count * size
-
-
-class Node:
-    """One mount daemon of the demo, remembered by PID so cleanup never touches anything else."""
-
-    def __init__(self, work: str, name: str, role: str) -> None:
-        self.store = os.path.join(work, f"{name}-store")
-        self.mnt = os.path.join(work, f"{name}-mnt")
-        self.role = role
-        self.pid: int | None = None
-        os.makedirs(self.mnt)
-
-    def mount(self, *opts: str) -> None:
-        mountctl("mount", "--role", self.role, "--store", self.store, *opts, self.mnt)
-        self.pid = int(status(self.mnt)["pid"])
-
-    def file(self) -> str:
-        return os.path.join(self.mnt, "vm1", "disk0.raw")
-
-    def cleanup(self) -> None:
-        if self.pid is None:
-            return
-        pid, self.pid = self.pid, None
-        try:
-            mountctl("umount", self.mnt, timeout=60)
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            say(f"unmounting {self.mnt} failed ({e}); killing its daemon (pid {pid})")
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            time.sleep(0.5)
-            subprocess.run(["fusermount3", "-u", "-z", self.mnt], capture_output=True, check=False)
-
-
-def wait_acked(primary: Node, timeout: float = 60) -> float:
-    """Wait until the secondary acknowledged every write of vm1; returns when that happened."""
-    deadline = time.monotonic() + timeout
-    while True:
-        vm = status(primary.mnt)["vms"]["vm1"]
-        if vm["peer"].get("acked_seq", -1) >= vm["last_applied"]:
-            return time.monotonic()
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the secondary did not catch up within {timeout:.0f} s: {vm['peer']}")
-        time.sleep(0.01)
 
 
 def run(work: str) -> bool:
     rng = random.Random(2024)
-    key = os.path.join(work, "colofs.key")
-    with os.fdopen(os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-        f.write(os.urandom(32))
-    port = free_port()
-    sec, pri = Node(work, "secondary", "secondary"), Node(work, "primary", "primary")
-    nodes = [pri, sec]
+    pair = Pair(work)
+    sec, pri = pair.secondary, pair.primary
+    nodes: list[Node] = [pri, sec]
+    pfile, sfile = str(pri.file(VM, DISK)), str(sec.file(VM, DISK))
     checks: list[tuple[str, bool]] = []
 
     def check(what: str, ok: bool) -> None:
         checks.append((what, ok))
         say(f"{what}: {'equal' if ok else 'NOT EQUAL'}")
 
-    try:
-        sec.mount("--listen", f"127.0.0.1:{port}", "--key-file", key)
-        pri.mount("--peer", f"127.0.0.1:{port}", "--key-file", key)
-        say(f"secondary on {sec.mnt} listening on 127.0.0.1:{port}; primary on {pri.mnt}; shared key {key} (0600)")
-        mountctl("create", pri.mnt, "vm1/disk0", "--size", str(SIZE))
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sec.file()):
-            if time.monotonic() > deadline:
-                raise RuntimeError("the disk did not appear on the secondary")
-            time.sleep(0.05)
-        say(f"created vm1/disk0 ({SIZE // MiB} MiB) on the primary; it appeared on the secondary as {sec.file()}")
+    with pair:
+        pair.start()
+        say(f"secondary on {sec.mnt} listening on 127.0.0.1:{pair.port}; primary on {pri.mnt}; "
+            f"shared key {pair.key} (0600)")
+        pri.mountctl("create", str(pri.mnt), f"{VM}/{DISK}", "--size", str(SIZE))
+        pair.wait_disk(VM, DISK, timeout=30)
+        say(f"created {VM}/{DISK} ({SIZE // MiB} MiB) on the primary; it appeared on the secondary as {sfile}")
 
         primary = bytearray(SIZE)  # the primary's disk
         svm = bytearray(SIZE)  # what the secondary VM must see: the last checkpoint plus its own writes
         t0 = time.monotonic()
-        nbytes = pattern_writes(pri.file(), primary, rng, 128, MiB, direct=True)
-        t1 = wait_acked(pri)
+        nbytes = pattern_writes(pfile, primary, rng, 128, MiB, direct=True)
+        t1 = pair.wait_acked(VM, timeout=60)
         rate = nbytes / (t1 - t0) / 1e6
         say(f"primary: {nbytes / MiB:.0f} MiB of qemu-io pattern writes (1 MiB, O_DIRECT), acknowledged by "
             f"the secondary at {rate:.0f} MB/s (qemu-io start-up included)")
-        pattern_writes(pri.file(), primary, rng, 512, 4096, direct=False)
+        pattern_writes(pfile, primary, rng, 512, 4096, direct=False)
         say("primary: 512 buffered 4 KiB pattern writes (the kernel's page cache holds them)")
-        pattern_writes(sec.file(), svm, rng, 64, 65536, direct=False)
+        pattern_writes(sfile, svm, rng, 64, 65536, direct=False)
         say("secondary VM: 64 writes of 64 KiB to its own file")
-        check("isolation: the SVM's file shows only its own writes, none of the primary's", same(sec.file(), svm))
+        check("isolation: the SVM's file shows only its own writes, none of the primary's", same(sfile, svm))
 
-        out = json.loads(mountctl("checkpoint", pri.mnt + "/vm1", "--json"))
+        out = json.loads(pri.mountctl("checkpoint", str(pri.path(VM)), "--json"))
         latency = float(out["latency_seconds"])
         say(f"checkpoint at seq {out['seq']}: confirmed by the secondary in {latency * 1000:.1f} ms")
         for node in nodes:
-            say(f"{node.role}: " + mountctl("status", node.mnt, "vm1").splitlines()[-1].strip())
-        check("after the checkpoint: primary file vs secondary file", same_files(pri.file(), sec.file()))
-        check("after the checkpoint: the secondary file vs the primary's image", same(sec.file(), primary))
+            say(f"{node.role}: " + node.mountctl("status", str(node.mnt), VM).splitlines()[-1].strip())
+        check("after the checkpoint: primary file vs secondary file", same_files(pfile, sfile))
+        check("after the checkpoint: the secondary file vs the primary's image", same(sfile, primary))
         svm[:] = primary
 
-        pattern_writes(pri.file(), primary, rng, 32, MiB, direct=True)
-        pattern_writes(sec.file(), svm, rng, 32, 65536, direct=True)
-        wait_acked(pri)
+        pattern_writes(pfile, primary, rng, 32, MiB, direct=True)
+        pattern_writes(sfile, svm, rng, 32, 65536, direct=True)
+        pair.wait_acked(VM, timeout=60)
         say("more writes on both sides, not checkpointed; now the primary is declared lost")
         t2 = time.monotonic()
-        say(mountctl("failover", sec.mnt + "/vm1"))
+        say(sec.mountctl("failover", str(sec.path(VM))))
         failover_s = time.monotonic() - t2
-        check("after the failover: the secondary file vs the SVM's view", same(sec.file(), svm))
-        deadline = time.monotonic() + 15
-        while (peer := status(pri.mnt)["vms"]["vm1"]["peer"])["state"] != "refused":
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the old primary was not refused: {peer}")
-            time.sleep(0.05)
+        check("after the failover: the secondary file vs the SVM's view", same(sfile, svm))
+        peer = pair.wait(lambda: (p := pri.vm_status(VM)["peer"])["state"] == "refused" and p, 15,
+                         "the old primary to be refused")
         say(f"the old primary is refused: {peer['reason']}")
         lz4 = peer.get("lz4_ratio")
         for node in nodes:
-            node.cleanup()
+            node.umount(timeout=60)
         say("both mounts unmounted, stores closed cleanly")
-    finally:
-        for node in nodes:
-            node.cleanup()
     ok = all(good for _, good in checks)
     say("summary:")
     say(f"  replicated primary writes: {nbytes / MiB:.0f} MiB at {rate:.0f} MB/s until acknowledged "
@@ -228,7 +152,7 @@ def main() -> int:
     except KeyboardInterrupt:
         say("interrupted; cleaned up")
         return 130
-    except Exception as e:
+    except Exception as e:  # any failure: say it in one line; the pair is already cleaned up
         say(f"FAILED: {e}")
         return 1
     finally:

@@ -21,21 +21,20 @@ from types import FrameType
 from bench.compare.proc import progress
 from bench.compare.report import machine_info, render, write_json
 from bench.compare.runner import Bench, Settings
-from bench.compare.workloads import GiB, MiB, all_rows, select
+from bench.compare.workloads import all_rows, select
+from bench.host import GiB, MiB
+from mountctl.units import parse_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_JSON = os.path.join(REPO, "bench", "results", "latest.json")
 
 
-def parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": MiB, "g": GiB, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = units.get(t[-1:], 1)
-    num = t[:-1] if t[-1:] in units else t
+def size_arg(text: str) -> int:
+    """A working size: mountctl's size syntax, a whole number of MiB, at least 16M."""
     try:
-        value = int(float(num) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 64M or 1G") from None
+        value = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     if value < 16 * MiB or value % MiB:
         raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of MiB, at least 16M")
     return value
@@ -47,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, help="repetitions per row (default 3; 1 with --quick)")
     p.add_argument("--runtime", type=float, help="seconds per time-based fio run (default 3; 1.5 with --quick)")
     p.add_argument("--only", metavar="ROWS", help="comma-separated row ids or patterns, e.g. 'direct-*,checkpoint-64m'")
-    p.add_argument("--size", type=parse_size, default=GiB, help="working size of every file (default 1G)")
-    p.add_argument("--sparse-writes", type=parse_size,
+    p.add_argument("--size", type=size_arg, default=GiB, help="working size of every file (default 1G)")
+    p.add_argument("--sparse-writes", type=size_arg,
                    help="random 4K writes into the 1 TiB disk (default 1G; 128M with --quick)")
     p.add_argument("--dir", default="/var/tmp", help="where the temporary work directory goes (default /var/tmp)")
     p.add_argument("--json", default=DEFAULT_JSON, help="result file (default bench/results/latest.json)")

@@ -7,11 +7,10 @@ difference between two systems' measurements is the target.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, replace
 
-from bench.compare.proc import StepError, run
+from bench.host import StepError, fio_job, run
 
 
 @dataclass(frozen=True)
@@ -82,17 +81,11 @@ def timeout_for(job: FioJob, slowest_bytes_per_s: float = 5e6) -> float:
 
 
 def parse(stdout: str, is_read: bool) -> tuple[int, float, float, float]:
-    """(bytes, bw_bytes, iops, runtime_s) of the first job in fio's JSON (engines may print lines before it)."""
-    start = stdout.find("{")
-    if start < 0:
-        raise StepError(f"fio printed no JSON: {stdout.strip()[:200]}")
+    """(bytes, bw_bytes, iops, runtime_s) of the first job in fio's JSON."""
+    side = fio_job(stdout).get("read" if is_read else "write")
     try:
-        data = json.loads(stdout[start:])
-        side = data["jobs"][0]["read" if is_read else "write"]
-        if data["jobs"][0].get("error"):
-            raise StepError(f"fio job error {data['jobs'][0]['error']}")
         return int(side["io_bytes"]), float(side["bw_bytes"]), float(side["iops"]), float(side["runtime"]) / 1000
-    except (ValueError, KeyError, IndexError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise StepError(f"fio JSON not understood: {e}") from None
 
 

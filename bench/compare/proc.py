@@ -1,13 +1,13 @@
-"""Subprocesses, progress lines and /proc readings shared by the harness.
+"""Progress lines, /proc readings and FUSE escape hatches for the comparison run.
 
-Every external command goes through :func:`run` with a timeout, so one stuck
-tool fails its row instead of hanging the whole run.
+Every external command goes through :func:`bench.host.run` with a timeout, and
+every call into a mount through :func:`call_with_timeout`, so one stuck tool
+or daemon fails its row instead of hanging the whole run.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -15,13 +15,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from bench.host import StepError
+from mountctl.pair import alive
+
 T = TypeVar("T")
 
 _T0 = time.monotonic()
-
-
-class StepError(Exception):
-    """A step of the run failed; the message says what and why, for the row's reason."""
 
 
 class Hung(StepError):
@@ -32,38 +31,6 @@ def progress(msg: str) -> None:
     """One line per step on stderr, stamped with the run's elapsed time, so a slow step is visible."""
     t = int(time.monotonic() - _T0)
     print(f"[{t // 60:2d}:{t % 60:02d}] {msg}", file=sys.stderr, flush=True)
-
-
-def elapsed() -> float:
-    return time.monotonic() - _T0
-
-
-def _tail(text: str, lines: int = 4) -> str:
-    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
-
-
-def run(argv: Sequence[str], *, timeout: float, check: bool = True, cwd: str | None = None,
-        stdin: int | None = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
-    """Run a command to completion; raise :class:`StepError` (with its output's tail) on failure or timeout."""
-    try:
-        res = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False,
-                             cwd=cwd, stdin=stdin)
-    except subprocess.TimeoutExpired:
-        raise StepError(f"{os.path.basename(argv[0])} timed out after {timeout:.0f} s") from None
-    except OSError as e:
-        raise StepError(f"{argv[0]}: {e.strerror}") from None
-    if check and res.returncode != 0:
-        detail = _tail(res.stderr) or _tail(res.stdout)
-        raise StepError(f"{os.path.basename(argv[0])} {argv[1] if len(argv) > 1 else ''} exited "
-                        f"{res.returncode}: {detail}")
-    return res
-
-
-def drop_caches() -> None:
-    """``sync; echo 3 > drop_caches``: every measurement starts without page-cache help."""
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def proc_status_kib(pid: int, field: str) -> int | None:
@@ -78,15 +45,6 @@ def proc_status_kib(pid: int, field: str) -> int | None:
     return None
 
 
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while alive(pid):
@@ -94,13 +52,6 @@ def wait_gone(pid: int, timeout: float) -> bool:
             return False
         time.sleep(0.05)
     return True
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def mounts_under(root: str) -> list[str]:
@@ -116,16 +67,6 @@ def mounts_under(root: str) -> list[str]:
     except OSError:
         return []
     return sorted(found, key=len, reverse=True)
-
-
-def detach(path: str) -> None:
-    """Lazily detach a FUSE mount whose daemon may be gone, so the files under it can be removed."""
-    for argv in (["fusermount3", "-u", "-z", path], ["umount", "-l", path]):
-        try:
-            if subprocess.run(argv, capture_output=True, timeout=30, check=False).returncode == 0:
-                return
-        except (OSError, subprocess.TimeoutExpired):
-            continue
 
 
 def abort_fuse(path: str) -> bool:

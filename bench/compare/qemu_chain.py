@@ -32,8 +32,10 @@ import signal
 import subprocess
 import time
 
-from bench.compare.proc import StepError, alive, detach, mounts_under, proc_status_kib, run
+from bench.compare.proc import mounts_under, proc_status_kib
 from bench.compare.qmp import QMP, QMPError
+from bench.host import StepError, run
+from mountctl.pair import alive, detach
 
 QSD = "qemu-storage-daemon"
 

@@ -22,19 +22,12 @@ from functools import partial
 from bench.compare import colofs_pair, qemu_chain
 from bench.compare.colofs_pair import ColofsMount, ColofsPair
 from bench.compare.fio import FioJob, run_fio
-from bench.compare.proc import (
-    StepError,
-    abort_fuse,
-    detach,
-    drop_caches,
-    free_port,
-    mounts_under,
-    progress,
-    run,
-)
+from bench.compare.proc import abort_fuse, mounts_under, progress
 from bench.compare.qemu_chain import QemuChain
 from bench.compare.report import Cell, RowResult
-from bench.compare.workloads import GiB, MiB, Row
+from bench.compare.workloads import Row
+from bench.host import GiB, MiB, StepError, drop_caches, run
+from mountctl.pair import detach, free_port
 
 METHOD = [  # (groups the note applies to, the note)
     ({"svm"}, "data: every file starts as the same random image; colofs and QEMU hold it in base and are "
@@ -168,8 +161,8 @@ class Bench:
         try:
             progress("colofs: mounting the secondary and importing the seed as its base")
             self.pair = ColofsPair(self.dir, free_port())
-            self.pair.secondary.mount()
-            self.svm_file = self.pair.secondary.import_(SVM, self.seed)
+            self.pair.mount_secondary()
+            self.svm_file = str(self.pair.secondary.import_(SVM, self.seed))
         except (StepError, OSError) as e:
             self.down["colofs"] = ("failed", f"setup: {e}")
             progress(f"colofs: setup FAILED: {e}")
@@ -243,11 +236,11 @@ class Bench:
         uri = None
         job = row.job
         if system == "colofs":
-            assert self.pair is not None and self.pair.primary is not None
+            assert self.pair is not None and self.pair.has_primary
             if self.pair.replication:
                 raise StepError(f"replication stopped earlier in this run: {self.pair.replication}")
-            self.pair.checkpoint(PVM)
-            dest = self.pair.primary.file(PVM)
+            self.pair.checkpoint_timed(PVM)
+            dest = str(self.pair.primary.file(PVM))
         elif system == "qemu":
             assert self.chain is not None
             self.chain.checkpoint()
@@ -276,7 +269,7 @@ class Bench:
         if system == "colofs":
             assert self.pair is not None
             try:
-                t_end = self.pair.wait_replicated(PVM, timeout=60 + nbytes / 5e6)
+                t_end = self.pair.wait_applied(PVM, timeout=60 + nbytes / 5e6)
             except StepError as e:
                 self.pair.replication = f"stalled: {e}"  # the later colofs ingest measurements fail at once
                 raise
@@ -298,7 +291,7 @@ class Bench:
 
     def _split(self, amount: int) -> tuple[int, int]:
         """(primary bytes, SVM bytes) that fill the buffers: half and half when colofs replicates, else all SVM."""
-        if self.pair is not None and self.pair.primary is not None and self.pair.replication is None:
+        if self.pair is not None and self.pair.has_primary and self.pair.replication is None:
             return amount // 2, amount - amount // 2
         return 0, amount
 
@@ -344,26 +337,24 @@ class Bench:
             sec = pair.secondary
             if row.group == "checkpoint":
                 vm = PVM if p else SVM
-                pair.checkpoint(vm)
+                pair.checkpoint_timed(vm)
             else:
                 vm = f"fo{rep + 1}"
                 if p:
-                    assert pair.primary is not None
                     pair.primary.create(vm, self.s.size)
                     self._wait_vm(vm)
                 else:
                     sec.create(vm, self.s.size)
             if p:
-                assert pair.primary is not None
-                self._direct_write(p, p_off, filename=pair.primary.file(vm))
-                pair.wait_replicated(vm, timeout=300)
-            self._direct_write(v, 0, filename=sec.file(vm))
+                self._direct_write(p, p_off, filename=str(pair.primary.file(vm)))
+                pair.wait_applied(vm, timeout=300)
+            self._direct_write(v, 0, filename=str(sec.file(vm)))
             drop_caches()
             hidden, active = sec.buffered(vm)
             if row.group == "checkpoint":
-                seconds, detail = pair.checkpoint(vm)
+                seconds, detail = pair.checkpoint_timed(vm)
             else:
-                seconds, res = sec.control(vm, "failover")
+                seconds, res = sec.timed_control(vm, "failover")
                 detail = {"blocks_committed": res.get("blocks_committed")}
             cell.add(seconds * 1000, hidden_bytes=hidden, active_bytes=active, **detail)
             return f"{seconds * 1000:.1f} ms ({(hidden + active) / MiB:.0f} MiB buffered)"
@@ -389,11 +380,8 @@ class Bench:
     def _wait_vm(self, vm: str, timeout: float = 120) -> None:
         """Wait for the secondary to attach a VM the primary just created."""
         assert self.pair is not None
-        deadline = time.monotonic() + timeout
-        while self.pair.secondary.vm_status(vm) is None:
-            if time.monotonic() > deadline:
-                raise StepError(f"VM {vm} created on the primary did not appear on the secondary in {timeout:.0f} s")
-            time.sleep(0.05)
+        sec = self.pair.secondary
+        self.pair.wait(lambda: sec.vm_status(vm) is not None, timeout, f"VM {vm} (created on the primary) on the secondary")
 
     # -- memory ----------------------------------------------------------------------------
 
@@ -408,7 +396,7 @@ class Bench:
                 self.measure(row, "colofs", 0, partial(self._peak, self.pair.secondary if self.pair else None))
                 self.measure(row, "qemu", 0, partial(self._peak, self.chain))
             elif row.id == "rss-peak-primary":
-                primary = self.pair.primary if self.pair else None
+                primary = self.pair.primary if self.pair and self.pair.has_primary else None
                 if primary is None:
                     self.result(row).cells["colofs"].skip("no colofs primary was mounted in this run")
                 else:
@@ -430,12 +418,12 @@ class Bench:
         m = ColofsMount(self.dir, "sparse", "secondary")
         self.extra_mounts.append(m)
         m.mount()
-        path = m.create("big", row.job.size)
+        path = str(m.create("big", row.job.size))
         before = m.rss_kib()
         r = run_fio(row.job, filename=path)
         after = m.rss_kib()
         hwm = m.hwm_kib()
-        m.umount()
+        m.cleanup()
         cell.add(after / 1024, rss_before_mib=round(before / 1024, 1), hwm_mib=round(hwm / 1024, 1),
                  write_iops=round(r.iops))
         return (f"VmRSS {before / 1024:.1f} -> {after / 1024:.1f} MiB (peak {hwm / 1024:.1f}) "
@@ -470,11 +458,11 @@ class Bench:
         """Unmount colofs, stop the QEMU daemons (by PID), detach anything left, remove the work directory."""
         progress("cleaning up: unmounting colofs, stopping qemu-storage-daemon")
         for m in self.extra_mounts:
-            _quietly(m.umount)
+            _quietly(m.cleanup)
         if self.chain is not None:
             _quietly(self.chain.stop)
         if self.pair is not None:
-            _quietly(self.pair.umount_all)
+            _quietly(self.pair.cleanup)
         for point in mounts_under(self.dir):  # only what a dead or stuck daemon left behind
             abort_fuse(point)
             detach(point)

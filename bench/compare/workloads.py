@@ -13,9 +13,8 @@ import fnmatch
 from dataclasses import dataclass
 
 from bench.compare.fio import FioJob
+from bench.host import MiB
 
-MiB = 1 << 20
-GiB = 1 << 30
 SYSTEMS = ("colofs", "qemu", "raw")
 LABELS = {"colofs": "colofs", "qemu": "QEMU chain", "raw": "raw file"}
 

@@ -1,0 +1,311 @@
+"""A replicating colofs pair on one machine, driven the way an operator drives one.
+
+A secondary mount listening on 127.0.0.1 and a primary mount whose ``--peer``
+reaches it, sharing a generated key file (mode 0600). Mounting and unmounting
+run ``mountctl`` as a command, exactly as an operator would. Status and the
+control commands are the same ``user.colofs.*`` calls ``mountctl`` makes, done
+in this process, so that polling status or timing a checkpoint does not
+measure an interpreter's start-up. Cleanup stops only the daemons this
+harness started (by the PIDs their stores recorded) and detaches their
+mountpoints, whatever happened before.
+
+The demo, the benchmarks and the end-to-end tests all start their pairs (or
+single mounts) with this. It sits beside ``mountctl`` rather than under
+``tests/`` or ``bench/`` because it is made only of mountctl's own commands
+and client, and so is importable wherever colofs is installed: by a script in
+``examples/``, by ``bench/``, by the tests. Subclasses add what one user needs
+(the benchmarks: hang detection; the tests: a fault proxy and their waits)
+by overriding :meth:`Node.mountctl`, :meth:`Pair.wait` or :attr:`Pair.node_class`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from colofs.fs.config import LOCK_NAME
+from mountctl.client import PREFIX, CtlError, command
+
+MOUNTCTL = [sys.executable, "-m", "mountctl.cli"]
+LOOPBACK = "127.0.0.1"
+STATUS = PREFIX + "status"
+T = TypeVar("T")
+
+
+class PairError(Exception):
+    """A step of driving a mount failed; the message says which step and what the daemon or tool said."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port nothing listens on right now (mountctl needs a number: it cannot listen on port 0)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def write_key(path: str | os.PathLike[str], data: bytes | None = None) -> Path:
+    """A key file readable by its owner only: 32 random bytes unless ``data`` is given."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data if data is not None else os.urandom(32))
+    return Path(path)
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def detach(path: str | os.PathLike[str]) -> None:
+    """Lazily detach a FUSE mount whose daemon is gone, so that the files under it can be removed."""
+    for argv in (["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):
+        try:
+            if subprocess.run(argv, capture_output=True, timeout=30, check=False).returncode == 0:
+                return
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+
+
+def poll(pred: Callable[[], T], timeout: float, what: str, interval: float = 0.005) -> T:
+    """Call ``pred`` until it returns something truthy and return that; PairError naming ``what`` at the deadline.
+
+    The daemons are other processes and status is an attribute read, so there
+    is nothing to block on: a short interval keeps the time an outcome is
+    seen close to the time it happened.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            raise PairError(f"timed out after {timeout:.0f} s waiting for {what}; last seen: {got!r}")
+        time.sleep(interval)
+
+
+class Node:
+    """One mount daemon: a store and its mountpoint under a work directory, named ``NAME-store``/``NAME-mnt``."""
+
+    def __init__(self, work: str | os.PathLike[str], name: str, role: str) -> None:
+        self.work = Path(work)
+        self.name = name
+        self.store = self.work / f"{name}-store"
+        self.mnt = self.work / f"{name}-mnt"
+        self.role = role
+        self.pids: list[int] = []  # every daemon this node started, newest last
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def mountctl(self, *args: str, timeout: float = 120) -> str:
+        """Run ``mountctl ARGS``; its output, or PairError with what it printed."""
+        argv = [*MOUNTCTL, *map(str, args)]
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
+                                 stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            raise PairError(f"mountctl {' '.join(argv[3:5])} did not finish within {timeout:.0f} s") from None
+        if res.returncode != 0:
+            raise PairError(f"mountctl {' '.join(argv[3:])} failed ({res.returncode}): "
+                            f"{(res.stderr or res.stdout).strip()}")
+        return res.stdout.strip()
+
+    def mount(self, *options: str, timeout: float = 120) -> str:
+        """``mountctl mount`` with this node's role and store; remembers the daemon's PID."""
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        other = self.lock_pid()  # a daemon already serving this store is not ours, whatever happens next
+        try:
+            return self.mountctl("mount", "--role", self.role, "--store", str(self.store), *options,
+                                 "--timeout", str(timeout), str(self.mnt), timeout=timeout + 30)
+        finally:
+            pid = self.lock_pid()  # also a daemon that started but never got ready: still ours to stop
+            if pid is not None and pid != other and pid not in self.pids:
+                self.pids.append(pid)
+
+    def lock_pid(self) -> int | None:
+        """The PID in the store's lock file (the daemon writes it before it mounts), if that process runs."""
+        try:
+            pid = json.loads((self.store / LOCK_NAME).read_text()).get("pid")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return pid if isinstance(pid, int) and alive(pid) else None
+
+    @property
+    def pid(self) -> int | None:
+        """The newest daemon this node started, while it runs."""
+        return self.pids[-1] if self.pids and alive(self.pids[-1]) else None
+
+    def umount(self, timeout: float = 120) -> str:
+        """``mountctl umount``: the daemon closes the store cleanly and exits."""
+        out = self.mountctl("umount", "--timeout", str(timeout), str(self.mnt), timeout=timeout + 30)
+        self.pids = [p for p in self.pids if alive(p)]
+        return out
+
+    def kill(self, timeout: float = 30) -> None:
+        """SIGKILL the daemons this node started, as a crash would; the mount is left stale."""
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        poll(lambda: not any(alive(p) for p in self.pids), timeout, f"daemons {self.pids} to exit")
+        self.pids = []
+
+    def cleanup(self) -> None:
+        """Unmount; if that fails, kill this node's own daemons and detach the mountpoint. Never raises."""
+        if any(alive(p) for p in self.pids):
+            try:
+                self.umount(timeout=60)
+            except PairError as e:
+                print(f"unmounting {self.mnt} failed ({e}); killing pid(s) {self.pids}", file=sys.stderr)
+                try:
+                    self.kill(timeout=10)
+                except PairError as gone:
+                    print(str(gone), file=sys.stderr)
+        self.pids = [p for p in self.pids if alive(p)]
+        if os.path.ismount(self.mnt) or self._stale():
+            detach(self.mnt)
+
+    def _stale(self) -> bool:
+        try:
+            os.stat(self.mnt)
+        except OSError:
+            return True  # ENOTCONN: a mount whose daemon is gone
+        return False
+
+    def log(self) -> str:
+        """The daemon's log file (kept in the store)."""
+        try:
+            return (self.store / ".colofs-mount.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # -- looking and driving --------------------------------------------------------------------
+
+    def path(self, *parts: str) -> Path:
+        return self.mnt.joinpath(*parts)
+
+    def file(self, vm: str, disk: str = "disk") -> Path:
+        """The mounted file of a disk."""
+        return self.mnt / vm / f"{disk}.raw"
+
+    def status(self, path: str = "") -> dict[str, Any]:
+        """What ``mountctl status --json`` prints for the root (or for ``path`` under the mount)."""
+        target = self.mnt / path if path else self.mnt
+        try:
+            return json.loads(os.getxattr(target, STATUS))
+        except (OSError, ValueError) as e:
+            raise PairError(f"status of {target}: {e}") from None
+
+    def vm_status(self, vm: str) -> dict[str, Any] | None:
+        """A VM's part of the root status, or None while this mount has no such VM."""
+        return self.status().get("vms", {}).get(vm)
+
+    def control(self, vm: str, name: str, value: bytes | str = b"") -> dict[str, Any]:
+        """Set ``user.colofs.NAME`` on the VM directory, as mountctl does; the daemon's outcome."""
+        try:
+            return command(str(self.mnt / vm), name, value)
+        except CtlError as e:
+            raise PairError(f"{name} of {vm} on {self.mnt}: {e}") from None
+
+    def create(self, vm: str, size: int, disk: str = "disk") -> Path:
+        self.mountctl("create", str(self.mnt), f"{vm}/{disk}", "--size", str(size))
+        return self.file(vm, disk)
+
+    def import_(self, vm: str, source: str | os.PathLike[str], disk: str = "disk", timeout: float = 900) -> Path:
+        self.mountctl("import", str(self.mnt), f"{vm}/{disk}", "--from", str(source), timeout=timeout)
+        return self.file(vm, disk)
+
+    def buffered(self, vm: str) -> tuple[int, int]:
+        """(hidden, active) bytes over the VM's disks: what a checkpoint will discard."""
+        disks = (self.vm_status(vm) or {}).get("disks", {}).values()
+        return sum(int(d.get("hidden_bytes", 0)) for d in disks), sum(int(d.get("active_bytes", 0)) for d in disks)
+
+
+class Pair:
+    """A secondary listening on 127.0.0.1 and a primary replicating into it; a context manager that cleans up."""
+
+    node_class: type[Node] = Node
+
+    def __init__(self, work: str | os.PathLike[str], *, port: int | None = None) -> None:
+        self.work = Path(work)
+        self.key = write_key(self.work / "colofs.key")
+        self.port = port or free_port()
+        self.secondary = self.node_class(self.work, "secondary", "secondary")
+        self.primary = self.node_class(self.work, "primary", "primary")
+
+    def mount_secondary(self, *options: str, key: Path | None = None) -> None:
+        self.secondary.mount("--listen", f"{LOOPBACK}:{self.port}", "--key-file", str(key or self.key), *options)
+
+    def mount_primary(self, *options: str, key: Path | None = None, via: int | None = None) -> None:
+        """The primary's ``--peer`` is the secondary, or ``via`` a port in between (a proxy)."""
+        self.primary.mount("--peer", f"{LOOPBACK}:{via or self.port}", "--key-file", str(key or self.key), *options)
+
+    def start(self) -> Pair:
+        self.mount_secondary()
+        self.mount_primary()
+        return self
+
+    def cleanup(self) -> None:
+        """Primary first (it is the one that writes), then the secondary, each whatever the other did."""
+        try:
+            self.primary.cleanup()
+        finally:
+            self.secondary.cleanup()
+
+    def __enter__(self) -> Pair:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
+
+    # -- waiting for the pair -----------------------------------------------------------------
+
+    def wait(self, pred: Callable[[], T], timeout: float, what: str) -> T:
+        """How every wait below waits; a subclass may wait its own way."""
+        return poll(pred, timeout, what)
+
+    def wait_disk(self, vm: str, disk: str = "disk", timeout: float = 60) -> Path:
+        """The disk a primary created shows on the secondary's mount (ATTACH created it there)."""
+        f = self.secondary.file(vm, disk)
+        self.wait(f.exists, timeout, f"{vm}/{disk} on the secondary")
+        return f
+
+    def wait_acked(self, vm: str, timeout: float = 120) -> float:
+        """Until the secondary acknowledged every write the primary applied to ``vm``; the time it was seen."""
+
+        seen: dict[str, Any] = {}
+
+        def acked() -> bool:
+            seen.clear()
+            seen.update(self.primary.vm_status(vm) or {})
+            peer = seen.get("peer") or {}
+            return peer.get("state") == "connected" and peer.get("acked_seq", -1) >= seen.get("last_applied", 0)
+
+        try:
+            self.wait(acked, timeout, f"the secondary to acknowledge every write of {vm}")
+        except PairError as e:
+            raise PairError(f"{e} (primary at seq {seen.get('last_applied')}, peer {seen.get('peer')})") from None
+        return time.monotonic()
+
+    def wait_applied(self, vm: str, timeout: float = 120) -> float:
+        """Until the secondary applied the primary's last write to ``vm`` (as of now); the time it was seen."""
+        target = int((self.primary.vm_status(vm) or {}).get("last_applied", 0))
+        self.wait(lambda: int((self.secondary.vm_status(vm) or {}).get("last_applied", -1)) >= target, timeout,
+                  f"the secondary to apply seq {target} of {vm}")
+        return time.monotonic()
+
+    def checkpoint(self, vm: str) -> dict[str, Any]:
+        """A checkpoint driven by the primary, as COLO does; the daemon's outcome (seq, latency, ...)."""
+        return self.primary.control(vm, "checkpoint")
