@@ -500,7 +500,7 @@ class SecondaryServer:
         started = trio.current_time()
         stream = await wrap_transport(tcp, server_side=True)
         fs = FrameStream(stream, max_wire_len=cfg.max_wire_len, max_raw_len=cfg.max_raw_len)
-        sender = FrameSender(stream, max_wire_len=cfg.max_wire_len, max_raw_len=cfg.max_raw_len)
+        sender = FrameSender(fs)
         try:
             with ticket.scope:  # cancelled when an address holding fewer needs the slot
                 hello = await handshake(fs, self.key, self.node_id, Role.SECONDARY, initiator=False,
