@@ -12,13 +12,14 @@ import json
 import mmap
 import os
 import random
+import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.fs.conftest import random_image
-from tests.fs.mounts import mountctl
+from tests.fs.mounts import TIMEOUT, mountctl
+from tests.waiting import wait_until_sync
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,29 +153,40 @@ def test_failover_keeps_svm_writes(sec, tmp_path):
 
 
 def test_checkpoints_under_concurrent_io_finish(sec, tmp_path):
-    """Checkpoints while fio writes buffered, mmap and O_DIRECT: none hangs, the end state is exact."""
+    """Checkpoints while fio writes buffered, mmap and O_DIRECT: none hangs, the end state is exact.
+
+    fio runs until the test stops it; the test makes ``CHECKPOINTS`` checkpoints, each after the
+    SVM has written since the one before (the active layer is not empty), and fio still running
+    after each, however fast or slow this host is.
+    """
+    checkpoints = 5
     primary, f = _import(sec, tmp_path)
     jobs = []
     for engine, direct in (("psync", 0), ("mmap", 0), ("libaio", 1)):
+        # runtime only bounds a run whose stop never came; the test stops fio itself
         jobs += [f"--name={engine}{direct}", f"--ioengine={engine}", f"--direct={direct}",
                  "--rw=randrw", "--bsrange=512-256k", "--iodepth=8", "--size=16M", "--time_based",
-                 "--runtime=4", f"--filename={f}", "--fallocate=none", "--allow_file_create=0"]
-    fio = subprocess.Popen(["fio", "--output-format=terse", *jobs], stdout=subprocess.DEVNULL,
+                 "--runtime=600", f"--filename={f}", "--fallocate=none", "--allow_file_create=0"]
+    fio = subprocess.Popen(["fio", "--output-format=terse", *jobs], stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
+
+    def svm_wrote() -> int:
+        assert fio.poll() is None, f"fio ended early: {fio.stderr.read() if fio.stderr else ''}"
+        return sec.status("vm1/d0")["active_bytes"]
+
     try:
-        time.sleep(0.5)
-        took = []
-        while fio.poll() is None:
-            t0 = time.monotonic()
-            mountctl("checkpoint", sec.path("vm1"), timeout=60)
-            took.append(time.monotonic() - t0)
-            time.sleep(0.2)
-        assert fio.wait(timeout=60) == 0, fio.stderr.read() if fio.stderr else ""
+        for n in range(checkpoints):
+            wait_until_sync(svm_wrote, what=f"SVM writes from fio before checkpoint {n + 1}")
+            mountctl("checkpoint", sec.path("vm1"), timeout=TIMEOUT)
+        assert fio.poll() is None, "fio ended while the checkpoints ran"
+        fio.send_signal(signal.SIGINT)  # fio stops its jobs and reports them
+        out, err = fio.communicate(timeout=TIMEOUT)
     finally:
         if fio.poll() is None:
             fio.kill()
-            fio.wait(timeout=30)
-    assert len(took) >= 3
+            fio.wait(timeout=TIMEOUT)
+    results = [line.split(";") for line in out.splitlines() if line.startswith("3;")]
+    assert [(r[2], r[4]) for r in results] == [("psync0", "0"), ("mmap0", "0"), ("libaio1", "0")], out + err
     mountctl("checkpoint", sec.path("vm1"))
     with open(f, "rb") as r:
         assert r.read() == primary
