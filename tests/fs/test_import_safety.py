@@ -143,6 +143,11 @@ def test_a_size_the_store_cannot_hold_is_refused_before_anything_is_made(sec: Mo
     beyond_off_t = json.dumps({"vm": "u4", "disk": "big", "size": 1 << 64}).encode()
     assert errno_of(os.setxattr, sec.mnt, P + "create", beyond_off_t) == errno.EFBIG
     assert store_entries(sec) == {"u3"}
+    # A pending file given that size by truncate stays pending.
+    pending = sec.path("u3", "new.raw")
+    pending.touch()
+    assert errno_of(os.truncate, pending, 1 << 62) == errno.EINVAL
+    assert sorted(os.listdir(sec.store / "u3")) == ["state"]
     mountctl("create", sec.mnt, "u3/small", "--size", "1M")  # the VM is still fine
 
 
