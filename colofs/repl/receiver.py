@@ -191,6 +191,7 @@ class _Session:
         elif isinstance(err, ProtocolError):
             log.warning("%s: bad frame (%s): %s; connection closed, nothing of it applied",
                         label, type(err).__name__, err)
+            self.server.bad_frames[self.vm.name] = f"{type(err).__name__} from {self.peer}: {err}"
             await self._refuse(ErrorCode.PROTOCOL_ERROR, str(err))
         elif isinstance(err, ColofsError):
             log.error("%s: applying failed: %s; connection closed", label, err)
@@ -447,6 +448,8 @@ class SecondaryServer:
         """Lines any stranger can cause (refusals before the key is proven): one per kind a second."""
         self.stats = {"connections": 0, "refused": 0, "sessions": 0}
         self.last_errors: dict[str, str] = {}
+        self.bad_frames: dict[str, str] = {}
+        """Per VM, the last frame refused as malformed or unauthenticated, and why (kept across sessions)."""
         self.last_refusal: str | None = None
         """Why the last connection was turned away before it named a VM (a wrong key, say)."""
 
@@ -610,6 +613,8 @@ class SecondaryServer:
                 out.update(s.status())
             if name in self.last_errors:
                 out["last_error"] = self.last_errors[name]
+            if name in self.bad_frames:
+                out["last_bad_frame"] = self.bad_frames[name]
             return out
 
         if vm_name is not None:
