@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import secrets
+import struct
 
 import pytest
 import trio
+import xxhash
 
 from colofs.core import PrimaryWrite
 from colofs.core.state import SECONDARY
@@ -14,7 +16,7 @@ from colofs.repl import PrimaryReplicator, ReplConfigError, serve_secondary
 from colofs.repl.config import require_key_or_loopback
 from colofs.wire import FrameStream
 from colofs.wire.auth import PROTO_VERSION
-from colofs.wire.messages import Attach, DiskInfo, Error, Hello, Role
+from colofs.wire.messages import Attach, DiskInfo, Error, Hello, MessageType, Role
 from tests.repl.conftest import wait_until
 
 SIZE = 256 << 10
@@ -163,3 +165,17 @@ async def test_stale_epoch_refused_and_newer_epoch_adopted(pair, caplog) -> None
     assert stale.state.epoch == 2
     await pair.assert_identical("vm2")
     assert pair.repl.status("vm2")["resync"]["full"]
+
+
+@pytest.mark.parametrize("keyed", [True, False], ids=["keyed", "keyless"])
+async def test_big_frame_before_authentication_refused_from_its_header(pair, keyed: bool) -> None:
+    """A stranger announcing a 32 MiB HELLO is closed on from the 24-byte header: nothing buffered."""
+    await pair.open_stores()
+    await pair.start_secondary(key="same" if keyed else None)
+    stream = await trio.open_tcp_stream("127.0.0.1", pair.port)
+    prefix = struct.pack("<4sBBHII", b"COLF", 1, MessageType.HELLO, 0, 32 << 20, 32 << 20)
+    await stream.send_all(prefix + struct.pack("<Q", xxhash.xxh3_64_intdigest(prefix)))
+    err = await _closed_with_error(FrameStream(stream))  # the payload is never sent
+    await stream.aclose()
+    assert err is not None and "exceeds the limit of 4096" in err.message
+    assert "handshake frames are limited to 4096 bytes" in (pair.server.last_refusal or "")
