@@ -16,7 +16,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from tests.fs.mounts import XATTR as P
 from tests.fs.mounts import Mount, mountctl, run
 from tests.fs.slot_writer import SLOT, slot_data
 from tests.fs.test_crash import WRITER
+from tests.waiting import wait_until_sync
 
 MiB = 1 << 20
 SIZE = 32 * MiB
@@ -102,14 +102,6 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def _wait_for(cond, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
-
-
 # -- primary: the disk now -------------------------------------------------------------------
 
 
@@ -132,10 +124,17 @@ def test_primary_snapshot_under_a_concurrent_writer_is_exact(pri, tmp_path):
     fd = os.open(f, os.O_RDWR)
     mm = mmap.mmap(fd, SIZE)
     first, nslots, seed = 8 * MiB // SLOT, 16 * MiB // SLOT, 7
-    log, go, stop = tmp_path / "writer.log", tmp_path / "go", tmp_path / "stop"
+    before, during = 10, 48  # slots granted before the request, and while it runs
+    log, stop = tmp_path / "writer.log", tmp_path / "stop"
     writer = subprocess.Popen(
         [sys.executable, "-m", "tests.fs.slot_writer", str(f), str(log), str(seed), str(first), str(nslots),
-         str(go), str(stop)], cwd=ROOT)
+         str(stop)], cwd=ROOT, stdin=subprocess.PIPE)
+    assert writer.stdin is not None
+
+    def grant(what: bytes) -> None:
+        writer.stdin.write(what)
+        writer.stdin.flush()
+
     snap = pri.path("vm1", "d0@s1.raw")
     backup = tmp_path / "backup.qcow2"
     try:
@@ -147,22 +146,25 @@ def test_primary_snapshot_under_a_concurrent_writer_is_exact(pri, tmp_path):
         piece = rnd.randbytes(5000)
         mm[3 * MiB + 100 : 3 * MiB + 5100] = piece
         expected[3 * MiB + 100 : 3 * MiB + 5100] = piece
-        _wait_for(lambda: len(_log_slots(log, "D")) >= 10, 30, "the writer's first slots")
+        grant(b"+" * before)
+        wait_until_sync(lambda: len(_log_slots(log, "D")) >= before, what="the writer's first slots")
         done_before = _log_slots(log, "D")
+        grant(b"+" * during)  # these run while the snapshot is requested, however long it takes
         os.setxattr(f, P + "snapshot", b"s1")  # from this process: its dirty pages stay dirty until then
         started_by_return = _log_slots(log, "S")
-        go.touch()
+        grant(b"+" * (nslots - before - during) + b"g")
         # The disk moves on: R1 again, and the writer everywhere.
         os.pwrite(fd, rnd.randbytes(MiB), 0)
         mm[3 * MiB : 4 * MiB] = rnd.randbytes(MiB)
         run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", snap, backup, timeout=120)
         stop.touch()
+        writer.stdin.close()
         assert writer.wait(timeout=60) == 0
     finally:
         _stop(writer)
         mm.close()
         os.close(fd)
-    assert len(started_by_return) < nslots, "the writer was done before the snapshot: nothing was concurrent"
+    assert done_before and len(started_by_return) <= before + during < nslots
     got = read_direct(snap)
     ambiguous = 0
     for slot in range(first, first + nslots):
@@ -177,7 +179,7 @@ def test_primary_snapshot_under_a_concurrent_writer_is_exact(pri, tmp_path):
             assert seen in (old, new), f"slot {slot} is torn in the snapshot"
             expected[lo:hi] = seen
             ambiguous += 1
-    assert ambiguous < nslots // 2, f"{ambiguous} slots undecided: the request took too long to tell"
+    assert ambiguous <= during  # at most the slots granted while the request ran
     exp = write_image(tmp_path / "expected.raw", expected)
     same_image(exp, snap)
     same_image(exp, backup, "qcow2")
@@ -202,11 +204,15 @@ def test_vm_snapshot_takes_all_disks_at_one_instant(pri, tmp_path):
     )
     writer = subprocess.Popen([sys.executable, "-c", code, str(d0), str(d1), str(stop)])
     try:
-        _wait_for(lambda: int.from_bytes(read_direct(d1)[:8], "little") > 20, 30, "the lockstep writer")
+        def counter() -> int:
+            return int.from_bytes(read_direct(d1)[:8], "little")
+
+        wait_until_sync(lambda: counter() > 20, what="the lockstep writer")
         for name in ("a", "b", "c", "d"):
             out = mountctl("snapshot", "--vm", pri.path("vm1"), name).stdout
             assert "at one instant" in out and f"d0@{name}.raw, d1@{name}.raw" in out
-            time.sleep(0.05)
+            now = counter()  # the writer moves on before the next snapshot
+            wait_until_sync(lambda now=now: counter() > now, what=f"the writer past {now}")
         stop.touch()
         assert writer.wait(timeout=30) == 0
     finally:
@@ -442,9 +448,12 @@ def test_kill9_during_copy_before_write_keeps_the_snapshot_exact(pri, tmp_path):
     mountctl("snapshot", pri.path("vm1", "d0"), "s1")
     log_path = tmp_path / "acked.log"
     nslots = 16 * MiB // 65536
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(f), str(log_path), "19", str(nslots)])
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(f), str(log_path), "19", str(nslots)],
+                              stdout=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: log_path.exists() and len(log_path.read_text().splitlines()) >= 20, 30, "acked writes")
+        assert writer.stdout is not None
+        for _ in range(20):  # the kill follows the 20th acknowledged write at once, without a poll
+            assert writer.stdout.readline().strip() == "acked", "the writer stopped"
         pri.kill9()
     finally:
         _stop(writer)
