@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc make python3-venv python3-dev qemu-utils qemu-system-common libnbd-bin fio attr
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config gcc make python3-venv python3-dev qemu-utils qemu-system-common qemu-system-x86 libnbd-bin fio attr
 STAMP := $(VENV)/.installed
 
 BENCH_APT := fuse3 qemu-utils qemu-system-common fio libnbd-bin
