@@ -3,7 +3,8 @@
 Every change to a disk's base goes through :meth:`CopyBeforeWrite.write`.
 Before a block of base changes for the first time, its old content is saved
 into every attached *target* (a write-once :class:`BlockLog`) that does not
-hold it yet, and the targets are made durable before base is touched. The
+hold it yet, and the targets are made durable -- synced, then their commit
+records written (``blocklog.make_durable``) -- before base is touched. The
 hidden buffer of a secondary is one target (emptied at each checkpoint); a
 snapshot is another (kept until deleted). A target's image is therefore
 ``target[b] if b in target else base[b]`` at any time.
@@ -16,13 +17,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
-from colofs.core.blocklog import BlockLog
-from colofs.core.errors import DiskIOError
-from colofs.core.fileio import Buffer, datasync_all, read_into, start_writeback, write_all
+from colofs.core.blocklog import BlockLog, make_durable
+from colofs.core.errors import BlockDamaged, DiskIOError
+from colofs.core.fileio import Buffer, read_into, start_writeback, write_all
 
 WRITEBACK_EVERY = 8 << 20
 """Bytes written to base after which the kernel is asked to start writing them back."""
@@ -90,10 +91,14 @@ class CopyBeforeWrite:
         self.label = label
         self.targets: list[BlockLog] = []
         self._unstarted = 0  # bytes stored since writeback was last started
+        self.on_damage: Callable[[BlockDamaged], None] | None = None
+        """Given to every target attached: called when a read finds one of its blocks damaged."""
 
     def attach(self, target: BlockLog) -> None:
         if target not in self.targets:
             self.targets.append(target)
+        if self.on_damage is not None:
+            target.on_damage = self.on_damage
 
     def detach(self, target: BlockLog) -> None:
         if target in self.targets:
@@ -157,7 +162,7 @@ class CopyBeforeWrite:
         return grown
 
     def store(self, extents: Sequence[tuple[int, Buffer]]) -> None:
-        """Overwrite base; only after :meth:`save` and a sync of the targets it returned.
+        """Overwrite base; only after :meth:`save` and ``make_durable`` of the targets it returned.
 
         Every ``WRITEBACK_EVERY`` bytes the kernel is asked to start writing
         base back, so the device works while writes stream in rather than all
@@ -189,8 +194,7 @@ class CopyBeforeWrite:
         """
         if self.targets:
             grown = await self.save(self.blocks_of(extents))
-            if grown:
-                await datasync_all([t.fd for t in grown])
+            await make_durable(grown)
         if store_in_thread:
             await trio.to_thread.run_sync(self.store, extents)
         else:

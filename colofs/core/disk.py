@@ -18,7 +18,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from colofs.core.blocklog import BlockLog
+from colofs.core.blocklog import BlockLog, make_durable
 from colofs.core.cbw import CopyBeforeWrite, block_runs
 from colofs.core.errors import BadRange
 from colofs.core.fileio import Buffer, datasync_all
@@ -61,6 +61,9 @@ class Disk:
         self.label = f"{vm.name}/{name}"
         self.lock = RangeLock()
         self.cbw = CopyBeforeWrite(base_fd, block_size, self.label)
+        # A layer block failing its digest quarantines the whole VM (see colofs.core.damage).
+        self.cbw.on_damage = vm.note_damage
+        hidden.on_damage = vm.note_damage
         self.commit_chunk = COMMIT_CHUNK
         self._layers = (active, hidden)
         self.snapshots: dict[str, Snapshot] = {}
@@ -88,6 +91,8 @@ class Disk:
 
     async def read(self, offset: int, length: int) -> bytearray:
         """The VM's view of ``length`` bytes at ``offset``, in one new buffer."""
+        if self.vm.damage is not None:
+            self.vm.check_usable()
         self.check_range(offset, length)
         out = bytearray(length)
         if length:
@@ -114,6 +119,8 @@ class Disk:
         switches roles under every disk's full-range lock, so a write that
         waited through the switch takes the new path.
         """
+        if self.vm.damage is not None:
+            self.vm.check_usable()
         self.check_range(offset, len(data))
         if not len(data):
             return
@@ -168,14 +175,15 @@ class Disk:
 
     async def flush(self) -> None:
         """Make every write so far durable (the VM's fsync/flush)."""
+        self.vm.check_usable()
         if self.vm.state.role == PRIMARY:
             await datasync_all([self.base_fd])
         elif self.vm.state.phase == FAILOVER:
             # Base first: a tombstone must never be durable before the base write it stands for.
             await datasync_all([self.base_fd])
-            await datasync_all([self.active.fd, self.hidden.fd])
+            await make_durable([self.active, self.hidden])
         else:
-            await datasync_all([self.active.fd])
+            await make_durable([self.active])
 
     # -- failover ---------------------------------------------------------------
 

@@ -33,11 +33,21 @@ class MapMissing(StoreError):
 
 
 class MapCorrupt(StoreError):
-    """A block-map log has damage that is not a torn tail from a crash."""
+    """A block-map log has damage that is not a torn tail from a crash.
+
+    ``path`` and ``offset`` say where (``offset`` is None when the damage
+    has no single place, e.g. a wrong length); ``reason`` is the bare cause.
+    """
+
+    def __init__(self, message: str, path: str = "", offset: int | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+        self.reason = reason or message
 
 
 class MapTruncated(MapCorrupt):
-    """A block-map log is shorter than the state recorded at the last clean close."""
+    """A block-map log is shorter than the state recorded at the last clean close (or than acknowledged)."""
 
 
 class NotFound(ColofsError):
@@ -78,3 +88,23 @@ class DiskIOError(ColofsError):
     def __init__(self, message: str, errno: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class BlockDamaged(DiskIOError):
+    """A layer block read back does not match the digest recorded when it was written.
+
+    Served as EIO (never the wrong bytes); the VM it belongs to is quarantined.
+    """
+
+    def __init__(self, message: str, path: str, offset: int, reason: str) -> None:
+        super().__init__(message, 5)  # EIO
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+
+
+class VMDamaged(DiskIOError):
+    """The VM is quarantined: its store holds damage, so nothing of it is served until it is repaired."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 5)  # EIO

@@ -26,10 +26,36 @@ async def _read_file(fd: int, mv: memoryview, file_off: int, label: str, what: s
                           e.errno) from e
 
 
+async def _read_checked(layer: BlockLog, mv: memoryview, block: int, file_off: int, lo: int, shift: int,
+                        label: str) -> None:
+    """Fill ``mv`` with bytes from ``lo`` of the run of whole blocks at ``block`` (file offset ``file_off``).
+
+    Write-once layers keep a digest per block, so the whole blocks are read
+    and checked before any byte is handed out (a partial block goes through
+    a buffer of its own).
+    """
+    bs = 1 << shift
+    start = block << shift
+    count = (lo - start + len(mv) + bs - 1) >> shift
+    if lo == start and len(mv) == count << shift:
+        await _read_file(layer.fd, mv, file_off, label)
+        layer.verify(block, mv)
+        return
+    whole = memoryview(bytearray(count << shift))
+    await _read_file(layer.fd, whole, file_off, label)
+    layer.verify(block, whole)
+    mv[:] = whole[lo - start : lo - start + len(mv)]
+
+
 async def read_layers(
     layers: Sequence[BlockLog], base_fd: int, shift: int, offset: int, mv: memoryview, label: str
 ) -> None:
-    """Fill ``mv`` with the image from ``offset``; the caller holds the range lock."""
+    """Fill ``mv`` with the image from ``offset``; the caller holds the range lock.
+
+    Blocks served from a write-once layer (hidden, a snapshot's target) are
+    checked against their digests: a mismatch raises ``BlockDamaged`` (EIO),
+    never the wrong bytes.
+    """
     for layer in layers:
         if layer.map:
             break
@@ -41,35 +67,45 @@ async def read_layers(
     first = offset >> shift
     last = (end - 1) >> shift
     span = range(first, last + 1)
-    maps = [(layer.map, layer.fd) for layer in layers if layer.map and not layer.map.keys().isdisjoint(span)]
+    maps = [layer for layer in layers if layer.map and not layer.map.keys().isdisjoint(span)]
     if not maps:  # nothing of this range is in any layer (checked in C, not per block)
         await _read_file(base_fd, mv, offset, label, " base")
         return
     if len(maps) == 1:
-        m, fd = maps[0]
+        one = maps[0]
+        m = one.map
         start = m.get(first)
         if (
             start is not None
             and m.get(last) == start + ((last - first) << shift)
             and list(map(m.get, span)) == list(range(start, start + (len(span) << shift), 1 << shift))
         ):  # the whole range sits contiguously in one layer (compared in C, not per block in Python)
-            await _read_file(fd, mv, start + offset - (first << shift), label)
+            if one.sums:
+                await _read_checked(one, mv, first, start, offset, shift, label)
+            else:
+                await _read_file(one.fd, mv, start + offset - (first << shift), label)
             return
+    run_layer: BlockLog | None = None
     run_fd = -1
     run_block = run_off = run_next = 0
 
     async def flush(stop: int) -> None:
         lo = max(offset, run_block << shift)
         hi = min(end, stop << shift)
-        await _read_file(run_fd, mv[lo - offset : hi - offset], run_off + lo - (run_block << shift), label)
+        if run_layer is not None and run_layer.sums:
+            await _read_checked(run_layer, mv[lo - offset : hi - offset], run_block, run_off, lo, shift, label)
+        else:
+            await _read_file(run_fd, mv[lo - offset : hi - offset], run_off + lo - (run_block << shift), label)
 
     for b in range(first, last + 1):
         o = None
         fd = base_fd
-        for m, layer_fd in maps:
-            o = m.get(b)
+        src = None
+        for layer in maps:
+            o = layer.map.get(b)
             if o is not None:
-                fd = layer_fd
+                fd = layer.fd
+                src = layer
                 break
         if o is None:
             o = b << shift
@@ -78,7 +114,7 @@ async def read_layers(
             continue
         if run_fd >= 0:
             await flush(b)
-        run_fd, run_block, run_off, run_next = fd, b, o, o + bs
+        run_layer, run_fd, run_block, run_off, run_next = src, fd, b, o, o + bs
     await flush(last + 1)
 
 

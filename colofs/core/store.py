@@ -5,6 +5,13 @@
     STORE/VM/DISK/base.raw    base: sparse raw image of the disk's size
     STORE/VM/DISK/hidden.log  hidden layer (copy-before-write undo of base)
     STORE/VM/DISK/active.log  active layer (the secondary VM's own writes)
+    STORE/VM/damaged.json     present while the VM is quarantined (colofs.core.damage)
+    STORE/.damaged-VM-TIME/   a damaged VM's directory, moved aside by a repair
+
+A VM that cannot be opened because its files are damaged (or its state file
+is missing or unreadable) does not stop the store: it is *quarantined*, kept
+in :attr:`Store.vms` with no disks and its damage in ``status``, and every
+other VM opens and serves.
 """
 
 from __future__ import annotations
@@ -15,11 +22,28 @@ import uuid
 
 import trio
 
+from colofs.core.damage import Damage, damage_of, load_marker, move_aside, save_marker
 from colofs.core.disk import Disk
-from colofs.core.errors import AlreadyExists, BadArgument, NotFound, StoreError
+from colofs.core.errors import (
+    AlreadyExists,
+    BadArgument,
+    DiskIOError,
+    NotFound,
+    RoleError,
+    StateMissing,
+    StoreError,
+    StoreVersionError,
+)
 from colofs.core.fileio import fsync_dir
 from colofs.core.names import check_name
-from colofs.core.state import ROLES, read_store_marker, write_store_marker
+from colofs.core.state import (
+    ROLES,
+    SECONDARY,
+    VMState,
+    load_vm_state,
+    read_store_marker,
+    write_store_marker,
+)
 from colofs.core.vm import STATE_FILE, VM
 
 log = logging.getLogger(__name__)
@@ -62,14 +86,47 @@ class Store:
                 vm_path = os.path.join(path, entry)
                 if entry.startswith(".") or not os.path.isdir(vm_path):
                     continue
-                if not os.path.exists(os.path.join(vm_path, STATE_FILE)):
-                    log.warning("store %s: ignoring %s, which has no VM state", path, entry)
-                    continue
-                store.vms[entry] = await VM.open(vm_path)
+                vm = await _open_vm(vm_path, entry)
+                if vm is not None:
+                    store.vms[entry] = vm
         except BaseException:
             store.abandon()
             raise
         return store
+
+    @property
+    def damaged(self) -> dict[str, Damage]:
+        """The quarantined VMs and what is wrong with each."""
+        return {n: vm.damage for n, vm in sorted(self.vms.items()) if vm.damage is not None}
+
+    async def repair_vm(self, name: str) -> str:
+        """Move a quarantined VM's directory aside and start it afresh as an empty secondary.
+
+        Returns where the damaged files went. The caller (the replication
+        side) must make sure no primary writes into the VM meanwhile, and
+        mark the new VM as owing a full sync, so that its primary rebuilds
+        it with a full, digest-compared resync (disks are re-created by the
+        primary's attach). The epoch never goes backwards: the new VM keeps
+        the old one's if it was known.
+        """
+        vm = self.vm(name)
+        if vm.damage is None:
+            raise RoleError(f"VM {name} is not damaged; nothing to repair")
+        if vm.state.role not in (SECONDARY, "unknown"):
+            raise RoleError(
+                f"VM {name} is a {vm.state.role} here: only a secondary's copy is rebuilt from its primary; "
+                f"restore this one from a backup or make the other node primary"
+            )
+        epoch = vm.state.epoch
+        if not vm.closed:
+            vm.abandon()
+        del self.vms[name]
+        aside = await trio.to_thread.run_sync(move_aside, self.path, name)
+        log.warning("VM %s: damaged files moved aside to %s", name, aside)
+        new = await self.create_vm(name, SECONDARY)
+        if epoch > new.state.epoch:
+            await new.adopt_epoch(epoch)
+        return aside
 
     def vm(self, name: str) -> VM:
         try:
@@ -113,3 +170,45 @@ class Store:
         for vm in self.vms.values():
             if not vm.closed:
                 vm.abandon()
+
+
+UNKNOWN_ROLE = "unknown"
+
+
+async def _open_vm(vm_path: str, name: str) -> VM | None:
+    """Open one VM, or quarantine it: damage in one VM never keeps the others from opening."""
+    recorded = load_marker(vm_path)
+    if recorded is not None:
+        log.error("VM %s: quarantined since an earlier run: %s", name, recorded.describe())
+        return _quarantined(vm_path, name, recorded)
+    state_path = os.path.join(vm_path, STATE_FILE)
+    if not os.path.exists(state_path) and not [e for e in os.listdir(vm_path) if not e.startswith(STATE_FILE)]:
+        # A creation a crash interrupted before its state file was in place: nothing to serve or lose.
+        log.warning("store %s: ignoring %s, an empty VM directory (an interrupted creation)",
+                    os.path.dirname(vm_path), name)
+        return None
+    try:
+        return await VM.open(vm_path)
+    except (StoreError, DiskIOError, OSError) as e:
+        damage = damage_of(e, vm_path)
+        if isinstance(e, StateMissing):
+            damage = Damage(state_path, None, "the VM's state file is missing", damage.found)
+        log.error("VM %s: cannot be opened, quarantined: %s", name, damage.describe())
+        if not isinstance(e, StoreVersionError):  # a newer colofs's files are left exactly as they are
+            try:
+                await trio.to_thread.run_sync(save_marker, vm_path, damage)
+            except OSError as err:
+                log.error("VM %s: cannot record the damage: %s", name, err)
+        return _quarantined(vm_path, name, damage)
+
+
+def _quarantined(vm_path: str, name: str, damage: Damage) -> VM:
+    """A stand-in for a VM that cannot be opened: no disks, its damage in status, refusing everything."""
+    try:
+        state = load_vm_state(os.path.join(vm_path, STATE_FILE), f"VM {name}")
+    except (StoreError, OSError):
+        state = VMState(vm=name, role=UNKNOWN_ROLE, epoch=0)
+    vm = VM(vm_path, state)
+    vm.damage = damage
+    vm.closed = True
+    return vm

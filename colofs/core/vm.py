@@ -27,7 +27,8 @@ from dataclasses import dataclass, replace
 
 import trio
 
-from colofs.core.blocklog import BlockLog
+from colofs.core.blocklog import BlockLog, make_durable
+from colofs.core.damage import PHASE_DAMAGED, Damage, damage_of, save_marker
 from colofs.core.disk import Disk, extents_blocks
 from colofs.core.disksize import check_disk_size
 from colofs.core.errors import (
@@ -40,6 +41,7 @@ from colofs.core.errors import (
     RoleError,
     SequenceError,
     StoreError,
+    VMDamaged,
 )
 from colofs.core.fileio import (
     Buffer,
@@ -113,6 +115,8 @@ class VM:
         self.recovery = Recovery("none", 0, state.last_checkpoint)
         self.closed = False
         self.reaper = FdReaper(self.name)
+        self.damage: Damage | None = None
+        """Set when the VM is quarantined (see ``colofs.core.damage``): nothing of it is served."""
 
     # -- creation and opening ----------------------------------------------------
 
@@ -297,6 +301,7 @@ class VM:
             for j, b in enumerate(chunk):
                 view = mv[j * bs : (j + 1) * bs]
                 await read_into(disk.hidden.fd, view, hmap[b])
+                disk.hidden.verify(b, view)
                 start = b * bs
                 extents.append((start, view[: min(bs, disk.size - start)]))
             await disk.cbw.write(extents)
@@ -398,7 +403,32 @@ class VM:
 
     # -- the secondary's operations ---------------------------------------------------
 
+    def check_usable(self) -> None:
+        """Refuse everything while the VM is quarantined."""
+        if self.damage is not None:
+            raise VMDamaged(
+                f"VM {self.name} is quarantined: {self.damage.describe()}; "
+                f"repair it from its primary (mountctl repair MNT/{self.name})"
+            )
+
+    def note_damage(self, err: BaseException) -> None:
+        """Quarantine the VM after ``err`` found damage while it was serving (a block failing its digest).
+
+        Recorded durably at once (a rare, small write), so a restart keeps
+        the VM quarantined; the damaged files stay as they are.
+        """
+        if self.damage is not None:
+            return
+        self.damage = damage_of(err, self.path)
+        log.error("VM %s: damaged, quarantined: %s; nothing of it is served until it is repaired "
+                  "(mountctl repair MNT/%s on the secondary)", self.name, self.damage.describe(), self.name)
+        try:
+            save_marker(self.path, self.damage)
+        except OSError as e:
+            log.error("VM %s: cannot record the damage in %s: %s", self.name, self.path, e)
+
     def _check_batch(self, seq: int, writes: Sequence[PrimaryWrite]) -> None:
+        self.check_usable()
         st = self.state
         if st.role != SECONDARY or st.phase != NORMAL:
             raise RoleError(f"VM {self.name}: primary writes refused, the VM is {st.role} ({st.phase})")
@@ -464,6 +494,7 @@ class VM:
                 log.warning("VM %s: adopted the primary's epoch %d", self.name, epoch)
 
     def _check_writes(self, writes: Sequence[PrimaryWrite], what: str) -> None:
+        self.check_usable()
         st = self.state
         if st.role != SECONDARY or st.phase != NORMAL:
             raise RoleError(f"VM {self.name}: {what} refused, the VM is {st.role} ({st.phase})")
@@ -487,8 +518,7 @@ class VM:
             grown: list[BlockLog] = []
             for disk, ext in disks:
                 grown += await disk.cbw.save(disk.cbw.blocks_of(ext))
-            if grown:
-                await datasync_all([t.fd for t in grown])
+            await make_durable(grown)  # synced and committed before base changes: see blocklog
             for disk, ext in disks:
                 disk.cbw.store(ext)
                 disk.cbw.start_writeback()
@@ -503,6 +533,7 @@ class VM:
         is held off while it happens, so no SVM write straddles it.
         """
         async with self._apply_lock:
+            self.check_usable()
             st = self.state
             if st.phase != NORMAL:
                 raise RoleError(f"VM {self.name}: no checkpoint during a failover")
@@ -543,6 +574,7 @@ class VM:
         """
         async with self._failover_lock:
             async with self._apply_lock:
+                self.check_usable()
                 st = self.state
                 if st.role != SECONDARY:
                     raise RoleError(f"VM {self.name}: failover of a {st.role}")
@@ -714,7 +746,7 @@ class VM:
                         made[-1] = (d, target, overlay)
                     if secondary:
                         await _copy_blocks(d.hidden, target)
-                await datasync_all([log.fd for _, t, o in made for log in (t, o) if log is not None])
+                await make_durable([log for _, t, o in made for log in (t, o) if log is not None])
                 for d in targets:
                     fsync_dir(d.path)
                 now = time.time()
@@ -786,10 +818,12 @@ class VM:
 
     def status(self) -> dict[str, object]:
         st = self.state
+        damaged = self.damage is not None
         return {
             "vm": self.name,
             "role": st.role,
-            "phase": st.phase,
+            "phase": PHASE_DAMAGED if damaged else st.phase,
+            **({"damage": self.damage.as_dict()} if self.damage is not None else {}),
             "epoch": st.epoch,
             "last_applied": st.last_applied,
             "last_checkpoint": st.last_checkpoint,
@@ -819,6 +853,10 @@ class VM:
     async def close(self) -> None:
         """Make everything durable and mark the state clean, so the next open keeps the layers."""
         if self.closed:
+            return
+        if self.damage is not None:  # never call a damaged store clean: it stays quarantined
+            self._close_files()
+            await self.reaper.stop()
             return
         async with self._failover_lock, self._apply_lock:
             fds: list[int] = []
@@ -868,4 +906,5 @@ async def _copy_blocks(src: BlockLog, dst: BlockLog) -> None:
         mv = memoryview(buf)
         for j, b in enumerate(chunk):
             await read_into(src.fd, mv[j * bs : (j + 1) * bs], src.map[b])
+            src.verify(b, mv[j * bs : (j + 1) * bs])
         dst.append(chunk, [mv])

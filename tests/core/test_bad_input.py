@@ -134,7 +134,7 @@ async def test_bad_creation_arguments(open_store) -> None:
         store.vm("other")
 
 
-# -- damaged stores: each raises its own error and writes nothing ----------------------
+# -- damaged stores: each raises its own error; the VM is quarantined, nothing rewritten --
 
 
 async def closed_store(open_store) -> str:
@@ -146,24 +146,40 @@ async def closed_store(open_store) -> str:
     return store.path
 
 
-async def reopen_fails(path: str, exc: type[Exception], match: str) -> None:
+async def store_open_fails(path: str, exc: type[Exception], match: str) -> None:
     before = snapshot_tree(path)
     with pytest.raises(exc, match=match):
         await Store.open(path, role="secondary")
     assert snapshot_tree(path) == before
 
 
+async def reopen_fails(path: str, exc: type[Exception], match: str) -> None:
+    """Opening the VM raises ``exc``; opening the store quarantines that VM and rewrites none of its files."""
+    from colofs.core.vm import VM
+
+    before = snapshot_tree(path)
+    with pytest.raises(exc, match=match):
+        await VM.open(os.path.join(path, "vm"))
+    assert snapshot_tree(path) == before
+    store = await Store.open(path, role="secondary")
+    try:
+        vm = store.vm("vm")
+        assert vm.damage is not None and vm.status()["phase"] == "damaged"
+        assert vm.disks == {}
+    finally:
+        store.abandon()
+    after = snapshot_tree(path)
+    marker = os.path.join("vm", "damaged.json")
+    if exc is not StoreVersionError:
+        assert {k for k in after if marker in k}, "the damage is recorded"
+    assert {k: v for k, v in after.items() if marker not in k} == before
+
+
 async def test_missing_state(open_store) -> None:
     path = await closed_store(open_store)
     os.unlink(os.path.join(path, "vm", "state"))
-    # Without its state file the directory is not a VM; opening the store ignores it.
-    store = await Store.open(path, role="secondary")
-    assert "vm" not in store.vms
-    store.abandon()
-    from colofs.core.vm import VM
-
-    with pytest.raises(StateMissing, match="VM vm: state file .* is missing"):
-        await VM.open(os.path.join(path, "vm"))
+    # Without its state file the VM is quarantined, naming the file; it never silently vanishes.
+    await reopen_fails(path, StateMissing, "VM vm: state file .* is missing")
 
 
 async def test_truncated_state(open_store) -> None:
@@ -197,7 +213,7 @@ async def test_store_of_another_version(open_store) -> None:
     marker = os.path.join(path, "colofs-store")
     data = open(marker, "rb").read().replace(b"COLOFS-STORE 1", b"COLOFS-STORE 9", 1)
     open(marker, "wb").write(data)
-    await reopen_fails(path, StoreVersionError, "store format '9'")
+    await store_open_fails(path, StoreVersionError, "store format '9'")
 
 
 async def test_not_a_store(tmp_path) -> None:
@@ -230,9 +246,9 @@ async def test_corrupt_map_header(open_store, layer: str) -> None:
     path = await closed_store(open_store)
     log_path = os.path.join(path, "vm", "disk0", layer)
     with open(log_path, "r+b") as f:
-        f.seek(40)  # the first record's block number
+        f.seek(4096 + 40)  # the first record's block number (after the 4 KiB log header)
         f.write(b"\xff")
-    await reopen_fails(path, MapCorrupt, "vm/disk0 .*fails its checksum at offset 0")
+    await reopen_fails(path, MapCorrupt, "vm/disk0 .*fails its checksum at offset 4096")
 
 
 async def test_corrupt_map_after_crash_is_not_mistaken_for_a_torn_tail(open_store) -> None:
@@ -243,9 +259,9 @@ async def test_corrupt_map_after_crash_is_not_mistaken_for_a_torn_tail(open_stor
     store.abandon()  # crash: the next open must roll back from hidden
     hidden = os.path.join(store.path, "vm", "disk0", "hidden.log")
     with open(hidden, "r+b") as f:
-        f.seek(4096)  # data of the first segment; a valid segment follows it
+        f.seek(8192)  # data of the first segment (after the log header and its segment header)
         f.write(b"garbage")
-    await reopen_fails(store.path, MapCorrupt, "data that fails its checksum at offset 0, but a valid segment follows")
+    await reopen_fails(store.path, MapCorrupt, "data that fails its checksum .*at offset 4096")
 
 
 async def test_torn_tail_after_crash_is_dropped(open_store) -> None:
