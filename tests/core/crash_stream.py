@@ -3,7 +3,8 @@
 Run as ``python -m tests.core.crash_stream STORE SEED LAST_SEQ``: opens (and
 recovers) the store, then applies the stream from where the VM stands, with
 SVM writes in between and a checkpoint after every ``CHECKPOINT_EVERY``
-writes, printing ``checkpoint N`` once each checkpoint returned.
+writes, printing ``checkpoint N`` once each checkpoint returned and ``batch N`` after each batch
+(and its checkpoint, if one was due), so a test can place its kill by the stream's progress.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ async def run(path: str, seed: int, last: int) -> None:
         if seq % CHECKPOINT_EVERY == 0:
             await vm.checkpoint(seq)
             print(f"checkpoint {seq}", flush=True)
+        print(f"batch {seq}", flush=True)
     await store.close()
     print("done", flush=True)
 

@@ -14,12 +14,11 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import trio
 
 from colofs.core import Store
-from tests.core.crash_stream import CHECKPOINT_EVERY, DISK_SIZE, stream_write
+from tests.core.crash_stream import BATCH, CHECKPOINT_EVERY, DISK_SIZE, stream_write
 
 KILLS = 24
 ENDLESS = 10**9  # the stream the child is killed in
@@ -80,25 +79,30 @@ def test_sigkill_during_stream(tmp_path) -> None:
     rng = random.Random(seed)
     image = PrimaryImage(seed)
     resumes = []
-    deadline = time.monotonic() + 240
-    while len(resumes) < KILLS and time.monotonic() < deadline:
+    for _ in range(KILLS):
         child = spawn(path, seed, ENDLESS)
         try:
             assert child.stdout is not None
             started = child.stdout.readline()
             assert started.startswith("start "), started
-            time.sleep(rng.uniform(0.05, 0.6))
+            # The kill lands after a random number of batches, counted by the stream itself: at
+            # least one checkpoint interval, so every kill has seen a new checkpoint first.
+            lines = []
+            for _ in range(rng.randrange(CHECKPOINT_EVERY // BATCH, 8 * CHECKPOINT_EVERY // BATCH)):
+                while not (line := child.stdout.readline()).startswith("batch "):
+                    assert line, "the child exited before it was killed"
+                    lines.append(line)
             child.send_signal(signal.SIGKILL)
-            out, _ = child.communicate(timeout=30)
+            out, _ = child.communicate(timeout=60)
+            lines += out.splitlines()
         finally:
             if child.poll() is None:
                 child.kill()
                 child.wait()
         assert child.returncode == -signal.SIGKILL
-        seen = max([int(x.split()[1]) for x in out.splitlines() if x.startswith("checkpoint")], default=0)
+        seen = max([int(x.split()[1]) for x in lines if x.startswith("checkpoint")], default=0)
         resumes.append(trio.run(reopen_and_check, path, image, seen))
-    assert len(resumes) >= 20, f"only {len(resumes)} kills in the time allowed"
-    assert len(set(resumes)) > 10, f"kills did not land at different points: {resumes}"
+    assert resumes == sorted(set(resumes)), f"a kill did not land after a new checkpoint: {resumes}"
     # Replay the stream from the reported sequence up to a fixed end.
     last = resumes[-1] + 400
     child = spawn(path, seed, last)
