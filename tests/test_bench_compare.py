@@ -123,5 +123,5 @@ def test_quick_run_one_row(tmp_path: Path):
 
 def test_a_call_that_never_returns_is_reported():
     with pytest.raises(Hung, match="did not return within"):
-        call_with_timeout(lambda: time.sleep(5), 0.1, "a stuck call")
+        call_with_timeout(lambda: time.sleep(5), 0.1, "a stuck call")  # the workload: a call stuck for 5 s
     assert call_with_timeout(lambda: 42, 5, "a quick call") == 42

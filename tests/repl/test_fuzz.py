@@ -45,6 +45,7 @@ from colofs.wire.messages import (
     Write,
 )
 from tests.repl.rawpeer import RawPrimary
+from tests.waiting import DEADLINE, wait_until
 
 FUZZ_DISKS = [DiskInfo("d0", 64 << 10, 4096), DiskInfo("d1", (16 << 10) + 512, 512)]
 OTHER_DISKS = [DiskInfo("d0", 64 << 10, 4096)]
@@ -147,14 +148,14 @@ async def _example(path: str, case: tuple) -> None:
             await bad.stream.send_all(_materialise(case, fvm.state.last_applied))
             if case[0] == "truncate":
                 await bad.stream.send_eof()
+            # A short first look: a frame cut short keeps the secondary waiting for the rest until
+            # we close our side, and either way the connection must end (the deadline decides).
             closed, _err = await bad.until_closed(0.2)
-            if not closed:  # a frame cut short: the secondary waits for the rest until we close
+            if not closed:
                 await bad.stream.send_eof()
-                closed, _err = await bad.until_closed(5)
+                closed, _err = await bad.until_closed(DEADLINE)
             assert closed, f"the secondary kept the connection open after {case[0]}"
-            with trio.fail_after(5):
-                while "fuzz" in server.sessions:
-                    await trio.sleep(0.01)
+            await wait_until(lambda: "fuzz" not in server.sessions, what="the fuzzed session to end")
             await bad.aclose()
 
             assert (fvm.state.last_applied, fvm.state.last_checkpoint, fvm.state.gen,
@@ -165,7 +166,7 @@ async def _example(path: str, case: tuple) -> None:
             # The other VM's connection is unaffected.
             seq = store.vm("other").state.last_applied + 1
             await other.send(Batch(seq, (Write(0, (seq * 512) % (60 << 10), b"ok" * 64),)))
-            with trio.fail_after(5):
+            with trio.fail_after(DEADLINE):
                 ack = await other.receive()
             assert isinstance(ack, Ack) and ack.seq == seq
             await other.aclose()
