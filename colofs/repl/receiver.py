@@ -359,6 +359,8 @@ class _Session:
                     await vm.add_disk(info.name, info.size, info.block_size)
                 except ColofsError as e:
                     raise ReplProtocolError(f"DISK_ADD {info.name}: {e}") from None
+                except OSError as e:  # the store failed: the primary hears that too
+                    raise ReplProtocolError(f"DISK_ADD {info.name}: {e}", ReplCode.APPLY_FAILED) from None
             log.info("VM %s: created disk %s (%d bytes) for primary %s", vm.name, info.name, info.size, self.peer)
             hook = self.server.hooks.on_disk_added
             if hook is not None:
@@ -501,7 +503,7 @@ class SecondaryServer:
     async def _connection(self, tcp: trio.SocketStream, addr: str, ticket: Ticket) -> None:
         cfg = self.cfg
         started = trio.current_time()
-        stream = await wrap_transport(tcp, server_side=True)
+        stream = await wrap_transport(tcp, server_side=True, tls=cfg.tls, peer=addr)
         fs = FrameStream(stream, max_wire_len=cfg.max_wire_len, max_raw_len=cfg.max_raw_len)
         sender = FrameSender(fs)
         try:
