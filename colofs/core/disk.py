@@ -1,7 +1,7 @@
 """One replicated disk: base, the hidden and active layers, and the views over them.
 
 The view served to the VM on this host is ``V[b] = A[b] if b in A else
-H[b] if b in H else B[b]`` (DESIGN.md). On a primary (and after failover) the
+H[b] if b in H else B[b]`` (docs/design.md). On a primary (and after failover) the
 layers are empty and V is base itself. Where a write goes depends on the
 VM's role and phase:
 

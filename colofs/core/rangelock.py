@@ -1,6 +1,6 @@
 """A reader/writer lock over block ranges.
 
-It serialises exactly the requests that must not interleave (DESIGN.md,
+It serialises exactly the requests that must not interleave (docs/design.md,
 invariant 1): an SVM read falling through to base against the
 copy-before-write of the same block, read-modify-write of a partial block
 against another write to it, a failover commit chunk against SVM I/O on it.

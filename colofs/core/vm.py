@@ -2,7 +2,7 @@
 
 Applying primary writes, checkpoints, failover and crash recovery are VM
 operations because sequence numbers are per VM and a checkpoint covers every
-disk of the VM atomically (DESIGN.md, invariants 3-5).
+disk of the VM atomically (docs/design.md, invariants 3-5).
 
 Durability order of one applied batch (group commit):
   1. copy-before-write of every first-touched block into hidden, all disks;

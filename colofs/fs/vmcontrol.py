@@ -2,7 +2,7 @@
 
 A checkpoint through the mount, whoever asks for it (``mountctl checkpoint``
 on an unreplicated host, or the primary's marker arriving on a secondary),
-is DESIGN.md invariant 3 as the kernel sees it: the VM's dirty pages are
+is docs/design.md invariant 3 as the kernel sees it: the VM's dirty pages are
 written back first, so every write issued before the checkpoint lands
 before it; then the core checkpoint empties hidden and active; then the
 kernel's cache of the VM's files is dropped, so nothing from before is read

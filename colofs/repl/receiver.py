@@ -94,7 +94,7 @@ class SecondaryHooks:
     ``checkpoint`` takes checkpoint ``seq`` of the VM once every write up to
     it is applied, before CHECKPOINT_DONE goes out. It defaults to the core's
     checkpoint; a mount replaces it to write back the SVM's dirty pages first
-    and drop the kernel's page cache after (DESIGN.md invariant 3). It runs
+    and drop the kernel's page cache after (docs/design.md invariant 3). It runs
     shielded: once started, a checkpoint is finished. ``on_disk_added`` runs
     after a disk was created for the primary.
     """

@@ -1,7 +1,7 @@
-"""The reference model of DESIGN.md, made of plain bytearrays and dicts.
+"""The reference model of docs/design.md, made of plain bytearrays and dicts.
 
 It is deliberately naive (whole blocks copied, no files) so that it can be
-trusted by reading it next to DESIGN.md.
+trusted by reading it next to docs/design.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The core against the reference model of DESIGN.md, under random interleavings.
+"""The core against the reference model of docs/design.md, under random interleavings.
 
 Primary batches (multi-disk), SVM writes and reads at unaligned offsets,
 checkpoints, failovers, snapshots and clones (taken, written, deleted),

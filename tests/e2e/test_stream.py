@@ -3,7 +3,7 @@
 Primary writes go through the primary's mounted file (buffered and O_DIRECT
 ``pwrite``, and ``qemu-io``); the secondary VM writes through the secondary's
 mounted file. ``tests/core/model.py`` says what the SVM must see at every
-step (DESIGN.md invariants 1-4).
+step (docs/design.md invariants 1-4).
 """
 
 from __future__ import annotations
