@@ -1,0 +1,230 @@
+"""Damage to a VM's files is never taken for a torn tail, never served, and quarantines that VM only.
+
+The setup of each crash test: a disk checkpointed with 'A', then primary
+writes of 'B' over blocks 0-63 in several acknowledged groups, then a crash
+(the store abandoned, as a killed process leaves it) and some damage to
+hidden.log. Recovery must either roll all 64 blocks back (no damage) or
+quarantine the VM with the file, offset and reason, keeping hidden.log as it
+was; it must never serve 'B' as the checkpoint's image.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from colofs.core import PrimaryWrite, Store
+from colofs.core.blocklog import file_header_len
+from colofs.core.errors import BlockDamaged, VMDamaged
+
+BS = 4096
+SIZE = 1 << 20
+GROUPS = 4  # acknowledged groups of 16 blocks each over blocks 0-63
+PER_GROUP = 16
+
+
+async def setup_crashed(open_store) -> tuple[str, str]:
+    """Two VMs; 'vm' crashed after 4 groups of 'B' over its checkpoint of 'A'. Returns (store path, hidden path)."""
+    store = await open_store()
+    await store.create_disk("vm", "d", SIZE)
+    await store.create_disk("other", "d", SIZE)
+    vm = store.vm("vm")
+    await vm.apply_primary(1, [PrimaryWrite("d", 0, b"A" * (64 * BS))])
+    await vm.checkpoint(1)
+    for g in range(GROUPS):
+        await vm.apply_primary(2 + g, [PrimaryWrite("d", g * PER_GROUP * BS, b"B" * (PER_GROUP * BS))])
+    other = store.vm("other")
+    await other.apply_primary(1, [PrimaryWrite("d", 0, b"O" * 8192)])
+    await other.checkpoint(1)
+    store.abandon()
+    return store.path, os.path.join(store.path, "vm", "d", "hidden.log")
+
+
+def segment_offsets(hidden: str) -> list[int]:
+    """File offsets of the segments (each: one header block, then PER_GROUP data blocks)."""
+    first = file_header_len(BS)
+    return [first + g * (PER_GROUP + 1) * BS for g in range(GROUPS)]
+
+
+def flip(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x20]))
+
+
+async def assert_quarantined(path: str, hidden: str, offset: int | None, reason: str) -> None:
+    size = os.path.getsize(hidden)
+    with open(hidden, "rb") as f:
+        content = f.read()
+    store = await Store.open(path, role="secondary")
+    try:
+        vm = store.vm("vm")
+        st = vm.status()
+        assert st["phase"] == "damaged", st
+        damage = st["damage"]
+        assert damage["file"] == hidden
+        assert damage["offset"] == offset
+        assert reason in damage["reason"]
+        assert vm.disks == {}  # nothing of it is served
+        with pytest.raises(VMDamaged, match="quarantined"):
+            await vm.checkpoint()
+        # The other VM of the store opens and serves.
+        assert bytes(await store.disk("other", "d").read(0, 8192)) == b"O" * 8192
+    finally:
+        store.abandon()
+    # The evidence is kept: hidden.log neither truncated nor rewritten.
+    assert os.path.getsize(hidden) == size
+    with open(hidden, "rb") as f:
+        assert f.read() == content
+    # A restart keeps the quarantine and its original cause.
+    store = await Store.open(path, role="secondary")
+    try:
+        assert store.vm("vm").status()["damage"]["offset"] == offset
+        assert reason in store.vm("vm").status()["damage"]["reason"]
+    finally:
+        store.abandon()
+
+
+async def test_undamaged_crash_rolls_all_64_blocks_back(open_store) -> None:
+    path, _ = await setup_crashed(open_store)
+    store = await Store.open(path, role="secondary")
+    try:
+        vm = store.vm("vm")
+        assert (vm.recovery.action, vm.recovery.blocks) == ("rolled-back", 64)
+        assert bytes(await store.disk("vm", "d").read(0, 64 * BS)) == b"A" * (64 * BS)
+    finally:
+        store.abandon()
+
+
+@pytest.mark.parametrize("group", [0, GROUPS - 1])
+async def test_flipped_data_byte_quarantines(open_store, group: int) -> None:
+    path, hidden = await setup_crashed(open_store)
+    seg = segment_offsets(hidden)[group]
+    flip(hidden, seg + BS + 5 * BS + 100)  # in the 6th data block of the group
+    await assert_quarantined(path, hidden, seg, "data that fails its checksum")
+
+
+@pytest.mark.parametrize("group", [0, GROUPS - 1])
+async def test_flipped_record_byte_quarantines(open_store, group: int) -> None:
+    path, hidden = await setup_crashed(open_store)
+    seg = segment_offsets(hidden)[group]
+    flip(hidden, seg + 40 + 3 * 16)  # the 4th record's block number
+    await assert_quarantined(path, hidden, seg, "a header that fails its checksum")
+
+
+@pytest.mark.parametrize("group", [0, GROUPS - 1])
+async def test_truncation_inside_an_acknowledged_group_quarantines(open_store, group: int) -> None:
+    path, hidden = await setup_crashed(open_store)
+    cut = segment_offsets(hidden)[group] + BS + 7 * BS
+    os.truncate(hidden, cut)
+    await assert_quarantined(path, hidden, cut, "the file ends early")
+
+
+async def test_a_group_never_acknowledged_is_a_torn_tail_and_dropped(open_store) -> None:
+    """Blocks saved to hidden whose sync never completed: base was not touched, the tail is dropped silently."""
+    path, hidden = await setup_crashed(open_store)
+    store = await Store.open(path, role="secondary")
+    vm = store.vm("vm")
+    disk = store.disk("vm", "d")
+    await vm.apply_primary(2, [PrimaryWrite("d", 0, b"C" * (8 * BS))])
+    end = disk.hidden.end
+    # The next group dies between its append and its sync: a torn segment past the commit record.
+    await disk.cbw.save(list(range(100, 116)))
+    store.abandon()
+    size = os.path.getsize(hidden)
+    assert size > end
+    with open(hidden, "r+b") as f:
+        f.seek(end + BS + 3 * BS)
+        f.write(b"torn")
+    store = await Store.open(path, role="secondary")
+    try:
+        vm = store.vm("vm")
+        assert vm.damage is None
+        assert (vm.recovery.action, vm.recovery.blocks) == ("rolled-back", 8)
+        assert bytes(await store.disk("vm", "d").read(0, 64 * BS)) == b"A" * (64 * BS)
+    finally:
+        store.abandon()
+
+
+async def test_flipped_byte_on_a_clean_store_is_eio_and_quarantines(open_store) -> None:
+    store = await open_store()
+    await store.create_disk("vm", "d", SIZE)
+    await store.create_disk("other", "d", SIZE)
+    vm = store.vm("vm")
+    await vm.apply_primary(1, [PrimaryWrite("d", 0, b"A" * (8 * BS))])
+    await vm.checkpoint(1)
+    await vm.apply_primary(2, [PrimaryWrite("d", 0, b"B" * (8 * BS))])
+    await store.close()
+    hidden = os.path.join(store.path, "vm", "d", "hidden.log")
+    data_off = file_header_len(BS) + BS
+    flip(hidden, data_off + 2 * BS + 7)  # block 2's saved 'A'
+
+    store = await Store.open(store.path, role="secondary")
+    try:
+        vm = store.vm("vm")
+        disk = store.disk("vm", "d")
+        assert vm.damage is None  # a clean open reads no data
+        assert bytes(await disk.read(0, 2 * BS)) == b"A" * (2 * BS)  # undamaged blocks are served
+        with pytest.raises(BlockDamaged, match="block 2 fails its digest"):
+            await disk.read(2 * BS + 100, 10)  # a partial block is checked whole
+        st = vm.status()
+        assert st["phase"] == "damaged"
+        assert (st["damage"]["file"], st["damage"]["offset"]) == (hidden, data_off + 2 * BS)
+        # Quarantined: every disk of the VM is EIO now, not only the damaged block.
+        with pytest.raises(VMDamaged):
+            await disk.read(0, BS)
+        with pytest.raises(VMDamaged):
+            await disk.write(0, b"x" * BS)
+        with pytest.raises(VMDamaged):
+            await vm.apply_primary(3, [PrimaryWrite("d", 0, b"C" * BS)])
+        assert bytes(await store.disk("other", "d").read(0, BS)) == bytes(BS)
+        await store.close()
+    finally:
+        store.abandon()
+    store = await Store.open(store.path, role="secondary")
+    try:
+        assert store.vm("vm").status()["phase"] == "damaged"
+        assert store.vm("vm").disks == {}
+    finally:
+        store.abandon()
+
+
+async def test_damaged_snapshot_block_is_eio(open_store) -> None:
+    store = await open_store("primary")
+    await store.create_disk("vm", "d", SIZE)
+    disk = store.disk("vm", "d")
+    await disk.write(0, b"A" * (4 * BS))
+    (snap,) = await store.vm("vm").snapshot("s")
+    await disk.write(0, b"B" * (4 * BS))  # copies the 'A's into the snapshot's target
+    flip(snap.target.path, file_header_len(BS) + BS + BS + 1)
+    with pytest.raises(BlockDamaged, match="block 1 fails its digest"):
+        await snap.read(0, 4 * BS)
+    assert store.vm("vm").status()["phase"] == "damaged"
+
+
+@pytest.mark.parametrize("how", ["missing", "garbled"])
+async def test_missing_or_garbled_state_quarantines_that_vm_only(open_store, how: str) -> None:
+    store = await open_store()
+    await store.create_disk("vm", "d", SIZE)
+    await store.create_disk("other", "d", SIZE)
+    await store.disk("other", "d").write(0, b"O" * BS)
+    await store.close()
+    state = os.path.join(store.path, "vm", "state")
+    if how == "missing":
+        os.unlink(state)
+    else:
+        with open(state, "r+b") as f:
+            f.seek(30)
+            f.write(b"#")
+    store = await Store.open(store.path, role="secondary")
+    try:
+        st = store.vm("vm").status()
+        assert st["phase"] == "damaged"
+        assert st["damage"]["file"] == state
+        assert ("missing" if how == "missing" else "checksum") in st["damage"]["reason"]
+        assert bytes(await store.disk("other", "d").read(0, BS)) == b"O" * BS
+    finally:
+        store.abandon()
