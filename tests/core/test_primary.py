@@ -7,7 +7,7 @@ import os
 import trio
 
 from colofs.core.forward import ForwardQueue
-from tests.waiting import wait_until
+from tests.waiting import DEADLINE, wait_until, wait_until_sync
 
 SIZE = 1 << 20
 
@@ -171,24 +171,19 @@ def test_writeback_thread_coalesces_requests_per_file(monkeypatch) -> None:
 
     calls: list[int] = []
     release = threading.Event()
-    done = threading.Event()
 
     def fake(fd: int) -> None:
-        release.wait(5)
+        release.wait(DEADLINE)
         calls.append(fd)
-        if len(calls) == 2:
-            done.set()
 
     monkeypatch.setattr(cbw, "start_writeback", fake)
     wb = cbw._Writeback()
     wb.kick(7)  # taken at once; the thread then blocks in it
-    for _ in range(50):
-        if not wb._fds:
-            break
-        threading.Event().wait(0.01)
+    wait_until_sync(lambda: not wb._fds, what="the writeback thread to take fd 7")
     for _ in range(5):
         wb.kick(8)  # queued meanwhile: served by one call
     release.set()
-    assert done.wait(5)
-    threading.Event().wait(0.05)
-    assert calls == [7, 8]
+    wait_until_sync(lambda: 8 in calls, what="the call for fd 8")
+    wb.kick(9)  # a marker: once it is served, any further call for fd 8 would have come before it
+    wait_until_sync(lambda: 9 in calls, what="the call for fd 9")
+    assert calls == [7, 8, 9]
