@@ -1,4 +1,4 @@
-"""QEMU's secondary chain under qemu-storage-daemon, set up as in ANCHORS.md, plus QMP control.
+"""QEMU's secondary chain under qemu-storage-daemon, built as QEMU's block-replication driver builds it, plus QMP.
 
 Graph: ``active`` (qcow2) -> ``hidden`` (qcow2) -> ``base`` (raw), with a
 ``copy-before-write`` node ``cbw`` over ``base`` whose target is ``hidden``;

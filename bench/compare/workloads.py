@@ -67,7 +67,7 @@ def ingest_rows(size: int, runtime: float) -> list[Row]:
     rand = FioJob(rw="randwrite", bs="4k", engine="libaio", direct=True, iodepth=16, size=size, runtime=runtime,
                   end_fsync=True, refill=True)
     return [
-        # fio's nbd engine covers sequential ingest; nbdcopy (ANCHORS' tool) is opt-in to keep the run short.
+        # fio's nbd engine covers sequential ingest; nbdcopy is opt-in to keep the run short.
         Row("ingest-seq-nbdcopy", "ingest", f"ingest seq {size // MiB} MiB, nbdcopy --flush", "MB/s", True,
             default=False),
         Row("ingest-seq-qd16", "ingest", f"ingest seq write 1M qd16, {size // MiB} MiB", "MB/s", True, seq),
