@@ -9,6 +9,7 @@ import pytest
 
 from colofs.core import PrimaryWrite, Store
 from tests.mountable import root_skip_reason
+from tests.waiting import DEADLINE
 
 
 @pytest.fixture
@@ -81,13 +82,13 @@ async def test_worker_pool_runs_calls_concurrently_and_returns_their_outcome() -
 
     from colofs.core.fileio import POOL
 
-    barrier = threading.Barrier(4, timeout=10)
+    barrier = threading.Barrier(4, timeout=DEADLINE)  # bounds a hang only
     results: list[int] = []
 
     async def one(i: int) -> None:
         results.append(await POOL.run(lambda: barrier.wait() * 0 + i))
 
-    with trio.fail_after(20):
+    with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as n:
             for i in range(4):
                 n.start_soon(one, i)
