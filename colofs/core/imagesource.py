@@ -17,12 +17,13 @@ import.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from colofs.core.errors import BadArgument, ColofsError, DiskIOError
+from colofs.core.errors import BadArgument, ColofsError, DiskIOError, InUse
 from colofs.core.fileio import write_all
 
 ACCEPTED = "a regular file or a block device"
@@ -146,7 +147,8 @@ def open_image(path: str) -> ImageSource:
 
     Blocking system calls: run it in a worker thread. Raises
     :class:`BadArgument` naming what the path is when it cannot be imported,
-    and ``OSError`` when it cannot be looked at or opened.
+    :class:`InUse` for a block device that is mounted or claimed, and
+    ``OSError`` when it cannot be looked at or opened.
     """
     st = os.stat(path)  # follows a symlink: what counts is what it points to
     if not accepted(st.st_mode):
@@ -154,7 +156,13 @@ def open_image(path: str) -> ImageSource:
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     if stat.S_ISBLK(st.st_mode):
         flags |= os.O_EXCL  # refused (EBUSY) while the device is mounted or claimed
-    fd = os.open(path, flags)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.EBUSY and stat.S_ISBLK(st.st_mode):
+            raise InUse(f"image {path}: the block device is in use (mounted, or opened exclusively by "
+                        "another program); unmount or release it first") from None
+        raise
     try:
         now = os.fstat(fd)
         if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) or not accepted(now.st_mode):

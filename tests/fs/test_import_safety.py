@@ -7,7 +7,7 @@
   change is made by ``tests.fs.shrinkfs`` at the moment the copy reads past
   a chosen offset, so it lands mid-copy on any machine;
 * a size the store cannot hold is refused with EFBIG before anything exists;
-* a block device is imported; mountctl names a directory or a character
+* a block device is imported, unless it is claimed (mounted); mountctl names a directory or a character
   device instead of calling it "no such image file".
 """
 
@@ -164,6 +164,13 @@ def test_a_block_device_is_imported(sec: Mount, tmp_path: Path) -> None:
         pytest.skip(f"no loop device here: {res.stderr.strip()}")
     dev = res.stdout.strip()
     try:
+        claim = os.open(dev, os.O_RDONLY | os.O_EXCL)  # as a mounted file system would
+        try:
+            res = mountctl("import", sec.mnt, "vm1/d0", "--from", dev, check=False)
+            assert res.returncode == 1 and "the block device is in use" in res.stderr, res.stderr
+        finally:
+            os.close(claim)
+        assert store_entries(sec) == set()
         out = mountctl("import", sec.mnt, "vm1/d0", "--from", dev).stdout
         assert "imported" in out
         assert sec.path("vm1", "d0.raw").read_bytes() == data
