@@ -524,9 +524,14 @@ async def test_concurrent_senders_do_not_interleave() -> None:
 async def test_send_cancelled_mid_frame_breaks_the_stream() -> None:
     a, b = trio.testing.lockstep_stream_pair()
     fa = FrameStream(a)
+    async def cancel_once_stalled(scope: trio.CancelScope) -> None:
+        await trio.testing.wait_all_tasks_blocked()  # the send is stuck after the first 10 bytes
+        scope.cancel()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(b.receive_some, 10)  # the peer takes 10 bytes, then stalls
-        with trio.move_on_after(0.05):
+        with trio.CancelScope() as scope:
+            nursery.start_soon(cancel_once_stalled, scope)
             await fa.send(zero_batch(1 << 20), compress=False)
     with pytest.raises(trio.BrokenResourceError, match="framing is lost"):
         await fa.send(Ping(1))
@@ -537,7 +542,13 @@ async def test_receive_is_cancellation_safe() -> None:
     fb = FrameStream(b)
     frame = encode_frame(Ping(77))
     await a.send_all(frame[:10])
-    with trio.move_on_after(0.05):
+    async with trio.open_nursery() as nursery:
+
+        async def cancel_once_waiting() -> None:
+            await trio.testing.wait_all_tasks_blocked()  # receive() waits for the rest of the frame
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(cancel_once_waiting)
         await fb.receive()
     await a.send_all(frame[10:])
     assert await fb.receive() == Ping(77)
