@@ -26,6 +26,7 @@ import trio
 from colofs.core.fileio import atomic_write
 from colofs.core.vm import VM
 from colofs.repl.errors import ReplConfigError
+from colofs.repl.tls import TlsConfig
 from colofs.wire.frames import DEFAULT_MAX_RAW_LEN, DEFAULT_MAX_WIRE_LEN
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ class ReplConfig:
     """Writes per second no primary exceeds: how far past what ATTACH announced a RESYNC_DONE may reach."""
     max_wire_len: int = DEFAULT_MAX_WIRE_LEN
     max_raw_len: int = DEFAULT_MAX_RAW_LEN
+    tls: TlsConfig | None = None
+    """TLS under the frames, with certificates verified both ways (``colofs.repl.tls``); None: plain TCP."""
 
     def __post_init__(self) -> None:
         for name in ("batch_max_bytes", "window", "max_inflight_bytes", "max_backlog_bytes", "max_retained_total_bytes",

@@ -6,9 +6,10 @@ announce :data:`FEATURE_KEYED` in HELLO. Without a key they only exchange HELLOs
 keyed one refuses it with ``AUTH_FAILED``, so a configuration mismatch is
 reported on both sides instead of silently running unauthenticated.
 
-The byte stream is whatever :func:`wrap_transport` returns: the TCP stream
-today; a ``trio.SSLStream`` around it is the place to add TLS (framing,
-handshake and sessions only need a ``trio.abc.Stream``).
+The byte stream is whatever :func:`wrap_transport` returns: the TCP stream,
+or TLS around it (:mod:`colofs.repl.tls`) when both nodes are given
+certificates; framing, handshake and sessions only need a
+``trio.abc.Stream``, and the MAC stays on inside TLS.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import secrets
 
 import trio
 
+from colofs.repl.tls import TlsConfig, wrap_tls
 from colofs.wire.auth import HANDSHAKE_MAX_FRAME, PROTO_VERSION, NonceRegistry, authenticate
 from colofs.wire.errors import (
     AuthError,
@@ -34,9 +36,17 @@ from colofs.wire.stream import FrameStream
 FEATURE_KEYED = 0x1
 
 
-async def wrap_transport(stream: trio.abc.Stream, *, server_side: bool) -> trio.abc.Stream:
-    """The stream frames travel on; the hook for TLS (``trio.SSLStream``)."""
-    return stream
+async def wrap_transport(stream: trio.abc.Stream, *, server_side: bool, tls: TlsConfig | None = None,
+                         peer: str = "the peer") -> trio.abc.Stream:
+    """The stream frames travel on: ``stream`` itself, or TLS over it with ``tls``.
+
+    The TLS handshake runs on the first read or write, that is inside
+    :func:`handshake` and its timeout; its failures are
+    raised as :class:`~colofs.repl.tls.TlsError`, naming ``peer`` and the reason.
+    """
+    if tls is None:
+        return stream
+    return wrap_tls(stream, tls, server_side=server_side, peer=peer)
 
 
 async def refuse(fs: FrameStream, code: int, text: str) -> None:

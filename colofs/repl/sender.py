@@ -426,7 +426,7 @@ class VMLink:
         with trio.fail_after(self.cfg.connect_timeout):
             tcp = await trio.open_tcp_stream(host, port)
         try:
-            stream = await wrap_transport(tcp, server_side=False)
+            stream = await wrap_transport(tcp, server_side=False, tls=self.cfg.tls, peer=f"{host}:{port}")
             fs = FrameStream(stream, max_wire_len=self.cfg.max_wire_len, max_raw_len=self.cfg.max_raw_len)
             sender = FrameSender(fs)
             self._set_state(ATTACHING)

@@ -280,7 +280,10 @@ class FrameDecoder:
             n = min(avail, len(MAGIC))
             if buf[pos : pos + n] != MAGIC[:n]:
                 got = bytes(buf[pos : pos + n])
-                raise BadMagic(f"bad frame magic {got!r}, expected {MAGIC!r}")
+                hint = ""
+                if got[:1] == b"\x16":  # a TLS handshake record
+                    hint = " (the peer starts TLS: it has --tls-* options and this node has none)"
+                raise BadMagic(f"bad frame magic {got!r}, expected {MAGIC!r}{hint}")
             if avail < HEADER_LEN:
                 return None
             header = parse_header(

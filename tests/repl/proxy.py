@@ -7,7 +7,9 @@ connection is cut abruptly -- possibly in the middle of a frame -- and
 ``hold_down`` stops the secondary-to-primary direction (acknowledgements)
 while set. With ``rewrite``, every primary-to-secondary frame is decoded
 and, if ``rewrite`` returns another message, re-encoded with a correct xxh3
-digest; a MAC tag, which needs the key, is passed on unchanged.
+digest; a MAC tag, which needs the key, is passed on unchanged. With
+``record``, every byte from the primary is kept in ``recorded`` (what an
+eavesdropper sees).
 """
 
 from __future__ import annotations
@@ -68,8 +70,10 @@ class FrameRewriter:
 
 class FaultProxy:
     def __init__(self, target_port: int, budget: Callable[[], int | None] = lambda: None,
-                 rewrite: Callable[[Message], Message | None] | None = None) -> None:
+                 rewrite: Callable[[Message], Message | None] | None = None, record: bool = False) -> None:
         self.target_port = target_port
+        self.record = record
+        self.recorded = bytearray()
         self.budget = budget
         self.rewrite = rewrite
         self.rewritten = 0
@@ -132,6 +136,8 @@ class FaultProxy:
             if not data:
                 scope.cancel()
                 return
+            if self.record and not down:
+                self.recorded += data
             if rewriter is not None:
                 data = rewriter.feed(data)
                 if not data:
