@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Collection
 
 import trio
 
@@ -48,12 +49,19 @@ async def create_disk(
         return await vm_obj.add_disk(disk, size, block_size, source)
     except BaseException:
         with trio.CancelScope(shield=True):
-            await discard_new_vm(store, vm_obj)
+            await discard_new_vm(store, vm_obj, [disk])
         raise
 
 
-async def discard_new_vm(store: Store, vm: VM) -> None:
-    """Remove a VM that the failing request itself created (no data of anyone's is in it)."""
+async def discard_new_vm(store: Store, vm: VM, own_disks: Collection[str] = ()) -> None:
+    """Remove a VM that the failing request itself created, with the disks ``own_disks`` it made.
+
+    Kept if another disk was added to it meanwhile (by another request, or a primary's ATTACH).
+    """
+    if set(vm.state.disks) - set(own_disks):
+        log.info("VM %s: kept although the request that made it failed: it has disks %s",
+                 vm.name, ", ".join(sorted(vm.state.disks)))
+        return
     if store.vms.get(vm.name) is vm:
         del store.vms[vm.name]
     vm.abandon()

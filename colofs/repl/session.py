@@ -105,7 +105,7 @@ async def accept_attach(store: Store, att: Attach, peer: str, *, max_disks: int)
     except BaseException:
         # Nothing of a VM this refused attach created stays behind.
         with trio.CancelScope(shield=True):
-            await discard_new_vm(store, vm)
+            await discard_new_vm(store, vm, [d.name for d in att.disks])
         raise
     log.info("VM %s: created as a secondary for primary %s", att.vm, peer)
     return res
