@@ -94,7 +94,7 @@ class SecondaryHooks:
     ``checkpoint`` takes checkpoint ``seq`` of the VM once every write up to
     it is applied, before CHECKPOINT_DONE goes out. It defaults to the core's
     checkpoint; a mount replaces it to write back the SVM's dirty pages first
-    and drop the kernel's page cache after (DESIGN.md invariant 3). It runs
+    and drop the kernel's page cache after (docs/design.md invariant 3). It runs
     shielded: once started, a checkpoint is finished. ``on_disk_added`` runs
     after a disk was created for the primary.
     """
@@ -359,6 +359,8 @@ class _Session:
                     await vm.add_disk(info.name, info.size, info.block_size)
                 except ColofsError as e:
                     raise ReplProtocolError(f"DISK_ADD {info.name}: {e}") from None
+                except OSError as e:  # the store failed: the primary hears that too
+                    raise ReplProtocolError(f"DISK_ADD {info.name}: {e}", ReplCode.APPLY_FAILED) from None
             log.info("VM %s: created disk %s (%d bytes) for primary %s", vm.name, info.name, info.size, self.peer)
             hook = self.server.hooks.on_disk_added
             if hook is not None:
