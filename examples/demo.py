@@ -104,11 +104,11 @@ def run(work: str) -> bool:
         say("secondary VM: 64 writes of 64 KiB to its own file")
         check("isolation: the SVM's file shows only its own writes, none of the primary's", same(sfile, svm))
 
-        out = json.loads(pri.mountctl("checkpoint", str(pri.path(VM)), "--json"))
+        out = json.loads(pri.mountctl("checkpoint", str(pri.path(VM)), "--json").stdout)
         latency = float(out["latency_seconds"])
         say(f"checkpoint at seq {out['seq']}: confirmed by the secondary in {latency * 1000:.1f} ms")
         for node in nodes:
-            say(f"{node.role}: " + node.mountctl("status", str(node.mnt), VM).splitlines()[-1].strip())
+            say(f"{node.role}: " + node.mountctl("status", str(node.mnt), VM).stdout.splitlines()[-1].strip())
         check("after the checkpoint: primary file vs secondary file", same_files(pfile, sfile))
         check("after the checkpoint: the secondary file vs the primary's image", same(sfile, primary))
         svm[:] = primary
@@ -118,7 +118,7 @@ def run(work: str) -> bool:
         pair.wait_acked(VM, timeout=60)
         say("more writes on both sides, not checkpointed; now the primary is declared lost")
         t2 = time.monotonic()
-        say(sec.mountctl("failover", str(sec.path(VM))))
+        say(sec.mountctl("failover", str(sec.path(VM))).stdout.strip())
         failover_s = time.monotonic() - t2
         check("after the failover: the secondary file vs the SVM's view", same(sfile, svm))
         peer = pair.wait(lambda: (p := pri.vm_status(VM)["peer"])["state"] == "refused" and p, 15,

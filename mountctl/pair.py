@@ -105,11 +105,12 @@ class Node:
         self.mnt = self.work / f"{name}-mnt"
         self.role = role
         self.pids: list[int] = []  # every daemon this node started, newest last
+        self.mounted = False  # mounted by this node and not unmounted since (a killed daemon leaves it stale)
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def mountctl(self, *args: str, timeout: float = 120) -> str:
-        """Run ``mountctl ARGS``; its output, or PairError with what it printed."""
+    def mountctl(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run ``mountctl ARGS``; what it printed (notes go to stderr), or PairError with its complaint."""
         argv = [*MOUNTCTL, *map(str, args)]
         try:
             res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False,
@@ -119,15 +120,17 @@ class Node:
         if res.returncode != 0:
             raise PairError(f"mountctl {' '.join(argv[3:])} failed ({res.returncode}): "
                             f"{(res.stderr or res.stdout).strip()}")
-        return res.stdout.strip()
+        return res
 
-    def mount(self, *options: str, timeout: float = 120) -> str:
+    def mount(self, *options: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """``mountctl mount`` with this node's role and store; remembers the daemon's PID."""
         self.mnt.mkdir(parents=True, exist_ok=True)
         other = self.lock_pid()  # a daemon already serving this store is not ours, whatever happens next
         try:
-            return self.mountctl("mount", "--role", self.role, "--store", str(self.store), *options,
-                                 "--timeout", str(timeout), str(self.mnt), timeout=timeout + 30)
+            res = self.mountctl("mount", "--role", self.role, "--store", str(self.store), *options,
+                                "--timeout", str(timeout), str(self.mnt), timeout=timeout + 30)
+            self.mounted = True
+            return res
         finally:
             pid = self.lock_pid()  # also a daemon that started but never got ready: still ours to stop
             if pid is not None and pid != other and pid not in self.pids:
@@ -146,11 +149,12 @@ class Node:
         """The newest daemon this node started, while it runs."""
         return self.pids[-1] if self.pids and alive(self.pids[-1]) else None
 
-    def umount(self, timeout: float = 120) -> str:
+    def umount(self, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """``mountctl umount``: the daemon closes the store cleanly and exits."""
-        out = self.mountctl("umount", "--timeout", str(timeout), str(self.mnt), timeout=timeout + 30)
+        res = self.mountctl("umount", "--timeout", str(timeout), str(self.mnt), timeout=timeout + 30)
+        self.mounted = False
         self.pids = [p for p in self.pids if alive(p)]
-        return out
+        return res
 
     def kill(self, timeout: float = 30) -> None:
         """SIGKILL the daemons this node started, as a crash would; the mount is left stale."""
@@ -176,6 +180,7 @@ class Node:
         self.pids = [p for p in self.pids if alive(p)]
         if os.path.ismount(self.mnt) or self._stale():
             detach(self.mnt)
+        self.mounted = False
 
     def _stale(self) -> bool:
         try:

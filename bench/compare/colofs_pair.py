@@ -14,6 +14,7 @@ import mmap
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -54,7 +55,7 @@ class ColofsMount(Node):
         self.peak_kib = 0
         self.hung: str | None = None  # set when a call into the mount never returned
 
-    def mountctl(self, *args: str, timeout: float = 300) -> str:
+    def mountctl(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         try:
             return super().mountctl(*args, timeout=timeout)
         except PairError as e:
