@@ -1,6 +1,6 @@
 """Replication settings: limits of the engine, the per-VM write mode, the key rule.
 
-The mode decides when a primary write completes (DESIGN.md invariant 6):
+The mode decides when a primary write completes (docs/design.md invariant 6):
 
 * ``async`` (the default, COLO): once it is on the primary disk. The
   secondary catches up behind; a checkpoint waits for it.
