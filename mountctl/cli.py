@@ -188,6 +188,23 @@ def cmd_failover(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
+def cmd_repair(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Rebuild a damaged (quarantined) secondary copy from its primary (``user.colofs.repair``)."""
+    path = _vm_target(args.vm_dir)
+    res = command(path, "repair", "")
+    if args.json:
+        print(json.dumps(res, indent=2, sort_keys=True))
+        return 0
+    dmg = res.get("damage") or {}
+    where = f" at offset {dmg['offset']}" if dmg.get("offset") is not None else ""
+    print(
+        f"{res.get('vm')}: repair started: the damaged copy ({dmg.get('file')}{where}: {dmg.get('reason')}) "
+        f"was moved aside to {res.get('moved_aside')}; {res.get('next')}. "
+        f"Watch it with: mountctl status {args.vm_dir}"
+    )
+    return 0
+
+
 def cmd_mode(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """Show or set a VM's replication mode (``user.colofs.mode``)."""
     path = _vm_target(args.vm_dir)
@@ -351,6 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("failover", help="make this host's copy of a VM the primary (refuses the old primary)")
     f.add_argument("vm_dir", metavar="MOUNTPOINT/VM")
     f.set_defaults(func=cmd_failover)
+
+    rp = sub.add_parser("repair", help="secondary: rebuild a damaged (quarantined) VM from its primary "
+                                       "with a full digest-compared sync")
+    rp.add_argument("vm_dir", metavar="MOUNTPOINT/VM")
+    rp.add_argument("--json", action="store_true", help="machine-readable output (the daemon's outcome)")
+    rp.set_defaults(func=cmd_repair)
 
     md = sub.add_parser("mode", help="show or set a VM's replication mode: async (COLO) or sync")
     md.add_argument("vm_dir", metavar="MOUNTPOINT/VM")

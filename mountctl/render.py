@@ -50,6 +50,11 @@ def render_snapshot(s: dict[str, Any]) -> str:
 
 def render_vm(vm: dict[str, Any]) -> list[str]:
     lines = [f"{vm['vm']} role:{vm['role']} phase:{vm['phase']} epoch:{vm['epoch']}"]
+    dmg = vm.get("damage")
+    if dmg:  # quarantined: nothing of it is served until it is repaired
+        where = f" at offset {dmg['offset']}" if dmg.get("offset") is not None else ""
+        lines.append(f"  DAMAGED: {dmg.get('file')}{where}: {dmg.get('reason')}")
+        lines.append(f"  repair (on the secondary): mountctl repair MOUNTPOINT/{vm['vm']}")
     rec = vm.get("recovery") or {}
     state = f"  checkpoint:{vm['last_checkpoint']} applied:{vm['last_applied']}"
     if rec.get("action") not in (None, "clean", "none"):

@@ -16,6 +16,8 @@ name                  on                         meaning
                                                  ``{"seq", "timeout"}``); with a peer, via the secondary
 ``failover``          VM dir                     set: fail over to this host (value ignored)
 ``mode``              VM dir                     get/set: replication mode, ``async`` or ``sync``
+``repair``            VM dir                     set: rebuild a damaged (quarantined) secondary copy
+                                                 from the primary with a full digest-compared sync
 ``snapshot``          disk file, VM dir          set: NAME: snapshot the disk (all disks at once)
 ``snapshot``          snapshot or clone file     get: its name; remove: delete it
 ``clone``             disk file, snapshot file   set: NAME: writable clone of the disk / snapshot
@@ -63,6 +65,7 @@ from colofs.fs.config import MountConfig
 from colofs.fs.errnos import errno_for
 from colofs.fs.inodes import DISK_SUFFIX, SNAP_KINDS, InodeTable, Kind, Node
 from colofs.fs.pagecache import PageCache
+from colofs.fs.repair import REPAIR, repair_vm
 from colofs.fs.replication import Replication
 from colofs.fs.snapshots import SnapshotControl
 from colofs.fs.values import Refused, int_field, parse_json, str_field
@@ -107,7 +110,7 @@ READABLE: dict[Kind, tuple[str, ...]] = {
 }
 WRITABLE: dict[Kind, tuple[str, ...]] = {
     Kind.ROOT: (CREATE, IMPORT),
-    Kind.VM: (CHECKPOINT, FAILOVER, SNAPSHOT, MODE),
+    Kind.VM: (CHECKPOINT, FAILOVER, SNAPSHOT, MODE, REPAIR),
     Kind.DISK: (SNAPSHOT, CLONE),
     Kind.PENDING: (BLOCK_SIZE,),
     Kind.SNAPSHOT: (CLONE,),
@@ -270,7 +273,11 @@ class Control:
             MODE: self.vms.set_mode,
             SNAPSHOT: self._snapshot,
             CLONE: self.snapshots.clone,
+            REPAIR: self._repair,
         }
+
+    async def _repair(self, node: Node, value: bytes) -> dict[str, Any]:
+        return await repair_vm(self.store, self.repl, self.inodes, self.cache, node)
 
     async def _snapshot(self, node: Node, value: bytes) -> dict[str, Any]:
         if node.kind is Kind.VM:
@@ -363,7 +370,7 @@ class Control:
         vm = self.store.vm(node.vm)
         return {
             "kind": "disk", "vm": vm.name, "disk": node.disk, "role": vm.state.role,
-            "phase": vm.state.phase, "epoch": vm.state.epoch, **self.disk_status(vm, node.disk),
+            "phase": vm.status()["phase"], "epoch": vm.state.epoch, **self.disk_status(vm, node.disk),
         }
 
     def root_status(self) -> dict[str, Any]:

@@ -551,6 +551,8 @@ class SecondaryServer:
                     await refuse(fs, ReplCode.BAD_REQUEST, text)
                     return
             try:
+                if msg.vm in self.store.vms:  # a quarantined VM takes no primary until it is repaired
+                    self.store.vms[msg.vm].check_usable()
                 res = await accept_attach(self.store, msg, peer, max_disks=cfg.max_disks_per_vm)
             except (AttachRefused, ColofsError, OSError) as e:
                 code = e.code if isinstance(e, AttachRefused) else ReplCode.BAD_REQUEST
