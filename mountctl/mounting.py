@@ -50,6 +50,8 @@ def daemon_args(cfg: MountConfig) -> list[str]:
         args += ["--peer", str(cfg.peer)]
     if cfg.key_file:
         args += ["--key-file", cfg.key_file]
+    if cfg.tls_cert and cfg.tls_key and cfg.tls_ca:
+        args += ["--tls-cert", cfg.tls_cert, "--tls-key", cfg.tls_key, "--tls-ca", cfg.tls_ca]
     if cfg.allow_other:
         args.append("--allow-other")
     if cfg.debug:

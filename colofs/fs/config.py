@@ -5,7 +5,8 @@ or a missing key file is reported before anything is started.
 ``--listen`` (a secondary), ``--peer`` (a primary) and ``--key-file`` configure
 replication; without a key only loopback addresses are accepted (the daemon's
 replication engine refuses others at startup), and the key file itself is
-read, and its permissions checked, by the daemon.
+read, and its permissions checked, by the daemon. ``--tls-cert``,
+``--tls-key`` and ``--tls-ca`` (all three or none) add TLS under the frames.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import stat
 from dataclasses import dataclass
 
 from colofs.core.state import PRIMARY, ROLES, SECONDARY
+from colofs.repl.errors import ReplConfigError
+from colofs.repl.tls import TlsConfig
 
 LOG_NAME = ".colofs-mount.log"
 LOCK_NAME = ".colofs-mount.lock"
@@ -88,6 +91,15 @@ class MountConfig:
     key_file: str | None = None
     allow_other: bool = False
     debug: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+
+    def tls(self) -> TlsConfig | None:
+        """The TLS settings read from the files (raises ``ReplConfigError``), or None without TLS."""
+        if self.tls_cert is None or self.tls_key is None or self.tls_ca is None:
+            return None
+        return TlsConfig.load(self.tls_cert, self.tls_key, self.tls_ca)
 
     @property
     def lock_file(self) -> str:
@@ -102,6 +114,7 @@ class MountConfig:
             "listen": str(self.listen) if self.listen else None,
             "peer": str(self.peer) if self.peer else None,
             "key_file": self.key_file,
+            "tls": self.tls_cert is not None,
         }
 
 
@@ -116,6 +129,9 @@ def make_config(
     log_file: str | None = None,
     allow_other: bool = False,
     debug: bool = False,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_ca: str | None = None,
 ) -> MountConfig:
     """Validate the options of a mount; raises :class:`ConfigError`."""
     if role not in ROLES:
@@ -133,6 +149,7 @@ def make_config(
             raise ConfigError(f"{option} {ep}: a non-loopback address needs --key-file "
                               "(peers authenticate with a shared key)")
     key = check_key_file(key_file) if key_file is not None else None
+    tls = _check_tls(tls_cert, tls_key, tls_ca, replicating=ep_listen is not None or ep_peer is not None)
     store = os.path.abspath(store)
     return MountConfig(
         store=store,
@@ -144,7 +161,29 @@ def make_config(
         key_file=key,
         allow_other=allow_other,
         debug=debug,
+        tls_cert=tls[0],
+        tls_key=tls[1],
+        tls_ca=tls[2],
     )
+
+
+def _check_tls(cert: str | None, key: str | None, ca: str | None,
+               *, replicating: bool) -> tuple[str | None, str | None, str | None]:
+    """Absolute paths of the three TLS files, read once here so a bad one is named before the start."""
+    given = {"--tls-cert": cert, "--tls-key": key, "--tls-ca": ca}
+    if not any(given.values()):
+        return None, None, None
+    missing = [name for name, v in given.items() if not v]
+    if missing:
+        raise ConfigError(f"TLS needs --tls-cert, --tls-key and --tls-ca together; missing {', '.join(missing)}")
+    if not replicating:
+        raise ConfigError("--tls-cert, --tls-key and --tls-ca are only used with --listen or --peer")
+    paths = tuple(os.path.abspath(p) for p in (cert, key, ca))
+    try:
+        TlsConfig.load(*paths)
+    except ReplConfigError as e:
+        raise ConfigError(str(e)) from None
+    return paths  # type: ignore[return-value]
 
 
 def add_mount_arguments(p: argparse.ArgumentParser) -> None:
@@ -155,6 +194,10 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", metavar="HOST:PORT", help="secondary: where to wait for the primary")
     p.add_argument("--peer", metavar="HOST:PORT", help="primary: where the secondary listens")
     p.add_argument("--key-file", metavar="FILE", help="shared key authenticating the peers")
+    p.add_argument("--tls-cert", metavar="FILE", help="TLS: this node's certificate (PEM; with --tls-key, --tls-ca)")
+    p.add_argument("--tls-key", metavar="FILE", help="TLS: the private key of --tls-cert (PEM)")
+    p.add_argument("--tls-ca", metavar="FILE",
+                   help="TLS: the CA the peer's certificate must come from (both nodes verify each other)")
     p.add_argument("--log-file", metavar="FILE", help="log file (default: STORE/.colofs-mount.log)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users (e.g. the QEMU user) access the mount")
@@ -167,4 +210,5 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         store=args.store, mountpoint=args.mountpoint, role=args.role, listen=args.listen,
         peer=args.peer, key_file=args.key_file, log_file=args.log_file,
         allow_other=args.allow_other, debug=args.debug,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
     )

@@ -58,7 +58,7 @@ class Replication:
         self.cfg = cfg
         self.store = store
         self.key = key
-        self.settings = settings or ReplConfig()
+        self.settings = settings or ReplConfig(tls=cfg.tls())
         self.hooks = SecondaryHooks()  # the control plane installs the mount's checkpoint
         self.primary: PrimaryReplicator | None = None
         self.server: SecondaryServer | None = None

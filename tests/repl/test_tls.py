@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -13,35 +12,14 @@ import pytest
 
 from colofs.repl import ReplConfigError
 from colofs.repl.tls import TlsConfig
+from tests.pki import HAVE_OPENSSL, make_pki
 from tests.repl.conftest import FAST
 from tests.repl.proxy import FaultProxy
 from tests.waiting import wait_until
 
 SIZE = 256 << 10
-OPENSSL = "/usr/bin/openssl"
 
-pytestmark = pytest.mark.skipif(not os.path.exists(OPENSSL), reason="needs the openssl command")
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run([OPENSSL, *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _new_key_and_csr(d: Path, name: str) -> None:
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-
-
-def _new_ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "30", "-subj", f"/CN={name}", cwd=d)
-
-
-def _sign(d: Path, name: str, ca: str, days: int) -> None:
-    """A certificate for ``name`` from ``ca``; ``days=-1`` makes one that expired yesterday."""
-    _new_key_and_csr(d, name)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-out", f"{name}.pem", "-days", str(days), cwd=d)
+pytestmark = pytest.mark.skipif(not HAVE_OPENSSL, reason="needs the openssl command")
 
 
 @dataclass
@@ -55,14 +33,7 @@ class Certs:
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Certs:
-    d = tmp_path_factory.mktemp("pki")
-    _new_ca(d, "ca")
-    _new_ca(d, "other-ca")
-    _sign(d, "primary", "ca", 30)
-    _sign(d, "secondary", "ca", 30)
-    _sign(d, "stranger", "other-ca", 30)  # a good certificate, from another CA
-    _sign(d, "expired", "ca", -1)  # the right CA, but no longer valid
-    return Certs(d)
+    return Certs(make_pki(tmp_path_factory.mktemp("pki")))
 
 
 async def _start(pair, secondary_tls: TlsConfig | None, primary_tls: TlsConfig | None,
