@@ -20,15 +20,13 @@ import pytest
 from bench.compare.proc import Hung, call_with_timeout
 from bench.compare.report import Cell, RowResult, render
 from bench.compare.workloads import all_rows, select
+from tests.mountable import mount_skip_reason
 
 REPO = Path(__file__).resolve().parent.parent
 HAVE_QEMU = shutil.which("qemu-storage-daemon") is not None and shutil.which("qemu-img") is not None
 
-needs_root_tools = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists("/dev/fuse") or shutil.which("fio") is None
-    or shutil.which("fusermount3") is None,
-    reason="needs root, /dev/fuse, fio and fusermount3",
-)
+_MOUNT_SKIP = mount_skip_reason(("fusermount3", "fio"))
+needs_root_tools = pytest.mark.skipif(_MOUNT_SKIP is not None, reason=f"mount test {_MOUNT_SKIP}")
 
 
 def _mounts_under(root: Path) -> list[str]:

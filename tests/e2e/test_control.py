@@ -12,8 +12,6 @@ from tests.e2e.pair import MiB, Pair, direct_pwrite, read_file, write_key
 from tests.fs.mounts import mountctl, run
 from tests.waiting import wait_until_sync
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
-
 
 def test_disks_created_on_the_primary_appear_on_the_secondary(pair: Pair, tmp_path) -> None:
     pair.start()

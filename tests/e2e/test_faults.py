@@ -7,13 +7,9 @@ import random
 import threading
 import time
 
-import pytest
-
 from tests.e2e.pair import MiB, Pair, direct_pwrite, read_file
 from tests.fs.mounts import mountctl
 from tests.waiting import wait_until_sync
-
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 
 SIZE = 32 << 20
 

@@ -11,14 +11,10 @@ from __future__ import annotations
 import os
 import random
 
-import pytest
-
 from tests.core.model import ModelDisk
 from tests.e2e.pair import Pair, direct_pwrite, read_file
 from tests.fs.mounts import mountctl, run
 from tests.waiting import wait_until_sync
-
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 
 SIZE = 16 << 20
 BS = 4096
