@@ -2,7 +2,7 @@
 
 ``VM_DIR/repl-primary.json`` (primary): which disks the replicator has seen,
 whether a resync is still owed, and the sequence number the saved dirty
-bitmaps (``DISK_DIR/repl-dirty.bitmap``) are complete up to. The bitmaps are
+maps (``DISK_DIR/repl-dirty.bitmap``, :mod:`colofs.repl.dirtyfile`) are complete up to. They are
 only trusted if that number is the VM's ``last_applied`` after a clean open:
 a crash or writes made while nobody tracked them mean a full sync.
 
@@ -26,7 +26,9 @@ import trio
 
 from colofs.core.fileio import atomic_write
 from colofs.core.vm import VM
-from colofs.repl.dirty import DirtyMap, bitmap_path, decode_bitmap, encode_bitmap
+from colofs.repl.blockset import BlockSet
+from colofs.repl.dirty import DirtyMap
+from colofs.repl.dirtyfile import bitmap_path, decode_dirty, encode_dirty
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ def load_primary_meta(vm: VM) -> PrimaryMeta | None:
 
 
 def load_bitmaps(vm: VM, dirty: DirtyMap, names: list[str], covered_seq: int) -> bool:
-    """Merge the saved bitmaps of ``names`` into ``dirty``; False if any is missing or stale."""
+    """Merge the saved dirty maps of ``names`` into ``dirty``; False if any is missing, stale or unreadable."""
     loaded = {}
     for name in names:
         disk = vm.disks.get(name)
@@ -92,7 +94,7 @@ def load_bitmaps(vm: VM, dirty: DirtyMap, names: list[str], covered_seq: int) ->
                 data = f.read()
         except FileNotFoundError:
             return False
-        got = decode_bitmap(data, disk.nblocks, disk.block_size)
+        got = decode_dirty(data, disk.nblocks, disk.block_size)
         if got is None or got[0] != covered_seq:
             return False
         loaded[name] = got[1]
@@ -102,22 +104,21 @@ def load_bitmaps(vm: VM, dirty: DirtyMap, names: list[str], covered_seq: int) ->
 
 
 def save_primary_state_blocking(
-    vm_path: str, disk_paths: dict[str, tuple[str, int, int]], bitmaps: dict[str, bytes | bytearray],
-    meta: PrimaryMeta,
+    vm_path: str, disk_paths: dict[str, tuple[str, int, int]], sets: dict[str, BlockSet], meta: PrimaryMeta,
 ) -> None:
-    """Bitmaps first, then the metadata naming the seq they are complete to (blocking)."""
+    """Dirty maps first, then the metadata naming the seq they are complete to (blocking)."""
     for name, (path, nblocks, bs) in disk_paths.items():
-        bits = bitmaps.get(name) or bytes((nblocks + 7) >> 3)
-        atomic_write(bitmap_path(path), encode_bitmap(nblocks, bs, meta.covered_seq, bits))
+        blocks = sets.get(name) or BlockSet(nblocks)
+        atomic_write(bitmap_path(path), encode_dirty(blocks, bs, meta.covered_seq))
     _write_json(os.path.join(vm_path, PRIMARY_FILE), asdict(meta))
 
 
 async def save_primary_state(vm: VM, dirty: DirtyMap, meta: PrimaryMeta) -> None:
     """Snapshot the map now (no await before), write it in a worker thread."""
-    bitmaps = dirty.union()
+    sets = dirty.union()
     disk_paths = {n: (d.path, d.nblocks, d.block_size) for n, d in vm.disks.items() if n in dirty.geometry}
     dirty.changed = False
-    await trio.to_thread.run_sync(save_primary_state_blocking, vm.path, disk_paths, bitmaps, meta)
+    await trio.to_thread.run_sync(save_primary_state_blocking, vm.path, disk_paths, sets, meta)
 
 
 def load_needs_full_sync(vm: VM) -> bool:

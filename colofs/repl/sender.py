@@ -34,8 +34,9 @@ import trio
 from colofs.core.errors import ColofsError
 from colofs.core.forward import ForwardedWrite
 from colofs.core.vm import VM
+from colofs.repl.blockset import BlockSet
 from colofs.repl.config import ASYNC, SYNC, ReplConfig, load_mode
-from colofs.repl.dirty import DirtyMap, bit_runs, count_bits
+from colofs.repl.dirty import DirtyMap
 from colofs.repl.errors import (
     CheckpointError,
     CheckpointTimeout,
@@ -671,7 +672,7 @@ class VMLink:
             self.resync_needed = True
             raise
 
-    async def _resync_pass(self, conn: _Conn, bits: dict[str, bytearray], s0: int, full: bool) -> None:
+    async def _resync_pass(self, conn: _Conn, bits: dict[str, BlockSet], s0: int, full: bool) -> None:
         vm = self.vm
         queries: list[tuple[str, int, int, int]] = []
         total = 0
@@ -680,7 +681,7 @@ class VMLink:
             if disk is None:
                 continue
             per = max(1, self.cfg.resync_chunk_bytes // disk.block_size)
-            runs = bit_runs(bits[name], disk.nblocks)
+            runs = bits[name].runs()
             for first, cnt in chunk_runs(runs, per):
                 queries.append((name, conn.disk_index[name], first, cnt))
                 total += cnt
@@ -690,7 +691,7 @@ class VMLink:
             queries.append((name, conn.disk_index[name], 0, 1))
         self.progress.start(total, full, s0)
         log.info("VM %s: %s resync of %d blocks (%d dirty) up to seq %d", vm.name,
-                 "full" if full else "dirty-block", total, sum(count_bits(b) for b in bits.values()), s0)
+                 "full" if full else "dirty-block", total, sum(b.count() for b in bits.values()), s0)
         if not queries:
             return
         window = trio.Semaphore(self.cfg.resync_window)

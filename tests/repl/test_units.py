@@ -9,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from colofs.core.forward import ForwardedWrite
-from colofs.repl.dirty import DirtyMap, bit_runs, decode_bitmap, encode_bitmap, set_bits
+from colofs.repl.dirty import DirtyMap
+from colofs.repl.dirtyfile import bit_runs, decode_dirty, encode_bitmap, set_bits
 from colofs.repl.errors import ReplError, ReplProtocolError
 from colofs.repl.resync import chunk_runs, data_ranges, read_and_digest, zero_digest
 from colofs.repl.retained import RetainedLog
@@ -41,8 +42,8 @@ def test_dirty_segments_follow_checkpoints() -> None:
     d.mark("a", 0, 100)  # seq 1..5 -> block 0
     d.cut(5)  # checkpoint marker after seq 5
     d.mark("a", 4096 * 3, 4096 * 2)  # blocks 3, 4 after it
-    assert list(bit_runs(d.union()["a"], 64)) == [(0, 1), (3, 5)]
-    assert list(bit_runs(d.union_since(5)["a"], 64)) == [(3, 5)]
+    assert list(d.union()["a"].runs()) == [(0, 1), (3, 5)]
+    assert list(d.union_since(5)["a"].runs()) == [(3, 5)]
     d.drop_through(4)  # a checkpoint before the cut frees nothing
     assert d.count() == 3
     d.drop_through(5)
@@ -55,10 +56,11 @@ def test_bitmap_file_round_trip_and_damage() -> None:
     bits = bytearray(16)
     set_bits(bits, 3, 70)
     data = encode_bitmap(128, 4096, 42, bits)
-    assert decode_bitmap(data, 128, 4096) == (42, bits)
-    assert decode_bitmap(data, 129, 4096) is None
-    assert decode_bitmap(data[:-1] + bytes([data[-1] ^ 1]), 128, 4096) is None
-    assert decode_bitmap(b"junk", 128, 4096) is None
+    got = decode_dirty(data, 128, 4096)
+    assert got is not None and got[0] == 42 and list(got[1].runs()) == [(3, 70)]
+    assert decode_dirty(data, 129, 4096) is None
+    assert decode_dirty(data[:-1] + bytes([data[-1] ^ 1]), 128, 4096) is None
+    assert decode_dirty(b"junk", 128, 4096) is None
 
 
 def _fw(seq: int, n: int = 10) -> ForwardedWrite:
