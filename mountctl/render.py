@@ -113,6 +113,11 @@ def render_replication(rep: dict[str, Any]) -> str:
         keys = (("vms", "connected", "connecting", "resyncing", "refused") if rep.get("role") == "primary"
                 else ("connections", "sessions", "refused"))
         line += "".join(f" {k}:{rep.get(k, 0)}" for k in keys)
+        why = {k: n for k, n in (rep.get("refused_by_reason") or {}).items() if n}
+        if why:  # refused:12(source_limit:10,handshake_timeout:2)
+            line += "(" + ",".join(f"{k}:{n}" for k, n in sorted(why.items())) + ")"
+        if rep.get("pending"):  # connections still in their handshake
+            line += f" pending:{rep['pending']}"
         if rep.get("last_refusal"):
             line += f" last-refusal:{rep['last_refusal']}"
     return line

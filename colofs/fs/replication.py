@@ -158,7 +158,8 @@ class Replication:
             out.update(state=RUNNING, role="secondary", authenticated=self.key is not None,
                        port=st["listen_port"], connections=st["connections"],
                        sessions=st["open_sessions"], refused=st["refused"],
-                       last_refusal=st["last_refusal"])
+                       last_refusal=st["last_refusal"], pending=st["pending"],
+                       refused_by_reason=st["refused_by_reason"])
         return out
 
     def vm_status(self, vm: VM) -> dict[str, Any]:

@@ -4,12 +4,14 @@ Before its handshake completes a connection could be anyone, so those are
 counted on their own: at most ``per_source`` from one address and
 ``total`` altogether. A newcomer past its address's limit is turned away at
 accept, before a byte is read. When only the total is reached, a newcomer
-from an address holding fewer pending connections than the busiest address
-takes the place of that address's oldest one; otherwise it is turned away.
-That way strangers from other addresses can never keep the primary out: its
-address always gets a slot, and a pending handshake lasts one round trip for
-a peer with the key. Authenticated connections count against ``sessions``
-only, so they always have room whatever the strangers hold.
+from an address holding no pending connection (or two fewer than the
+busiest address) takes the place of the busiest address's oldest one;
+otherwise it is turned away. That way strangers from other addresses can
+never keep the primary out: its address gets a slot, and a pending
+handshake lasts one round trip for a peer with the key. Strangers whose
+addresses hold about as many as each other are not swapped back and forth.
+Authenticated connections count against ``sessions`` only, so they always
+have room whatever the strangers hold.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class Admission:
             return SOURCE_LIMIT
         if self._npending >= self.total:
             busiest = max(self._pending.values(), key=len)
-            if len(busiest) <= len(mine):
+            if mine and len(mine) + 2 > len(busiest):
                 self.refused[PENDING_LIMIT] += 1
                 return PENDING_LIMIT
             self._evict(busiest[0])

@@ -31,6 +31,10 @@ def test_strangers_are_bounded_per_address_and_in_total_and_sessions_always_have
     q = adm.admit("10.0.0.9")  # 10.0.0.2 is now the busiest
     assert isinstance(q, Ticket) and b[0].evicted and adm.refused[EVICTED] == 2
     assert adm.admit("10.0.0.9") == PENDING_LIMIT  # every address holds 2: nobody is fairer to drop
+    adm.release(a[1])
+    s = adm.admit("10.0.0.8")  # a free slot
+    assert isinstance(s, Ticket) and adm.pending == 6
+    assert adm.admit("10.0.0.1") == PENDING_LIMIT  # 1 against 2: strangers are not swapped back and forth
     # The primary proves the key: it leaves the pending count and holds a session.
     assert adm.authenticated(p)
     assert adm.authenticated(q)
@@ -39,7 +43,7 @@ def test_strangers_are_bounded_per_address_and_in_total_and_sessions_always_have
     assert isinstance(r, Ticket)
     assert not adm.authenticated(r)  # sessions full
     assert adm.refused[SESSION_LIMIT] == 1
-    for t in [*a, *b, p, q, r]:
+    for t in [*a, *b, p, q, r, s]:
         assert isinstance(t, Ticket)
         adm.release(t)
         adm.release(t)  # idempotent
