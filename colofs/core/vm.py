@@ -338,6 +338,7 @@ class VM:
         build that fails (an image that changed while it was copied, an I/O
         error) removes the temporary directory.
         """
+        self.check_usable()
         check_name("disk", name)
         label = f"{self.name}/{name}"
         if name in self.state.disks:
@@ -685,6 +686,7 @@ class VM:
 
     async def clone(self, disk: str, name: str, from_snapshot: str | None = None) -> Snapshot:
         """A writable image of ``disk`` now (or of an existing snapshot) that writes to its own overlay."""
+        self.check_usable()
         if from_snapshot is None:
             return (await self._new_snapshots(name, [disk], CLONE))[0]
         check_name("clone", name)
@@ -719,6 +721,7 @@ class VM:
             raise NotFound(f"{d.label} has no snapshot or clone {name!r}") from None
 
     async def _new_snapshots(self, name: str, disk_names: Sequence[str], kind: str) -> list[Snapshot]:
+        self.check_usable()
         check_name(kind, name)
         targets = [self.disk(n) for n in disk_names]
         for d in targets:
@@ -786,6 +789,7 @@ class VM:
 
     async def delete_snapshot(self, disk: str, name: str) -> int:
         """Delete a snapshot or clone; returns the bytes freed. Refused while a clone is built on it."""
+        self.check_usable()
         d = self.disk(disk)
         async with self._failover_lock, self._apply_lock:
             snap = self._snapshot_of(d, name)

@@ -180,6 +180,10 @@ async def test_flipped_byte_on_a_clean_store_is_eio_and_quarantines(open_store) 
             await disk.write(0, b"x" * BS)
         with pytest.raises(VMDamaged):
             await vm.apply_primary(3, [PrimaryWrite("d", 0, b"C" * BS)])
+        with pytest.raises(VMDamaged):
+            await vm.snapshot("s")
+        with pytest.raises(VMDamaged):
+            await store.create_disk("vm", "e", SIZE)
         assert bytes(await store.disk("other", "d").read(0, BS)) == bytes(BS)
         await store.close()
     finally:
