@@ -11,6 +11,8 @@ and the primary's full digest-compared sync makes vm1 equal to the primary.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 
 from colofs.core.blocklog import file_header_len
@@ -74,3 +76,45 @@ def test_damaged_vm_is_quarantined_alone_and_repaired_from_the_primary(pair: Pai
     st = pair.vm_status(pair.sec, "vm1")
     assert st["phase"] == "normal" and "damage" not in st
     assert "full" in pair.pri.log() and "repair started" in pair.sec.log()
+
+
+def test_a_block_damaged_while_serving_is_eio_and_quarantines_only_its_vm(pair: Pair) -> None:
+    """On a live secondary, a saved block of hidden.log that no longer matches its digest is never served."""
+    pair.start()
+    mountctl("create", pair.pri.mnt, "vm1/d0", "--size", str(MiB))
+    mountctl("create", pair.pri.mnt, "vm2/d0", "--size", str(MiB))
+    pair.wait_disk("vm1", "d0", MiB)
+    pair.wait_disk("vm2", "d0", MiB)
+    direct_pwrite(pair.pfile("vm1"), 0, b"A" * (64 * 1024))
+    direct_pwrite(pair.pfile("vm2"), 0, b"O" * (64 * 1024))
+    pair.checkpoint("vm1")
+    pair.checkpoint("vm2")
+    direct_pwrite(pair.pfile("vm1"), 0, b"B" * (64 * 1024))  # hidden now holds the checkpoint's 'A's
+    pair.wait_caught_up("vm1")
+    hidden = pair.sec.store / "vm1" / "d0" / "hidden.log"
+    with open(hidden, "r+b") as f:  # the daemon reads the same page cache
+        f.seek(file_header_len(BLOCK) + BLOCK + 5)
+        f.write(b"a")
+
+    fd = os.open(pair.sfile("vm1"), os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, 64 * 1024)
+        with buf:
+            try:
+                os.preadv(fd, [buf], 0)
+            except OSError as e:
+                assert e.errno == errno.EIO
+            else:
+                raise AssertionError(f"a damaged block was served: {bytes(buf[:16])!r}")
+    finally:
+        os.close(fd)
+    st = pair.vm_status(pair.sec, "vm1")
+    assert st is not None and st["phase"] == "damaged"
+    assert (st["damage"]["file"], st["damage"]["offset"]) == (str(hidden), file_header_len(BLOCK) + BLOCK)
+    assert read_file(pair.sfile("vm2"), direct=True)[: 64 * 1024] == b"O" * (64 * 1024)
+
+    mountctl("repair", pair.sec.path("vm1"))
+    wait_until_sync(lambda: pair.peer(pair.pri, "vm1").get("state") == "connected", 60,
+                    "the primary to reattach vm1 after the repair")
+    pair.checkpoint("vm1", timeout=60)
+    assert read_file(pair.sfile("vm1"), direct=True) == read_file(pair.pfile("vm1"), direct=True)
