@@ -469,6 +469,10 @@ class VMLink:
         conn.last_rx = trio.current_time()
         # From here to the end of this method there is no await: the plan matches the log.
         st = vm.state
+        if msg.last_applied == 0 and msg.last_checkpoint == 0 and not self.dirty.empty():
+            # A secondary at seq 0 holds nothing of this VM (it made the VM empty, owing no full
+            # sync): it gets every block the dirty map ever marked, imported data included.
+            self.resync_needed = True
         plan = plan_resume(
             msg, vm=vm.name, epoch=st.epoch, last_applied=st.last_applied,
             last_checkpoint=st.last_checkpoint,

@@ -5,8 +5,11 @@ Secondary (:func:`accept_attach`), in this order, before anything is applied:
 1. a VM that failed over here (role primary, or failing over) refuses every
    primary: the old primary must never write into it again;
 2. a primary whose epoch is older than the VM's is refused (split brain);
-3. a VM missing here is created as a secondary, and owes itself a full sync;
-   a VM with an older epoch adopts the primary's and owes a full sync too;
+3. a VM missing here is created as a secondary with empty disks: at seq 0
+   with nothing on it, it is brought forward by everything the primary's
+   dirty map ever marked (see the primary's ATTACH handling), so it owes no
+   full sync; an existing VM with an older epoch adopts the primary's and
+   owes a full sync;
 4. disks are matched by name; a missing one is created (same size and block
    size), one with another geometry refuses the attach.
 
@@ -100,7 +103,6 @@ async def accept_attach(store: Store, att: Attach, peer: str, *, max_disks: int)
         return await _settle_attach(vm, att, peer)
     vm = await store.create_vm(att.vm, SECONDARY)
     try:
-        await save_needs_full_sync(vm, True)
         res = await _settle_attach(vm, att, peer, created=True)
     except BaseException:
         # Nothing of a VM this refused attach created stays behind.
@@ -113,15 +115,15 @@ async def accept_attach(store: Store, att: Attach, peer: str, *, max_disks: int)
 
 async def _settle_attach(vm: VM, att: Attach, peer: str, *, created: bool = False) -> AttachResult:
     """Rules 3 and 4 for a VM that exists (or was just created for this attach)."""
-    needs_full = created or load_needs_full_sync(vm)
+    needs_full = not created and load_needs_full_sync(vm)
     if vm.state.epoch < att.epoch:
-        if not needs_full:
+        if not needs_full and not created:  # a VM made just now is empty, whatever its epoch
             await save_needs_full_sync(vm, True)
             needs_full = True
         old = vm.state.epoch
         await vm.adopt_epoch(att.epoch)
-        log.warning("VM %s: adopted epoch %d of primary %s (was %d); a full sync follows",
-                    att.vm, att.epoch, peer, old)
+        log.log(logging.INFO if created else logging.WARNING, "VM %s: adopted epoch %d of primary %s (was %d)%s",
+                att.vm, att.epoch, peer, old, "" if created else "; a full sync follows")
     made = []
     for d in att.disks:
         if d.name not in vm.disks:
