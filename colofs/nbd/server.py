@@ -1,0 +1,405 @@
+"""The NBD server: one trio task per connection, many pipelined requests per receive, replies in batches.
+
+A connection first negotiates (fixed newstyle only) within a time limit, then
+serves one export. Each round takes whatever the client has sent, serves every
+complete request in it in order, and sends all their replies with one
+``send_all``; only then does it receive again. So what is in flight per
+connection is bounded by one receive plus one maximal write payload, and a
+burst of small requests costs one receive and one send, not one each.
+
+Bad input never reaches the core: a request with an unknown command or flag,
+a range past the end, or a zero or oversized length gets an error reply and
+is not applied; a write whose payload exceeds the maximum, a wrong magic or a
+malformed handshake closes the connection (its framing can no longer be
+trusted).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+from dataclasses import dataclass
+
+import trio
+
+from colofs.core.errors import BadRange, ColofsError, DiskIOError, RoleError
+from colofs.nbd import protocol as p
+from colofs.nbd.exports import Export, ExportError, Exports
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 1 << 20
+REPLY_BATCH_BYTES = 4 << 20  # replies gathered past this are sent before serving more
+MAX_BATCH_REQUESTS = 256
+MAX_OPTIONS = 64  # options one handshake may send
+META_CONTEXT_ID = 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds of one server: a client cannot hold it with a slow handshake or many connections."""
+
+    handshake_timeout: float = 10.0
+    max_connections: int = 32
+
+
+class ConnectionClosed(Exception):
+    """The client went away (between requests: a normal end)."""
+
+
+_KNOWN_FLAGS = {
+    p.CMD_READ: 0,
+    p.CMD_WRITE: p.CMD_FLAG_FUA,
+    p.CMD_DISC: 0,
+    p.CMD_FLUSH: 0,
+    p.CMD_TRIM: p.CMD_FLAG_FUA,
+    p.CMD_WRITE_ZEROES: p.CMD_FLAG_FUA | p.CMD_FLAG_NO_HOLE,
+    p.CMD_BLOCK_STATUS: p.CMD_FLAG_REQ_ONE,
+}
+
+
+def nbd_errno(exc: BaseException) -> int:
+    """The NBD error a failed core call is answered with."""
+    if isinstance(exc, BadRange):
+        return p.EINVAL
+    if isinstance(exc, RoleError):
+        return p.EPERM
+    if isinstance(exc, DiskIOError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return p.ENOSPC
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return p.ENOSPC
+    return p.EIO
+
+
+class Connection:
+    """One client: the handshake, then the transmission phase on the export it chose."""
+
+    def __init__(self, stream: trio.abc.Stream, exports: Exports, label: str) -> None:
+        self.stream = stream
+        self.exports = exports
+        self.label = label
+        self.buf = bytearray()
+        self.structured = False
+        self.meta: str | None = None  # the export base:allocation was set for
+        self.no_zeroes = False
+
+    # -- bytes in and out ------------------------------------------------------------
+
+    async def _recv(self) -> None:
+        data = await self.stream.receive_some(RECV_SIZE)
+        if not data:
+            raise ConnectionClosed
+        self.buf += data
+
+    async def _read_exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            await self._recv()
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    # -- handshake ---------------------------------------------------------------------
+
+    async def handshake(self) -> Export | None:
+        """Negotiate; the export to serve, or None when the client aborted."""
+        await self.stream.send_all(p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT,
+                                                   p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
+        (cflags,) = struct.unpack(">I", await self._read_exact(4))
+        if cflags & ~p.CLIENT_FLAGS_KNOWN or not cflags & p.FLAG_FIXED_NEWSTYLE:
+            raise p.ProtocolError(f"client flags {cflags:#x}: only the fixed newstyle handshake is served")
+        self.no_zeroes = bool(cflags & p.FLAG_NO_ZEROES)
+        for _ in range(MAX_OPTIONS):
+            magic, opt, length = p.OPTION_HEADER.unpack(await self._read_exact(p.OPTION_HEADER.size))
+            if magic != p.IHAVEOPT:
+                raise p.ProtocolError(f"bad option magic {magic:#x}")
+            if length > p.MAX_OPTION_LEN:
+                raise p.ProtocolError(f"option {opt} with {length} bytes of data")
+            data = await self._read_exact(length)
+            if opt == p.OPT_ABORT:
+                await self._send_quietly(p.option_reply(opt, p.REP_ACK))
+                return None
+            if opt == p.OPT_EXPORT_NAME:
+                return await self._export_name(data)
+            export = await self._option(opt, data)
+            if export is not None:
+                return export
+        raise p.ProtocolError(f"more than {MAX_OPTIONS} options")
+
+    async def _send_quietly(self, data: bytes) -> None:
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _export_name(self, data: bytes) -> Export:
+        try:
+            export = self.exports.resolve(p.Reader(data).string(len(data)))
+        except (ValueError, ExportError) as e:
+            raise p.ProtocolError(f"NBD_OPT_EXPORT_NAME: {e}") from None  # the old option can only hang up
+        await self.exports.cache.opened(export)
+        tail = b"" if self.no_zeroes else bytes(124)
+        await self.stream.send_all(struct.pack(">QH", export.size, self._tflags(export)) + tail)
+        self.meta = None  # meta contexts need NBD_OPT_GO
+        return export
+
+    def _tflags(self, export: Export) -> int:
+        flags = p.TF_HAS_FLAGS | p.TF_SEND_FLUSH | p.TF_SEND_FUA | p.TF_CAN_MULTI_CONN
+        if export.writable:
+            flags |= p.TF_SEND_TRIM | p.TF_SEND_WRITE_ZEROES
+        else:
+            flags |= p.TF_READ_ONLY
+        return flags
+
+    async def _reply_error(self, opt: int, code: int, message: str) -> None:
+        log.info("nbd %s: option %d refused: %s", self.label, opt, message)
+        await self.stream.send_all(p.option_reply(opt, code, message.encode()[:1024]))
+
+    async def _option(self, opt: int, data: bytes) -> Export | None:
+        if opt in (p.OPT_GO, p.OPT_INFO):
+            return await self._go(opt, data)
+        if opt == p.OPT_LIST:
+            if data:
+                await self._reply_error(opt, p.REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
+                return None
+            out = [p.option_reply(opt, p.REP_SERVER, p.server_entry(n, d)) for n, d in self.exports.names()]
+            await self.stream.send_all(b"".join(out) + p.option_reply(opt, p.REP_ACK))
+        elif opt == p.OPT_STRUCTURED_REPLY:
+            if data:
+                await self._reply_error(opt, p.REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+                return None
+            self.structured = True
+            await self.stream.send_all(p.option_reply(opt, p.REP_ACK))
+        elif opt in (p.OPT_SET_META_CONTEXT, p.OPT_LIST_META_CONTEXT):
+            await self._meta_context(opt, data)
+        elif opt == p.OPT_STARTTLS:
+            await self._reply_error(opt, p.REP_ERR_POLICY, "TLS is not offered by this server")
+        else:
+            await self._reply_error(opt, p.REP_ERR_UNSUP, f"option {opt} is not supported")
+        return None
+
+    async def _go(self, opt: int, data: bytes) -> Export | None:
+        try:
+            name, infos = p.parse_go(data)
+        except ValueError as e:
+            await self._reply_error(opt, p.REP_ERR_INVALID, str(e))
+            return None
+        try:
+            export = self.exports.resolve(name)
+        except ExportError as e:
+            await self._reply_error(opt, p.REP_ERR_UNKNOWN, str(e))
+            return None
+        out = [p.option_reply(opt, p.REP_INFO, p.info_export(export.size, self._tflags(export))),
+               p.option_reply(opt, p.REP_INFO, p.info_block_size(1, export.block_size, p.MAX_PAYLOAD))]
+        if p.INFO_NAME in infos:
+            out.append(p.option_reply(opt, p.REP_INFO, p.info_name(export.name)))
+        if p.INFO_DESCRIPTION in infos:
+            out.append(p.option_reply(opt, p.REP_INFO, p.info_description(export.description)))
+        if opt == p.OPT_INFO:
+            await self.stream.send_all(b"".join(out) + p.option_reply(opt, p.REP_ACK))
+            return None
+        await self.exports.cache.opened(export)
+        await self.stream.send_all(b"".join(out) + p.option_reply(opt, p.REP_ACK))
+        if self.meta is not None and self.meta != export.name:
+            self.meta = None  # contexts were chosen for another export
+        return export
+
+    async def _meta_context(self, opt: int, data: bytes) -> None:
+        if not self.structured:
+            await self._reply_error(opt, p.REP_ERR_INVALID, "meta contexts need structured replies first")
+            return
+        try:
+            name, queries = p.parse_meta_context(data)
+        except ValueError as e:
+            await self._reply_error(opt, p.REP_ERR_INVALID, str(e))
+            return
+        try:
+            export = self.exports.resolve(name)
+        except ExportError as e:
+            await self._reply_error(opt, p.REP_ERR_UNKNOWN, str(e))
+            return
+        if opt == p.OPT_LIST_META_CONTEXT:
+            match = not queries or any(q in ("base:", p.META_BASE_ALLOCATION) for q in queries)
+        else:
+            match = p.META_BASE_ALLOCATION in queries
+            self.meta = export.name if match else None
+        out = [p.option_reply(opt, p.REP_META_CONTEXT, p.meta_context(META_CONTEXT_ID, p.META_BASE_ALLOCATION))
+               ] if match else []
+        await self.stream.send_all(b"".join(out) + p.option_reply(opt, p.REP_ACK))
+
+    # -- transmission ------------------------------------------------------------------
+
+    async def transmit(self, export: Export) -> None:
+        """Serve requests until the client disconnects; each round's replies go out in one send."""
+        cache = self.exports.cache
+        out: list[bytes] = []
+        size = 0
+        written = False
+        try:
+            while True:
+                pos = 0
+                buf = self.buf
+                count = 0
+                done = False
+                while len(buf) - pos >= p.REQUEST.size:
+                    req = p.parse_request(buf, pos)
+                    need = p.REQUEST.size
+                    if req.type == p.CMD_WRITE:
+                        if req.length > p.MAX_PAYLOAD:
+                            raise p.ProtocolError(f"write of {req.length} bytes: more than the "
+                                                  f"{p.MAX_PAYLOAD}-byte maximum payload")
+                        need += req.length
+                    if len(buf) - pos < need:
+                        break
+                    payload = bytes(buf[pos + p.REQUEST.size : pos + need]) if need > p.REQUEST.size else b""
+                    pos += need
+                    if req.type == p.CMD_DISC:
+                        done = True
+                        break
+                    with trio.CancelScope(shield=True):  # a stop never leaves a write half applied
+                        reply, wrote = await self._serve(export, req, payload)
+                    out.append(reply)
+                    size += len(reply)
+                    written |= wrote
+                    count += 1
+                    if size >= REPLY_BATCH_BYTES or count >= MAX_BATCH_REQUESTS:
+                        await self._send_replies(export, out, written)
+                        out, size, written, count = [], 0, False, 0
+                del buf[:pos]
+                if out:
+                    await self._send_replies(export, out, written)
+                    out, size, written = [], 0, False
+                if done:
+                    return
+                await self._recv()
+        finally:
+            cache.closed(export)
+
+    async def _send_replies(self, export: Export, out: list[bytes], written: bool) -> None:
+        if written:  # the kernel's cached pages must not be seen once a write is acknowledged
+            await self.exports.cache.written(export)
+        await self.stream.send_all(b"".join(out))
+
+    def _error(self, req: p.Request, code: int, message: str) -> bytes:
+        log.debug("nbd %s: request %d at %d+%d: error %d: %s", self.label, req.type, req.offset,
+                  req.length, code, message)
+        if self.structured:
+            return p.error_chunk(req.cookie, code, message)
+        return p.simple_reply(req.cookie, code)
+
+    def _ok(self, req: p.Request) -> bytes:
+        if self.structured:
+            return p.chunk(req.cookie, p.REPLY_TYPE_NONE, 0)
+        return p.simple_reply(req.cookie)
+
+    def _check(self, export: Export, req: p.Request) -> bytes | None:
+        """The error reply for a request that must not reach the core, or None."""
+        known = _KNOWN_FLAGS.get(req.type)
+        if known is None:
+            return self._error(req, p.EINVAL, f"unknown command {req.type}")
+        if req.flags & ~known:
+            return self._error(req, p.EINVAL, f"unknown flags {req.flags:#x} for command {req.type}")
+        if req.type == p.CMD_FLUSH:
+            return self._error(req, p.EINVAL, "flush with an offset or length") if req.offset or req.length else None
+        writes = req.type in (p.CMD_WRITE, p.CMD_WRITE_ZEROES, p.CMD_TRIM)
+        if writes and not export.writable:
+            return self._error(req, p.EPERM, f"{export.name} is read-only")
+        if req.length == 0:
+            return self._error(req, p.EINVAL, "zero length")
+        if req.type == p.CMD_READ and req.length > p.MAX_PAYLOAD:
+            code = p.EOVERFLOW if self.structured else p.EINVAL
+            return self._error(req, code, f"read of {req.length} bytes: more than {p.MAX_PAYLOAD}")
+        if req.offset + req.length > export.size:
+            code = p.ENOSPC if req.type in (p.CMD_WRITE, p.CMD_WRITE_ZEROES) else p.EINVAL
+            return self._error(req, code, f"{req.length} bytes at {req.offset} end past the size of {export.size}")
+        if req.type == p.CMD_BLOCK_STATUS and self.meta != export.name:
+            return self._error(req, p.EINVAL, "no base:allocation context was negotiated")
+        return None
+
+    async def _serve(self, export: Export, req: p.Request, payload: bytes) -> tuple[bytes, bool]:
+        """One request's reply, and whether it changed the image."""
+        refused = self._check(export, req)
+        if refused is not None:
+            return refused, False
+        typ = req.type
+        try:
+            if typ == p.CMD_READ:
+                data = await export.read(req.offset, req.length)
+                if self.structured:
+                    head = p.chunk(req.cookie, p.REPLY_TYPE_OFFSET_DATA, 8 + len(data)) + struct.pack(">Q", req.offset)
+                    return head + data, False
+                return p.simple_reply(req.cookie) + data, False
+            if typ == p.CMD_WRITE:
+                await export.write(req.offset, payload)
+            elif typ == p.CMD_WRITE_ZEROES:
+                await export.write_zeroes(req.offset, req.length)
+            elif typ == p.CMD_BLOCK_STATUS:
+                extents = export.allocation(req.offset, req.length, one=bool(req.flags & p.CMD_FLAG_REQ_ONE))
+                return p.block_status_chunk(req.cookie, META_CONTEXT_ID, extents), False
+            # TRIM: advisory, and the core keeps no holes in its layers; the data stays as it is.
+            if typ == p.CMD_FLUSH or req.flags & p.CMD_FLAG_FUA:
+                await export.flush()
+        except (ColofsError, OSError) as e:
+            log.warning("nbd %s: %s: request %d of %d bytes at %d failed: %s", self.label, export.name,
+                        typ, req.length, req.offset, e)
+            return self._error(req, nbd_errno(e), str(e)), typ in (p.CMD_WRITE, p.CMD_WRITE_ZEROES)
+        return self._ok(req), typ in (p.CMD_WRITE, p.CMD_WRITE_ZEROES)
+
+
+class Server:
+    """Accepts connections on listeners and serves each in a task of its own, up to a cap."""
+
+    def __init__(self, exports: Exports, limits: Limits | None = None) -> None:
+        self.exports = exports
+        self.limits = limits or Limits()
+        self.active = 0
+        self._seq = 0
+
+    async def serve(self, listeners: list[trio.abc.Listener[trio.abc.Stream]],
+                    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; listeners are closed at the end."""
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept, listener, nursery)
+            task_status.started()
+
+    async def _accept(self, listener: trio.abc.Listener[trio.abc.Stream], nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                stream = await listener.accept()
+                if self.active >= self.limits.max_connections:
+                    log.warning("nbd: connection refused: %d connections already (the cap)", self.active)
+                    await trio.aclose_forcefully(stream)
+                    continue
+                self.active += 1
+                self._seq += 1
+                nursery.start_soon(self.handle, stream, f"#{self._seq}")
+
+    async def handle(self, stream: trio.abc.Stream, label: str) -> None:
+        """One connection from handshake to close (counted in :attr:`active` by the caller)."""
+        conn = Connection(stream, self.exports, label)
+        try:
+            export = None
+            with trio.move_on_after(self.limits.handshake_timeout) as scope:
+                export = await conn.handshake()
+            if scope.cancelled_caught:
+                log.warning("nbd %s: handshake not done within %.0f s: disconnected", label,
+                            self.limits.handshake_timeout)
+                return
+            if export is None:
+                return
+            log.info("nbd %s: serving %s (%s, %s replies)", label, export.name,
+                     "read-write" if export.writable else "read-only",
+                     "structured" if conn.structured else "simple")
+            await conn.transmit(export)
+        except ConnectionClosed:
+            pass
+        except p.ProtocolError as e:
+            log.warning("nbd %s: disconnected: %s", label, e)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            log.info("nbd %s: connection lost: %s", label, e)
+        except Exception:
+            log.exception("nbd %s: connection failed", label)
+        finally:
+            self.active -= 1
+            await trio.aclose_forcefully(stream)

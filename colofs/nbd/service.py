@@ -1,0 +1,147 @@
+"""Where the mount daemon serves NBD: a unix socket (0600) and/or a TCP port, bound at startup.
+
+The unix socket is made in a private directory, given mode 0600 and then
+renamed into place, so it is never reachable with looser permissions. A
+socket file left by a dead daemon (nothing accepts on it) is replaced; any
+other file at that path, or a live socket, stops the startup.
+
+TCP carries no authentication of its own in NBD (colofs offers no TLS on
+it): the daemon serves it only when asked with ``--nbd-listen`` and only
+together with ``--key-file``, which marks a host prepared for replication
+on a trusted network. The handshake is bounded in time and the connections
+in number (:class:`colofs.nbd.server.Limits`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket as stdsocket
+import stat
+import tempfile
+
+import trio
+
+from colofs.core.store import Store
+from colofs.nbd.exports import CacheLink, Exports
+from colofs.nbd.server import Limits, Server
+
+log = logging.getLogger(__name__)
+
+
+class NbdStartError(Exception):
+    """NBD cannot be served as configured; the message says why."""
+
+
+def _stale_socket(path: str) -> bool:
+    """Whether ``path`` is a socket nothing accepts on (left by a dead daemon)."""
+    s = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return False
+
+
+def bind_unix(path: str) -> stdsocket.socket:
+    """A listening unix socket at ``path``, mode 0600."""
+    path = os.path.abspath(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise NbdStartError(f"--nbd-socket {path}: a file that is not a socket is in the way")
+        if not _stale_socket(path):
+            raise NbdStartError(f"--nbd-socket {path}: in use by another server")
+        os.unlink(path)
+        log.warning("nbd: replaced the stale socket %s", path)
+    parent = os.path.dirname(path)
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=".nbd-", dir=parent)
+    except OSError as e:
+        raise NbdStartError(f"--nbd-socket {path}: cannot create it in {parent}: {e.strerror}") from None
+    sock = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        tmp = os.path.join(tmpdir, "s")
+        sock.bind(tmp)
+        os.chmod(tmp, 0o600)
+        sock.listen(64)
+        os.rename(tmp, path)
+    except OSError as e:
+        sock.close()
+        raise NbdStartError(f"--nbd-socket {path}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(tmpdir, "s"))
+        with contextlib.suppress(OSError):
+            os.rmdir(tmpdir)
+    return sock
+
+
+class NbdService:
+    """The daemon's NBD server: started before the mount serves, stopped before replication drains."""
+
+    def __init__(self, server: Server, socket_path: str | None) -> None:
+        self.server = server
+        self.socket_path = socket_path
+        self._scope = trio.CancelScope()
+        self._stopped = trio.Event()
+        self.addresses: list[str] = []
+
+    @classmethod
+    async def start(cls, nursery: trio.Nursery, store: Store, cache: CacheLink | None, *,
+                    socket_path: str | None, tcp: tuple[str, int] | None,
+                    limits: Limits | None = None) -> NbdService:
+        """Bind every listener (a failure is :class:`NbdStartError`), then serve in ``nursery``."""
+        listeners: list[trio.SocketListener] = []
+        try:
+            if socket_path is not None:
+                sock = bind_unix(socket_path)
+                listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+            if tcp is not None:
+                host, port = tcp
+                try:
+                    listeners += await trio.open_tcp_listeners(port, host=host)
+                except OSError as e:
+                    raise NbdStartError(f"--nbd-listen {host}:{port}: {e.strerror or e}") from None
+        except BaseException:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+            if socket_path is not None and listeners:
+                with contextlib.suppress(OSError):
+                    os.unlink(socket_path)
+            raise
+        svc = cls(Server(Exports(store, cache), limits), os.path.abspath(socket_path) if socket_path else None)
+        if socket_path is not None:
+            svc.addresses.append(f"unix:{svc.socket_path}")
+        for listener in listeners:
+            name = listener.socket.getsockname()
+            if isinstance(name, tuple):
+                svc.addresses.append(f"tcp:{name[0]}:{name[1]}")
+        await nursery.start(svc._run, listeners)
+        log.info("nbd: serving on %s", ", ".join(svc.addresses))
+        return svc
+
+    async def _run(self, listeners: list[trio.SocketListener],
+                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with self._scope:
+                await self.server.serve(listeners, task_status=task_status)  # type: ignore[arg-type]
+        finally:
+            if self.socket_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.socket_path)
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        """Stop accepting and close every connection (requests under way are cancelled)."""
+        self._scope.cancel()
+        await self._stopped.wait()
