@@ -1,5 +1,6 @@
 """Real mounts with --tls-cert/--tls-key/--tls-ca: replicated and checkpointed over TLS; a primary
-without TLS is refused by a TLS secondary, with the reason in both statuses."""
+without TLS is refused by a TLS secondary, with the reason in both statuses; a key file owned by
+another user stops the mount."""
 
 from __future__ import annotations
 
@@ -53,3 +54,15 @@ def test_tls_options_checked_before_the_mount(pair: Pair, tmp_path) -> None:
                    "--tls-cert", str(pki / "primary.pem"), "--tls-key", str(pki / "secondary.key"),
                    "--tls-ca", str(pki / "ca.pem"), pair.base, check=False)
     assert res.returncode == 2 and "--tls-key" in res.stderr
+
+
+def test_key_file_owned_by_another_user_stops_the_mount(pair: Pair) -> None:
+    """Its owner could read it or loosen its mode at any time: the daemon refuses it, saying whose it is."""
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's owner needs root")
+    os.chown(pair.key, 65534, -1)
+    res = mountctl("mount", "--role", "secondary", "--store", pair.sec.store, "--listen", f"127.0.0.1:{pair.port}",
+                   "--key-file", str(pair.key), pair.sec.mnt, check=False)
+    assert res.returncode == 1, res
+    assert "owned by uid 65534, not by this daemon's uid 0" in res.stderr
+    assert not os.path.ismount(pair.sec.mnt)
