@@ -231,6 +231,14 @@ def test_bad_magic_detected_from_the_first_byte() -> None:
         decoder.next_message()
 
 
+def test_tls_client_hello_is_named_as_such() -> None:
+    """A peer configured for TLS meeting a node without: the refusal says what the bytes are."""
+    decoder = FrameDecoder()
+    decoder.feed(b"\x16\x03\x01\x02\x00")
+    with pytest.raises(BadMagic, match="the peer starts TLS"):
+        decoder.next_message()
+
+
 def test_bad_version() -> None:
     with pytest.raises(BadVersion, match="frame version 2"):
         decode_all(craft_frame(MessageType.PING, bytes(8), version=2))
