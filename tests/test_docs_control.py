@@ -97,14 +97,14 @@ def test_every_documented_attribute_has_a_section():
 def test_a_new_attribute_is_reported_by_name():
     """The failure message names exactly the attribute that is missing, or extra, or documented wrongly."""
     code, doc = in_code(), in_code()  # two copies agreeing, then each drifts one way
-    code["repair"] = {"read": set(), "set": {"vm"}, "remove": set()}
-    doc["frobnicate"] = {"read": {"root"}, "set": set(), "remove": set()}
+    code["example_new"] = {"read": set(), "set": {"vm"}, "remove": set()}
+    doc["example_gone"] = {"read": {"root"}, "set": set(), "remove": set()}
     doc["mode"] = {**doc["mode"], "set": {"vm", "disk"}}
     problems = differences(doc, code)
     assert problems == [
-        "user.colofs.repair is missing from docs/control.md (set on vm): add a row to the attribute table and "
-        "a section saying what it does",
-        "user.colofs.frobnicate is documented in docs/control.md but the daemon has no such attribute "
+        "user.colofs.example_new is missing from docs/control.md (set on vm): add a row to the attribute table "
+        "and a section saying what it does",
+        "user.colofs.example_gone is documented in docs/control.md but the daemon has no such attribute "
         "(colofs/fs/control.py): remove it from the docs",
         "user.colofs.mode: docs/control.md says set on disk, vm, the daemon allows vm",
     ]
