@@ -52,6 +52,10 @@ def daemon_args(cfg: MountConfig) -> list[str]:
         args += ["--key-file", cfg.key_file]
     if cfg.tls_cert and cfg.tls_key and cfg.tls_ca:
         args += ["--tls-cert", cfg.tls_cert, "--tls-key", cfg.tls_key, "--tls-ca", cfg.tls_ca]
+    if cfg.nbd_socket:
+        args += ["--nbd-socket", cfg.nbd_socket]
+    if cfg.nbd_listen:
+        args += ["--nbd-listen", str(cfg.nbd_listen)]
     if cfg.allow_other:
         args.append("--allow-other")
     if cfg.debug:

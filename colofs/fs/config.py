@@ -94,6 +94,8 @@ class MountConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    nbd_socket: str | None = None
+    nbd_listen: Endpoint | None = None
 
     def tls(self) -> TlsConfig | None:
         """The TLS settings read from the files (raises ``ReplConfigError``), or None without TLS."""
@@ -132,6 +134,8 @@ def make_config(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     tls_ca: str | None = None,
+    nbd_socket: str | None = None,
+    nbd_listen: str | None = None,
 ) -> MountConfig:
     """Validate the options of a mount; raises :class:`ConfigError`."""
     if role not in ROLES:
@@ -142,8 +146,12 @@ def make_config(
         raise ConfigError("--peer is for a primary (it connects to its secondary); a secondary uses --listen")
     ep_listen = parse_endpoint(listen, "--listen") if listen is not None else None
     ep_peer = parse_endpoint(peer, "--peer") if peer is not None else None
-    if key_file is not None and ep_listen is None and ep_peer is None:
-        raise ConfigError("--key-file is only used with --listen or --peer")
+    ep_nbd = parse_endpoint(nbd_listen, "--nbd-listen") if nbd_listen is not None else None
+    if key_file is not None and ep_listen is None and ep_peer is None and ep_nbd is None:
+        raise ConfigError("--key-file is only used with --listen or --peer (or --nbd-listen)")
+    if ep_nbd is not None and key_file is None:
+        raise ConfigError(f"--nbd-listen {ep_nbd}: NBD over TCP has no authentication of its own; it is "
+                          "served only on a host set up with --key-file (use --nbd-socket for local clients)")
     for ep, option in ((ep_listen, "--listen"), (ep_peer, "--peer")):
         if ep is not None and key_file is None and not _maybe_loopback(ep.host):
             raise ConfigError(f"{option} {ep}: a non-loopback address needs --key-file "
@@ -164,6 +172,8 @@ def make_config(
         tls_cert=tls[0],
         tls_key=tls[1],
         tls_ca=tls[2],
+        nbd_socket=os.path.abspath(nbd_socket) if nbd_socket else None,
+        nbd_listen=ep_nbd,
     )
 
 
@@ -198,6 +208,10 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", metavar="FILE", help="TLS: the private key of --tls-cert (PEM)")
     p.add_argument("--tls-ca", metavar="FILE",
                    help="TLS: the CA the peer's certificate must come from (both nodes verify each other)")
+    p.add_argument("--nbd-socket", metavar="PATH",
+                   help="serve the disks, snapshots and clones over NBD on this unix socket (mode 0600)")
+    p.add_argument("--nbd-listen", metavar="HOST:PORT",
+                   help="serve NBD on TCP too (needs --key-file; NBD itself does not authenticate)")
     p.add_argument("--log-file", metavar="FILE", help="log file (default: STORE/.colofs-mount.log)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users (e.g. the QEMU user) access the mount")
@@ -211,4 +225,5 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         peer=args.peer, key_file=args.key_file, log_file=args.log_file,
         allow_other=args.allow_other, debug=args.debug,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+        nbd_socket=args.nbd_socket, nbd_listen=args.nbd_listen,
     )

@@ -46,6 +46,8 @@ from colofs.fs.lock import AlreadyMounted, StoreLock
 from colofs.fs.mountpoint import MountpointError, check_mountpoint, detach_stale, fuse_unmount
 from colofs.fs.operations import Operations
 from colofs.fs.replication import Replication
+from colofs.nbd.fusecache import FuseCacheLink
+from colofs.nbd.service import NbdService, NbdStartError
 from colofs.repl import ReplConfigError
 from colofs.wire import KeyFileError, load_key
 
@@ -135,6 +137,18 @@ async def _start_replication(nursery: trio.Nursery, repl: Replication, cfg: Moun
                  "authenticated" if repl.key is not None else "no key: loopback only")
 
 
+async def _start_nbd(nursery: trio.Nursery, ops: Operations, cfg: MountConfig) -> NbdService | None:
+    """Bind the NBD socket and port, if configured, before the mount serves (a failure stops the startup)."""
+    if cfg.nbd_socket is None and cfg.nbd_listen is None:
+        return None
+    tcp = (cfg.nbd_listen.host, cfg.nbd_listen.port) if cfg.nbd_listen is not None else None
+    try:
+        return await NbdService.start(nursery, ops.store, FuseCacheLink(ops.inodes, ops.cache),
+                                      socket_path=cfg.nbd_socket, tcp=tcp)
+    except NbdStartError as e:
+        raise StartupError(f"nbd: {e}") from None
+
+
 def _mount(ops: Operations, cfg: MountConfig) -> None:
     options = {"fsname=colofs", "subtype=colofs", "default_permissions"}
     if cfg.allow_other:
@@ -168,17 +182,19 @@ async def serve(cfg: MountConfig, lock: StoreLock, ready: Ready) -> None:
             ops = Operations(store, MountInfo(cfg, os.getpid(), time.time()), repl)
             failure: StartupError | None = None
             mounted = False
+            nbd: NbdService | None = None
             try:
                 async with trio.open_nursery() as nursery:
                     try:
                         await _start_replication(nursery, repl, cfg)
+                        nbd = await _start_nbd(nursery, ops, cfg)
                         _mount(ops, cfg)
                         mounted = True
                     except StartupError as e:
                         failure = e
                         nursery.cancel_scope.cancel()
                     else:
-                        await _serve_mount(nursery, ops, repl, cfg, lock, signals, ready, notes)
+                        await _serve_mount(nursery, ops, repl, cfg, lock, signals, ready, notes, nbd)
             finally:
                 if mounted:
                     pyfuse3.close(unmount=True)  # a no-op after a clean unmount
@@ -193,8 +209,9 @@ async def serve(cfg: MountConfig, lock: StoreLock, ready: Ready) -> None:
 
 
 async def _serve_mount(nursery: trio.Nursery, ops: Operations, repl: Replication, cfg: MountConfig,
-                       lock: StoreLock, signals: AsyncIterator[int], ready: Ready, notes: list[str]) -> None:
-    """Serve until the mount is gone, then stop everything else in ``nursery``."""
+                       lock: StoreLock, signals: AsyncIterator[int], ready: Ready, notes: list[str],
+                       nbd: NbdService | None = None) -> None:
+    """Serve until the mount is gone, then stop everything else in ``nursery`` (NBD before replication)."""
     unmounted = trio.Event()
     await nursery.start(_run_fuse, unmounted)
     ops.nursery = nursery
@@ -204,9 +221,12 @@ async def _serve_mount(nursery: trio.Nursery, ops: Operations, repl: Replication
              len(ops.store.vms), repl.root_status()["state"])
     ready({"ready": True, "pid": os.getpid(), "mountpoint": cfg.mountpoint,
            "store": cfg.store, "log_file": cfg.log_file, "notes": notes,
-           "vms": sorted(ops.store.vms)})
+           "vms": sorted(ops.store.vms), "nbd": nbd.addresses if nbd is not None else []})
     await unmounted.wait()
     ops.cache.close()  # no kernel session to talk to any more
+    if nbd is not None:
+        log.info("%s unmounted: closing the NBD connections", cfg.mountpoint)
+        await nbd.stop()
     if repl.primary is not None or repl.server is not None:
         log.info("%s unmounted: stopping replication", cfg.mountpoint)
     lock.update(state="stopping replication")

@@ -1,9 +1,10 @@
-"""Fixtures for the NBD tests: a store in a tmp dir served by the NBD server over in-memory streams."""
+"""Fixtures for the NBD tests: a store served over in-memory streams (fast, no FUSE), or a real mount."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -12,9 +13,36 @@ import trio.testing
 from colofs.core.store import Store
 from colofs.nbd.exports import Exports
 from colofs.nbd.server import Limits, Server
+from tests.fs.mounts import Mount
+from tests.mountable import skip_mount_tests
 from tests.nbd.rawclient import RawClient
 
 SIZE = 4 << 20
+MOUNTED = Path(__file__).parent / "test_mounted.py"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The mounted tests skip, with the reason, where mounts or the NBD tools are missing."""
+    skip_mount_tests(items, MOUNTED, ("fusermount3", "qemu-img", "qemu-io", "nbdinfo", "nbdcopy"))
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
+    """``mounted(role)``: a real mount serving NBD on ``tmp_path/nbd.sock``; unmounted at the end."""
+    made: list[Mount] = []
+
+    def make(role: str = "primary", *extra: str) -> Mount:
+        m = Mount(tmp_path, role, f"m{len(made)}")
+        made.append(m)
+        m.sock = tmp_path / f"nbd{len(made)}.sock"  # type: ignore[attr-defined]
+        m.mount("--nbd-socket", str(m.sock), *extra)  # type: ignore[attr-defined]
+        return m
+
+    try:
+        yield make
+    finally:
+        for m in made:
+            m.cleanup()
 
 
 class Served:

@@ -1,0 +1,146 @@
+"""NBD on a real mount, driven by real tools: qemu-img, qemu-io, nbdinfo and nbdcopy.
+
+Each test mounts a store with ``--nbd-socket`` and checks what the tools see
+against the FUSE files of the same disks: the same bytes, writes seen both
+ways, snapshots read-only and frozen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+from tests.fs.mounts import Mount, mountctl, run
+from tests.nbd.rawclient import RawClient
+from tests.waiting import wait_until
+
+MiB = 1 << 20
+
+
+def uri(m: Mount, export: str) -> str:
+    return f"nbd+unix:///{export}?socket={m.sock}"  # type: ignore[attr-defined]
+
+
+def qemu_io(m: Mount, export: str, *cmds: str, check: bool = True):
+    args = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        args += ["-c", c]
+    return run(*args, uri(m, export), check=check)
+
+
+def test_socket_is_private_and_disk_export_matches_the_fuse_file(mounted, tmp_path) -> None:
+    m = mounted("primary")
+    st = os.stat(m.sock)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+    mountctl("create", m.mnt, "vm1/d0", "--size", "32M")
+    out = qemu_io(m, "vm1/d0", "write -P 0xab 1M 2M", "write -z 8M 64k", "read -P 0xab 1M 2M").stdout
+    assert "wrote 2097152/2097152 bytes" in out and "read 2097152/2097152 bytes" in out
+    with open(m.path("vm1", "d0.raw"), "rb") as f:  # written over NBD, read through FUSE
+        f.seek(MiB)
+        assert f.read(2 * MiB) == b"\xab" * (2 * MiB)
+    info = json.loads(run("qemu-img", "info", "--output=json", uri(m, "vm1/d0")).stdout)
+    assert info["virtual-size"] == 32 * MiB
+    copy = tmp_path / "copy.raw"
+    run("qemu-img", "convert", "-O", "raw", uri(m, "vm1/d0"), copy)
+    assert copy.read_bytes() == m.path("vm1", "d0.raw").read_bytes()
+    run("qemu-img", "compare", "-f", "raw", "-F", "raw", uri(m, "vm1/d0"), m.path("vm1", "d0.raw"))
+
+
+async def test_an_acknowledged_nbd_write_replaces_pages_the_kernel_caches(mounted) -> None:
+    m = mounted("primary")
+    mountctl("create", m.mnt, "vm1/d0", "--size", "16M")
+    c = await RawClient.connect_unix(str(m.sock))
+    assert (await c.go("vm1/d0"))[-1][0] == 1
+    fd = os.open(m.path("vm1", "d0.raw"), os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 4096) == bytes(4096)  # cached by the kernel now, the connection open
+        assert (await c.write(0, b"\x5a" * 65536)).error == 0
+        assert os.pread(fd, 4096, 4096) == b"\x5a" * 4096
+    finally:
+        os.close(fd)
+        await c.disconnect()
+
+
+async def test_a_snapshot_in_use_over_nbd_cannot_be_deleted(mounted) -> None:
+    m = mounted("primary")
+    mountctl("create", m.mnt, "vm1/d0", "--size", "4M")
+    mountctl("snapshot", f"{m.mnt}/vm1/d0", "s1")
+    c = await RawClient.connect_unix(str(m.sock))
+    assert (await c.go("vm1/d0@s1"))[-1][0] == 1
+    res = mountctl("snapshot", "--delete", f"{m.mnt}/vm1/d0", "s1", check=False)
+    assert res.returncode != 0 and "open" in res.stderr
+    assert await c.read(0, 4096) == bytes(4096)
+    await c.disconnect()
+    await c.close()
+    await wait_until(lambda: mountctl("snapshot", "--delete", f"{m.mnt}/vm1/d0", "s1", check=False).returncode == 0,
+                     what="the snapshot deleted once the NBD client left")
+
+
+def test_nbd_and_fuse_see_each_others_completed_writes(mounted) -> None:
+    m = mounted("primary")
+    mountctl("create", m.mnt, "vm1/d0", "--size", "16M")
+    path = m.path("vm1", "d0.raw")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert os.pread(fd, 4096, 0) == bytes(4096)  # the kernel now caches this page
+        qemu_io(m, "vm1/d0", "write -P 0x5a 0 64k")
+        assert os.pread(fd, 4096, 0) == b"\x5a" * 4096  # not the stale cached page
+        os.pwrite(fd, b"\xc3" * 4096, 8 * MiB)  # buffered in the kernel, no fsync
+        out = qemu_io(m, "vm1/d0", "read -P 0xc3 8M 4k").stdout
+        assert "read 4096/4096 bytes" in out and "Pattern verification failed" not in out
+    finally:
+        os.close(fd)
+
+
+def test_snapshot_export_with_nbdinfo_and_nbdcopy(mounted, tmp_path) -> None:
+    m = mounted("primary")
+    mountctl("create", m.mnt, "vm1/d0", "--size", "8M")
+    qemu_io(m, "vm1/d0", "write -P 0x11 0 1M")
+    mountctl("snapshot", f"{m.mnt}/vm1/d0", "nightly")
+    qemu_io(m, "vm1/d0", "write -P 0x22 0 1M")
+    snap = uri(m, "vm1/d0@nightly")
+    info = json.loads(run("nbdinfo", "--json", snap).stdout)
+    ex = info["exports"][0]
+    assert ex["export-size"] == 8 * MiB and ex["is_read_only"] is True
+    assert ex["can_zero"] is False and ex["contexts"] == ["base:allocation"]
+    assert ex["block_size_maximum"] == 32 * MiB
+    listed = run("nbdinfo", "--list", "--json", f"nbd+unix://?socket={m.sock}").stdout
+    assert {e["export-name"] for e in json.loads(listed)["exports"]} == {"vm1/d0", "vm1/d0@nightly"}
+    alloc = run("nbdinfo", "--map", uri(m, "vm1/d0")).stdout
+    assert "data" in alloc and "hole" in alloc  # 1M written, the rest a hole in base
+    backup = tmp_path / "nightly.raw"
+    run("nbdcopy", snap, backup)
+    assert backup.read_bytes() == b"\x11" * MiB + bytes(7 * MiB)
+    assert backup.read_bytes() == m.path("vm1", "d0@nightly.raw").read_bytes()
+    disk_copy = tmp_path / "disk.raw"
+    run("nbdcopy", uri(m, "vm1/d0"), disk_copy)
+    assert disk_copy.read_bytes()[:MiB] == b"\x22" * MiB
+    refused = qemu_io(m, "vm1/d0@nightly", "write -P 0x33 0 4k", check=False)
+    assert "wrote" not in refused.stdout
+    assert m.path("vm1", "d0@nightly.raw").read_bytes()[:MiB] == b"\x11" * MiB
+
+
+def test_clone_export_is_writable(mounted) -> None:
+    m = mounted("primary")
+    mountctl("create", m.mnt, "vm1/d0", "--size", "8M")
+    qemu_io(m, "vm1/d0", "write -P 0x11 0 64k")
+    mountctl("clone", f"{m.mnt}/vm1/d0", "test")
+    qemu_io(m, "vm1/d0@test", "write -P 0x44 0 4k")
+    assert m.path("vm1", "d0@test.raw").read_bytes()[:8192] == b"\x44" * 4096 + b"\x11" * 4096
+    assert m.path("vm1", "d0.raw").read_bytes()[:4096] == b"\x11" * 4096
+
+
+def test_a_stale_socket_is_replaced_and_tcp_needs_a_key(mounted, tmp_path) -> None:
+    m = mounted("secondary")
+    m.umount()
+    assert not os.path.exists(m.sock)  # removed at unmount
+    res = mountctl("mount", "--role", "secondary", "--store", m.store, "--nbd-listen", "127.0.0.1:10809",
+                   m.mnt, check=False)
+    assert res.returncode != 0 and "--key-file" in res.stderr
+    blocker = tmp_path / "not-a-socket"
+    blocker.write_text("x")
+    res = mountctl("mount", "--role", "secondary", "--store", m.store, "--nbd-socket", blocker, m.mnt,
+                   check=False)
+    assert res.returncode != 0 and "not a socket" in res.stderr
+    assert not os.path.ismount(m.mnt)
