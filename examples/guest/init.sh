@@ -45,6 +45,7 @@ while [ ! -b /dev/vda ]; do
     n=$((n + 1)); [ $n -gt 300 ] && fail "reason=no-/dev/vda"
     sleep 0.1
 done
+say "up"
 
 content() {  # content GEN FILE SIZE: the bytes of one file
     yes "colofs seed=$SEED gen=$1 file=$2" | head -c "$3"
