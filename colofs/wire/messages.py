@@ -52,6 +52,8 @@ class MessageType(IntEnum):
     PING = 16
     PONG = 17
     RESYNC_QUERY = 18
+    VERIFY_QUERY = 21
+    VERIFY_DIGESTS = 22
 
 
 class Role(IntEnum):
@@ -92,6 +94,8 @@ _WRITE_HEAD = struct.Struct("<HQI")  # disk, offset, data length
 _RESYNC_REQ_HEAD = struct.Struct("<HQI")  # disk, first_block, count
 _RESYNC_QUERY = struct.Struct("<HQI")  # disk, first_block, count
 _RESYNC_DATA_HEAD = struct.Struct("<HII")  # disk, block_size, count
+_VERIFY_QUERY = struct.Struct("<QHQI")  # token, disk, first_block, count
+_VERIFY_DIGESTS_HEAD = struct.Struct("<QHQQI")  # token, disk, first_block, checkpoint, count
 _BLOCK_HEAD = struct.Struct("<QI")  # block, data length
 _HELLO_MID = struct.Struct("<B32sI")  # role, nonce, features (after node_id)
 _ERROR_HEAD = struct.Struct("<H")
@@ -764,6 +768,88 @@ class ResyncQuery(Message):
         return cls(*r.unpack(_RESYNC_QUERY, "disk/first_block/count"))
 
 
+@dataclass(frozen=True, slots=True)
+class VerifyQuery(Message):
+    """Primary -> secondary: digests of your last checkpoint's image of these blocks (answer: VERIFY_DIGESTS).
+
+    An online verify compares the two copies at a checkpoint without
+    changing either; ``token`` pairs each answer with its query.
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.VERIFY_QUERY
+    token: int
+    disk: int
+    first_block: int
+    count: int
+
+    def __post_init__(self) -> None:
+        _check_uint("token", self.token, _U64_MAX)
+        _check_uint("disk", self.disk, _U16_MAX)
+        _check_uint("first_block", self.first_block, _U64_MAX)
+        _check_uint("count", self.count, _U32_MAX)
+        if self.count == 0:
+            raise ValueError("a VERIFY_QUERY must ask for at least one block")
+        if self.first_block + self.count > _U64_MAX + 1:
+            raise ValueError(f"{self.count} blocks from block {self.first_block} overflow u64")
+
+    def encode(self) -> bytes:
+        return _VERIFY_QUERY.pack(self.token, self.disk, self.first_block, self.count)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(*r.unpack(_VERIFY_QUERY, "token/disk/first_block/count"))
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class VerifyDigests(Message):
+    """Secondary -> primary: xxh3 digests of blocks ``first_block ..`` as they were at checkpoint ``checkpoint``."""
+
+    TYPE: ClassVar[MessageType] = MessageType.VERIFY_DIGESTS
+    token: int
+    disk: int
+    first_block: int
+    checkpoint: int
+    digests: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_uint("token", self.token, _U64_MAX)
+        _check_uint("disk", self.disk, _U16_MAX)
+        _check_uint("first_block", self.first_block, _U64_MAX)
+        _check_uint("checkpoint", self.checkpoint, _U64_MAX)
+        if not isinstance(self.digests, tuple):
+            object.__setattr__(self, "digests", tuple(self.digests))
+        n = len(self.digests)
+        if n > _U32_MAX:
+            raise ValueError(f"{n} digests, at most {_U32_MAX} allowed")
+        if self.first_block + n > _U64_MAX + 1:
+            raise ValueError(f"{n} blocks from block {self.first_block} overflow u64")
+        if n:
+            if not all(type(d) is int for d in self.digests):
+                raise TypeError("digests must be ints")
+            if min(self.digests) < 0 or max(self.digests) > _U64_MAX:
+                raise ValueError("a digest is outside the u64 range")
+
+    def __repr__(self) -> str:
+        return (
+            f"VerifyDigests(token={self.token}, disk={self.disk}, first_block={self.first_block}, "
+            f"checkpoint={self.checkpoint}, digests={len(self.digests)})"
+        )
+
+    def encode(self) -> bytes:
+        n = len(self.digests)
+        head = _VERIFY_DIGESTS_HEAD.pack(self.token, self.disk, self.first_block, self.checkpoint, n)
+        return head + struct.pack(f"<{n}Q", *self.digests)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        token, disk, first_block, checkpoint, n = r.unpack(
+            _VERIFY_DIGESTS_HEAD, "token/disk/first_block/checkpoint/count")
+        r.count(_U64, "digests", n, 8)
+        digests = struct.unpack_from(f"<{n}Q", r.buf, r.pos)
+        r.pos += 8 * n
+        return cls(token, disk, first_block, checkpoint, digests)
+
+
 def truncate_utf8(text: str, limit: int = MAX_STR_LEN) -> bytes:
     """Encode ``text`` as UTF-8 cut to at most ``limit`` bytes on a character boundary.
 
@@ -857,6 +943,8 @@ MESSAGE_CLASSES: dict[int, type[Message]] = {
         Ping,
         Pong,
         ResyncQuery,
+        VerifyQuery,
+        VerifyDigests,
     )
 }
 assert set(MESSAGE_CLASSES) == set(MessageType)
@@ -916,6 +1004,8 @@ __all__ = [
     "ResyncQuery",
     "ResyncRequest",
     "Role",
+    "VerifyDigests",
+    "VerifyQuery",
     "Write",
     "decode_message",
     "truncate_utf8",

@@ -34,7 +34,7 @@ from colofs.wire import (
     Write,
     decode_message,
 )
-from colofs.wire.messages import ResyncQuery, truncate_utf8
+from colofs.wire.messages import ResyncQuery, VerifyDigests, VerifyQuery, truncate_utf8
 
 U16 = 2**16 - 1
 U32 = 2**32 - 1
@@ -101,6 +101,12 @@ STRATEGIES: dict[MessageType, st.SearchStrategy[Message]] = {
     MessageType.PONG: st.builds(Pong, u64),
     MessageType.RESYNC_QUERY: st.integers(1, U32).flatmap(
         lambda n: st.builds(ResyncQuery, u16, st.integers(0, 2**64 - n), st.just(n))
+    ),
+    MessageType.VERIFY_QUERY: st.integers(1, U32).flatmap(
+        lambda n: st.builds(VerifyQuery, u64, u16, st.integers(0, 2**64 - n), st.just(n))
+    ),
+    MessageType.VERIFY_DIGESTS: st.lists(u64, max_size=20).flatmap(
+        lambda ds: st.builds(VerifyDigests, u64, u16, st.integers(0, 2**64 - len(ds)), u64, st.just(tuple(ds)))
     ),
 }
 any_message: st.SearchStrategy[Message] = st.one_of(*STRATEGIES.values())
