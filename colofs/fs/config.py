@@ -152,12 +152,16 @@ def make_config(
     if ep_nbd is not None and key_file is None:
         raise ConfigError(f"--nbd-listen {ep_nbd}: NBD over TCP has no authentication of its own; it is "
                           "served only on a host set up with --key-file (use --nbd-socket for local clients)")
+    if ep_nbd is not None and not _maybe_loopback(ep_nbd.host) and not (tls_cert or tls_key or tls_ca):
+        raise ConfigError(f"--nbd-listen {ep_nbd}: a non-loopback address needs TLS (--tls-cert, --tls-key, "
+                          "--tls-ca): clients must show a certificate from that CA")
     for ep, option in ((ep_listen, "--listen"), (ep_peer, "--peer")):
         if ep is not None and key_file is None and not _maybe_loopback(ep.host):
             raise ConfigError(f"{option} {ep}: a non-loopback address needs --key-file "
                               "(peers authenticate with a shared key)")
     key = check_key_file(key_file) if key_file is not None else None
-    tls = _check_tls(tls_cert, tls_key, tls_ca, replicating=ep_listen is not None or ep_peer is not None)
+    tls = _check_tls(tls_cert, tls_key, tls_ca,
+                     replicating=ep_listen is not None or ep_peer is not None or ep_nbd is not None)
     store = os.path.abspath(store)
     return MountConfig(
         store=store,

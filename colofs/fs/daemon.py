@@ -48,6 +48,7 @@ from colofs.fs.operations import Operations
 from colofs.fs.replication import Replication
 from colofs.nbd.fusecache import FuseCacheLink
 from colofs.nbd.service import NbdService, NbdStartError
+from colofs.notify import notify
 from colofs.repl import ReplConfigError
 from colofs.wire import KeyFileError, load_key
 
@@ -143,9 +144,11 @@ async def _start_nbd(nursery: trio.Nursery, ops: Operations, cfg: MountConfig) -
         return None
     tcp = (cfg.nbd_listen.host, cfg.nbd_listen.port) if cfg.nbd_listen is not None else None
     try:
+        tls = cfg.tls() if tcp is not None else None
         return await NbdService.start(nursery, ops.store, FuseCacheLink(ops.inodes, ops.cache),
-                                      socket_path=cfg.nbd_socket, tcp=tcp)
-    except NbdStartError as e:
+                                      socket_path=cfg.nbd_socket, tcp=tcp,
+                                      tls=tls.server if tls is not None else None)
+    except (NbdStartError, ReplConfigError) as e:
         raise StartupError(f"nbd: {e}") from None
 
 
@@ -222,7 +225,9 @@ async def _serve_mount(nursery: trio.Nursery, ops: Operations, repl: Replication
     ready({"ready": True, "pid": os.getpid(), "mountpoint": cfg.mountpoint,
            "store": cfg.store, "log_file": cfg.log_file, "notes": notes,
            "vms": sorted(ops.store.vms), "nbd": nbd.addresses if nbd is not None else []})
+    notify(READY=1, MAINPID=os.getpid(), STATUS=f"serving {cfg.store} on {cfg.mountpoint}")
     await unmounted.wait()
+    notify(STOPPING=1, STATUS=f"{cfg.mountpoint} unmounted: stopping replication, closing the store")
     ops.cache.close()  # no kernel session to talk to any more
     if nbd is not None:
         log.info("%s unmounted: closing the NBD connections", cfg.mountpoint)

@@ -7,6 +7,11 @@ complete request in it in order, and sends all their replies with one
 connection is bounded by one receive plus one maximal write payload, and a
 burst of small requests costs one receive and one send, not one each.
 
+On TCP with TLS configured, every option but ``NBD_OPT_STARTTLS`` and
+``NBD_OPT_ABORT`` is refused until the client has switched to TLS and shown
+a certificate from the configured CA (the server's context requires one):
+that is the client's authentication.
+
 Bad input never reaches the core: a request with an unknown command or flag,
 a range past the end, or a zero or oversized length gets an error reply and
 is not applied; a write whose payload exceeds the maximum, a wrong magic or a
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import ssl
 import struct
 from dataclasses import dataclass
 
@@ -75,8 +81,11 @@ def nbd_errno(exc: BaseException) -> int:
 class Connection:
     """One client: the handshake, then the transmission phase on the export it chose."""
 
-    def __init__(self, stream: trio.abc.Stream, exports: Exports, label: str) -> None:
+    def __init__(self, stream: trio.abc.Stream, exports: Exports, label: str,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.stream = stream
+        self.tls = tls  # TLS required first (the TCP listener of a node with certificates)
+        self.secure = False
         self.exports = exports
         self.label = label
         self.buf = bytearray()
@@ -116,6 +125,14 @@ class Connection:
             if length > p.MAX_OPTION_LEN:
                 raise p.ProtocolError(f"option {opt} with {length} bytes of data")
             data = await self._read_exact(length)
+            if opt == p.OPT_STARTTLS:
+                await self._starttls(data)
+                continue
+            if self.tls is not None and not self.secure and opt != p.OPT_ABORT:
+                if opt == p.OPT_EXPORT_NAME:
+                    raise p.ProtocolError("NBD_OPT_EXPORT_NAME before TLS: this port requires TLS")
+                await self._reply_error(opt, p.REP_ERR_TLS_REQD, "this port requires TLS (NBD_OPT_STARTTLS) first")
+                continue
             if opt == p.OPT_ABORT:
                 await self._send_quietly(p.option_reply(opt, p.REP_ACK))
                 return None
@@ -125,6 +142,27 @@ class Connection:
             if export is not None:
                 return export
         raise p.ProtocolError(f"more than {MAX_OPTIONS} options")
+
+    async def _starttls(self, data: bytes) -> None:
+        opt = p.OPT_STARTTLS
+        if self.tls is None:
+            await self._reply_error(opt, p.REP_ERR_POLICY, "TLS is offered on the TCP port of a node with "
+                                    "certificates only")
+        elif self.secure or data:
+            await self._reply_error(opt, p.REP_ERR_INVALID, "TLS is on already" if self.secure
+                                    else "NBD_OPT_STARTTLS takes no data")
+        else:
+            if self.buf:
+                raise p.ProtocolError("bytes sent after NBD_OPT_STARTTLS before the TLS handshake")
+            await self.stream.send_all(p.option_reply(opt, p.REP_ACK))
+            tls = trio.SSLStream(self.stream, self.tls, server_side=True, https_compatible=False)
+            try:
+                await tls.do_handshake()
+            except trio.BrokenResourceError as e:
+                raise p.ProtocolError(f"TLS handshake failed: {e.__cause__ or e}") from None
+            self.stream = tls
+            self.secure = True
+            log.info("nbd %s: TLS on, client certificate verified", self.label)
 
     async def _send_quietly(self, data: bytes) -> None:
         try:
@@ -172,8 +210,6 @@ class Connection:
             await self.stream.send_all(p.option_reply(opt, p.REP_ACK))
         elif opt in (p.OPT_SET_META_CONTEXT, p.OPT_LIST_META_CONTEXT):
             await self._meta_context(opt, data)
-        elif opt == p.OPT_STARTTLS:
-            await self._reply_error(opt, p.REP_ERR_POLICY, "TLS is not offered by this server")
         else:
             await self._reply_error(opt, p.REP_ERR_UNSUP, f"option {opt} is not supported")
         return None
@@ -355,15 +391,16 @@ class Server:
         self.active = 0
         self._seq = 0
 
-    async def serve(self, listeners: list[trio.abc.Listener[trio.abc.Stream]],
+    async def serve(self, listeners: list[tuple[trio.abc.Listener[trio.abc.Stream], ssl.SSLContext | None]],
                     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; listeners are closed at the end."""
+        """Serve until cancelled, each listener with TLS required or not; listeners are closed at the end."""
         async with trio.open_nursery() as nursery:
-            for listener in listeners:
-                nursery.start_soon(self._accept, listener, nursery)
+            for listener, tls in listeners:
+                nursery.start_soon(self._accept, listener, tls, nursery)
             task_status.started()
 
-    async def _accept(self, listener: trio.abc.Listener[trio.abc.Stream], nursery: trio.Nursery) -> None:
+    async def _accept(self, listener: trio.abc.Listener[trio.abc.Stream], tls: ssl.SSLContext | None,
+                      nursery: trio.Nursery) -> None:
         async with listener:
             while True:
                 stream = await listener.accept()
@@ -373,11 +410,11 @@ class Server:
                     continue
                 self.active += 1
                 self._seq += 1
-                nursery.start_soon(self.handle, stream, f"#{self._seq}")
+                nursery.start_soon(self.handle, stream, f"#{self._seq}", tls)
 
-    async def handle(self, stream: trio.abc.Stream, label: str) -> None:
+    async def handle(self, stream: trio.abc.Stream, label: str, tls: ssl.SSLContext | None = None) -> None:
         """One connection from handshake to close (counted in :attr:`active` by the caller)."""
-        conn = Connection(stream, self.exports, label)
+        conn = Connection(stream, self.exports, label, tls)
         try:
             export = None
             with trio.move_on_after(self.limits.handshake_timeout) as scope:

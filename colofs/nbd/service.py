@@ -5,10 +5,12 @@ renamed into place, so it is never reachable with looser permissions. A
 socket file left by a dead daemon (nothing accepts on it) is replaced; any
 other file at that path, or a live socket, stops the startup.
 
-TCP carries no authentication of its own in NBD (colofs offers no TLS on
-it): the daemon serves it only when asked with ``--nbd-listen`` and only
-together with ``--key-file``, which marks a host prepared for replication
-on a trusted network. The handshake is bounded in time and the connections
+NBD has no authentication of its own. On TCP the daemon serves it only when
+asked with ``--nbd-listen``, only together with ``--key-file``, and, on a
+non-loopback address, only with the node's TLS certificates
+(``--tls-cert``/``--tls-key``/``--tls-ca``): then every client must switch
+to TLS (``NBD_OPT_STARTTLS``) and present a certificate from that CA before
+it can name an export. The handshake is bounded in time and the connections
 in number (:class:`colofs.nbd.server.Limits`).
 """
 
@@ -18,6 +20,7 @@ import contextlib
 import logging
 import os
 import socket as stdsocket
+import ssl
 import stat
 import tempfile
 
@@ -99,13 +102,18 @@ class NbdService:
     @classmethod
     async def start(cls, nursery: trio.Nursery, store: Store, cache: CacheLink | None, *,
                     socket_path: str | None, tcp: tuple[str, int] | None,
-                    limits: Limits | None = None) -> NbdService:
-        """Bind every listener (a failure is :class:`NbdStartError`), then serve in ``nursery``."""
+                    tls: ssl.SSLContext | None = None, limits: Limits | None = None) -> NbdService:
+        """Bind every listener (a failure is :class:`NbdStartError`), then serve in ``nursery``.
+
+        ``tls``, if given, is required of every TCP client (the unix socket is guarded by its mode).
+        """
         listeners: list[trio.SocketListener] = []
+        unix = 0
         try:
             if socket_path is not None:
                 sock = bind_unix(socket_path)
                 listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+                unix = 1
             if tcp is not None:
                 host, port = tcp
                 try:
@@ -122,15 +130,14 @@ class NbdService:
         svc = cls(Server(Exports(store, cache), limits), os.path.abspath(socket_path) if socket_path else None)
         if socket_path is not None:
             svc.addresses.append(f"unix:{svc.socket_path}")
-        for listener in listeners:
+        for listener in listeners[unix:]:
             name = listener.socket.getsockname()
-            if isinstance(name, tuple):
-                svc.addresses.append(f"tcp:{name[0]}:{name[1]}")
-        await nursery.start(svc._run, listeners)
+            svc.addresses.append(f"tcp:{name[0]}:{name[1]}" + (" (TLS)" if tls is not None else ""))
+        await nursery.start(svc._run, [(lst, tls if i >= unix else None) for i, lst in enumerate(listeners)])
         log.info("nbd: serving on %s", ", ".join(svc.addresses))
         return svc
 
-    async def _run(self, listeners: list[trio.SocketListener],
+    async def _run(self, listeners: list[tuple[trio.SocketListener, ssl.SSLContext | None]],
                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             with self._scope:
