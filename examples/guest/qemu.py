@@ -82,7 +82,7 @@ class Guest:
 
     def __init__(self, image: GuestImage, disk: Path, workdir: Path, name: str, *, mode: str,
                  seed: int, gens: int = 0, then: str | None = None, cache: str = "none",
-                 accel: str = "tcg", memory: int = 256) -> None:
+                 accel: str = "tcg", memory: int = 256, fmt: str = "raw") -> None:
         self.image, self.disk, self.name = image, disk, name
         workdir.mkdir(parents=True, exist_ok=True)
         self.serial = workdir / f"{name}.serial"
@@ -95,7 +95,7 @@ class Guest:
             "qemu-system-x86_64", "-accel", accel, "-m", str(memory), "-smp", "1",
             "-nodefaults", "-display", "none", "-no-reboot",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", " ".join(words),
-            "-drive", f"file={disk},format=raw,if=virtio,cache={cache}",
+            "-drive", f"file={disk},format={fmt},if=virtio,cache={cache}",
             "-serial", f"file:{self.serial}",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]
