@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
+from pathlib import Path
+
+import pytest
 
 from tests.fs.mounts import Mount, mountctl, run
 from tests.nbd.rawclient import RawClient
+from tests.pki import HAVE_OPENSSL
 from tests.waiting import wait_until
 
 MiB = 1 << 20
@@ -144,3 +149,48 @@ def test_a_stale_socket_is_replaced_and_tcp_needs_a_key(mounted, tmp_path) -> No
                    check=False)
     assert res.returncode != 0 and "not a socket" in res.stderr
     assert not os.path.ismount(m.mnt)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pki(d: Path) -> Path:
+    """A CA, a server certificate for 127.0.0.1 (clients check it) and a client one, laid out for libnbd and QEMU."""
+    d.mkdir()
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    run("openssl", "req", "-x509", *ec, "-keyout", d / "ca.key", "-out", d / "ca-cert.pem", "-days", "30",
+        "-subj", "/CN=nbd-test-ca")
+    for name, extra in (("server", ["-addext", "subjectAltName=IP:127.0.0.1"]), ("client", [])):
+        run("openssl", "req", *ec, "-keyout", d / f"{name}-key.pem", "-out", d / f"{name}.csr",
+            "-subj", f"/CN={name}", *extra)
+        run("openssl", "x509", "-req", "-in", d / f"{name}.csr", "-CA", d / "ca-cert.pem", "-CAkey", d / "ca.key",
+            "-CAcreateserial", "-out", d / f"{name}-cert.pem", "-days", "30", "-copy_extensions", "copy")
+        os.chmod(d / f"{name}-key.pem", 0o600)
+    return d
+
+
+@pytest.mark.skipif(not HAVE_OPENSSL, reason="needs the openssl command for test certificates")
+def test_tcp_with_tls_serves_nbdinfo_and_qemu_and_refuses_plain_clients(mounted, tmp_path) -> None:
+    pki = _pki(tmp_path / "pki")
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    port = _free_port()
+    m = mounted("secondary", "--nbd-listen", f"127.0.0.1:{port}", "--key-file", str(key),
+                "--tls-cert", str(pki / "server-cert.pem"), "--tls-key", str(pki / "server-key.pem"),
+                "--tls-ca", str(pki / "ca-cert.pem"))
+    mountctl("create", m.mnt, "vm1/d0", "--size", "8M")
+    qemu_io(m, "vm1/d0", "write -P 0x7e 0 64k")
+    out = run("nbdinfo", "--json", f"nbds://127.0.0.1:{port}/vm1/d0?tls-certificates={pki}").stdout
+    assert json.loads(out)["exports"][0]["export-size"] == 8 * MiB
+    plain = run("nbdinfo", f"nbd://127.0.0.1:{port}/vm1/d0", check=False)
+    assert plain.returncode != 0  # no TLS, no export
+    res = run("qemu-io", "--object", f"tls-creds-x509,id=tls0,dir={pki},endpoint=client", "--image-opts",
+              f"driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=127.0.0.1,"
+              f"file.server.port={port},file.export=vm1/d0,file.tls-creds=tls0",
+              "-c", "read -P 0x7e 0 64k")
+    assert "read 65536/65536 bytes" in res.stdout and "failed" not in res.stdout
+    assert "TLS on, client certificate verified" in m.log()
