@@ -234,28 +234,56 @@ def daemon_pid(store: Path) -> int:
     return int(json.loads((store / ".colofs-mount.lock").read_text())["pid"])
 
 
+class LoopbackPair:
+    """A secondary (--listen) and a primary (--peer) mounted on 127.0.0.1 with a generated key, under
+    a fresh directory in /var/tmp; ``close`` kills the guests, unmounts (detaching a dead daemon's
+    mount) and removes the directory unless kept."""
+
+    def __init__(self, prefix: str) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+        self.sec, self.pri = self.base / "s-mnt", self.base / "p-mnt"
+        self.guests: list[Guest] = []
+        self._mounted: list[Path] = []
+
+    def start(self, size: str) -> None:
+        key = self.base / "colofs.key"
+        key.write_bytes(os.urandom(32))
+        key.chmod(0o600)
+        port = free_port()
+        for mnt, role, link in ((self.sec, "secondary", ["--listen", f"127.0.0.1:{port}"]),
+                                (self.pri, "primary", ["--peer", f"127.0.0.1:{port}"])):
+            mnt.mkdir()
+            mountctl("mount", "--role", role, "--store", self.base / f"{role}-store", *link, "--key-file", key, mnt)
+            self._mounted.append(mnt)
+        say(f"pair mounted: secondary {self.sec} (127.0.0.1:{port}), primary {self.pri}")
+        mountctl("create", self.pri, "vm1/disk0", "--size", size)
+        poll(lambda: (self.sec / "vm1" / "disk0.raw").exists(), 60, "the disk on the secondary")
+
+    def kill_primary_daemon(self) -> None:
+        os.kill(daemon_pid(self.base / "primary-store"), signal.SIGKILL)
+
+    def close(self, keep: bool) -> None:
+        for g in self.guests:
+            g.close()
+        for mnt in reversed(self._mounted):
+            subprocess.run([*MOUNTCTL, "umount", str(mnt)], capture_output=True, timeout=120, cwd=REPO,
+                           check=False)
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=30, check=False)
+        if keep:
+            say(f"kept {self.base}")
+        else:
+            subprocess.run(["rm", "-rf", str(self.base)], check=False)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     img = build()
-    base = Path(tempfile.mkdtemp(prefix="colofs-protect-", dir="/var/tmp"))
-    key = base / "colofs.key"
-    key.write_bytes(os.urandom(32))
-    key.chmod(0o600)
-    port = free_port()
-    sec, pri = base / "s-mnt", base / "p-mnt"
-    guests: list[Guest] = []
-    mounted: list[Path] = []
+    pair = LoopbackPair("colofs-protect-")
+    sec, pri = pair.sec, pair.pri
     ok = False
     try:
-        for mnt, role, link in ((sec, "secondary", ["--listen", f"127.0.0.1:{port}"]),
-                                (pri, "primary", ["--peer", f"127.0.0.1:{port}"])):
-            mnt.mkdir()
-            mountctl("mount", "--role", role, "--store", base / f"{role}-store", *link, "--key-file", key, mnt)
-            mounted.append(mnt)
-        say(f"pair mounted: secondary {sec} (127.0.0.1:{port}), primary {pri}")
-        mountctl("create", pri, "vm1/disk0", "--size", args.size)
-        poll(lambda: (sec / "vm1" / "disk0.raw").exists(), 60, "the disk on the secondary")
-        guest = start_primary_guest(img, pri / "vm1" / "disk0.raw", base / "guests", args.seed, args)
-        guests.append(guest)
+        pair.start(args.size)
+        guest = start_primary_guest(img, pri / "vm1" / "disk0.raw", pair.base / "guests", args.seed, args)
+        pair.guests.append(guest)
         prot = Protector(guest, pri / "vm1", args.timeout)
         prot.run(args.interval, args.checkpoints)
         say(prot.summary())
@@ -268,13 +296,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         say(f"guest at generation {guest.gen()}, last confirmed checkpoint at {lo}: "
             "kill -9 of the primary daemon and QEMU")
         t_kill = time.monotonic()
-        os.kill(daemon_pid(base / "primary-store"), signal.SIGKILL)
+        pair.kill_primary_daemon()
         guest.kill9()
         gone = await_loss(sec, "vm1", args.grace, wait_connect=False)
         say(f"loss of the primary seen {gone - t_kill:.2f} s after the kill")
-        new, res, t_failover = take_over(img, sec, "vm1", "disk0", base / "guests", args.seed, args,
+        new, res, t_failover = take_over(img, sec, "vm1", "disk0", pair.base / "guests", args.seed, args,
                                          churn_to=lo + 4)
-        guests.append(new)
+        pair.guests.append(new)
         gen = int(res["gen"])
         if not lo <= gen <= lo + 1:
             raise RuntimeError(f"the failed-over disk holds generation {gen}, the last confirmed checkpoint {lo}")
@@ -292,16 +320,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         say("interrupted")
     finally:
-        for g in guests:
-            g.close()
-        for mnt in reversed(mounted):
-            subprocess.run([*MOUNTCTL, "umount", str(mnt)], capture_output=True, timeout=120, cwd=REPO,
-                           check=False)
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=30, check=False)
-        if not args.keep:
-            subprocess.run(["rm", "-rf", str(base)], check=False)
-        else:
-            say(f"kept {base}")
+        pair.close(args.keep)
     return 0 if ok else 1
 
 
