@@ -3,8 +3,9 @@
 ``VM/DISK`` is the disk as the VM on this host sees it (``Disk.read`` and
 ``Disk.write``: the SVM's view on a secondary; on a primary the disk itself,
 whose writes are forwarded to the secondary exactly as the FUSE file's are).
-``VM/DISK@NAME`` is a snapshot (read-only) or a clone (writable) of it. A
-leading ``/`` is ignored, so the path of an ``nbd+unix:///VM/DISK`` URI works
+``VM/DISK@NAME`` is a snapshot (read-only) or a clone (writable) of it.
+``VM/DISK:ingest`` is a secondary disk's feed from an unmodified QEMU
+primary (:mod:`colofs.nbd.ingest`). A leading ``/`` is ignored, so the path of an ``nbd+unix:///VM/DISK`` URI works
 as it is.
 
 The kernel's page cache of the same disk's FUSE file is kept coherent by a
@@ -22,11 +23,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import trio
+
 from colofs.core.blocklog import BlockLog
 from colofs.core.disk import Disk
 from colofs.core.errors import ColofsError, NotFound
 from colofs.core.snapshot import Snapshot
+from colofs.core.state import SECONDARY
 from colofs.core.store import Store
+from colofs.nbd.ingest import INGEST_SUFFIX, IngestImage
 from colofs.nbd.protocol import STATE_HOLE, STATE_ZERO
 
 SNAP_SEP = "@"
@@ -73,9 +78,10 @@ class Export:
     vm: str
     disk: str
     snap: str  # "" for the disk itself
-    image: Disk | Snapshot
+    image: Disk | Snapshot | IngestImage
     writable: bool
     description: str = ""
+    kind: str = "disk"  # disk, snapshot, clone or ingest
     _zeros: bytes = field(default=b"", repr=False)
 
     @property
@@ -114,6 +120,8 @@ class Export:
         img = self.image
         if isinstance(img, Disk):
             return [img.active, img.hidden]
+        if isinstance(img, IngestImage):
+            return []  # the primary's image is base itself
         return [log for log in (img.overlay, img.frozen) if log is not None]
 
     def allocation(self, offset: int, length: int, *, one: bool = False) -> list[tuple[int, int]]:
@@ -190,6 +198,7 @@ class Exports:
     def __init__(self, store: Store, cache: CacheLink | None = None) -> None:
         self.store = store
         self.cache: CacheLink = cache or NoCache()
+        self._ingest_locks: dict[str, trio.Lock] = {}
 
     def resolve(self, name: str) -> Export:
         """The export ``name`` stands for, or :class:`ExportError` saying why none."""
@@ -197,7 +206,12 @@ class Exports:
         vm_name, sep, rest = path.partition("/")
         if not sep or not vm_name or not rest or "/" in rest:
             raise ExportError(f"export {name!r}: name an export VM/DISK or VM/DISK@SNAPSHOT")
+        ingest = rest.endswith(INGEST_SUFFIX)
+        if ingest:
+            rest = rest[: -len(INGEST_SUFFIX)]
         disk_name, at, snap_name = rest.partition(SNAP_SEP)
+        if ingest and at:
+            raise ExportError(f"export {name!r}: a snapshot or clone cannot be ingested into")
         try:
             vm = self.store.vm(vm_name)
             vm.check_usable()
@@ -206,6 +220,15 @@ class Exports:
             raise ExportError(f"export {name!r}: {e}") from None
         except ColofsError as e:
             raise ExportError(f"export {name!r}: {e}") from None
+        if ingest:
+            lock = self._ingest_locks.setdefault(vm_name, trio.Lock())
+            image = IngestImage(disk, lock)
+            try:
+                image.check_role()
+            except ColofsError as e:
+                raise ExportError(f"export {name!r}: {e}") from None
+            return Export(path, vm_name, disk_name, "", image, True,
+                          f"ingest into {disk.label} (secondary; forwarded primary writes)", kind="ingest")
         if not at:
             return Export(path, vm_name, disk_name, "", disk, True,
                           f"disk {disk.label} ({vm.state.role})")
@@ -214,7 +237,7 @@ class Exports:
             raise ExportError(f"export {name!r}: disk {disk.label} has no snapshot or clone {snap_name!r}")
         kind = "clone" if snap.writable else "snapshot"
         return Export(path, vm_name, disk_name, snap_name, snap, snap.writable,
-                      f"{kind} {snap.label} (seq {snap.state.seq})")
+                      f"{kind} {snap.label} (seq {snap.state.seq})", kind=kind)
 
     def names(self) -> list[tuple[str, str]]:
         """Every servable export and its description, for ``NBD_OPT_LIST``."""
@@ -224,6 +247,8 @@ class Exports:
                 continue
             for disk_name, disk in sorted(vm.disks.items()):
                 out.append((f"{vm_name}/{disk_name}", f"disk ({vm.state.role})"))
+                if vm.state.role == SECONDARY:
+                    out.append((f"{vm_name}/{disk_name}{INGEST_SUFFIX}", "ingest (forwarded primary writes)"))
                 for snap_name, snap in sorted(disk.snapshots.items()):
                     kind = "clone" if snap.writable else "snapshot"
                     out.append((f"{vm_name}/{disk_name}{SNAP_SEP}{snap_name}", kind))

@@ -32,6 +32,8 @@ class FuseCacheLink:
         self._held: dict[int, Node] = {}  # id(export) -> the snapshot node it holds open
 
     def _node(self, export: Export) -> Node | None:
+        if export.kind == "ingest":
+            return None  # primary writes never change the secondary VM's view: nothing cached goes stale
         if export.snap:
             return self.inodes.snap_node(export.vm, export.disk, export.snap)
         return self.inodes.disk_node(export.vm, export.disk)

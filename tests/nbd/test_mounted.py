@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ import pytest
 from tests.fs.mounts import Mount, mountctl, run
 from tests.nbd.rawclient import RawClient
 from tests.pki import HAVE_OPENSSL
-from tests.waiting import wait_until
+from tests.waiting import wait_until, wait_until_sync
 
 MiB = 1 << 20
 
@@ -194,3 +196,48 @@ def test_tcp_with_tls_serves_nbdinfo_and_qemu_and_refuses_plain_clients(mounted,
               "-c", "read -P 0x7e 0 64k")
     assert "read 65536/65536 bytes" in res.stdout and "failed" not in res.stdout
     assert "TLS on, client certificate verified" in m.log()
+
+
+@pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None, reason="needs qemu-storage-daemon")
+def test_an_unmodified_qemu_quorum_primary_feeds_the_secondary(mounted, tmp_path) -> None:
+    """QEMU's COLO disk layout: a quorum of the primary's raw file and an NBD child on the secondary."""
+    m = mounted("secondary")
+    mountctl("create", m.mnt, "vm1/d0", "--size", "16M")
+    local = tmp_path / "primary.raw"
+    local.write_bytes(bytes(16 * MiB))
+    psock = tmp_path / "primary.sock"
+    qsd = subprocess.Popen(
+        ["qemu-storage-daemon",
+         "--blockdev", f"driver=file,node-name=pfile,filename={local}",
+         "--blockdev", "driver=raw,node-name=plocal,file=pfile",
+         "--blockdev", f"driver=nbd,node-name=rnbd,server.type=unix,server.path={m.sock},export=vm1/d0:ingest",
+         "--blockdev", "driver=raw,node-name=rraw,file=rnbd",
+         "--blockdev", "driver=quorum,node-name=colo,children.0=plocal,children.1=rraw,vote-threshold=1,"
+                       "read-pattern=fifo",
+         "--nbd-server", f"addr.type=unix,addr.path={psock}",
+         "--export", "type=nbd,id=e0,node-name=colo,writable=on,name=disk"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until_sync(lambda: psock.exists() or qsd.poll() is not None, what="qemu-storage-daemon's socket")
+        assert qsd.poll() is None, qsd.stdout.read() if qsd.stdout else ""
+        primary = f"nbd+unix:///disk?socket={psock}"
+        svm = m.path("vm1", "d0.raw")
+        for rnd, pattern in enumerate((0x61, 0x62)):
+            run("qemu-io", "-f", "raw", "-c", f"write -P {pattern} {rnd}M 1M", "-c", f"write -P {pattern} 9M 64k",
+                primary)
+            # Before the checkpoint the secondary VM sees the last checkpoint's image, not the new writes.
+            assert svm.read_bytes()[rnd * MiB : rnd * MiB + 4096] == bytes(4096)
+            with open(svm, "r+b") as f:  # the secondary VM's own write, never seen by the primary
+                f.seek(12 * MiB)
+                f.write(b"S" * 4096)
+            # The primary is drained (qemu-io returned): checkpoint locally on the secondary.
+            mountctl("checkpoint", f"{m.mnt}/vm1")
+            assert svm.read_bytes() == local.read_bytes()
+        assert local.read_bytes()[12 * MiB : 12 * MiB + 4096] == bytes(4096)
+    finally:
+        qsd.terminate()
+        try:
+            qsd.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            qsd.kill()
+            qsd.wait(timeout=30)
