@@ -153,7 +153,9 @@ async def _start_nbd(nursery: trio.Nursery, ops: Operations, cfg: MountConfig) -
 
 
 def _mount(ops: Operations, cfg: MountConfig) -> None:
-    options = {"fsname=colofs", "subtype=colofs", "default_permissions"}
+    # The store as the mount's source (as fstab names it), so `mount -a` sees it is already mounted.
+    plain = not any(c in cfg.store for c in ", \t\n\\")
+    options = {f"fsname={cfg.store if plain else 'colofs'}", "subtype=colofs", "default_permissions"}
     if cfg.allow_other:
         options.add("allow_other")
     try:

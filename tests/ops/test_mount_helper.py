@@ -1,0 +1,203 @@
+"""``mount -t fuse.colofs``, ``/etc/fstab`` (``mount -T FILE -a``) and plain ``umount`` on real stores.
+
+The helper is reached both ways mount(8) has: ``/sbin/mount.fuse.colofs``
+directly, and, without it, ``mount.fuse3`` running ``colofs``. After a plain
+``umount`` the daemon must end as ``mountctl umount`` leaves it: exit status 0
+(seen by running mount under a subreaper), the store's lock released, the
+state recorded as closed cleanly, and a remount serving the same disks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from colofs.fs.config import LOCK_NAME, LOG_NAME
+from colofs.fs.lock import holder, last_state
+from mountctl.mounthelper import OptionError, mount_args
+from tests.e2e.pair import free_port, write_key
+from tests.fs.mounts import Mount, mountctl, run
+from tests.mountable import mount_skip_reason
+from tests.ops.sysfiles import BIN, Reaped, linked, system_lock
+from tests.waiting import wait_until_sync
+
+SBIN_HELPER = "/sbin/mount.fuse.colofs"
+PATH_PROGRAM = "/usr/local/bin/colofs"  # mount.fuse3 runs `colofs` from the default PATH
+MiB = 1 << 20
+
+needs_mount = pytest.mark.skipif(mount_skip_reason(("fusermount3", "mount", "umount")) is not None,
+                                 reason=f"mount test {mount_skip_reason(('fusermount3', 'mount', 'umount'))}")
+
+
+# -- the option mapping (no mount) -------------------------------------------------------------
+
+
+def test_options_map_to_mountctl_flags_and_generic_ones_are_ignored():
+    flags = mount_args("rw,role=secondary,listen=0.0.0.0:7788,key_file=/etc/colofs.key,allow_other,"
+                       "_netdev,nofail,defaults,noauto,dev,suid,x-systemd.requires=network-online.target,"
+                       "subtype=colofs")
+    assert flags == ["--role", "secondary", "--listen", "0.0.0.0:7788", "--key-file", "/etc/colofs.key",
+                     "--allow-other"]
+    assert mount_args("role=primary,peer=[::1]:7788,key-file=/k,debug") == [
+        "--role", "primary", "--peer", "[::1]:7788", "--key-file", "/k", "--debug"]
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ("listen=0.0.0.0:7788", "role=primary or role=secondary is required"),
+    ("role=secondary,bogus=1", "unknown option 'bogus=1'"),
+    ("role=secondary,ro", "read-write"),
+    ("role=secondary,listen", "listen: needs a value"),
+    ("role=secondary,allow_other=1", "allow_other: takes no value"),
+])
+def test_bad_options_are_refused_with_the_option_named(options, message):
+    with pytest.raises(OptionError, match=message):
+        mount_args(options)
+
+
+def test_sloppy_mount_skips_unknown_options():
+    assert mount_args("role=secondary,bogus=1", sloppy=True) == ["--role", "secondary"]
+
+
+# -- real mounts -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def helper() -> Iterator[str]:
+    """``/sbin/mount.fuse.colofs`` present for the test (linked to this venv's script if absent)."""
+    with system_lock(), linked(SBIN_HELPER, BIN / "mount.fuse.colofs") as link:
+        yield link
+
+
+@pytest.fixture
+def mounts(tmp_path: Path) -> Iterator[dict[str, Mount]]:
+    made = {"s": Mount(tmp_path, "secondary", "s"), "p": Mount(tmp_path, "primary", "p")}
+    try:
+        yield made
+    finally:
+        for m in (made["p"], made["s"]):
+            m.cleanup()
+
+
+def _mount_t(m: Mount, options: str) -> Reaped:
+    """``mount -t fuse.colofs STORE MNT -o OPTIONS`` under a subreaper; the mount is then served."""
+    r = Reaped("mount", "-t", "fuse.colofs", str(m.store), str(m.mnt), "-o", options)
+    assert r.rc == 0, r.out
+    _adopt(m)
+    return r
+
+
+def _adopt(m: Mount) -> None:
+    """Let ``Mount`` clean up a daemon that mount(8) started."""
+    m.mounted = True
+    m.pids.append(int(json.loads((m.store / LOCK_NAME).read_text())["pid"]))
+
+
+def _status(m: Mount) -> dict:
+    return json.loads(os.getxattr(m.mnt, "user.colofs.status"))
+
+
+def _findmnt(m: Mount) -> dict:
+    out = run("findmnt", "-J", "-o", "SOURCE,FSTYPE,TARGET", "--mountpoint", str(m.mnt)).stdout
+    return json.loads(out)["filesystems"][0]
+
+
+def _umount_cleanly(m: Mount, reaped: Reaped | None) -> None:
+    """Plain ``umount``; then the daemon exits 0, lets go of the lock, and has said so."""
+    pid = m.pid
+    run("umount", str(m.mnt))
+    m.mounted = False
+    if reaped is not None:
+        assert {"pid": pid, "status": 0} in reaped.exits(), "the daemon did not exit 0"
+    wait_until_sync(lambda: holder(str(m.store / LOCK_NAME)) is None, 60, "the store's lock to be released")
+    state = last_state(str(m.store / LOCK_NAME))
+    assert state["state"] == "closed" and state["clean"] is True, state
+    assert f"store {m.store} closed cleanly" in (m.store / LOG_NAME).read_text()
+
+
+@needs_mount
+def test_mount_t_pair_replicates_and_plain_umount_closes_cleanly(tmp_path, helper, mounts):
+    key = write_key(tmp_path / "colofs.key")
+    port = free_port()
+    sec, pri = mounts["s"], mounts["p"]
+    rs = _mount_t(sec, f"role=secondary,listen=127.0.0.1:{port},key_file={key},allow_other,_netdev,nofail")
+    rp = _mount_t(pri, f"role=primary,peer=127.0.0.1:{port},key_file={key},_netdev,defaults")
+    assert _findmnt(sec) == {"source": str(sec.store), "fstype": "fuse.colofs", "target": str(sec.mnt)}
+    st = _status(sec)
+    assert st["replication"]["role"] == "secondary" and st["replication"]["listen"] == f"127.0.0.1:{port}"
+    assert "allow_other" in run("findmnt", "-n", "-o", "OPTIONS", str(sec.mnt)).stdout
+
+    mountctl("create", pri.mnt, "vm1/d0", "--size", "4M")
+    with open(pri.mnt / "vm1" / "d0.raw", "r+b") as f:
+        f.write(b"\x5a" * MiB)
+    wait_until_sync(lambda: (_status(sec)["vms"].get("vm1") or {}).get("last_applied", -1)
+                    >= _status(pri)["vms"]["vm1"]["last_applied"] > 0, 60, "the secondary to catch up",
+                    catch=(OSError, KeyError))
+
+    _umount_cleanly(pri, rp)
+    _umount_cleanly(sec, rs)
+
+    again = _mount_t(sec, f"role=secondary,listen=127.0.0.1:{port},key_file={key}")
+    assert "vm1" in _status(sec)["vms"]
+    _umount_cleanly(sec, again)
+
+
+@needs_mount
+def test_fstab_lines_mount_with_mount_a_and_a_second_mount_a_leaves_them(tmp_path, helper, mounts):
+    key = write_key(tmp_path / "colofs.key")
+    port = free_port()
+    sec, pri = mounts["s"], mounts["p"]
+    fstab = tmp_path / "fstab"
+    fstab.write_text(
+        "# colofs: the secondary listens, the primary sends to it\n"
+        f"{sec.store} {sec.mnt} fuse.colofs role=secondary,listen=127.0.0.1:{port},key_file={key},"
+        "allow_other,_netdev,nofail 0 0\n"
+        f"{pri.store} {pri.mnt} fuse.colofs role=primary,peer=127.0.0.1:{port},key_file={key},"
+        "_netdev,nofail 0 0\n"
+    )
+    r = Reaped("mount", "-T", str(fstab), "-a")
+    assert r.rc == 0, r.out
+    _adopt(sec)
+    _adopt(pri)
+    assert _status(sec)["replication"]["role"] == "secondary"
+    assert _status(pri)["replication"]["role"] == "primary"
+    wait_until_sync(lambda: _status(pri)["replication"].get("peer") == f"127.0.0.1:{port}", 60,
+                    "the primary's peer", catch=(OSError, KeyError))
+
+    again = subprocess.run(["mount", "-T", str(fstab), "-a", "-v"], capture_output=True, text=True, timeout=60,
+                           check=False)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("already mounted") == 2, again.stdout
+    assert holder(str(sec.store / LOCK_NAME))["pid"] == sec.pid  # the same daemons serve
+
+    _umount_cleanly(pri, None)
+    _umount_cleanly(sec, None)
+    exits = r.exits()
+    assert {"pid": sec.pid, "status": 0} in exits and {"pid": pri.pid, "status": 0} in exits, exits
+
+
+@needs_mount
+def test_without_the_sbin_helper_mount_fuse3_runs_colofs(tmp_path, mounts):
+    sec = mounts["s"]
+    with system_lock():
+        if os.path.lexists(SBIN_HELPER):
+            pytest.skip(f"{SBIN_HELPER} is installed here, so mount(8) never falls back to mount.fuse3")
+        with linked(PATH_PROGRAM, BIN / "colofs"):
+            r = _mount_t(sec, "role=secondary,_netdev,nofail,allow_other")
+            assert _findmnt(sec)["fstype"] == "fuse.colofs"
+            assert _status(sec)["replication"]["state"] == "not configured"
+            _umount_cleanly(sec, r)
+
+
+@needs_mount
+def test_a_bad_option_fails_the_mount_naming_it(tmp_path, helper, mounts):
+    sec = mounts["s"]
+    res = subprocess.run(["mount", "-t", "fuse.colofs", str(sec.store), str(sec.mnt), "-o", "role=secondary,bogus=1"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode != 0
+    assert "unknown option 'bogus=1'" in res.stderr
+    assert not os.path.ismount(sec.mnt) and not (sec.store / LOCK_NAME).exists()
