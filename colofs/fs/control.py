@@ -18,6 +18,8 @@ name                  on                         meaning
 ``mode``              VM dir                     get/set: replication mode, ``async`` or ``sync``
 ``repair``            VM dir                     set: rebuild a damaged (quarantined) secondary copy
                                                  from the primary with a full digest-compared sync
+``verify``            VM dir                     set: start (JSON options) or cancel an online verify
+                                                 against the secondary; get: its progress or report
 ``snapshot``          disk file, VM dir          set: NAME: snapshot the disk (all disks at once)
 ``snapshot``          snapshot or clone file     get: its name; remove: delete it
 ``clone``             disk file, snapshot file   set: NAME: writable clone of the disk / snapshot
@@ -69,6 +71,7 @@ from colofs.fs.repair import REPAIR, repair_vm
 from colofs.fs.replication import Replication
 from colofs.fs.snapshots import SnapshotControl
 from colofs.fs.values import Refused, int_field, parse_json, str_field
+from colofs.fs.verifycontrol import VERIFY, start_verify, verify_value
 from colofs.fs.vmcontrol import CHECKPOINT, FAILOVER, VMControl
 
 log = logging.getLogger(__name__)
@@ -102,7 +105,7 @@ DELETE = "delete"  # the op name outcomes of a removal carry
 # Names that can be read, per kind of node (listxattr lists these).
 READABLE: dict[Kind, tuple[str, ...]] = {
     Kind.ROOT: (STATUS, VERSION, LAST_ERROR, LAST_RESULT),
-    Kind.VM: (STATUS, SNAPSHOTS, MODE, LAST_ERROR, LAST_RESULT),
+    Kind.VM: (STATUS, SNAPSHOTS, MODE, VERIFY, LAST_ERROR, LAST_RESULT),
     Kind.DISK: (STATUS, SNAPSHOTS, LAST_ERROR, LAST_RESULT),
     Kind.PENDING: (STATUS, BLOCK_SIZE, LAST_ERROR, LAST_RESULT),
     Kind.SNAPSHOT: (STATUS, SNAPSHOT, LAST_ERROR, LAST_RESULT),
@@ -110,7 +113,7 @@ READABLE: dict[Kind, tuple[str, ...]] = {
 }
 WRITABLE: dict[Kind, tuple[str, ...]] = {
     Kind.ROOT: (CREATE, IMPORT),
-    Kind.VM: (CHECKPOINT, FAILOVER, SNAPSHOT, MODE, REPAIR),
+    Kind.VM: (CHECKPOINT, FAILOVER, SNAPSHOT, MODE, REPAIR, VERIFY),
     Kind.DISK: (SNAPSHOT, CLONE),
     Kind.PENDING: (BLOCK_SIZE,),
     Kind.SNAPSHOT: (CLONE,),
@@ -202,6 +205,8 @@ class Control:
             return self.inodes.snapshot(node).name.encode()
         if key == MODE:
             return self.vms.mode(node)
+        if key == VERIFY:
+            return _json(verify_value(self.store, self.repl, node))
         outcome = self.outcomes.get(pid)
         if key == LAST_ERROR:
             return b"" if outcome is None or outcome["ok"] else outcome["error"].encode()
@@ -274,7 +279,11 @@ class Control:
             SNAPSHOT: self._snapshot,
             CLONE: self.snapshots.clone,
             REPAIR: self._repair,
+            VERIFY: self._verify,
         }
+
+    async def _verify(self, node: Node, value: bytes) -> dict[str, Any]:
+        return await start_verify(self.store, self.repl, node, value)
 
     async def _repair(self, node: Node, value: bytes) -> dict[str, Any]:
         return await repair_vm(self.store, self.repl, self.inodes, self.cache, node)
@@ -400,6 +409,7 @@ class Control:
         st["disks"] = {name: self.disk_status(vm, name) for name in sorted(vm.disks)}
         st["pending"] = [n.name for n in self.inodes.pending_of(vm.name)]
         st["last_op"] = self.vms.last_ops.get(vm.name)
+        st["verify"] = self.repl.verify_status(vm)
         return st
 
     def disk_status(self, vm: VM, disk: str) -> dict[str, Any]:

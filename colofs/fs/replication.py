@@ -14,6 +14,7 @@ control plane and status reach it.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -34,6 +35,8 @@ from colofs.repl import (
 )
 from colofs.repl.config import check_mode
 from colofs.repl.sender import CheckpointResult
+from colofs.repl.verifier import Verifications, VerifyRun
+from colofs.repl.verify import VerifyError, VerifyOptions
 
 # The engine's link states, as status shows them per VM.
 LINK_STATES = {
@@ -62,9 +65,11 @@ class Replication:
         self.hooks = SecondaryHooks()  # the control plane installs the mount's checkpoint
         self.primary: PrimaryReplicator | None = None
         self.server: SecondaryServer | None = None
+        self.verifies: Verifications | None = None
         if cfg.peer is not None:
             self.primary = PrimaryReplicator(store, (cfg.peer.host, cfg.peer.port), key,
                                              node_id=store.node_id, config=self.settings)
+            self.verifies = Verifications(store, self.primary)
         elif cfg.listen is not None:
             self.server = SecondaryServer(store, key, node_id=store.node_id, config=self.settings,
                                           nonces=None, hooks=self.hooks)
@@ -78,7 +83,11 @@ class Replication:
         keyless non-loopback address, ``OSError`` for a port that cannot be bound.
         """
         if self.primary is not None:
-            await self.primary.run(task_status=task_status)
+            assert self.verifies is not None
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.verifies.run)
+                await self.primary.run(task_status=task_status)
+                nursery.cancel_scope.cancel()
         elif self.server is not None:
             assert self.cfg.listen is not None
             await self.server.serve((self.cfg.listen.host, self.cfg.listen.port), task_status=task_status)
@@ -142,6 +151,22 @@ class Replication:
             await self.primary.set_mode(vm.name, mode)
         else:
             await save_mode(vm, mode)
+
+    def start_verify(self, vm: VM, opts: VerifyOptions) -> VerifyRun:
+        """An online verify of ``vm`` against the secondary; raises :class:`VerifyError`."""
+        if self.verifies is None:
+            raise VerifyError(f"verify: VM {vm.name} is not replicated from this mount: run the verify on its "
+                              "primary (the mount started with --peer)", errno.EPERM)
+        return self.verifies.start(vm.name, opts)
+
+    def cancel_verify(self, vm: VM) -> VerifyRun:
+        if self.verifies is None:
+            raise VerifyError(f"verify: no verify of VM {vm.name} runs on this mount", errno.EINVAL)
+        return self.verifies.cancel(vm.name)
+
+    def verify_status(self, vm: VM) -> dict[str, Any] | None:
+        """The VM's running or last verify (kept until the next one), or None."""
+        return self.verifies.status(vm.name) if self.verifies is not None else None
 
     # -- status --------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from colofs.repl.resync import read_and_digest
 from colofs.repl.seqguard import SeqGuard
 from colofs.repl.session import AttachResult, accept_attach, role_check
 from colofs.repl.util import Signal, first_error
+from colofs.repl.verify import checkpoint_digests
 from colofs.wire.auth import NonceRegistry
 from colofs.wire.errors import ConnectionClosed, ProtocolError, TruncatedFrame
 from colofs.wire.messages import (
@@ -73,12 +74,16 @@ from colofs.wire.messages import (
     ResyncQuery,
     ResyncRequest,
     Role,
+    VerifyDigests,
+    VerifyQuery,
 )
 from colofs.wire.stream import FrameStream
 
 log = logging.getLogger(__name__)
 
 MAX_QUERY_BYTES = 64 << 20
+MAX_VERIFY_QUEUE = 16
+"""VERIFY_QUERY frames a primary may have outstanding (it keeps a few in flight)."""
 _STREAM = (Batch, Checkpoint, DiskAdd, ResyncQuery, ResyncData, ResyncDone)
 
 
@@ -132,8 +137,10 @@ class _Session:
         self.end_reason: str | None = None
         self.end_code: int = ReplCode.REPLACED
         self.stats = {"batches": 0, "writes": 0, "bytes": 0, "applies": 0, "checkpoints": 0,
-                      "resync_queries": 0, "resync_blocks": 0, "resync_bytes": 0}
+                      "resync_queries": 0, "resync_blocks": 0, "resync_bytes": 0, "verify_queries": 0,
+                      "verify_blocks": 0}
         self._tx, self._rx = trio.open_memory_channel[Message](self.cfg.receive_queue)
+        self._verify_tx, self._verify_rx = trio.open_memory_channel[VerifyQuery](MAX_VERIFY_QUEUE)
         self._queued = 0
         """Write bytes decoded and not yet applied: the reader stops past ``receive_bytes``."""
         self._drained = Signal()
@@ -154,6 +161,7 @@ class _Session:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._read)
                     nursery.start_soon(self._apply_loop)
+                    nursery.start_soon(self._verify_loop)
                     nursery.start_soon(self._watch)
             except BaseExceptionGroup as eg:
                 leaf = first_error(eg)
@@ -217,6 +225,11 @@ class _Session:
             elif isinstance(msg, _STREAM):
                 self._queued += bulk_bytes(msg)
                 await self._tx.send(msg)
+            elif isinstance(msg, VerifyQuery):
+                try:  # answered beside the stream: a verify never holds the primary's writes back
+                    self._verify_tx.send_nowait(msg)
+                except trio.WouldBlock:
+                    raise ReplProtocolError(f"more than {MAX_VERIFY_QUEUE} VERIFY_QUERY frames outstanding") from None
             else:
                 raise ReplProtocolError(f"{msg.TYPE.name} is not accepted from a primary after ATTACH")
 
@@ -417,6 +430,23 @@ class _Session:
             self.synced = True
         log.info("%s: resync complete at seq %d", self.label(), msg.seq)
         await self.sender.send(ResyncDone(msg.seq))
+
+    async def _verify_loop(self) -> None:
+        """Answer each VERIFY_QUERY with the digests of the VM's last checkpoint (colofs.repl.verify)."""
+        async for msg in self._verify_rx:
+            role_check(self.vm)
+            name = self._disk(msg.disk)
+            disk = self.vm.disks[name]
+            if msg.first_block + msg.count > disk.nblocks or msg.count * disk.block_size > MAX_QUERY_BYTES:
+                raise ReplProtocolError(
+                    f"VERIFY_QUERY for blocks {msg.first_block}+{msg.count} of disk {name} "
+                    f"({disk.nblocks} blocks; at most {MAX_QUERY_BYTES} bytes per query)")
+            if not self.synced:
+                raise ReplProtocolError("VERIFY_QUERY before the full sync this VM asked for")
+            seq, digests = await checkpoint_digests(self.vm, disk, msg.first_block, msg.count)
+            self.stats["verify_queries"] += 1
+            self.stats["verify_blocks"] += msg.count
+            await self.sender.send(VerifyDigests(msg.token, msg.disk, msg.first_block, seq, tuple(digests)))
 
     def status(self) -> dict[str, object]:
         return {

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count as _counter
 
@@ -72,6 +73,7 @@ from colofs.wire.messages import (
     ResyncQuery,
     ResyncRequest,
     Role,
+    VerifyDigests,
     Write,
 )
 from colofs.wire.messages import _trusted_write as trusted_write
@@ -162,6 +164,8 @@ class VMLink:
         self._full_pending = False
         self._last_put = vm.state.last_applied
         self.progress = ResyncProgress()
+        self.verify_sink: Callable[[object, VerifyDigests], None] | None = None
+        """Where VERIFY_DIGESTS go while an online verify runs (:mod:`colofs.repl.verifier`)."""
         self.stats = {
             "connects": 0, "disconnects": 0, "batches": 0, "writes_sent": 0, "bytes_sent": 0,
             "checkpoints": 0, "checkpoint_failures": 0, "resyncs": 0, "full_syncs": 0,
@@ -772,6 +776,11 @@ class VMLink:
                 self.acked = msg.seq
                 conn.resync_done = msg.seq
                 self._changed.fire()
+            elif isinstance(msg, VerifyDigests):
+                if self.verify_sink is None:
+                    raise ReplProtocolError("VERIFY_DIGESTS, but no verify is running")
+                self.verify_sink(conn, msg)
+                self._changed.fire()
             elif isinstance(msg, Pong):
                 pass
             elif isinstance(msg, Ping):
@@ -801,6 +810,7 @@ class VMLink:
             raise ReplProtocolError(f"CHECKPOINT_DONE for checkpoint {msg.id} at seq {msg.seq}, which was not sent")
         await self._confirm(m.seq)
         self._complete_marker(m)
+        self._changed.fire()  # a verify waits for the next confirmed checkpoint
 
     async def _keepalive(self, conn: _Conn) -> None:
         token = 0
@@ -814,6 +824,30 @@ class VMLink:
                 await conn.sender.send(Ping(token))
             if scope.cancelled_caught:
                 raise PeerTimeout("the secondary stopped reading (a ping could not be sent)")
+
+    # -- online verify (driven by colofs.repl.verifier) -------------------------------------------
+
+    def verify_conn(self) -> _Conn | None:
+        """The connection a verify may query on now: streaming, with no resync owed."""
+        conn = self._conn
+        if conn is None or self.state != STREAMING or self.resync_needed:
+            return None
+        return conn
+
+    async def wait_changed(self) -> None:
+        """Until the link's state, an acknowledgement, a checkpoint or a verify answer changes."""
+        await self._changed.wait()
+
+    def repair(self, runs: dict[str, list[tuple[int, int]]]) -> None:
+        """Have the digest-compared resync go over these ``(first, stop)`` block runs now."""
+        for name, spans in runs.items():
+            if name in self.dirty.geometry:
+                for first, stop in spans:
+                    self.dirty.mark_blocks(name, first, stop)
+        self.resync_needed = True
+        if self.state == STREAMING:
+            self._set_state(RESYNCING)
+        self._wake()
 
     # -- shutdown and status ---------------------------------------------------------------------
 
