@@ -69,7 +69,11 @@ def mountctl(*args: str, timeout: float = 120) -> str:
 
 
 def vm_status(mnt: Path, vm: str) -> dict[str, Any]:
-    return json.loads(os.getxattr(mnt, "user.colofs.status")).get("vms", {}).get(vm) or {}
+    """The VM directory's status (role, peer, sequence numbers); empty while the VM is not there."""
+    try:
+        return json.loads(os.getxattr(Path(mnt) / vm, "user.colofs.status"))
+    except FileNotFoundError:
+        return {}
 
 
 def ensure_mounted(args: argparse.Namespace, role: str) -> None:
