@@ -1,4 +1,4 @@
-"""The NBD server: one trio task per connection, many pipelined requests per receive, replies in batches.
+"""One NBD connection: one trio task, many pipelined requests per receive, replies in batches.
 
 A connection first negotiates (fixed newstyle only) within a time limit, then
 serves one export. Each round takes whatever the client has sent, serves every
@@ -25,7 +25,6 @@ import errno
 import logging
 import ssl
 import struct
-from dataclasses import dataclass
 
 import trio
 
@@ -40,14 +39,6 @@ REPLY_BATCH_BYTES = 4 << 20  # replies gathered past this are sent before servin
 MAX_BATCH_REQUESTS = 256
 MAX_OPTIONS = 64  # options one handshake may send
 META_CONTEXT_ID = 1
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds of one server: a client cannot hold it with a slow handshake or many connections."""
-
-    handshake_timeout: float = 10.0
-    max_connections: int = 32
 
 
 class ConnectionClosed(Exception):
@@ -268,7 +259,7 @@ class Connection:
     async def transmit(self, export: Export) -> None:
         """Serve requests until the client disconnects; each round's replies go out in one send."""
         cache = self.exports.cache
-        out: list[bytes] = []
+        out: list[bytes | bytearray] = []
         size = 0
         written = False
         try:
@@ -287,15 +278,21 @@ class Connection:
                         need += req.length
                     if len(buf) - pos < need:
                         break
-                    payload = bytes(buf[pos + p.REQUEST.size : pos + need]) if need > p.REQUEST.size else b""
+                    payload = b""
+                    if need > p.REQUEST.size:
+                        with memoryview(buf) as mv:  # one copy, and the view is gone before buf is resized
+                            payload = bytes(mv[pos + p.REQUEST.size : pos + need])
                     pos += need
                     if req.type == p.CMD_DISC:
                         done = True
                         break
                     with trio.CancelScope(shield=True):  # a stop never leaves a write half applied
-                        reply, wrote = await self._serve(export, req, payload)
+                        reply, data, wrote = await self._serve(export, req, payload)
                     out.append(reply)
                     size += len(reply)
+                    if data:
+                        out.append(data)
+                        size += len(data)
                     written |= wrote
                     count += 1
                     if size >= REPLY_BATCH_BYTES or count >= MAX_BATCH_REQUESTS:
@@ -311,7 +308,7 @@ class Connection:
         finally:
             cache.closed(export)
 
-    async def _send_replies(self, export: Export, out: list[bytes], written: bool) -> None:
+    async def _send_replies(self, export: Export, out: list[bytes | bytearray], written: bool) -> None:
         if written:  # the kernel's cached pages must not be seen once a write is acknowledged
             await self.exports.cache.written(export)
         await self.stream.send_all(b"".join(out))
@@ -352,91 +349,31 @@ class Connection:
             return self._error(req, p.EINVAL, "no base:allocation context was negotiated")
         return None
 
-    async def _serve(self, export: Export, req: p.Request, payload: bytes) -> tuple[bytes, bool]:
-        """One request's reply, and whether it changed the image."""
+    async def _serve(self, export: Export, req: p.Request, payload: bytes) -> tuple[bytes, bytearray | None, bool]:
+        """One request's reply header, the data read (kept apart: no copy), and whether it changed the image."""
         refused = self._check(export, req)
         if refused is not None:
-            return refused, False
+            return refused, None, False
         typ = req.type
         try:
             if typ == p.CMD_READ:
                 data = await export.read(req.offset, req.length)
                 if self.structured:
                     head = p.chunk(req.cookie, p.REPLY_TYPE_OFFSET_DATA, 8 + len(data)) + struct.pack(">Q", req.offset)
-                    return head + data, False
-                return p.simple_reply(req.cookie) + data, False
+                    return head, data, False
+                return p.simple_reply(req.cookie), data, False
             if typ == p.CMD_WRITE:
                 await export.write(req.offset, payload)
             elif typ == p.CMD_WRITE_ZEROES:
                 await export.write_zeroes(req.offset, req.length)
             elif typ == p.CMD_BLOCK_STATUS:
                 extents = export.allocation(req.offset, req.length, one=bool(req.flags & p.CMD_FLAG_REQ_ONE))
-                return p.block_status_chunk(req.cookie, META_CONTEXT_ID, extents), False
+                return p.block_status_chunk(req.cookie, META_CONTEXT_ID, extents), None, False
             # TRIM: advisory, and the core keeps no holes in its layers; the data stays as it is.
             if typ == p.CMD_FLUSH or req.flags & p.CMD_FLAG_FUA:
                 await export.flush()
         except (ColofsError, OSError) as e:
             log.warning("nbd %s: %s: request %d of %d bytes at %d failed: %s", self.label, export.name,
                         typ, req.length, req.offset, e)
-            return self._error(req, nbd_errno(e), str(e)), typ in (p.CMD_WRITE, p.CMD_WRITE_ZEROES)
-        return self._ok(req), typ in (p.CMD_WRITE, p.CMD_WRITE_ZEROES)
-
-
-class Server:
-    """Accepts connections on listeners and serves each in a task of its own, up to a cap."""
-
-    def __init__(self, exports: Exports, limits: Limits | None = None) -> None:
-        self.exports = exports
-        self.limits = limits or Limits()
-        self.active = 0
-        self._seq = 0
-
-    async def serve(self, listeners: list[tuple[trio.abc.Listener[trio.abc.Stream], ssl.SSLContext | None]],
-                    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled, each listener with TLS required or not; listeners are closed at the end."""
-        async with trio.open_nursery() as nursery:
-            for listener, tls in listeners:
-                nursery.start_soon(self._accept, listener, tls, nursery)
-            task_status.started()
-
-    async def _accept(self, listener: trio.abc.Listener[trio.abc.Stream], tls: ssl.SSLContext | None,
-                      nursery: trio.Nursery) -> None:
-        async with listener:
-            while True:
-                stream = await listener.accept()
-                if self.active >= self.limits.max_connections:
-                    log.warning("nbd: connection refused: %d connections already (the cap)", self.active)
-                    await trio.aclose_forcefully(stream)
-                    continue
-                self.active += 1
-                self._seq += 1
-                nursery.start_soon(self.handle, stream, f"#{self._seq}", tls)
-
-    async def handle(self, stream: trio.abc.Stream, label: str, tls: ssl.SSLContext | None = None) -> None:
-        """One connection from handshake to close (counted in :attr:`active` by the caller)."""
-        conn = Connection(stream, self.exports, label, tls)
-        try:
-            export = None
-            with trio.move_on_after(self.limits.handshake_timeout) as scope:
-                export = await conn.handshake()
-            if scope.cancelled_caught:
-                log.warning("nbd %s: handshake not done within %.0f s: disconnected", label,
-                            self.limits.handshake_timeout)
-                return
-            if export is None:
-                return
-            log.info("nbd %s: serving %s (%s, %s replies)", label, export.name,
-                     "read-write" if export.writable else "read-only",
-                     "structured" if conn.structured else "simple")
-            await conn.transmit(export)
-        except ConnectionClosed:
-            pass
-        except p.ProtocolError as e:
-            log.warning("nbd %s: disconnected: %s", label, e)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            log.info("nbd %s: connection lost: %s", label, e)
-        except Exception:
-            log.exception("nbd %s: connection failed", label)
-        finally:
-            self.active -= 1
-            await trio.aclose_forcefully(stream)
+            return self._error(req, nbd_errno(e), str(e)), None, typ in (p.CMD_WRITE, p.CMD_WRITE_ZEROES)
+        return self._ok(req), None, typ in (p.CMD_WRITE, p.CMD_WRITE_ZEROES)

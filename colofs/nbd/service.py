@@ -11,7 +11,7 @@ non-loopback address, only with the node's TLS certificates
 (``--tls-cert``/``--tls-key``/``--tls-ca``): then every client must switch
 to TLS (``NBD_OPT_STARTTLS``) and present a certificate from that CA before
 it can name an export. The handshake is bounded in time and the connections
-in number (:class:`colofs.nbd.server.Limits`).
+in number (:class:`Limits`); :class:`Server` runs one task per connection.
 """
 
 from __future__ import annotations
@@ -23,14 +23,84 @@ import socket as stdsocket
 import ssl
 import stat
 import tempfile
+from dataclasses import dataclass
 
 import trio
 
 from colofs.core.store import Store
+from colofs.nbd import protocol as p
 from colofs.nbd.exports import CacheLink, Exports
-from colofs.nbd.server import Limits, Server
+from colofs.nbd.server import Connection, ConnectionClosed
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds of one server: a client cannot hold it with a slow handshake or many connections."""
+
+    handshake_timeout: float = 10.0
+    max_connections: int = 32
+
+
+class Server:
+    """Accepts connections on listeners and serves each in a task of its own, up to a cap."""
+
+    def __init__(self, exports: Exports, limits: Limits | None = None) -> None:
+        self.exports = exports
+        self.limits = limits or Limits()
+        self.active = 0
+        self._seq = 0
+
+    async def serve(self, listeners: list[tuple[trio.abc.Listener[trio.abc.Stream], ssl.SSLContext | None]],
+                    *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled, each listener with TLS required or not; listeners are closed at the end."""
+        async with trio.open_nursery() as nursery:
+            for listener, tls in listeners:
+                nursery.start_soon(self._accept, listener, tls, nursery)
+            task_status.started()
+
+    async def _accept(self, listener: trio.abc.Listener[trio.abc.Stream], tls: ssl.SSLContext | None,
+                      nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                stream = await listener.accept()
+                if self.active >= self.limits.max_connections:
+                    log.warning("nbd: connection refused: %d connections already (the cap)", self.active)
+                    await trio.aclose_forcefully(stream)
+                    continue
+                self.active += 1
+                self._seq += 1
+                nursery.start_soon(self.handle, stream, f"#{self._seq}", tls)
+
+    async def handle(self, stream: trio.abc.Stream, label: str, tls: ssl.SSLContext | None = None) -> None:
+        """One connection from handshake to close (counted in :attr:`active` by the caller)."""
+        conn = Connection(stream, self.exports, label, tls)
+        try:
+            export = None
+            with trio.move_on_after(self.limits.handshake_timeout) as scope:
+                export = await conn.handshake()
+            if scope.cancelled_caught:
+                log.warning("nbd %s: handshake not done within %.0f s: disconnected", label,
+                            self.limits.handshake_timeout)
+                return
+            if export is None:
+                return
+            log.info("nbd %s: serving %s (%s, %s replies)", label, export.name,
+                     "read-write" if export.writable else "read-only",
+                     "structured" if conn.structured else "simple")
+            await conn.transmit(export)
+        except ConnectionClosed:
+            pass
+        except p.ProtocolError as e:
+            log.warning("nbd %s: disconnected: %s", label, e)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            log.info("nbd %s: connection lost: %s", label, e)
+        except Exception:
+            log.exception("nbd %s: connection failed", label)
+        finally:
+            self.active -= 1
+            await trio.aclose_forcefully(stream)
 
 
 class NbdStartError(Exception):

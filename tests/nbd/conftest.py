@@ -12,7 +12,7 @@ import trio.testing
 
 from colofs.core.store import Store
 from colofs.nbd.exports import Exports
-from colofs.nbd.server import Limits, Server
+from colofs.nbd.service import Limits, Server
 from tests.fs.mounts import Mount
 from tests.mountable import skip_mount_tests
 from tests.nbd.rawclient import RawClient

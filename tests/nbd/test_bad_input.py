@@ -12,7 +12,7 @@ import struct
 import trio
 
 from colofs.nbd import protocol as p
-from colofs.nbd.server import Limits
+from colofs.nbd.service import Limits
 from tests.core.conftest import snapshot_tree
 from tests.nbd.conftest import SIZE
 from tests.waiting import DEADLINE

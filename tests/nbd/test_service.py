@@ -11,8 +11,7 @@ import pytest
 import trio
 
 from colofs.nbd import protocol as p
-from colofs.nbd.server import Limits
-from colofs.nbd.service import NbdService, NbdStartError
+from colofs.nbd.service import Limits, NbdService, NbdStartError
 from colofs.repl.tls import TlsConfig
 from tests.nbd.rawclient import RawClient
 from tests.pki import HAVE_OPENSSL, make_pki
