@@ -7,6 +7,8 @@ replication; without a key only loopback addresses are accepted (the daemon's
 replication engine refuses others at startup), and the key file itself is
 read, and its permissions checked, by the daemon. ``--tls-cert``,
 ``--tls-key`` and ``--tls-ca`` (all three or none) add TLS under the frames.
+``--nbd-socket`` serves NBD on a unix socket; ``--nbd-listen`` on TCP needs
+``--key-file``, and off loopback the TLS files too (clients must use TLS).
 """
 
 from __future__ import annotations

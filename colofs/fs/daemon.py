@@ -9,7 +9,9 @@ With ``--peer`` or ``--listen`` the replication engine starts first (a
 primary's write sinks are attached before the mount serves a write; a
 secondary's port is bound), then the mount. A key file others can read, a
 keyless non-loopback address and a port in use stop the startup with the
-reason, which ``mountctl mount`` prints.
+reason, which ``mountctl mount`` prints. ``--nbd-socket``/``--nbd-listen``
+bind the NBD server (:mod:`colofs.nbd`) at the same point; at shutdown its
+connections are closed right after the unmount, before replication stops.
 
 Shutdown is an unmount while the daemon still serves: the kernel writes the
 dirty pages of buffered writes back through the mount as the files are
