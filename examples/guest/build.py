@@ -8,7 +8,8 @@ found with ``ldd``: the host is the same Debian). The initramfs holds busybox, `
 
 The result is cached per machine (``$COLOFS_GUEST_CACHE``, default ``~/.cache/colofs-guest``) under
 a key of ``init.sh`` and this builder's version: the first build downloads ~72 MB and takes a few
-seconds, later calls return at once. Concurrent builders serialise on a lock file.
+seconds, later calls return at once. Concurrent builders serialise on a lock file; checkouts with
+different ``init.sh`` keep their own builds side by side (one unused for a week is removed).
 
     python -m examples.guest.build [--cache DIR]     # prints the kernel and initramfs paths
 """
@@ -25,6 +26,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,8 @@ BUILD_VERSION = "1"
 PACKAGES = ("busybox-static", "e2fsck-static", "e2fsprogs")
 MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
 """What the guest needs; their dependencies are found and loaded first."""
+STALE_SECONDS = 7 * 86400
+"""A build of another ``init.sh`` (another checkout) unused this long is removed."""
 KERNEL_PARTS = ("boot/vmlinuz-*", "lib/modules/*/kernel/drivers/virtio/*",
                 "lib/modules/*/kernel/drivers/block/*", "lib/modules/*/kernel/fs/*",
                 "lib/modules/*/kernel/lib/*", "lib/modules/*/kernel/crypto/*")
@@ -74,9 +78,10 @@ def build(cache: Path | None = None) -> GuestImage:
                 _build_into(cache, Path(tmp))
                 shutil.rmtree(out, ignore_errors=True)
                 os.rename(Path(tmp) / "out", out)
-            for old in cache.glob("*/info.json"):  # builds of an older init.sh
-                if old.parent != out:
-                    shutil.rmtree(old.parent, ignore_errors=True)
+        os.utime(out / "info.json")  # in use: another checkout's build is removed only when stale
+        for other in cache.glob("*/info.json"):
+            if other.parent != out and time.time() - other.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(other.parent, ignore_errors=True)
     info = json.loads((out / "info.json").read_text())
     return GuestImage(out / "vmlinuz", out / "initrd.cpio", info)
 
