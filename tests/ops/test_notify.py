@@ -80,5 +80,4 @@ def test_daemon_says_ready_once_the_mount_answers_and_stopping_at_unmount(tmp_pa
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=60)
-        if os.path.ismount(m.mnt):
-            run("fusermount3", "-u", "-z", str(m.mnt), check=False)
+        run("fusermount3", "-u", "-z", str(m.mnt), check=False)  # a stale mount is no ismount()
