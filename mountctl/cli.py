@@ -18,6 +18,7 @@ from mountctl.client import CtlError, Target, check_image, command, expect, quer
 from mountctl.mounting import preflight, start_daemon, unmount
 from mountctl.render import render_disk, render_root, render_snapshot, render_vm
 from mountctl.units import human_bytes, human_seconds, parse_size
+from mountctl.verify import add_parser as add_verify_parser
 
 
 def _vm_disk(text: str, parser: argparse.ArgumentParser) -> tuple[str, str]:
@@ -57,8 +58,6 @@ def cmd_mount(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         f"mounted {cfg.store} on {cfg.mountpoint}: role {cfg.role}, {len(vms)} VM(s), "
         f"daemon pid {msg.get('pid')}, log {cfg.log_file}"
     )
-    if msg.get("nbd"):
-        print(f"NBD exports VM/DISK, VM/DISK@SNAPSHOT served on {', '.join(msg['nbd'])}")
     return 0
 
 
@@ -401,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--from", dest="source", metavar="SNAPSHOT", help="clone this snapshot of the disk")
     cl.add_argument("--json", action="store_true", help="machine-readable output (the daemon's outcome)")
     cl.set_defaults(func=cmd_clone)
+
+    add_verify_parser(sub)
     return p
 
 

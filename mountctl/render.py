@@ -68,7 +68,27 @@ def render_vm(vm: dict[str, Any]) -> list[str]:
     for p in vm.get("pending") or []:
         lines.append(f"  pending:{p} (no size yet)")
     lines.append(render_peer(vm.get("peer")))
+    ver = vm.get("verify")
+    if ver:
+        lines.append(render_verify(ver))
     return lines
+
+
+def render_verify(v: dict[str, Any]) -> str:
+    """A VM's running or last online verify: ``verify:running 42.0% eta:12s differing:0``."""
+    line = f"  verify:{v.get('state')}"
+    if v.get("state") == "running":
+        line += f" {v.get('phase')} {v.get('percent')}%"
+        if v.get("eta_s") is not None:
+            line += f" eta:{human_seconds(float(v['eta_s']))}"
+    line += (f" compared:{v.get('blocks_compared')}/{v.get('blocks_total')} differing:{v.get('blocks_differing')}"
+             f" unverified:{v.get('blocks_unverified')} took:{human_seconds(float(v.get('duration_s', 0)))}")
+    res = v.get("resync")
+    if res and res.get("repaired") is not None:
+        line += f" repaired:{res['repaired']}"
+    if v.get("error"):
+        line += f" error:{v['error']}"
+    return line
 
 
 def render_peer(peer: dict[str, Any] | str | None) -> str:

@@ -166,8 +166,8 @@ class VerifyRun:
         if scope.cancelled_caught:
             raise VerifyError(f"verify: the resync of {count(found)} differing blocks did not finish within "
                               f"{self.opts.wait:g} s (link {link.state}; last error: {link.last_error or 'none'})")
-        self.resync = {"blocks": count(found), "resync_blocks_sent": link.progress.blocks_sent - sent0,
-                       "upto_seq": link.progress.upto_seq}
+        self.resync = {"blocks": count(found), "ranges": ranges(found, self.block_size),
+                       "resync_blocks_sent": link.progress.blocks_sent - sent0, "upto_seq": link.progress.upto_seq}
         if not await self._next_checkpoint():
             self.resync["final_pass"] = "skipped: no checkpoint came"
             return
