@@ -58,6 +58,8 @@ def cmd_mount(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         f"mounted {cfg.store} on {cfg.mountpoint}: role {cfg.role}, {len(vms)} VM(s), "
         f"daemon pid {msg.get('pid')}, log {cfg.log_file}"
     )
+    if msg.get("nbd"):
+        print(f"NBD exports VM/DISK, VM/DISK@SNAPSHOT served on {', '.join(msg['nbd'])}")
     return 0
 
 
