@@ -19,7 +19,10 @@ released, then ends the connection; then replication stops (a primary first
 gives its queued writes a moment to be acknowledged, then saves its dirty
 maps), and only then is the store closed (synced and marked clean). ``SIGTERM``/``SIGINT``/``SIGHUP`` start that unmount from
 inside; if the mount is busy (a VM still has a disk open) the unmount is made
-lazy, so the daemon exits, store closed, once the last user is gone.
+lazy, so the daemon exits, store closed, once the last user is gone. A plain
+``umount`` from outside ends the session the same way. Under systemd
+(``NOTIFY_SOCKET``) the daemon sends ``READY=1`` once the mount answers and
+``STOPPING=1`` once it is unmounted (:mod:`colofs.notify`).
 """
 
 from __future__ import annotations
