@@ -9,14 +9,27 @@ applied after its checkpoint, must never show as differences.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 
+import pytest
 import trio
+import xxhash
 
+from colofs.repl.blockset import BlockSet
 from colofs.repl.verifier import Verifications
-from colofs.repl.verify import VerifyOptions
+from colofs.repl.verify import (
+    Pacer,
+    VerifyError,
+    VerifyOptions,
+    classify,
+    parse_options,
+    plan_queries,
+)
+from colofs.wire.messages import DiskInfo, Error, VerifyDigests, VerifyQuery
 from tests.repl.conftest import wait_until
+from tests.repl.rawpeer import RawPrimary
 
 BS = 4096
 SIZE = 4 << 20  # 1024 blocks
@@ -170,3 +183,70 @@ async def test_a_block_written_after_the_checkpoint_is_unverified_not_differing(
     assert rep["state"] == "done" and rep["blocks_differing"] == 0, rep
     assert rep["blocks_unverified"] == 1 and rep["unverified"][0]["first_block"] == 10
     assert not repl_errors()
+
+
+async def test_the_secondary_answers_verify_queries_and_refuses_bad_ones(pair, repl_errors) -> None:
+    """A raw primary's VERIFY_QUERY gets the checkpoint image's digests; a bad one ends the session, changes nothing."""
+    await _filled_pair(pair)
+    pvm = pair.primary.vm("vm")
+    await pair.stop_primary()
+    svm = pair.secondary.vm("vm")
+    before = (svm.state.last_applied, svm.state.last_checkpoint)
+    raw = await RawPrimary.connect(pair.port, "vm", [DiskInfo("d0", SIZE, BS)], key=pair.key)
+    try:
+        await raw.send(VerifyQuery(77, 0, 8, 16))
+        ans = await raw.receive()
+        assert isinstance(ans, VerifyDigests)
+        assert (ans.token, ans.disk, ans.first_block, ans.checkpoint) == (77, 0, 8, before[1])
+        want = await pvm.disk("d0").read(8 * BS, 16 * BS)
+        assert list(ans.digests) == [xxhash.xxh3_64_intdigest(bytes(want[i:i + BS])) for i in range(0, 16 * BS, BS)]
+        await raw.send(VerifyQuery(78, 0, 1020, 5))  # past the disk's 1024 blocks
+        closed, err = await raw.until_closed(30)
+        assert closed and isinstance(err, Error) and "VERIFY_QUERY for blocks 1020+5" in err.message, err
+    finally:
+        await raw.aclose()
+    assert (svm.state.last_applied, svm.state.last_checkpoint) == before
+    assert not repl_errors()
+
+
+async def test_a_verify_can_be_cancelled_and_a_second_one_is_refused_while_it_runs(pair) -> None:
+    await _filled_pair(pair)
+    async with trio.open_nursery() as nursery:
+        v = await _verifies(pair, nursery)
+        with pytest.raises(VerifyError, match="no disk nope"):
+            v.start("vm", VerifyOptions(disks=("nope",)))
+        run = v.start("vm", VerifyOptions(rate=1e6))  # 4 s for the disk
+        with pytest.raises(VerifyError, match="is running") as busy:
+            v.start("vm", VerifyOptions())
+        assert busy.value.code == errno.EBUSY
+        v.cancel("vm")
+        with trio.fail_after(30):
+            await run.done.wait()
+        assert run.as_dict()["state"] == "cancelled"
+        assert pair.link().verify_sink is None
+        again = await _run(v, VerifyOptions(disks=("d0",)))
+        assert again["id"] == run.id + 1 and again["state"] == "done"
+        nursery.cancel_scope.cancel()
+
+
+def test_options_pace_and_classification() -> None:
+    opts = parse_options({"disk": "d0.raw", "resync": True, "rate": 5})
+    assert (opts.disks, opts.resync, opts.rate) == (("d0",), True, 5e6)
+    assert parse_options({}).rate == 100e6
+    for bad in ({"rate": 0}, {"rate": "fast"}, {"resync": 1}, {"disks": []}, {"disk": "a", "disks": ["b"]},
+                {"frobnicate": 1}):
+        with pytest.raises(VerifyError) as e:
+            parse_options(bad)
+        assert e.value.code == errno.EINVAL
+    # No credit while idle: after a pause the next chunk waits its full share again.
+    p = Pacer(1e6)
+    assert p.delay(1_000_000, 10.0) == 0.0
+    assert p.delay(1_000_000, 10.0) == pytest.approx(1.0)
+    assert p.delay(500_000, 100.0) == 0.0
+    assert p.delay(500_000, 100.0) == pytest.approx(0.5)
+    # Mismatches: a block written after the checkpoint is rechecked, one not written differs.
+    written = BlockSet(64)
+    written.add(11, 12)
+    assert classify(10, [1, 2, 3, 4], [1, 9, 9, 4], written) == ([12], [11])
+    assert classify(10, [1, 2], [5, 6], None) == ([], [10, 11])
+    assert [(q.first, q.count) for q in plan_queries([("d0", 600, 4096)], 1 << 20)] == [(0, 256), (256, 256), (512, 88)]
