@@ -1,6 +1,7 @@
 """Persistent block maps: the one on-disk structure behind hidden, active and snapshot layers.
 
-A log file (format 2) starts with a *file header* block, followed by a
+A log file (format 2, see ``colofs.core.logformat``; replayed at open by
+``colofs.core.logreplay``) starts with a *file header* block, followed by a
 sequence of *segments*, each a header followed by the data of the blocks it
 adds. A segment header (padded to whole blocks, so data stays block aligned)
 holds the generation, the records ``(block, xxh3 of the block's data)`` (a
@@ -53,66 +54,34 @@ from collections.abc import Callable, Iterable, Sequence
 
 import xxhash
 
-from colofs.core.errors import (
-    BlockDamaged,
-    DiskIOError,
-    MapCorrupt,
-    MapMissing,
-    MapTruncated,
-    StoreVersionError,
+from colofs.core.errors import BlockDamaged, DiskIOError, MapMissing
+from colofs.core.fileio import Buffer, datasync_all, write_all
+from colofs.core.logformat import (
+    DROP,
+    DROP_BIT,
+    F_BLOCK_DIGESTS,
+    F_DATA_DIGEST,
+    MAGIC,
+    MAGIC_V1,
+    MAX_RECORDS,
+    NEW_SUFFIX,
+    PUT,
+    SEG_HDR,
+    SLOT_OFFSETS,
+    block_digest,
+    block_digests,
+    encode_file_header,
+    encode_slot,
+    file_header_len,
+    records_digest,
+    segment_header_len,
 )
-from colofs.core.fileio import Buffer, datasync_all, read_into_blocking, write_all
+from colofs.core.logreplay import LogReplay
 
-LOG_FORMAT = 2
-FILE_MAGIC = b"COLFSLOG"
-_FILE_HDR = struct.Struct("<8sIIIIQ")  # magic, format, block size, flags, reserved, digest
-_SLOT = struct.Struct("<8sQQQ")  # magic, counter, committed length, digest
-SLOT_MAGIC = b"COLFSCMT"
-SLOT_OFFSETS = (512, 1024)  # one sector each: a torn slot write leaves the other intact
-FILE_HDR_MIN = 4096
-MAGIC_V1 = b"COLFSEG1"
-MAGIC = b"COLFSEG2"
-_HDR = struct.Struct("<8sQIIQQ")  # magic, gen, nrec, flags, data digest (v1), header digest
-HDR_SIZE = _HDR.size
-_REC_SIZE = 16  # v2: block u64 (top bit: DROP), digest u64; v1: block u64, kind u64
-DROP_BIT = 1 << 63
-PUT = 1
-DROP = 2
-F_DATA_DIGEST = 1  # v1: one digest over the segment's data
-F_BLOCK_DIGESTS = 2  # v2: each PUT record holds its block's digest
-MAX_RECORDS = 1 << 20
-NEW_SUFFIX = ".new"  # a fresh log file before it is renamed over the old one
-
-block_digest = xxhash.xxh3_64_intdigest
+__all__ = ["NEW_SUFFIX", "BlockLog", "file_header_len", "make_durable"]
 
 
-def file_header_len(block_size: int) -> int:
-    """Bytes before the first segment: one block, at least 4 KiB (both are powers of two)."""
-    return max(FILE_HDR_MIN, block_size)
-
-
-def _header_len(nrec: int, block_size: int) -> int:
-    raw = HDR_SIZE + nrec * _REC_SIZE
-    return (raw + block_size - 1) // block_size * block_size
-
-
-def _digest(head: bytes, records: Buffer) -> int:
-    h = xxhash.xxh3_64(head)
-    h.update(records)
-    return h.intdigest()
-
-
-def _file_header(block_size: int, mutable: bool) -> bytes:
-    head = _FILE_HDR.pack(FILE_MAGIC, LOG_FORMAT, block_size, int(mutable), 0, 0)[:-8]
-    return head + struct.pack("<Q", block_digest(head))
-
-
-def _slot(counter: int, length: int) -> bytes:
-    head = _SLOT.pack(SLOT_MAGIC, counter, length, 0)[:-8]
-    return head + struct.pack("<Q", block_digest(head))
-
-
-class BlockLog:
+class BlockLog(LogReplay):
     """A block map (block -> file offset of its data) backed by one segment log file.
 
     ``sums`` (write-once logs only) holds each block's data digest, checked
@@ -293,7 +262,7 @@ class BlockLog:
         if self.end or self.legacy:
             return []
         self.end = file_header_len(self.block_size)
-        return [_file_header(self.block_size, self.mutable).ljust(self.end, b"\0")]
+        return [encode_file_header(self.block_size, self.mutable).ljust(self.end, b"\0")]
 
     def _append_segment(self, blocks: Sequence[int], bufs: Sequence[Buffer]) -> None:
         n = len(blocks)
@@ -314,7 +283,7 @@ class BlockLog:
                 data_digest = h.intdigest()
                 flags = F_DATA_DIGEST
         elif not self.mutable:
-            sums = _block_digests(bufs, bs)
+            sums = block_digests(bufs, bs)
             records[1::2] = array("Q", sums)
             flags = F_BLOCK_DIGESTS
         old_end = self.end
@@ -376,11 +345,11 @@ class BlockLog:
 
     def _header(self, records: array, nrec: int, flags: int, data_digest: int) -> bytes:
         magic = MAGIC_V1 if self.legacy else MAGIC
-        head = _HDR.pack(magic, self.gen, nrec, flags, data_digest, 0)[:32]
+        head = SEG_HDR.pack(magic, self.gen, nrec, flags, data_digest, 0)[:32]
         rec_bytes = records.tobytes()
-        digest = _digest(head, rec_bytes)
+        digest = records_digest(head, rec_bytes)
         body = head + struct.pack("<Q", digest) + rec_bytes
-        return body + bytes(_header_len(nrec, self.block_size) - len(body))
+        return body + bytes(segment_header_len(nrec, self.block_size) - len(body))
 
     def commit(self, length: int, fd: int) -> None:
         """Record that the first ``length`` bytes were written and synced (see the module docstring).
@@ -393,203 +362,11 @@ class BlockLog:
         self._slot_counter += 1
         off = SLOT_OFFSETS[self._slot_counter % 2]
         try:
-            write_all(self.fd, [_slot(self._slot_counter, length)], off)
+            write_all(self.fd, [encode_slot(self._slot_counter, length)], off)
         except OSError as e:
             raise DiskIOError(f"{self.label}: writing the commit record of {self.path} failed: {e.strerror}",
                               e.errno) from e
         self.committed = length
-
-    # -- replay -----------------------------------------------------------
-
-    def _corrupt(self, offset: int | None, reason: str, cls: type[MapCorrupt] = MapCorrupt) -> MapCorrupt:
-        where = f" at offset {offset}" if offset is not None else ""
-        return cls(f"{self.label}: block map {self.path}: {reason}{where}", self.path, offset, reason)
-
-    def _read_file_header(self, size: int) -> int:
-        """Parse the file header and the commit slots; returns the offset of the first segment."""
-        if size < 8:
-            raise self._corrupt(0, f"a {size}-byte file, too short for a log header")
-        head = self._read(0, min(size, _FILE_HDR.size))
-        if bytes(head[:8]) == MAGIC_V1:
-            self.legacy = True
-            return 0
-        if bytes(head[:8]) != FILE_MAGIC or len(head) < _FILE_HDR.size:
-            raise self._corrupt(0, "no log header")
-        _, fmt, bs, _flags, _, digest = _FILE_HDR.unpack(head)
-        if digest != block_digest(bytes(head[:-8])):
-            raise self._corrupt(0, "a log header that fails its checksum")
-        if fmt != LOG_FORMAT:
-            raise StoreVersionError(f"{self.label}: {self.path} has log format {fmt}, this colofs reads {LOG_FORMAT}")
-        if bs != self.block_size:
-            raise self._corrupt(0, f"a log header for {bs}-byte blocks, the disk has {self.block_size}")
-        hlen = file_header_len(self.block_size)
-        best = (0, hlen)
-        for off in SLOT_OFFSETS:
-            if off + _SLOT.size > size:
-                continue
-            raw = self._read(off, _SLOT.size)
-            magic, counter, length, sdigest = _SLOT.unpack(raw)
-            if magic == SLOT_MAGIC and sdigest == block_digest(bytes(raw[:-8])) and counter > best[0]:
-                best = (counter, length)
-        self._slot_counter, self.committed = best
-        if self.committed == hlen and self._slot_counter == 0:
-            self.committed = 0
-        return hlen
-
-    def _replay(self, expected_len: int | None, verify_data: bool) -> None:
-        size = os.fstat(self.fd).st_size
-        limit = size
-        if expected_len is not None:
-            if size < expected_len:
-                raise self._corrupt(
-                    None, f"{size} bytes, the state recorded {expected_len} at the last clean close", MapTruncated
-                )
-            if size > expected_len:
-                raise self._corrupt(None, f"{size} bytes, longer than the {expected_len} recorded at close")
-        if size == 0:
-            return  # nothing was ever added
-        off = self._read_file_header(size)
-        committed = self.committed
-        if size < committed:
-            raise self._corrupt(
-                size, f"the file ends early: {committed} bytes were synced and acknowledged", MapTruncated
-            )
-        while off < limit:
-            seg = self._parse_segment(off, limit, verify_data)
-            if isinstance(seg, str):
-                if expected_len is not None or off < committed:
-                    raise self._corrupt(off, seg)
-                if self.legacy or self.mutable:
-                    later = self._find_valid_segment(off + self.block_size, limit)
-                    if later is not None:
-                        raise self._corrupt(off, f"{seg}, but a valid segment follows at {later}")
-                # A torn tail: the batch in flight when the process died (never acknowledged).
-                os.ftruncate(self.fd, off)
-                break
-            gen, records, data_off, seg_end, sums = seg
-            if off < committed < seg_end:
-                raise self._corrupt(off, f"a segment that runs past the acknowledged length {committed}")
-            if gen == self.gen:
-                self._apply_records(records, data_off, sums)
-            off = seg_end
-        self.end = off
-
-    def _apply_records(self, records: array, data_off: int, sums: list[int] | None) -> None:
-        bs = self.block_size
-        m = self.map
-        own = self.sums
-        i = 0
-        legacy = sums is None
-        for rec in range(0, len(records), 2):
-            word = records[rec]
-            if legacy:
-                b, put = word, records[rec + 1] == PUT
-            else:
-                b, put = word & ~DROP_BIT, not word & DROP_BIT
-            if put:
-                m[b] = data_off + i * bs
-                if own is not None:
-                    if sums:
-                        own[b] = records[rec + 1]
-                    else:
-                        own.pop(b, None)
-                i += 1
-            else:
-                m.pop(b, None)
-                if own is not None:
-                    own.pop(b, None)
-
-    def _read(self, off: int, length: int) -> bytearray:
-        buf = bytearray(length)
-        read_into_blocking(self.fd, memoryview(buf), off)
-        return buf
-
-    def _parse_segment(
-        self, off: int, limit: int, verify_data: bool
-    ) -> str | tuple[int, array, int, int, list[int] | None]:
-        """One segment at ``off``: ``(gen, records, data offset, end, digests)`` or a description of the damage.
-
-        ``digests`` is None for a format-1 segment, else the list of the
-        PUT records' digests (empty for a mutable log, which keeps none).
-        """
-        bs = self.block_size
-        if off + HDR_SIZE > limit:
-            return "a header cut short"
-        head = self._read(off, HDR_SIZE)
-        magic, gen, nrec, flags, data_digest, hdr_digest = _HDR.unpack(head)
-        v1 = magic == MAGIC_V1
-        if magic != (MAGIC_V1 if self.legacy else MAGIC):
-            return "no segment header"
-        allowed = F_DATA_DIGEST if v1 else F_BLOCK_DIGESTS
-        if nrec > MAX_RECORDS or flags & ~allowed:
-            return "an impossible segment header"
-        hlen = _header_len(nrec, bs)
-        if off + hlen > limit:
-            return "a header cut short"
-        rec_bytes = self._read(off + HDR_SIZE, nrec * _REC_SIZE)
-        if _digest(bytes(head[:32]), rec_bytes) != hdr_digest:
-            return "a header that fails its checksum"
-        records = array("Q")
-        records.frombytes(rec_bytes)
-        if v1:
-            nput = 0
-            for kind in records[1::2]:
-                if kind == PUT:
-                    nput += 1
-                elif kind != DROP:
-                    return "an unknown record kind"
-        else:
-            nput = sum(1 for w in records[0::2] if not w & DROP_BIT)
-        data_off = off + hlen
-        end = data_off + nput * bs
-        if end > limit:
-            return "data cut short"
-        if v1:
-            if flags & F_DATA_DIGEST and verify_data:
-                h = xxhash.xxh3_64()
-                pos = data_off
-                chunk = 1 << 20
-                while pos < end:
-                    h.update(self._read(pos, min(chunk, end - pos)))
-                    pos += chunk
-                if h.intdigest() != data_digest:
-                    return "data that fails its checksum"
-            return gen, records, data_off, end, None
-        sums = [w for r, w in zip(records[0::2], records[1::2], strict=True) if not r & DROP_BIT]
-        if flags & F_BLOCK_DIGESTS:
-            if verify_data:
-                bad = self._check_data(data_off, sums)
-                if bad is not None:
-                    return f"data that fails its checksum (block at {bad})"
-        else:
-            sums = []
-        return gen, records, data_off, end, sums
-
-    def _check_data(self, data_off: int, sums: list[int]) -> int | None:
-        """The file offset of the first block whose data fails its digest, or None."""
-        bs = self.block_size
-        per = max(1, (1 << 20) // bs)
-        for i in range(0, len(sums), per):
-            want = sums[i : i + per]
-            buf = memoryview(self._read(data_off + i * bs, len(want) * bs))
-            for j, w in enumerate(want):
-                if block_digest(buf[j * bs : (j + 1) * bs]) != w:
-                    return data_off + (i + j) * bs
-        return None
-
-    def _find_valid_segment(self, start: int, limit: int) -> int | None:
-        """Is there a complete segment of this generation anywhere after damage?"""
-        bs = self.block_size
-        off = (start + bs - 1) // bs * bs
-        magic = MAGIC_V1 if self.legacy else MAGIC
-        while off + HDR_SIZE <= limit:
-            head = self._read(off, HDR_SIZE)
-            if head[:8] == magic:
-                seg = self._parse_segment(off, limit, verify_data=True)
-                if not isinstance(seg, str) and seg[0] == self.gen:
-                    return off
-            off += bs
-        return None
 
 
 async def make_durable(logs: Sequence[BlockLog]) -> None:
@@ -606,17 +383,6 @@ async def make_durable(logs: Sequence[BlockLog]) -> None:
     await datasync_all([fd for _, fd, _ in marks])
     for lg, fd, end in marks:
         lg.commit(end, fd)
-
-
-def _block_digests(bufs: Sequence[Buffer], bs: int) -> list[int]:
-    """The digest of each ``bs`` bytes of the concatenation of ``bufs`` (copied only if blocks straddle them)."""
-    if any(len(b) % bs for b in bufs):
-        bufs = [b"".join(bufs)]
-    out: list[int] = []
-    for b in bufs:
-        mv = memoryview(b)
-        out += [block_digest(mv[i : i + bs]) for i in range(0, len(mv), bs)]
-    return out
 
 
 def _slice_bufs(bufs: Sequence[Buffer], start: int, length: int) -> list[memoryview]:
