@@ -49,6 +49,7 @@ from colofs.core.vm import STATE_FILE, VM
 log = logging.getLogger(__name__)
 
 MARKER = "colofs-store"
+UNKNOWN_ROLE = "unknown"  # a quarantined VM whose state file cannot be read
 
 
 class Store:
@@ -112,7 +113,7 @@ class Store:
         vm = self.vm(name)
         if vm.damage is None:
             raise RoleError(f"VM {name} is not damaged; nothing to repair")
-        if vm.state.role not in (SECONDARY, "unknown"):
+        if vm.state.role not in (SECONDARY, UNKNOWN_ROLE):
             raise RoleError(
                 f"VM {name} is a {vm.state.role} here: only a secondary's copy is rebuilt from its primary; "
                 f"restore this one from a backup or make the other node primary"
@@ -171,8 +172,6 @@ class Store:
             if not vm.closed:
                 vm.abandon()
 
-
-UNKNOWN_ROLE = "unknown"
 
 
 async def _open_vm(vm_path: str, name: str) -> VM | None:
