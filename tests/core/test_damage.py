@@ -16,7 +16,7 @@ import pytest
 
 from colofs.core import PrimaryWrite, Store
 from colofs.core.blocklog import file_header_len
-from colofs.core.errors import BlockDamaged, VMDamaged
+from colofs.core.errors import BlockDamaged, RoleError, VMDamaged
 
 BS = 4096
 SIZE = 1 << 20
@@ -230,5 +230,29 @@ async def test_missing_or_garbled_state_quarantines_that_vm_only(open_store, how
         assert st["damage"]["file"] == state
         assert ("missing" if how == "missing" else "checksum") in st["damage"]["reason"]
         assert bytes(await store.disk("other", "d").read(0, BS)) == b"O" * BS
+    finally:
+        store.abandon()
+
+
+async def test_repair_moves_the_damaged_vm_aside_and_starts_an_empty_secondary(open_store) -> None:
+    path, hidden = await setup_crashed(open_store)
+    flip(hidden, segment_offsets(hidden)[1] + BS + 1)
+    kept = open(hidden, "rb").read()
+    store = await Store.open(path, role="secondary")
+    try:
+        epoch = store.vm("vm").state.epoch
+        with pytest.raises(RoleError, match="not damaged"):
+            await store.repair_vm("other")
+        aside = await store.repair_vm("vm")
+        assert os.path.basename(aside).startswith(".damaged-vm-")
+        assert open(os.path.join(aside, "d", "hidden.log"), "rb").read() == kept
+        vm = store.vm("vm")
+        assert vm.damage is None and vm.disks == {}
+        assert (vm.state.role, vm.state.epoch, vm.state.last_checkpoint) == ("secondary", epoch, 0)
+    finally:
+        store.abandon()
+    store = await Store.open(path, role="secondary")  # the aside directory is not a VM
+    try:
+        assert sorted(store.vms) == ["other", "vm"] and store.vm("vm").damage is None
     finally:
         store.abandon()
