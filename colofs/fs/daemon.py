@@ -150,7 +150,9 @@ async def _start_nbd(nursery: trio.Nursery, ops: Operations, cfg: MountConfig) -
     tcp = (cfg.nbd_listen.host, cfg.nbd_listen.port) if cfg.nbd_listen is not None else None
     try:
         tls = cfg.tls() if tcp is not None else None
-        return await NbdService.start(nursery, ops.store, FuseCacheLink(ops.inodes, ops.cache),
+        # The mount's file-handle counter moves with every open: the link's "was anything opened since".
+        link = FuseCacheLink(ops.inodes, ops.cache, lambda: ops._next_fh)
+        return await NbdService.start(nursery, ops.store, link,
                                       socket_path=cfg.nbd_socket, tcp=tcp,
                                       tls=tls.server if tls is not None else None)
     except (NbdStartError, ReplConfigError) as e:

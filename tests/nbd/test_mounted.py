@@ -66,7 +66,12 @@ async def test_an_acknowledged_nbd_write_replaces_pages_the_kernel_caches(mounte
         assert os.pread(fd, 4096, 4096) == b"\x5a" * 4096
     finally:
         os.close(fd)
-        await c.disconnect()
+    # Pages stay cached after a close (keep_cache): a later open must not see them either.
+    for pattern in (b"\x6b", b"\x7c"):
+        assert (await c.write(0, pattern * 65536)).error == 0
+        with open(m.path("vm1", "d0.raw"), "rb") as f:
+            assert f.read(8192) == pattern * 8192
+    await c.disconnect()
 
 
 async def test_a_snapshot_in_use_over_nbd_cannot_be_deleted(mounted) -> None:
