@@ -2,7 +2,9 @@
 
 Exit status: 0 on success, 1 on a failure (one line on stderr), 2 on a usage
 error. Everything but ``mount`` and ``umount`` is a single extended-attribute
-call on the mount (see :mod:`colofs.fs.control` for the names).
+call on the mount (see :mod:`colofs.fs.control` for the names), except what
+reads lists that grow: ``status`` asks each VM directory for its detail, and
+snapshot listings are read page by page.
 """
 
 from __future__ import annotations
@@ -14,7 +16,18 @@ import sys
 from typing import Any
 
 from colofs.fs.config import ConfigError, add_mount_arguments, config_from_args
-from mountctl.client import CtlError, Target, check_image, command, expect, query, remove, resolve
+from mountctl.client import (
+    CtlError,
+    Target,
+    check_image,
+    command,
+    expect,
+    gather_status,
+    remove,
+    resolve,
+    snapshots,
+    vm_detail,
+)
 from mountctl.mounting import preflight, start_daemon, unmount
 from mountctl.render import render_disk, render_root, render_snapshot, render_vm
 from mountctl.units import human_bytes, human_seconds, parse_size
@@ -98,34 +111,34 @@ def cmd_import(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    st = expect(resolve(args.mountpoint), "root", "give the mountpoint (and optionally VM or VM/DISK)").status
-    vm_name = disk_name = None
-    if args.what:
-        vm_name, _, disk_name = args.what.partition("/")
-        disk_name = disk_name.removesuffix(".raw") or None
-        if vm_name not in st["vms"]:
-            raise CtlError(f"no VM {vm_name!r} in the colofs mount at {st['mountpoint']}")
-        if disk_name is not None and "@" in disk_name:
-            return _snapshot_status(st, args.what, args.json)
-        if disk_name is not None and disk_name not in st["vms"][vm_name]["disks"]:
-            raise CtlError(f"no disk {disk_name!r} in VM {vm_name!r} (mount {st['mountpoint']})")
+    root = expect(resolve(args.mountpoint), "root", "give the mountpoint (and optionally VM or VM/DISK)")
+    st = root.status
+    if not args.what:
+        # The root says how many VMs and their names; each VM's directory gives its detail.
+        full = gather_status(root)
+        print(json.dumps(full, indent=2, sort_keys=True) if args.json else "\n".join(render_root(full)))
+        return 0
+    vm_name, _, disk_name = args.what.partition("/")
+    disk_name = disk_name.removesuffix(".raw") or None
+    vm = vm_detail(root.path, vm_name) if vm_name and "/" not in vm_name else None
+    if vm is None:
+        raise CtlError(f"no VM {vm_name!r} in the colofs mount at {st['mountpoint']}")
+    if disk_name is not None and "@" in disk_name:
+        return _snapshot_status(st, args.what, args.json)
+    if disk_name is not None and disk_name not in vm["disks"]:
+        raise CtlError(f"no disk {disk_name!r} in VM {vm_name!r} (mount {st['mountpoint']})")
     if args.json:
-        out: Any = st
-        if vm_name is not None:
-            out = st["vms"][vm_name]
-            if disk_name is not None:
-                out = {"vm": vm_name, "disk": disk_name, "role": out["role"], "phase": out["phase"],
-                       "epoch": out["epoch"], **out["disks"][disk_name]}
+        out: Any = vm
+        if disk_name is not None:
+            out = {"vm": vm_name, "disk": disk_name, "role": vm["role"], "phase": vm["phase"],
+                   "epoch": vm["epoch"], **vm["disks"][disk_name]}
         print(json.dumps(out, indent=2, sort_keys=True))
         return 0
     if disk_name is not None:
-        vm = st["vms"][vm_name]
         print(f"{vm_name} role:{vm['role']} phase:{vm['phase']} epoch:{vm['epoch']}")
         print("\n".join(render_disk(disk_name, vm["disks"][disk_name])))
-    elif vm_name is not None:
-        print("\n".join(render_vm(st["vms"][vm_name])))
     else:
-        print("\n".join(render_root(st)))
+        print("\n".join(render_vm(vm)))
     return 0
 
 
@@ -291,7 +304,7 @@ def _list_snapshots(path: str, as_json: bool) -> int:
     target = _node(path)
     if target.kind not in ("vm", "disk"):
         expect(target, "disk", "give MOUNTPOINT/VM or MOUNTPOINT/VM/DISK")
-    snaps = query(target.path, "snapshots")
+    snaps = snapshots(target.path)  # page by page: the list has no bound
     if as_json:
         print(json.dumps(snaps, indent=2, sort_keys=True))
         return 0

@@ -146,3 +146,64 @@ def check_image(path: str) -> None:
         raise CtlError(f"{path}: {e.strerror}") from None
     if not accepted(st.st_mode):
         raise CtlError(f"{path} is {kind_of(st.st_mode)}, not an image: import takes a raw image, {ACCEPTED}")
+
+
+# -- lists read in pages, and the status gathered VM by VM -------------------------------------
+
+
+def paged(path: str, name: str, first: dict[str, Any] | None = None) -> list[Any]:
+    """Every item of a list attribute served in pages (``NAME.0``, ``NAME.1``, ...)."""
+    page = first if first is not None else query(path, f"{name}.0")
+    items = list(page.get(name) or [])
+    for n in range(1, int(page.get("pages", 1))):
+        try:
+            items += query(path, f"{name}.{n}").get(name) or []
+        except CtlError:  # the list shrank meanwhile: what is left was on the pages read
+            break
+    return items
+
+
+def vm_names(root: Target) -> list[str]:
+    """The VMs of a mount: the names in the root's status, then its further pages."""
+    st = root.status
+    first = {"vms": st.get("vms") or [], "pages": st.get("vm_pages", 1)}
+    return sorted(set(paged(root.path, "vms", first)))
+
+
+def snapshots(path: str) -> list[dict[str, Any]]:
+    """The snapshots and clones of a VM directory or disk file, however many."""
+    return paged(path, "snapshots")
+
+
+def vm_detail(root: str, name: str) -> dict[str, Any] | None:
+    """One VM's status as its directory tells it, its disks' snapshots listed; None if it is gone."""
+    path = os.path.join(root, name)
+    try:
+        st = dict(resolve(path).status)
+    except CtlError:
+        if not os.path.isdir(path):
+            return None
+        raise
+    st.pop("kind", None)
+    st.pop("mountpoint", None)
+    disks = st.get("disks") or {}
+    for d in disks.values():
+        d.setdefault("snapshots", [])
+    if any(d.get("snapshot_count") for d in disks.values()):
+        for snap in snapshots(path):
+            d = disks.get(snap.get("disk"))
+            if d is not None:
+                d.setdefault("snapshots", []).append(snap)
+    return st
+
+
+def gather_status(root: Target) -> dict[str, Any]:
+    """The root's status with every VM's detail, asked VM by VM (no one value holds them all)."""
+    out = dict(root.status)
+    vms = {}
+    for name in vm_names(root):
+        detail = vm_detail(root.path, name)
+        if detail is not None:
+            vms[name] = detail
+    out["vms"] = vms
+    return out

@@ -214,8 +214,15 @@ class Node:
             raise PairError(f"status of {target}: {e}") from None
 
     def vm_status(self, vm: str) -> dict[str, Any] | None:
-        """A VM's part of the root status, or None while this mount has no such VM."""
-        return self.status().get("vms", {}).get(vm)
+        """The VM directory's status (the root's names the VMs only), or None while there is no such VM."""
+        if not (self.mnt / vm).is_dir():
+            return None
+        try:
+            return self.status(vm)
+        except PairError:
+            if not (self.mnt / vm).is_dir():
+                return None
+            raise
 
     def control(self, vm: str, name: str, value: bytes | str = b"") -> dict[str, Any]:
         """Set ``user.colofs.NAME`` on the VM directory, as mountctl does; the daemon's outcome."""

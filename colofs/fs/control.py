@@ -24,7 +24,13 @@ name                  on                         meaning
 ``snapshot``          snapshot or clone file     get: its name; remove: delete it
 ``clone``             disk file, snapshot file   set: NAME: writable clone of the disk / snapshot
 ``clone``             clone file                 remove: delete it (like ``snapshot``)
-``snapshots``         disk file, VM dir          get: JSON list of the snapshots and clones
+``snapshots``         disk file, VM dir          get: JSON list of the snapshots and clones (E2BIG
+                                                 once it outgrows one value: read the pages)
+``snapshots.N``       disk file, VM dir          get: page N of that list, ``{"page","pages","count",
+                                                 "snapshots"}`` (see :mod:`colofs.fs.paging`)
+``vms.N``             root                       get: page N of the VM names (page 0 is in the
+                                                 root's status, which holds counts and names only;
+                                                 each VM's detail is its directory's status)
 ``block_size``        pending file               get/set: block size of the disk to be
 ``last_error``        everywhere                 get: message of the caller's last failed set, or empty
 ``last_result``       everywhere                 get: JSON outcome of the caller's last set
@@ -67,6 +73,7 @@ from colofs.fs.config import MountConfig
 from colofs.fs.errnos import errno_for
 from colofs.fs.inodes import DISK_SUFFIX, SNAP_KINDS, InodeTable, Kind, Node
 from colofs.fs.pagecache import PageCache
+from colofs.fs.paging import compact, fits, page, paged_name
 from colofs.fs.repair import REPAIR, repair_vm
 from colofs.fs.replication import Replication
 from colofs.fs.snapshots import SnapshotControl
@@ -118,6 +125,12 @@ WRITABLE: dict[Kind, tuple[str, ...]] = {
     Kind.PENDING: (BLOCK_SIZE,),
     Kind.SNAPSHOT: (CLONE,),
     Kind.CLONE: (),
+}
+# Lists read in pages (``NAME.N``): they grow with the VMs or the snapshots.
+PAGED: dict[Kind, tuple[str, ...]] = {
+    Kind.ROOT: ("vms",),
+    Kind.VM: (SNAPSHOTS,),
+    Kind.DISK: (SNAPSHOTS,),
 }
 # Names whose removal runs a command: deleting the snapshot or clone itself.
 REMOVABLE: dict[Kind, tuple[str, ...]] = {
@@ -191,7 +204,10 @@ class Control:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)  # also the hot path: security.capability
         key = name[len(PREFIX) :].decode(errors="replace")
         if key not in READABLE[node.kind]:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            paged = paged_name(key)
+            if paged is None or paged[0] not in PAGED.get(node.kind, ()):
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            return self._page(node, *paged)
         if key == STATUS:
             return _json(self.status_of(node))
         if key == VERSION:
@@ -199,8 +215,11 @@ class Control:
         if key == BLOCK_SIZE:
             return f"{node.block_size}\n".encode()
         if key == SNAPSHOTS:
-            # Compact: an xattr value is at most 64 KiB, a few hundred snapshots per disk.
-            return (json.dumps(self.snapshots.listing(node), sort_keys=True, separators=(",", ":")) + "\n").encode()
+            # The whole list while it fits one value; past that, only the pages (snapshots.N).
+            listing = self.snapshots.listing(node)
+            if not fits(listing):
+                raise pyfuse3.FUSEError(errno.E2BIG)
+            return compact(listing)
         if key == SNAPSHOT:
             return self.inodes.snapshot(node).name.encode()
         if key == MODE:
@@ -397,8 +416,28 @@ class Control:
             "log_file": cfg.log_file,
             "lock_file": cfg.lock_file,
             "replication": self.repl.root_status(),
-            "vms": {name: self.vm_status(vm) for name, vm in sorted(self.store.vms.items())},
+            **self._vm_names(),
         }
+
+    def _vm_names(self) -> dict[str, Any]:
+        """Counts and the first page of VM names: the root's status stays bounded however many VMs.
+
+        Each VM's detail is its directory's status; further pages of names are ``vms.N``.
+        """
+        names = sorted(self.store.vms)
+        first = page(names, 0, "vms")
+        assert first is not None
+        roles = [vm.state.role for vm in self.store.vms.values()]
+        return {"vm_count": len(names), "vm_roles": {r: roles.count(r) for r in sorted(set(roles))},
+                "vms": first["vms"], "vm_pages": first["pages"]}
+
+    def _page(self, node: Node, key: str, number: int) -> bytes:
+        """Page ``number`` of a list that may outgrow one value (see :mod:`colofs.fs.paging`)."""
+        items: list[Any] = self.snapshots.listing(node) if key == SNAPSHOTS else sorted(self.store.vms)
+        got = page(items, number, key)
+        if got is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return compact(got)
 
     def vm_status(self, vm: VM) -> dict[str, Any]:
         st = dict(vm.status())
@@ -414,6 +453,8 @@ class Control:
 
     def disk_status(self, vm: VM, disk: str) -> dict[str, Any]:
         st = dict(vm.disk(disk).status())
+        # A count, not the list: the list is the paged snapshots attribute.
+        st["snapshot_count"] = len(st.pop("snapshots", ()))
         st["file"] = disk + DISK_SUFFIX
         st["io_errors"] = self.io_errors.get(f"{vm.name}/{disk}", 0)
         return st

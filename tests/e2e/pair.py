@@ -160,7 +160,11 @@ class Pair:
         return json.loads(os.getxattr(which.mnt, "user.colofs.status"))
 
     def vm_status(self, which: Mount, vm: str = "vm1") -> dict[str, Any] | None:
-        return self.status(which).get("vms", {}).get(vm)
+        """The VM directory's status (the root's names the VMs only); None while there is no such VM."""
+        try:
+            return json.loads(os.getxattr(which.path(vm), "user.colofs.status"))
+        except FileNotFoundError:
+            return None
 
     def peer(self, which: Mount, vm: str = "vm1") -> dict[str, Any]:
         st = self.vm_status(which, vm)
