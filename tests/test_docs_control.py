@@ -2,7 +2,8 @@
 
 The attribute table in docs/control.md names, per ``user.colofs.*`` attribute,
 the node kinds it can be read, set and removed on. It must say exactly what
-``READABLE``, ``WRITABLE`` and ``REMOVABLE`` in ``colofs/fs/control.py`` say:
+``READABLE``, ``WRITABLE``, ``REMOVABLE`` and ``PAGED`` (lists read in pages, ``NAME.N``) in
+``colofs/fs/control.py`` say:
 every attribute of the tables is documented with the same kinds, and every
 documented attribute exists. A failure names the attribute and what to change.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from colofs.fs.control import READABLE, REMOVABLE, WRITABLE
+from colofs.fs.control import PAGED, READABLE, REMOVABLE, WRITABLE
 from colofs.fs.inodes import Kind
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "control.md"
@@ -37,8 +38,8 @@ def documented(text: str) -> Access:
             break
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         assert len(cells) == 4, f"{DOC}: a row of the attribute table needs 4 cells: {line!r}"
-        m = re.fullmatch(r"`user\.colofs\.([a-z_]+)`", cells[0])
-        assert m, f"{DOC}: the first cell must be `user.colofs.NAME`: {line!r}"
+        m = re.fullmatch(r"`user\.colofs\.([a-z_]+(?:\.N)?)`", cells[0])
+        assert m, f"{DOC}: the first cell must be `user.colofs.NAME` (or NAME.N for pages): {line!r}"
         name = m.group(1)
         assert name not in out, f"{DOC}: user.colofs.{name} has two rows in the attribute table"
         out[name] = {}
@@ -52,9 +53,10 @@ def documented(text: str) -> Access:
 
 
 def in_code() -> Access:
-    """The same, from the daemon's READABLE/WRITABLE/REMOVABLE tables."""
+    """The same, from the daemon's tables; a list read in pages is the readable name ``NAME.N``."""
     out: Access = {}
-    for direction, table in zip(DIRECTIONS, (READABLE, WRITABLE, REMOVABLE), strict=True):
+    paged = {kind: tuple(f"{name}.N" for name in names) for kind, names in PAGED.items()}
+    for direction, table in (("read", READABLE), ("read", paged), ("set", WRITABLE), ("remove", REMOVABLE)):
         for kind, names in table.items():
             for name in names:
                 out.setdefault(name, {d: set() for d in DIRECTIONS})[direction].add(kind.value)
@@ -89,7 +91,7 @@ def test_control_reference_matches_the_daemons_tables():
 def test_every_documented_attribute_has_a_section():
     text = DOC.read_text()
     for name in documented(text):
-        assert re.search(rf"^### .*`{name}`", text, re.MULTILINE), (
+        assert re.search(rf"^### .*`{re.escape(name)}`", text, re.MULTILINE), (
             f"docs/control.md: user.colofs.{name} is in the attribute table but has no '### ... `{name}`' "
             "section saying what it does")
 
