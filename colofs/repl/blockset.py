@@ -45,10 +45,12 @@ def mask_runs(mask: int, base: int) -> Iterator[tuple[int, int]]:
 class BlockSet:
     """Block numbers ``0 .. nblocks-1``, some of them marked (see the module docstring)."""
 
-    __slots__ = ("_parts", "_runs", "nblocks")
+    __slots__ = ("_last", "_last_whole", "_parts", "_runs", "nblocks")
 
     def __init__(self, nblocks: int) -> None:
         self.nblocks = nblocks
+        self._last = (nblocks - 1) >> CHUNK_SHIFT
+        self._last_whole = (1 << (nblocks - (self._last << CHUNK_SHIFT))) - 1
         self._runs: list[int] = []
         """Boundaries ``[start0, stop0, start1, stop1, ...]`` of whole-chunk runs: sorted, never touching."""
         self._parts: dict[int, int] = {}
@@ -58,8 +60,7 @@ class BlockSet:
 
     def _whole(self, chunk: int) -> int:
         """The mask of every block of ``chunk`` (the last chunk may be short)."""
-        left = self.nblocks - (chunk << CHUNK_SHIFT)
-        return _FULL if left >= CHUNK else (1 << left) - 1
+        return _FULL if chunk < self._last else self._last_whole
 
     @property
     def nchunks(self) -> int:
@@ -72,14 +73,23 @@ class BlockSet:
 
     def add(self, first: int, stop: int) -> None:
         """Mark blocks ``first .. stop-1`` (clipped to the set's blocks)."""
-        first = max(first, 0)
-        stop = min(stop, self.nblocks)
+        if first < 0:
+            first = 0
+        if stop > self.nblocks:
+            stop = self.nblocks
         if first >= stop:
             return
         c_lo = first >> CHUNK_SHIFT
         c_hi = (stop - 1) >> CHUNK_SHIFT
         if c_lo == c_hi:  # the hot path: a write inside one chunk
-            self._or(c_lo, ((1 << (stop - first)) - 1) << (first & _LOW))
+            mask = ((1 << (stop - first)) - 1) << (first & _LOW)
+            have = self._parts.get(c_lo)
+            if have is not None:
+                have |= mask
+                if have != (_FULL if c_lo < self._last else self._last_whole):
+                    self._parts[c_lo] = have
+                    return
+            self._or(c_lo, mask)
             return
         run_lo = c_lo
         if first & _LOW:
@@ -103,9 +113,12 @@ class BlockSet:
         if have is None:
             if self._runs and self._in_run(chunk):
                 return
-            have = 0
-        have |= mask
-        if have == self._whole(chunk):
+            have = mask
+        else:
+            if have | mask == have:  # a block written again: nothing changes
+                return
+            have |= mask
+        if have == (_FULL if chunk < self._last else self._last_whole):
             parts.pop(chunk, None)
             self._add_run(chunk, chunk + 1)
         else:

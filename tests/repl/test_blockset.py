@@ -35,42 +35,44 @@ def _runs_of(model: set[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _check(bs: BlockSet, model: set[int]) -> None:
+def _check(bs: BlockSet, model: set[int], nblocks: int) -> None:
     assert bs.count() == len(model)
     assert bool(bs) == bool(model)
     assert list(bs.runs()) == _runs_of(model)
-    for b in (0, CHUNK - 1, CHUNK, NBLOCKS - 1, NBLOCKS):
+    for b in (0, CHUNK - 1, CHUNK, nblocks - 1, nblocks):
         assert (b in bs) == (b in model)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(_op, max_size=25))
-def test_blockset_matches_a_plain_set(ops: list[tuple[str, int, int]]) -> None:
-    bs = BlockSet(NBLOCKS)
+@given(st.lists(_op, max_size=25), st.sampled_from([NBLOCKS, 4 * CHUNK, CHUNK + 1, 3]))
+def test_blockset_matches_a_plain_set(ops: list[tuple[str, int, int]], nblocks: int) -> None:
+    """Also with a last chunk that is whole, and with disks smaller than a chunk."""
+    bs = BlockSet(nblocks)
     model: set[int] = set()
     for kind, first, length in ops:
         stop = first + length
         if kind == "add":
             bs.add(first, stop)
-            model.update(range(first, min(stop, NBLOCKS)))
+            model.update(range(first, min(stop, nblocks)))
         elif kind == "all":
             bs.add_all()
-            model = set(range(NBLOCKS))
+            model = set(range(nblocks))
         else:  # union with another set, through a copy
-            other = BlockSet(NBLOCKS)
+            other = BlockSet(nblocks)
             other.add(first, stop)
             before = bs.copy()
+            was = list(before.runs())
             bs.update(other)
-            model.update(range(first, min(stop, NBLOCKS)))
-            assert before.count() <= bs.count()
-        _check(bs, model)
+            model.update(range(first, min(stop, nblocks)))
+            assert list(before.runs()) == was  # a copy shares nothing with the original
+        _check(bs, model, nblocks)
     # The file round trip gives the same set, and so does a flat bitmap of it (the old format).
-    got = decode_dirty(encode_dirty(bs, 4096, 9), NBLOCKS, 4096)
+    got = decode_dirty(encode_dirty(bs, 4096, 9), nblocks, 4096)
     assert got is not None and got[0] == 9 and got[1] == bs
-    flat = bytearray((NBLOCKS + 7) // 8)
+    flat = bytearray((nblocks + 7) // 8)
     for lo, hi in _runs_of(model):
         set_bits(flat, lo, hi)
-    assert BlockSet.from_bitmap(flat, NBLOCKS) == bs
+    assert BlockSet.from_bitmap(flat, nblocks) == bs
 
 
 def test_a_whole_chunk_becomes_a_run_and_runs_merge() -> None:
