@@ -6,7 +6,6 @@ cannot be built (no package mirror).
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,8 +16,6 @@ import pytest
 from examples.guest.build import GuestImage, GuestUnavailable, build
 from examples.guest.qemu import Guest
 from tests.e2e.pair import Pair
-
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 
 
 @pytest.fixture(scope="session")

@@ -11,14 +11,19 @@ one it may have finished without announcing (``lo + 1``) is the only other possi
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
+
+import pytest
 
 from examples.guest.manifest import manifest_digest
 from examples.guest.qemu import Guest
 from tests.e2e.pair import Pair
 from tests.fs.mounts import mountctl
 from tests.guest.steps import BOOT, SIZE, announced, checkpoint, outcome, verify
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 
 
 def test_guest_checkpointed_isolated_recovered_and_failed_over(pair: Pair, guests: Callable[..., Guest]) -> None:

@@ -9,15 +9,20 @@ copy boots and holds exactly the files of that checkpoint.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from examples.guest.manifest import manifest_digest
 from examples.guest.qemu import Guest
 from tests.e2e.pair import Pair
 from tests.fs.mounts import mountctl, run
 from tests.guest.steps import BOOT, SIZE, announced, checkpoint, outcome, verify
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 
 
 def test_clone_boots_beside_the_guest_and_a_fleecing_backup_boots(
