@@ -52,7 +52,7 @@ from colofs.repl.resync import read_and_digest
 from colofs.repl.seqguard import SeqGuard
 from colofs.repl.session import AttachResult, accept_attach, role_check
 from colofs.repl.util import Signal, first_error
-from colofs.repl.verify import checkpoint_digests
+from colofs.repl.verify import checkpoint_digests, digests_now
 from colofs.wire.auth import NonceRegistry
 from colofs.wire.errors import ConnectionClosed, ProtocolError, TruncatedFrame
 from colofs.wire.messages import (
@@ -75,6 +75,7 @@ from colofs.wire.messages import (
     ResyncRequest,
     Role,
     VerifyDigests,
+    VerifyLiveQuery,
     VerifyQuery,
 )
 from colofs.wire.stream import FrameStream
@@ -140,7 +141,9 @@ class _Session:
                       "resync_queries": 0, "resync_blocks": 0, "resync_bytes": 0, "verify_queries": 0,
                       "verify_blocks": 0}
         self._tx, self._rx = trio.open_memory_channel[Message](self.cfg.receive_queue)
-        self._verify_tx, self._verify_rx = trio.open_memory_channel[VerifyQuery](MAX_VERIFY_QUEUE)
+        self._verify_tx, self._verify_rx = trio.open_memory_channel[VerifyQuery | VerifyLiveQuery](MAX_VERIFY_QUEUE)
+        self._applied = Signal()
+        """Fired when ``last_applied`` moves (a live verify query waits for its seq)."""
         self._queued = 0
         """Write bytes decoded and not yet applied: the reader stops past ``receive_bytes``."""
         self._drained = Signal()
@@ -225,7 +228,7 @@ class _Session:
             elif isinstance(msg, _STREAM):
                 self._queued += bulk_bytes(msg)
                 await self._tx.send(msg)
-            elif isinstance(msg, VerifyQuery):
+            elif isinstance(msg, VerifyQuery | VerifyLiveQuery):
                 try:  # answered beside the stream: a verify never holds the primary's writes back
                     self._verify_tx.send_nowait(msg)
                 except trio.WouldBlock:
@@ -328,6 +331,7 @@ class _Session:
         with trio.CancelScope(shield=True):
             last = await self.vm.apply_primary(start, writes)
         self._done_with(size)
+        self._applied.fire()
         self.stats["batches"] += count
         self.stats["writes"] += len(writes)
         self.stats["bytes"] += size
@@ -425,6 +429,7 @@ class _Session:
         with trio.CancelScope(shield=True):
             await vm.finish_resync(msg.seq)
         self.seq.took_done(msg.seq, trio.current_time())
+        self._applied.fire()
         if self.needs_full:
             self.full_done = True
             self.synced = True
@@ -439,11 +444,20 @@ class _Session:
             disk = self.vm.disks[name]
             if msg.first_block + msg.count > disk.nblocks or msg.count * disk.block_size > MAX_QUERY_BYTES:
                 raise ReplProtocolError(
-                    f"VERIFY_QUERY for blocks {msg.first_block}+{msg.count} of disk {name} "
+                    f"{msg.TYPE.name} for blocks {msg.first_block}+{msg.count} of disk {name} "
                     f"({disk.nblocks} blocks; at most {MAX_QUERY_BYTES} bytes per query)")
             if not self.synced:
                 raise ReplProtocolError("VERIFY_QUERY before the full sync this VM asked for")
-            seq, digests = await checkpoint_digests(self.vm, disk, msg.first_block, msg.count)
+            if isinstance(msg, VerifyLiveQuery):
+                # Base is read once the primary's writes up to msg.seq are applied (or after a
+                # bounded wait: an answer below msg.seq only leaves its blocks unsettled).
+                self.seq.check_verify(msg.seq, trio.current_time())
+                with trio.move_on_after(self.cfg.peer_timeout):
+                    while self.vm.state.last_applied < msg.seq:
+                        await self._applied.wait()
+                seq, digests = await digests_now(self.vm, disk, msg.first_block, msg.count)
+            else:
+                seq, digests = await checkpoint_digests(self.vm, disk, msg.first_block, msg.count)
             self.stats["verify_queries"] += 1
             self.stats["verify_blocks"] += msg.count
             await self.sender.send(VerifyDigests(msg.token, msg.disk, msg.first_block, seq, tuple(digests)))

@@ -17,6 +17,9 @@ held against what the session knows:
 * whether a resync started: RESYNC_DATA and RESYNC_DONE follow a
   RESYNC_QUERY. Only a primary with no disks to compare ends a resync
   without one, and then at the secondary's own last seq.
+* a VERIFY_LIVE_QUERY's seq (the secondary waits until it has applied it)
+  is bounded like RESYNC_DONE's: a seq no primary can have reached would
+  only hold a query up. It records nothing.
 """
 
 from __future__ import annotations
@@ -88,6 +91,13 @@ class SeqGuard:
                 f"RESYNC_DONE at seq {seq} is beyond any seq the primary can have reached: it was at "
                 f"{self.primary_seq} {max(0.0, now - self._learnt):.1f} s ago, and writes at most "
                 f"{self.max_rate} a second (seq {top} at most)")
+
+    def check_verify(self, seq: int, now: float) -> None:
+        top = self.ceiling(now)
+        if seq > top:
+            raise ReplProtocolError(
+                f"VERIFY_LIVE_QUERY at seq {seq} is beyond any seq the primary can have reached (seq {top} "
+                f"at most)")
 
     def took_done(self, seq: int, now: float) -> None:
         self.resyncing = False

@@ -6,9 +6,10 @@ VERIFY_QUERY (the decisions are in :mod:`colofs.repl.verify`), at most
 
 1. **compare**: each answer settles its blocks as equal or differing, except
    mismatching blocks the primary wrote after the answer's checkpoint;
-2. **recheck** those after the next checkpoint, a few rounds; what is still
-   unsettled is reported as unverified (a block the VM rewrites between
-   every checkpoint), never as differing;
+2. **recheck** those live (the primary's blocks as of a write, the
+   secondary's base once it applied that write), a few rounds; what is
+   still unsettled is reported as unverified (a block the VM rewrites all
+   the time), never as differing;
 3. with ``resync``, the differing blocks are marked dirty and the link's
    digest-compared resync sends them; after the next checkpoint a **final
    pass** compares them again, which proves them equal.
@@ -29,6 +30,7 @@ from itertools import count as _counter
 
 import trio
 
+from colofs.core.disk import Disk
 from colofs.core.store import Store
 from colofs.repl.blockset import BlockSet
 from colofs.repl.errors import ReplProtocolError
@@ -45,12 +47,12 @@ from colofs.repl.verify import (
     check_answer,
     classify,
     count,
+    digests_now,
     plan_queries,
-    primary_digests,
     queries_for,
     ranges,
 )
-from colofs.wire.messages import VerifyDigests, VerifyQuery
+from colofs.wire.messages import VerifyDigests, VerifyLiveQuery, VerifyQuery
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +140,13 @@ class VerifyRun:
                      count(self.unverified), self.t1 - self.t0, f" ({self.error})" if self.error else "")
 
     async def _rechecks(self) -> None:
-        """Mismatches the primary wrote after their checkpoint: again after each later checkpoint."""
+        """Mismatches the primary wrote after their checkpoint: compared live, base to base, a few rounds."""
         while self.recheck and self.recheck_rounds < RECHECK_ROUNDS:
             self.recheck_rounds += 1
-            if not await self._next_checkpoint():
-                break
             blocks, self.recheck = self.recheck, {}
             self.rechecked += count(blocks)
             self.phase = "rechecking"
-            await self._compare(queries_for(blocks, self.block_size))
+            await self._compare(queries_for(blocks, self.block_size), live=True)
         for name, bits in self.recheck.items():
             self.unverified.setdefault(name, BlockSet(self.nblocks[name])).update(bits)
         self.recheck = {}
@@ -191,12 +191,12 @@ class VerifyRun:
 
     # -- comparing ----------------------------------------------------------------------------
 
-    async def _compare(self, queries: list[Query], *, progress: bool = False) -> None:
+    async def _compare(self, queries: list[Query], *, progress: bool = False, live: bool = False) -> None:
         done = [0]  # queries settled so far: a cut resumes after them
         while done[0] < len(queries):
             conn = await self._connection()
             try:
-                await self._compare_on(conn, queries, done, progress)
+                await self._compare_on(conn, queries, done, progress, live)
             except _Lost:
                 self.interruptions += 1
                 self._expected.clear()
@@ -220,18 +220,23 @@ class VerifyRun:
         raise VerifyError(f"verify: no streaming connection to the secondary for {self.opts.wait:g} s "
                           f"(link {link.state}; last error: {link.last_error or 'none'})")
 
-    async def _compare_on(self, conn: object, queries: list[Query], done: list[int], progress: bool) -> None:
-        """Go on from query ``done[0]`` on ``conn``, up to WINDOW paced queries in flight; or raise _Lost."""
+    async def _compare_on(self, conn: object, queries: list[Query], done: list[int], progress: bool,
+                          live: bool) -> None:
+        """Go on from query ``done[0]`` on ``conn``, up to WINDOW paced queries in flight; or raise _Lost.
+
+        ``live``: our blocks are read first, as of write P, and the secondary
+        reads its base once it has applied P (VERIFY_LIVE_QUERY).
+        """
         link = self.link
         index = conn.disk_index  # type: ignore[attr-defined]
-        inflight: deque[tuple[int, Query]] = deque()
+        inflight: deque[tuple[int, Query, int, list[int]]] = deque()
         nxt = done[0]
         while done[0] < len(queries):
             if inflight and inflight[0][0] in self._answers:
-                token, q = inflight.popleft()
+                token, q, at, ours = inflight.popleft()
                 ans = self._answers.pop(token)
                 self._expected.pop(token, None)
-                await self._judge(q, index[q.disk], ans)
+                await self._judge(q, index[q.disk], ans, (at, ours) if live else None)
                 done[0] += 1
                 if progress:
                     self.blocks_done += q.count
@@ -242,14 +247,23 @@ class VerifyRun:
                     raise _Lost  # the link announces it (DISK_ADD) before it streams again
                 # The pace bounds what the secondary reads (and the primary right after it).
                 await trio.sleep(self._pacer.delay(q.count * self.block_size[q.disk], trio.current_time()))
+                at, ours = 0, []
+                if live:
+                    at, ours = await digests_now(self.vm, self._disk(q.disk), q.first, q.count,
+                                                 mark=link.dirty.cut)
+                    if link.verify_conn() is not conn:
+                        raise _Lost
                 token = next(self._tokens)
                 self._last_token = token
                 self._expected[token] = conn
+                idx = index[q.disk]
+                msg = (VerifyLiveQuery(token, idx, q.first, q.count, at) if live
+                       else VerifyQuery(token, idx, q.first, q.count))
                 try:
-                    await conn.sender.send(VerifyQuery(token, index[q.disk], q.first, q.count))  # type: ignore[attr-defined]
+                    await conn.sender.send(msg)  # type: ignore[attr-defined]
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     raise _Lost from None
-                inflight.append((token, q))
+                inflight.append((token, q, at, ours))
                 nxt += 1
             else:
                 if link.verify_conn() is not conn:
@@ -264,31 +278,43 @@ class VerifyRun:
             self._answers[msg.token] = msg
         # else: an answer to a query given up on after a cut or a resync; nothing waits for it
 
-    async def _judge(self, q: Query, want_index: int, ans: VerifyDigests) -> None:
-        vm = self.vm
-        check_answer(q, want_index, ans.disk, ans.first_block, len(ans.digests), ans.checkpoint,
-                     vm.state.last_applied)
-        disk = vm.disks.get(q.disk)
+    def _disk(self, name: str) -> Disk:
+        disk = self.vm.disks.get(name)
         if disk is None:
-            raise VerifyError(f"verify: disk {q.disk} of VM {vm.name} went away during the verify")
-        ours = await primary_digests(disk, q.first, q.count)
-        self._note_checkpoint(ans.checkpoint)
+            raise VerifyError(f"verify: disk {name} of VM {self.vm.name} went away during the verify")
+        return disk
+
+    async def _judge(self, q: Query, want_index: int, ans: VerifyDigests,
+                     live: tuple[int, list[int]] | None) -> None:
+        """Settle an answer's blocks. ``since`` is the seq after which a write makes a mismatch unsettled:
+        the secondary's checkpoint, or (live) the seq our blocks were read at, if the secondary had
+        applied it when it read its base."""
+        vm = self.vm
+        check_answer(q, want_index, ans.disk, ans.first_block, len(ans.digests), ans.seq, vm.state.last_applied)
+        since: int | None
+        if live is None:
+            _, ours = await digests_now(vm, self._disk(q.disk), q.first, q.count)
+            self._note_checkpoint(ans.seq)
+            since = ans.seq
+        else:
+            at, ours = live
+            since = at if ans.seq >= at else None
         if ours == list(ans.digests):
             self.blocks_compared += q.count
             return
-        # Read after our own read: a write our read saw had marked the map before releasing the lock.
+        # Looked at after both reads: a write either read saw had marked the map before its lock was released.
         dirty = self.link.dirty
-        after: BlockSet | None = None  # the map no longer reaches back to that checkpoint: recheck all
-        if ans.checkpoint >= dirty.since:
-            after = dirty.union_since(ans.checkpoint).get(q.disk) or BlockSet(self.nblocks[q.disk])
+        after: BlockSet | None = None  # unknown (the map no longer reaches back that far): all unsettled
+        if since is not None and since >= dirty.since:
+            after = dirty.union_since(since).get(q.disk) or BlockSet(self.nblocks[q.disk])
         differ, recheck = classify(q.first, ours, ans.digests, after)
         self.blocks_compared += q.count - len(recheck)
         n = self.nblocks[q.disk]
         add_blocks(self.differing, q.disk, n, differ)
         add_blocks(self.recheck, q.disk, n, recheck)
         if differ:
-            log.warning("VM %s: verify %d: disk %s: %d blocks from block %d differ from the secondary's "
-                        "checkpoint %d", vm.name, self.id, q.disk, len(differ), differ[0], ans.checkpoint)
+            log.warning("VM %s: verify %d: disk %s: %d blocks from block %d differ from the secondary's copy "
+                        "(as of seq %d)", vm.name, self.id, q.disk, len(differ), differ[0], ans.seq)
 
     def _note_checkpoint(self, seq: int) -> None:
         if not self.checkpoints:

@@ -21,18 +21,28 @@ The primary has no image of its disk at ``C``, but it knows which blocks it
 wrote after ``C`` (the dirty map: every write is marked, in segments cut at
 checkpoints). A block it did not write after ``C`` holds now what it held
 at ``C``, so its digest must equal the secondary's; if not, the copies
-differ. A mismatching block written after ``C`` proves nothing: it is
-*rechecked* after a later checkpoint, and one still unsettled after a few
-rounds is reported as unverified, never as differing. The primary reads
-under the range lock, and a write marks the dirty map before it releases
-that lock, so a write whose data the read saw is always seen as dirty.
+differ. A mismatching block written after ``C`` proves nothing yet: it is
+*rechecked* live, base against base::
+
+    reads its blocks under their lock as of
+    write P, cuts the dirty map at P
+    VERIFY_LIVE_QUERY(token, disk, first, count, P) ->  waits until it applied P, reads base
+                                             <-    VERIFY_DIGESTS(..., A = its last applied, ...)
+    a mismatch differs if A >= P and the
+    block was not written after P
+
+A block the VM rewrites between our read and the answer stays unsettled; a
+few rounds later it is reported as unverified, never as differing. Each
+side reads under the blocks' range lock, and a write holds that lock until
+its seq is taken (primary) or recorded (secondary), so a seq read under the
+lock covers exactly the writes the read saw.
 """
 
 from __future__ import annotations
 
 import errno
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -226,17 +236,28 @@ def add_blocks(into: dict[str, BlockSet], name: str, nblocks: int, blocks: Itera
 # -- reading either side -----------------------------------------------------------------------
 
 
-async def primary_digests(disk: Disk, first: int, n: int) -> list[int]:
-    """Digests of the primary's blocks now, read under their shared range lock (no write half done)."""
+async def digests_now(vm: VM, disk: Disk, first: int, n: int,
+                      mark: Callable[[int], None] | None = None) -> tuple[int, list[int]]:
+    """``(seq, digests)`` of base's blocks as of write ``seq``, read under their shared range lock.
+
+    Every write to these blocks numbered up to ``seq`` is in what was read,
+    and any later one comes after: a write holds the blocks' lock from its
+    change to base until its seq is taken (primary) or recorded (secondary).
+    ``mark(seq)`` runs under the lock with no await after ``seq`` was read
+    (the primary cuts its dirty map there).
+    """
     stop = min(first + n, disk.nblocks)
     lock = disk.lock
     req = lock.try_acquire(first, stop, False) or await lock.acquire(first, stop, False)
     try:
         digests, _ = await trio.to_thread.run_sync(
             read_and_digest, disk.base_fd, disk.size, disk.block_size, first, n)
+        seq = vm.state.last_applied
+        if mark is not None:
+            mark(seq)
     finally:
         lock.release(req)
-    return digests
+    return seq, digests
 
 
 async def checkpoint_digests(vm: VM, disk: Disk, first: int, n: int) -> tuple[int, list[int]]:

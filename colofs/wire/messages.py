@@ -54,6 +54,7 @@ class MessageType(IntEnum):
     RESYNC_QUERY = 18
     VERIFY_QUERY = 21
     VERIFY_DIGESTS = 22
+    VERIFY_LIVE_QUERY = 23
 
 
 class Role(IntEnum):
@@ -95,7 +96,8 @@ _RESYNC_REQ_HEAD = struct.Struct("<HQI")  # disk, first_block, count
 _RESYNC_QUERY = struct.Struct("<HQI")  # disk, first_block, count
 _RESYNC_DATA_HEAD = struct.Struct("<HII")  # disk, block_size, count
 _VERIFY_QUERY = struct.Struct("<QHQI")  # token, disk, first_block, count
-_VERIFY_DIGESTS_HEAD = struct.Struct("<QHQQI")  # token, disk, first_block, checkpoint, count
+_VERIFY_DIGESTS_HEAD = struct.Struct("<QHQQI")  # token, disk, first_block, seq, count
+_VERIFY_LIVE_QUERY = struct.Struct("<QHQIQ")  # token, disk, first_block, count, seq
 _BLOCK_HEAD = struct.Struct("<QI")  # block, data length
 _HELLO_MID = struct.Struct("<B32sI")  # role, nonce, features (after node_id)
 _ERROR_HEAD = struct.Struct("<H")
@@ -802,20 +804,24 @@ class VerifyQuery(Message):
 
 @dataclass(frozen=True, slots=True, repr=False)
 class VerifyDigests(Message):
-    """Secondary -> primary: xxh3 digests of blocks ``first_block ..`` as they were at checkpoint ``checkpoint``."""
+    """Secondary -> primary: xxh3 digests of blocks ``first_block ..`` as of write ``seq``.
+
+    Answering VERIFY_QUERY, ``seq`` is the checkpoint whose image was read;
+    answering VERIFY_LIVE_QUERY, the last write applied to base when it was read.
+    """
 
     TYPE: ClassVar[MessageType] = MessageType.VERIFY_DIGESTS
     token: int
     disk: int
     first_block: int
-    checkpoint: int
+    seq: int
     digests: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check_uint("token", self.token, _U64_MAX)
         _check_uint("disk", self.disk, _U16_MAX)
         _check_uint("first_block", self.first_block, _U64_MAX)
-        _check_uint("checkpoint", self.checkpoint, _U64_MAX)
+        _check_uint("seq", self.seq, _U64_MAX)
         if not isinstance(self.digests, tuple):
             object.__setattr__(self, "digests", tuple(self.digests))
         n = len(self.digests)
@@ -832,22 +838,56 @@ class VerifyDigests(Message):
     def __repr__(self) -> str:
         return (
             f"VerifyDigests(token={self.token}, disk={self.disk}, first_block={self.first_block}, "
-            f"checkpoint={self.checkpoint}, digests={len(self.digests)})"
+            f"seq={self.seq}, digests={len(self.digests)})"
         )
 
     def encode(self) -> bytes:
         n = len(self.digests)
-        head = _VERIFY_DIGESTS_HEAD.pack(self.token, self.disk, self.first_block, self.checkpoint, n)
+        head = _VERIFY_DIGESTS_HEAD.pack(self.token, self.disk, self.first_block, self.seq, n)
         return head + struct.pack(f"<{n}Q", *self.digests)
 
     @classmethod
     def _decode(cls, r: _Reader) -> Self:
-        token, disk, first_block, checkpoint, n = r.unpack(
-            _VERIFY_DIGESTS_HEAD, "token/disk/first_block/checkpoint/count")
+        token, disk, first_block, seq, n = r.unpack(_VERIFY_DIGESTS_HEAD, "token/disk/first_block/seq/count")
         r.count(_U64, "digests", n, 8)
         digests = struct.unpack_from(f"<{n}Q", r.buf, r.pos)
         r.pos += 8 * n
-        return cls(token, disk, first_block, checkpoint, digests)
+        return cls(token, disk, first_block, seq, digests)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyLiveQuery(Message):
+    """Primary -> secondary: once you applied write ``seq``, digests of your base's blocks (answer: VERIFY_DIGESTS).
+
+    Settles blocks the primary keeps rewriting between checkpoints: it read
+    them as of write ``seq``, and a block it has not written since must
+    read the same in the secondary's base once ``seq`` is applied there.
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.VERIFY_LIVE_QUERY
+    token: int
+    disk: int
+    first_block: int
+    count: int
+    seq: int
+
+    def __post_init__(self) -> None:
+        _check_uint("token", self.token, _U64_MAX)
+        _check_uint("disk", self.disk, _U16_MAX)
+        _check_uint("first_block", self.first_block, _U64_MAX)
+        _check_uint("count", self.count, _U32_MAX)
+        _check_uint("seq", self.seq, _U64_MAX)
+        if self.count == 0:
+            raise ValueError("a VERIFY_LIVE_QUERY must ask for at least one block")
+        if self.first_block + self.count > _U64_MAX + 1:
+            raise ValueError(f"{self.count} blocks from block {self.first_block} overflow u64")
+
+    def encode(self) -> bytes:
+        return _VERIFY_LIVE_QUERY.pack(self.token, self.disk, self.first_block, self.count, self.seq)
+
+    @classmethod
+    def _decode(cls, r: _Reader) -> Self:
+        return cls(*r.unpack(_VERIFY_LIVE_QUERY, "token/disk/first_block/count/seq"))
 
 
 def truncate_utf8(text: str, limit: int = MAX_STR_LEN) -> bytes:
@@ -945,6 +985,7 @@ MESSAGE_CLASSES: dict[int, type[Message]] = {
         ResyncQuery,
         VerifyQuery,
         VerifyDigests,
+        VerifyLiveQuery,
     )
 }
 assert set(MESSAGE_CLASSES) == set(MessageType)
@@ -1005,6 +1046,7 @@ __all__ = [
     "ResyncRequest",
     "Role",
     "VerifyDigests",
+    "VerifyLiveQuery",
     "VerifyQuery",
     "Write",
     "decode_message",

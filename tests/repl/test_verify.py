@@ -27,7 +27,7 @@ from colofs.repl.verify import (
     parse_options,
     plan_queries,
 )
-from colofs.wire.messages import DiskInfo, Error, VerifyDigests, VerifyQuery
+from colofs.wire.messages import DiskInfo, Error, VerifyDigests, VerifyLiveQuery, VerifyQuery
 from tests.repl.conftest import wait_until
 from tests.repl.rawpeer import RawPrimary
 
@@ -167,21 +167,22 @@ async def test_a_cut_during_the_pass_resumes_and_still_finds_the_flips(pair, rep
     assert not repl_errors()
 
 
-async def test_a_block_written_after_the_checkpoint_is_unverified_not_differing(pair, repl_errors) -> None:
-    """Writes applied on the secondary after its checkpoint (in base, undo-logged) are not compared raw."""
+async def test_blocks_written_after_the_checkpoint_are_settled_live(pair, repl_errors) -> None:
+    """Blocks applied on the secondary after its checkpoint (new data in base, the old in hidden) differ
+    from the checkpoint image; a live recheck settles them base to base: equal, or a real difference."""
     await _filled_pair(pair)
     disk = pair.primary.vm("vm").disk("d0")
-    await disk.write(10 * BS, b"\x55" * BS)
+    await disk.write(10 * BS, b"\x55" * (2 * BS))  # blocks 10 and 11
     await pair.caught_up()  # applied to the secondary's base, old content in hidden; no checkpoint
-    svm = pair.secondary.vm("vm")
-    assert 10 in svm.disks["d0"].hidden.map
+    assert {10, 11} <= set(pair.secondary.vm("vm").disks["d0"].hidden.map)
+    _flip(pair, [11])  # rot in base after the write: the checkpoint image (hidden) cannot show it
     async with trio.open_nursery() as nursery:
         v = await _verifies(pair, nursery)
-        rep = await _run(v, VerifyOptions(checkpoint_wait=0.2))
+        rep = await _run(v, VerifyOptions())
         nursery.cancel_scope.cancel()
-    # Block 10 differs between the primary now and the checkpoint image, but was written after it.
-    assert rep["state"] == "done" and rep["blocks_differing"] == 0, rep
-    assert rep["blocks_unverified"] == 1 and rep["unverified"][0]["first_block"] == 10
+    assert rep["state"] == "done", rep
+    assert [(r["first_block"], r["blocks"]) for r in rep["differing"]] == [(11, 1)]
+    assert rep["blocks_rechecked"] == 2 and rep["blocks_unverified"] == 0 and rep["blocks_compared"] == 1024
     assert not repl_errors()
 
 
@@ -189,20 +190,39 @@ async def test_the_secondary_answers_verify_queries_and_refuses_bad_ones(pair, r
     """A raw primary's VERIFY_QUERY gets the checkpoint image's digests; a bad one ends the session, changes nothing."""
     await _filled_pair(pair)
     pvm = pair.primary.vm("vm")
+    at_checkpoint = bytes(await pvm.disk("d0").read(8 * BS, 16 * BS))
+    await pvm.disk("d0").write(10 * BS, b"\x77" * BS)  # applied there after the checkpoint
+    await pair.caught_up()
+    now = bytes(await pvm.disk("d0").read(8 * BS, 16 * BS))
     await pair.stop_primary()
     svm = pair.secondary.vm("vm")
     before = (svm.state.last_applied, svm.state.last_checkpoint)
+    assert before[0] == before[1] + 1
+
+    def digests(buf: bytes) -> list[int]:
+        return [xxhash.xxh3_64_intdigest(buf[i : i + BS]) for i in range(0, len(buf), BS)]
+
     raw = await RawPrimary.connect(pair.port, "vm", [DiskInfo("d0", SIZE, BS)], key=pair.key)
     try:
         await raw.send(VerifyQuery(77, 0, 8, 16))
         ans = await raw.receive()
         assert isinstance(ans, VerifyDigests)
-        assert (ans.token, ans.disk, ans.first_block, ans.checkpoint) == (77, 0, 8, before[1])
-        want = await pvm.disk("d0").read(8 * BS, 16 * BS)
-        assert list(ans.digests) == [xxhash.xxh3_64_intdigest(bytes(want[i:i + BS])) for i in range(0, 16 * BS, BS)]
-        await raw.send(VerifyQuery(78, 0, 1020, 5))  # past the disk's 1024 blocks
+        assert (ans.token, ans.disk, ans.first_block, ans.seq) == (77, 0, 8, before[1])
+        assert list(ans.digests) == digests(at_checkpoint)  # the checkpoint's image: hidden over base
+        await raw.send(VerifyLiveQuery(78, 0, 8, 16, 0))
+        ans = await raw.receive()
+        assert isinstance(ans, VerifyDigests) and (ans.token, ans.seq) == (78, before[0])
+        assert list(ans.digests) == digests(now)  # base as of its last applied write
+        await raw.send(VerifyQuery(79, 0, 1020, 5))  # past the disk's 1024 blocks
         closed, err = await raw.until_closed(30)
         assert closed and isinstance(err, Error) and "VERIFY_QUERY for blocks 1020+5" in err.message, err
+    finally:
+        await raw.aclose()
+    raw = await RawPrimary.connect(pair.port, "vm", [DiskInfo("d0", SIZE, BS)], key=pair.key)
+    try:
+        await raw.send(VerifyLiveQuery(80, 0, 0, 1, 10**15))  # a seq no primary can have reached
+        closed, err = await raw.until_closed(30)
+        assert closed and isinstance(err, Error) and "is beyond any seq the primary" in err.message, err
     finally:
         await raw.aclose()
     assert (svm.state.last_applied, svm.state.last_checkpoint) == before

@@ -34,7 +34,13 @@ from colofs.wire import (
     Write,
     decode_message,
 )
-from colofs.wire.messages import ResyncQuery, VerifyDigests, VerifyQuery, truncate_utf8
+from colofs.wire.messages import (
+    ResyncQuery,
+    VerifyDigests,
+    VerifyLiveQuery,
+    VerifyQuery,
+    truncate_utf8,
+)
 
 U16 = 2**16 - 1
 U32 = 2**32 - 1
@@ -106,7 +112,11 @@ STRATEGIES: dict[MessageType, st.SearchStrategy[Message]] = {
         lambda n: st.builds(VerifyQuery, u64, u16, st.integers(0, 2**64 - n), st.just(n))
     ),
     MessageType.VERIFY_DIGESTS: st.lists(u64, max_size=20).flatmap(
-        lambda ds: st.builds(VerifyDigests, u64, u16, st.integers(0, 2**64 - len(ds)), u64, st.just(tuple(ds)))
+        lambda ds: st.builds(VerifyDigests, u64, u16, st.integers(0, min(U64, 2**64 - len(ds))), u64,
+                             st.just(tuple(ds)))
+    ),
+    MessageType.VERIFY_LIVE_QUERY: st.integers(1, U32).flatmap(
+        lambda n: st.builds(VerifyLiveQuery, u64, u16, st.integers(0, 2**64 - n), st.just(n), u64)
     ),
 }
 any_message: st.SearchStrategy[Message] = st.one_of(*STRATEGIES.values())
