@@ -48,14 +48,15 @@ def _grow_probe(directory: str, size: int) -> None:
         fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
         named = None
     except OSError as e:
-        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT, errno.ENOSYS):
             raise
-        # A file system without unnamed files: a named one, removed at once.
+        # A file system without unnamed files (some FUSE file systems answer ENOENT): a named one,
+        # removed at once; a directory that really is missing fails the named open too.
         named = os.path.join(directory, f".size-probe-{secrets.token_hex(6)}")
         fd = os.open(named, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        if named is not None:
-            os.unlink(named)
         os.ftruncate(fd, size)
     finally:
         os.close(fd)
+        if named is not None:  # removed after the probe: some FUSE file systems lose an unlinked inode
+            os.unlink(named)
