@@ -33,7 +33,7 @@ def add_parser(sub: Any) -> None:
                                                          "then prove them equal with a final pass")
     v.add_argument("--rate", type=float, metavar="MB/s", help="bytes each side reads a second (default 100 MB/s)")
     v.add_argument("--checkpoint-wait", type=float, metavar="S",
-                   help="seconds to wait for the next checkpoint before a recheck or the final pass (default 60)")
+                   help="--resync: seconds to wait for the checkpoint the final pass compares against (default 60)")
     v.add_argument("--no-wait", action="store_true", help="start it and return; read it later with --show")
     v.add_argument("--show", action="store_true", help="print the running or last verify of the VM")
     v.add_argument("--cancel", action="store_true", help="stop the running verify")

@@ -87,7 +87,7 @@ class VerifyOptions:
     rate: float = DEFAULT_RATE_MB * MB
     """Bytes a second each side reads for the comparison."""
     checkpoint_wait: float = DEFAULT_CHECKPOINT_WAIT
-    """Seconds to wait for the next checkpoint before a recheck or the final pass."""
+    """Seconds to wait, after a resync, for the checkpoint the final pass compares against."""
     wait: float = DEFAULT_WAIT
     """Seconds to wait for a streaming connection to the secondary (after a cut, during a resync)."""
 

@@ -118,7 +118,7 @@ def test_verify_during_fio_writes_reports_no_differences(pair: Pair, tmp_path: P
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # Slow enough that fio writes all over the disk while the pass goes; checkpoints between.
-        mountctl("verify", "--no-wait", "--rate", "8", "--checkpoint-wait", "30", pair.pri.path("vm1"))
+        mountctl("verify", "--no-wait", "--rate", "8", pair.pri.path("vm1"))
         seen = 0
         while _report(pair).get("state") == "running":
             assert fio.poll() is None, f"fio ended early: {fio.stderr.read() if fio.stderr else ''}"

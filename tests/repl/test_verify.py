@@ -121,7 +121,7 @@ async def test_writes_during_the_pass_are_not_differences(pair, repl_errors) -> 
     rng = random.Random(11)
     async with trio.open_nursery() as nursery:
         v = await _verifies(pair, nursery)
-        run = v.start("vm", VerifyOptions(rate=8e6, checkpoint_wait=30))
+        run = v.start("vm", VerifyOptions(rate=8e6))
         writes = 0
         with trio.fail_after(60):
             while not run.done.is_set():
