@@ -12,6 +12,7 @@ and the primary's full digest-compared sync makes vm1 equal to the primary.
 from __future__ import annotations
 
 import errno
+import json
 import mmap
 import os
 
@@ -61,6 +62,9 @@ def test_damaged_vm_is_quarantined_alone_and_repaired_from_the_primary(pair: Pai
     text = mountctl("status", pair.sec.mnt, "vm1").stdout
     assert "DAMAGED" in text and "mountctl repair" in text
     assert "quarantined" in pair.sec.log()
+    # The primary is refused for vm1 and says why; it keeps serving and tracking its writes.
+    wait_until_sync(lambda: "quarantined" in json.dumps(pair.peer(pair.pri, "vm1")), 60,
+                    "the primary to report the secondary's quarantine")
 
     out = mountctl("repair", pair.sec.path("vm1")).stdout
     assert "moved aside" in out and "full digest-compared sync" in out
