@@ -141,7 +141,9 @@ class VerifyRun:
 
     async def _rechecks(self) -> None:
         """Mismatches the primary wrote after their checkpoint: compared live, base to base, a few rounds."""
-        while self.recheck and self.recheck_rounds < RECHECK_ROUNDS:
+        rounds = 0
+        while self.recheck and rounds < RECHECK_ROUNDS:
+            rounds += 1
             self.recheck_rounds += 1
             blocks, self.recheck = self.recheck, {}
             self.rechecked += count(blocks)
@@ -168,15 +170,23 @@ class VerifyRun:
                               f"{self.opts.wait:g} s (link {link.state}; last error: {link.last_error or 'none'})")
         self.resync = {"blocks": count(found), "ranges": ranges(found, self.block_size),
                        "resync_blocks_sent": link.progress.blocks_sent - sent0, "upto_seq": link.progress.upto_seq}
-        if not await self._next_checkpoint():
-            self.resync["final_pass"] = "skipped: no checkpoint came"
-            return
+        # The repaired blocks are in the secondary's base now, and in its checkpoint image from the
+        # next checkpoint on: the final pass compares that image (base to base if none comes).
+        checkpointed = await self._next_checkpoint()
         self.differing = {}
         self.phase = "final pass"
-        await self._compare(queries_for(found, self.block_size))
+        compared = self.blocks_compared
+        unsettled = count(self.unverified)
+        await self._compare(queries_for(found, self.block_size), live=not checkpointed)
         await self._rechecks()
         still = count(self.differing)
-        self.resync.update(final_pass="done", repaired=count(found) - still, still_differing=still)
+        unsettled = count(self.unverified) - unsettled
+        self.resync.update(
+            final_pass="after a checkpoint" if checkpointed else
+            f"live: no checkpoint came within {self.opts.checkpoint_wait:g} s",
+            final_compared=self.blocks_compared - compared, repaired=count(found) - still - unsettled,
+            still_differing=still, unsettled=unsettled)
+        self.blocks_compared = compared
 
     async def _next_checkpoint(self) -> bool:
         """Wait for the next checkpoint the secondary confirms; False after ``checkpoint_wait``."""

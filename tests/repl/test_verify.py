@@ -105,6 +105,14 @@ async def test_verify_finds_exactly_the_flipped_blocks_and_resync_repairs_them(p
         assert fixed["blocks_differing"] == 0
         assert fixed["resync"]["repaired"] == len(flipped) and fixed["resync"]["still_differing"] == 0
         assert fixed["resync"]["resync_blocks_sent"] >= len(flipped)
+        assert fixed["resync"]["final_pass"] == "after a checkpoint" and fixed["blocks_compared"] == 1024
+
+        # No checkpoint within checkpoint_wait: the final pass compares base to base instead.
+        _flip(pair, [40])
+        live = await _run(v, VerifyOptions(resync=True, checkpoint_wait=0.2))
+        assert live["state"] == "done" and live["resync"]["final_pass"].startswith("live"), live
+        assert (live["resync"]["repaired"], live["blocks_differing"]) == (1, 0)
+        await pair.repl.checkpoint("vm")
 
         await pair.repl.checkpoint("vm")
         again = await _run(v, VerifyOptions())
