@@ -388,7 +388,8 @@ class Verifications:
         if cur is not None and cur.state == RUNNING:
             raise VerifyError(f"verify: verify {cur.id} of VM {vm_name} is running ({cur.phase}, "
                               f"{cur.as_dict()['percent']}%); cancel it first", errno.EBUSY)
-        run = VerifyRun(next(self._ids), link, opts)
+        run = VerifyRun(0, link, opts)
+        run.id = next(self._ids)  # numbered once it is sure to run
         self.runs[vm_name] = run
         scope = trio.CancelScope()
         self._scopes[vm_name] = scope

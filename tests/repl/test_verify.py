@@ -253,7 +253,7 @@ async def test_a_verify_can_be_cancelled_and_a_second_one_is_refused_while_it_ru
         assert run.as_dict()["state"] == "cancelled"
         assert pair.link().verify_sink is None
         again = await _run(v, VerifyOptions(disks=("d0",)))
-        assert again["id"] == run.id + 1 and again["state"] == "done"
+        assert (run.id, again["id"], again["state"]) == (1, 2, "done")
         nursery.cancel_scope.cancel()
 
 
