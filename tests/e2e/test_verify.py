@@ -68,6 +68,8 @@ def _ranges(rep: dict[str, Any]) -> list[tuple[int, int]]:
 
 def test_verify_finds_flipped_blocks_and_resync_repairs_them(pair: Pair) -> None:
     _setup(pair)
+    refused = mountctl("verify", pair.sec.path("vm1"), check=False)
+    assert refused.returncode == 1 and "run the verify on its primary" in refused.stderr, refused.stderr
     code, clean = _verify(pair)
     assert (code, clean["blocks_differing"], clean["blocks_compared"]) == (0, 0, SIZE // BS)
 
