@@ -19,7 +19,7 @@ def test_names_listed_per_node(sec):
     os.setxattr(sec.path("vm1", "d0.raw"), P + "clone", b"c1")
     names = {
         sec.mnt: {"status", "version", "last_error", "last_result"},
-        sec.path("vm1"): {"status", "snapshots", "mode", "last_error", "last_result"},
+        sec.path("vm1"): {"status", "snapshots", "mode", "verify", "last_error", "last_result"},
         sec.path("vm1", "d0.raw"): {"status", "snapshots", "last_error", "last_result"},
         sec.path("vm1", "new.raw"): {"status", "block_size", "last_error", "last_result"},
         sec.path("vm1", "d0@s1.raw"): {"status", "snapshot", "last_error", "last_result"},
