@@ -79,6 +79,7 @@ class Connection:
         self.secure = False
         self.exports = exports
         self.label = label
+        self.shield: trio.CancelScope | None = None  # around the request being served, if any
         self.buf = bytearray()
         self.structured = False
         self.meta: str | None = None  # the export base:allocation was set for
@@ -286,8 +287,10 @@ class Connection:
                     if req.type == p.CMD_DISC:
                         done = True
                         break
-                    with trio.CancelScope(shield=True):  # a stop never leaves a write half applied
+                    # A stop lets the request under way finish (no write half applied); see NbdService.stop.
+                    with trio.CancelScope(shield=True) as self.shield:
                         reply, data, wrote = await self._serve(export, req, payload)
+                    self.shield = None
                     out.append(reply)
                     size += len(reply)
                     if data:

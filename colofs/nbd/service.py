@@ -34,6 +34,8 @@ from colofs.nbd.server import Connection, ConnectionClosed
 
 log = logging.getLogger(__name__)
 
+STOP_GRACE = 10.0  # seconds a stop waits for the requests under way before cancelling them
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -51,6 +53,7 @@ class Server:
         self.limits = limits or Limits()
         self.active = 0
         self._seq = 0
+        self.connections: set[Connection] = set()
 
     async def serve(self, listeners: list[tuple[trio.abc.Listener[trio.abc.Stream], ssl.SSLContext | None]],
                     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -76,6 +79,7 @@ class Server:
     async def handle(self, stream: trio.abc.Stream, label: str, tls: ssl.SSLContext | None = None) -> None:
         """One connection from handshake to close (counted in :attr:`active` by the caller)."""
         conn = Connection(stream, self.exports, label, tls)
+        self.connections.add(conn)
         try:
             export = None
             with trio.move_on_after(self.limits.handshake_timeout) as scope:
@@ -99,6 +103,7 @@ class Server:
         except Exception:
             log.exception("nbd %s: connection failed", label)
         finally:
+            self.connections.discard(conn)
             self.active -= 1
             await trio.aclose_forcefully(stream)
 
@@ -218,7 +223,15 @@ class NbdService:
                     os.unlink(self.socket_path)
             self._stopped.set()
 
-    async def stop(self) -> None:
-        """Stop accepting and close every connection (requests under way are cancelled)."""
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Stop accepting and close every connection; a request under way gets ``grace`` seconds to finish."""
         self._scope.cancel()
+        with trio.move_on_after(grace):
+            await self._stopped.wait()
+            return
+        # A request still waits (say a primary's write for its secondary's acknowledgement): cancel it.
+        log.warning("nbd: requests still under way %.0f s after the stop: cancelled", grace)
+        for conn in list(self.server.connections):
+            if conn.shield is not None:
+                conn.shield.cancel()
         await self._stopped.wait()

@@ -109,3 +109,34 @@ async def test_tcp_requires_tls_and_a_certificate_from_the_ca(serve, tmp_path) -
     assert (await c.write(0, b"tls!" * 1024)).error == 0
     assert await c.read(0, 4096) == b"tls!" * 1024
     await svc.stop()
+
+
+class _StuckSink:
+    """A primary's forwarding sink whose secondary never acknowledges."""
+
+    def __init__(self) -> None:
+        self.items: list[object] = []
+
+    async def wait_room(self, nbytes: int) -> None:
+        pass
+
+    def put_nowait(self, item: object) -> None:
+        self.items.append(item)
+
+    async def wait_acked(self, seq: int) -> None:
+        await trio.sleep_forever()
+
+
+async def test_stop_ends_a_request_stuck_past_the_grace(serve, tmp_path) -> None:
+    s = await serve("primary")
+    sink = _StuckSink()
+    s.store.vm("vm").forward = sink  # type: ignore[assignment]
+    path = str(tmp_path / "nbd.sock")
+    svc = await NbdService.start(s.nursery, s.store, None, socket_path=path, tcp=None)
+    c = await RawClient.connect_unix(path)
+    assert (await c.go("vm/d"))[-1][0] == p.REP_ACK
+    await c.request(p.CMD_WRITE, 0, 4096, payload=b"w" * 4096)
+    await wait_until(lambda: sink.items, what="the write handed to the sink")
+    with trio.fail_after(DEADLINE):
+        await svc.stop(grace=0.2)
+    assert svc.server.active == 0 and not os.path.exists(path)
