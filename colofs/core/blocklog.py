@@ -38,8 +38,18 @@ last group are not durable before the checkpoint's sync either. Only damage
 to that last, just-synced group *and* a power loss in the same instant go
 undetected (then treated as before: dropped as a torn tail).
 
-The file header is written with the first segment, so an empty log is an
-empty file. Logs of format 1 (no file header, records ``(block, kind)``,
+**Telling a fresh log from a lost one.** Every log file gets its file header
+(both slots zero) the moment it is created -- a new disk, a snapshot, the
+fresh file a checkpoint renames over the old one (written before the
+rename, so a crash leaves either the old file or a whole new one, plus at
+most a stray ``.new`` that is removed at open) -- and emptying a log in
+place rewrites the header before cutting the file to it, never passing
+through zero bytes. A VM whose state says ``log_headers`` (all VMs created,
+or opened once, by a colofs that does this) has no legitimately empty or
+missing log: a log that is either has lost content that may have been
+acknowledged, and is damage, like one cut short.
+
+Logs of format 1 (no file header, records ``(block, kind)``,
 one data digest per segment) are still read: they have no commit slots and
 no per-block digests, and are told apart by the old rules until the next
 checkpoint replaces them with a format-2 file.
@@ -70,6 +80,7 @@ from colofs.core.logformat import (
     SLOT_OFFSETS,
     block_digest,
     block_digests,
+    empty_log,
     encode_file_header,
     encode_slot,
     file_header_len,
@@ -78,7 +89,17 @@ from colofs.core.logformat import (
 )
 from colofs.core.logreplay import LogReplay
 
-__all__ = ["NEW_SUFFIX", "BlockLog", "file_header_len", "make_durable"]
+__all__ = ["NEW_SUFFIX", "BlockLog", "LogMissing", "file_header_len", "make_durable"]
+
+
+class LogMissing(MapMissing):
+    """A log file is not there; ``path`` names it for the VM's damage record."""
+
+    def __init__(self, message: str, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.offset = None
+        self.reason = "the file is missing"
 
 
 class BlockLog(LogReplay):
@@ -109,8 +130,15 @@ class BlockLog(LogReplay):
 
     @classmethod
     def create(cls, path: str, block_size: int, gen: int, *, mutable: bool, label: str) -> BlockLog:
+        """A new, empty log: its header is written at once (the caller syncs it with the file's entry)."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        return cls(path, fd, block_size, gen, mutable, label)
+        log = cls(path, fd, block_size, gen, mutable, label)
+        try:
+            log.end = log._write_header(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return log
 
     @classmethod
     def open(
@@ -123,6 +151,7 @@ class BlockLog(LogReplay):
         label: str,
         expected_len: int | None,
         verify_data: bool,
+        headed: bool = False,
     ) -> BlockLog:
         """Open and replay a log.
 
@@ -131,6 +160,8 @@ class BlockLog(LogReplay):
         process died: what lies past the committed length is a torn tail and
         is dropped (no base block depends on it); anything wrong before it
         is damage (:class:`MapCorrupt`, with the file, offset and reason).
+        ``headed`` says the log was created with its header, so an empty file
+        is damage too (:class:`MapTruncated`), not a log nothing was added to.
         """
         try:
             # A fresh file a crash caught before its rename: the old one still stands.
@@ -140,10 +171,10 @@ class BlockLog(LogReplay):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise MapMissing(f"{label}: block map {path} is missing") from None
+            raise LogMissing(f"{label}: block map {path} is missing", path) from None
         log = cls(path, fd, block_size, gen, mutable, label)
         try:
-            log._replay(expected_len, verify_data)
+            log._replay(expected_len, verify_data, headed)
         except BaseException:
             os.close(fd)
             raise
@@ -165,22 +196,45 @@ class BlockLog(LogReplay):
         self._slot_counter = 0
 
     def reset(self, gen: int) -> None:
-        """Empty the log for a new generation (after the state file already says so)."""
+        """Empty the log for a new generation (after the state file already says so).
+
+        The header (slots zero) is rewritten before the file is cut to it,
+        so a crash in between leaves a valid log holding only older
+        generations, never an empty file.
+        """
         self._start_empty(gen)
+        self.end = self._write_header(self.fd, self.path)
         try:
-            os.ftruncate(self.fd, 0)
+            os.ftruncate(self.fd, self.end)
         except OSError as e:
             raise DiskIOError(f"{self.label}: cannot truncate {self.path}: {e.strerror}", e.errno) from e
+
+    def ensure_header(self) -> bool:
+        """Give an empty log (made before logs were created with one) its header; True if written."""
+        if self.end or self.legacy:
+            return False
+        self.end = self._write_header(self.fd, self.path)
+        return True
+
+    def _write_header(self, fd: int, path: str) -> int:
+        """Write the file header with both commit slots zero at the start of ``fd``; returns its length."""
+        block = empty_log(self.block_size, self.mutable)
+        try:
+            write_all(fd, [block], 0)
+        except OSError as e:
+            raise DiskIOError(f"{self.label}: writing the header of {path} failed: {e.strerror}", e.errno) from e
+        return len(block)
 
     def start_over(self, gen: int) -> int:
         """Empty the log for a new generation by renaming a fresh file over it; returns the old descriptor.
 
         Unlike :meth:`reset` this costs no block freeing now: that happens
         when the caller closes the returned descriptor, off the critical
-        path. Either file is valid after a crash (the old one holds only
-        older generations), but the caller must make the rename durable
-        (``fsync`` of the directory) before the new file takes data that
-        base depends on.
+        path. The new file gets its header before the rename, so either file
+        is valid after a crash (the old one holds only older generations),
+        but the caller must make the new file and the rename durable
+        (``fdatasync`` of the file, ``fsync`` of the directory) before it
+        takes data that base depends on.
         """
         tmp = self.path + NEW_SUFFIX
         try:
@@ -188,12 +242,17 @@ class BlockLog(LogReplay):
         except OSError as e:
             raise DiskIOError(f"{self.label}: cannot create {tmp}: {e.strerror}", e.errno) from e
         try:
+            hlen = self._write_header(fd, tmp)
             os.rename(tmp, self.path)
+        except DiskIOError:
+            os.close(fd)
+            raise
         except OSError as e:
             os.close(fd)
             raise DiskIOError(f"{self.label}: cannot replace {self.path}: {e.strerror}", e.errno) from e
         old, self.fd = self.fd, fd
         self._start_empty(gen)
+        self.end = hlen
         return old
 
     # -- queries ----------------------------------------------------------

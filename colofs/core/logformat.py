@@ -9,8 +9,9 @@
                     records of 16 bytes: block number (top bit set: DROP), xxh3 of the block's data)
                  followed by the data of its PUT records, one block each
 
-The file header is written with the first segment (an empty log is an empty
-file). Format 1 (no file header; segments COLFSEG1 with records ``(block,
+The file header is written when the file is created, so even an empty log
+is one header block long: a format-2 log that is empty or missing lost what
+it held (see ``colofs.core.blocklog``). Format 1 (no file header; segments COLFSEG1 with records ``(block,
 kind)`` and one data digest per segment) is still read. Why the commit slots
 let recovery tell damage from a torn tail is explained in
 ``colofs.core.blocklog``.
@@ -67,6 +68,11 @@ def records_digest(head: bytes, records: Buffer) -> int:
 def encode_file_header(block_size: int, mutable: bool) -> bytes:
     head = FILE_HDR.pack(FILE_MAGIC, LOG_FORMAT, block_size, int(mutable), 0, 0)[:-8]
     return head + struct.pack("<Q", block_digest(head))
+
+
+def empty_log(block_size: int, mutable: bool) -> bytes:
+    """The whole first block of a new log: its file header, both commit slots zero (nothing committed)."""
+    return encode_file_header(block_size, mutable).ljust(file_header_len(block_size), b"\0")
 
 
 def encode_slot(counter: int, length: int) -> bytes:

@@ -1,7 +1,8 @@
 """Replaying a block log at open: rebuild the map, and tell a torn tail from damage.
 
 After a clean close the log must be exactly the recorded length and
-flawless. After a crash, what lies past the committed length (the newer
+flawless. A log created with its header (the VM's state says so) is never
+empty: an empty file lost its content. After a crash, what lies past the committed length (the newer
 commit slot) is the batch in flight and is dropped; anything wrong before it
 is damage, raised as :class:`MapCorrupt` with the file, offset and reason
 (see ``colofs.core.blocklog`` for why the slot proves it).
@@ -92,7 +93,8 @@ class LogReplay:
             self.committed = 0
         return hlen
 
-    def _replay(self, expected_len: int | None, verify_data: bool) -> None:
+    def _replay(self, expected_len: int | None, verify_data: bool, headed: bool = False) -> None:
+        """Rebuild the map; ``headed``: the log was created with its header, so it is never empty."""
         size = os.fstat(self.fd).st_size
         limit = size
         if expected_len is not None:
@@ -103,7 +105,11 @@ class LogReplay:
             if size > expected_len:
                 raise self._corrupt(None, f"{size} bytes, longer than the {expected_len} recorded at close")
         if size == 0:
-            return  # nothing was ever added
+            if headed:
+                raise self._corrupt(
+                    None, "an empty file, but the log was created with its header: what it held is lost", MapTruncated
+                )
+            return  # a log from before headers were written at creation, and nothing was ever added
         off = self._read_file_header(size)
         committed = self.committed
         if size < committed:

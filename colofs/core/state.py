@@ -89,6 +89,9 @@ class VMState:
     secondary falls back to ``last_checkpoint``, because recovery rolls base
     back to it, and a primary jumps to ``seq_reserved``, the high-water mark
     it persists before handing out sequence numbers beyond it.
+    ``log_headers``: every block log of the VM got its file header when it
+    was created, so one that is empty or missing lost its content (damage);
+    False only for a VM not yet opened by a colofs that does this.
     """
 
     vm: str
@@ -100,6 +103,7 @@ class VMState:
     seq_reserved: int = 0
     phase: str = NORMAL
     clean: bool = True
+    log_headers: bool = False
     disks: dict[str, DiskState] = field(default_factory=dict)
 
     def encode(self) -> bytes:

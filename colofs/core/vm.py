@@ -48,9 +48,11 @@ from colofs.core.fileio import (
     datasync_all,
     fsync_dir,
     read_into,
+    write_all,
 )
 from colofs.core.forward import ForwardedWrite, WriteSink
 from colofs.core.imagesource import ImageSource, open_image
+from colofs.core.logformat import empty_log
 from colofs.core.names import check_name
 from colofs.core.reaper import FdReaper
 from colofs.core.snapshot import Snapshot, overlay_path, target_path
@@ -129,7 +131,7 @@ class VM:
             os.mkdir(path, 0o700)
         except FileExistsError:
             raise AlreadyExists(f"VM {name} already exists") from None
-        state = VMState(vm=name, role=role, clean=False)
+        state = VMState(vm=name, role=role, clean=False, log_headers=True)
         await trio.to_thread.run_sync(save_vm_state, os.path.join(path, STATE_FILE), state)
         fsync_dir(os.path.dirname(path))
         vm = cls(path, state)
@@ -150,6 +152,8 @@ class VM:
                 await vm._open_clean()
             else:
                 await vm._recover()
+            if not vm.state.log_headers:
+                await vm._give_logs_headers()
         except BaseException:
             vm._close_files()
             raise
@@ -170,6 +174,17 @@ class VM:
                 log.info("VM %s: removed the unfinished creation of disk %s", self.name, disk)
         fsync_dir(self.path)
 
+    async def _give_logs_headers(self) -> None:
+        """Once, for a VM made before logs got their header at creation: give the empty ones theirs.
+
+        Synced before the state says so, as from then on an empty log is damage.
+        """
+        logs = [lg for d in self.disks.values() for lg in (d.hidden, d.active)]
+        logs += [lg for d in self.disks.values() for sn in d.snapshots.values() for lg in (sn.target, sn.overlay) if lg]
+        written = [lg.fd for lg in logs if lg.ensure_header()]
+        await datasync_all(written)
+        await self._update(lambda s: replace(s, log_headers=True))
+
     def _disk_paths(self, disk: str) -> tuple[str, str, str, str]:
         d = os.path.join(self.path, disk)
         return d, os.path.join(d, BASE_FILE), os.path.join(d, HIDDEN_FILE), os.path.join(d, ACTIVE_FILE)
@@ -187,12 +202,12 @@ class VM:
                 raise StoreError(f"{label}: base image is {st.st_size} bytes, the state says {ds.size}")
             hidden = BlockLog.open(
                 hidden_path, ds.block_size, self.state.gen, mutable=False, label=f"{label} hidden",
-                expected_len=ds.hidden_len if clean else None, verify_data=not clean,
+                expected_len=ds.hidden_len if clean else None, verify_data=not clean, headed=self.state.log_headers,
             )
             try:
                 active = BlockLog.open(
                     active_path, ds.block_size, self.state.gen, mutable=True, label=f"{label} active",
-                    expected_len=ds.active_len if clean else None, verify_data=False,
+                    expected_len=ds.active_len if clean else None, verify_data=False, headed=self.state.log_headers,
                 )
             except BaseException:
                 hidden.close()
@@ -221,6 +236,7 @@ class VM:
                 target = BlockLog.open(
                     target_path(disk.path, name), disk.block_size, 0, mutable=False, label=label,
                     expected_len=sn.target_len if clean else None, verify_data=not clean,
+                    headed=self.state.log_headers,
                 )
             try:
                 if sn.kind == CLONE:
@@ -228,6 +244,7 @@ class VM:
                     overlay = BlockLog.open(
                         overlay_path(disk.path, name), disk.block_size, 0, mutable=True, label=label,
                         expected_len=sn.overlay_len if clean else None, verify_data=False,
+                        headed=self.state.log_headers,
                     )
             except BaseException:
                 if target is not None:
@@ -360,7 +377,7 @@ class VM:
             raise AlreadyExists(f"disk {label}: directory {final} already exists")
         await trio.to_thread.run_sync(check_disk_size, self.path, f"disk {label}", size)
         try:
-            await trio.to_thread.run_sync(self._build_disk_dir, tmp, size, source)
+            await trio.to_thread.run_sync(self._build_disk_dir, tmp, size, block_size, source)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(_remove_tree, tmp)
@@ -375,7 +392,7 @@ class VM:
         return disk
 
     @staticmethod
-    def _build_disk_dir(tmp: str, size: int, source: ImageSource | None) -> None:
+    def _build_disk_dir(tmp: str, size: int, block_size: int, source: ImageSource | None) -> None:
         try:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp)
@@ -390,6 +407,7 @@ class VM:
                 os.close(fd)
             for log_name in (HIDDEN_FILE, ACTIVE_FILE):
                 lfd = os.open(os.path.join(tmp, log_name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                write_all(lfd, [empty_log(block_size, log_name == ACTIVE_FILE)], 0)  # never an empty file
                 os.fsync(lfd)
                 os.close(lfd)
             fsync_dir(tmp)
@@ -629,7 +647,8 @@ class VM:
                         layer.reset(gen)
         finally:
             self.reaper.put(old)
-        # The renames must be durable before the new files take data base depends on.
+        # The new files (their headers) and the renames must be durable before they take data base depends on.
+        await datasync_all([lg.fd for d in self._sorted_disks() for lg in (d.hidden, d.active)])
         await trio.to_thread.run_sync(_fsync_dirs, sorted(dirs))
 
     # -- the primary's writes -----------------------------------------------------

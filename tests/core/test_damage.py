@@ -11,12 +11,14 @@ was; it must never serve 'B' as the checkpoint's image.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 
 from colofs.core import PrimaryWrite, Store
 from colofs.core.blocklog import file_header_len
 from colofs.core.errors import BlockDamaged, RoleError, VMDamaged
+from colofs.core.state import load_vm_state, save_vm_state
 
 BS = 4096
 SIZE = 1 << 20
@@ -56,9 +58,10 @@ def flip(path: str, offset: int) -> None:
 
 
 async def assert_quarantined(path: str, hidden: str, offset: int | None, reason: str) -> None:
-    size = os.path.getsize(hidden)
-    with open(hidden, "rb") as f:
-        content = f.read()
+    """Quarantined naming ``hidden``, the other VM served, ``hidden`` kept as it was (or still absent)."""
+    missing = not os.path.exists(hidden)
+    size = 0 if missing else os.path.getsize(hidden)
+    content = b"" if missing else open(hidden, "rb").read()
     store = await Store.open(path, role="secondary")
     try:
         vm = store.vm("vm")
@@ -75,10 +78,13 @@ async def assert_quarantined(path: str, hidden: str, offset: int | None, reason:
         assert bytes(await store.disk("other", "d").read(0, 8192)) == b"O" * 8192
     finally:
         store.abandon()
-    # The evidence is kept: hidden.log neither truncated nor rewritten.
-    assert os.path.getsize(hidden) == size
-    with open(hidden, "rb") as f:
-        assert f.read() == content
+    # The evidence is kept: hidden.log neither truncated nor rewritten (nor made afresh if it was deleted).
+    if missing:
+        assert not os.path.exists(hidden)
+    else:
+        assert os.path.getsize(hidden) == size
+        with open(hidden, "rb") as f:
+            assert f.read() == content
     # A restart keeps the quarantine and its original cause.
     store = await Store.open(path, role="secondary")
     try:
@@ -121,6 +127,93 @@ async def test_truncation_inside_an_acknowledged_group_quarantines(open_store, g
     cut = segment_offsets(hidden)[group] + BS + 7 * BS
     os.truncate(hidden, cut)
     await assert_quarantined(path, hidden, cut, "the file ends early")
+
+
+async def test_hidden_log_cut_to_zero_bytes_quarantines(open_store) -> None:
+    """All acknowledged groups gone at once: an empty file is not taken for a fresh log."""
+    path, hidden = await setup_crashed(open_store)
+    os.truncate(hidden, 0)
+    await assert_quarantined(path, hidden, None, "an empty file")
+
+
+async def test_deleted_hidden_log_quarantines_naming_it(open_store) -> None:
+    path, hidden = await setup_crashed(open_store)
+    os.unlink(hidden)
+    await assert_quarantined(path, hidden, None, "missing")
+
+
+async def test_snapshot_log_cut_to_zero_bytes_after_a_crash_quarantines(open_store) -> None:
+    store = await open_store()
+    await store.create_disk("vm", "d", SIZE)
+    await store.create_disk("other", "d", SIZE)
+    vm = store.vm("vm")
+    await vm.apply_primary(1, [PrimaryWrite("d", 0, b"A" * (8 * BS))])
+    await vm.checkpoint(1)
+    (snap,) = await vm.snapshot("s")
+    await store.vm("other").apply_primary(1, [PrimaryWrite("d", 0, b"O" * 8192)])
+    await store.vm("other").checkpoint(1)
+    await vm.apply_primary(2, [PrimaryWrite("d", 0, b"B" * (8 * BS))])
+    await vm.checkpoint(2)  # the snapshot's target now holds the 'A's
+    target = snap.target.path
+    assert os.path.getsize(target) > file_header_len(BS)
+    store.abandon()
+    os.truncate(target, 0)
+    await assert_quarantined(store.path, target, None, "an empty file")
+
+
+async def test_fresh_disk_and_disk_just_checkpointed_open_clean_after_a_crash(open_store) -> None:
+    """Empty logs are never mistaken for lost ones: a new disk, and one whose logs a checkpoint emptied."""
+    store = await open_store()
+    await store.create_disk("new", "d", SIZE)
+    await store.create_disk("vm", "d", SIZE)
+    vm = store.vm("vm")
+    await vm.apply_primary(1, [PrimaryWrite("d", 0, b"A" * (8 * BS))])
+    await vm.checkpoint(1)
+    await vm.apply_primary(2, [PrimaryWrite("d", 0, b"B" * (8 * BS))])
+    await vm.checkpoint(2)
+    store.abandon()
+    folder = os.path.join(store.path, "vm", "d")
+    assert [os.path.getsize(os.path.join(folder, n)) for n in ("hidden.log", "active.log")] == [file_header_len(BS)] * 2
+    for _ in range(2):  # and again after that recovery
+        store = await Store.open(store.path, role="secondary")
+        try:
+            assert store.vm("new").damage is None and store.vm("vm").damage is None
+            assert (store.vm("vm").recovery.action, store.vm("vm").recovery.blocks) == ("rolled-back", 0)
+            assert bytes(await store.disk("vm", "d").read(0, 8 * BS)) == b"B" * (8 * BS)
+            assert bytes(await store.disk("new", "d").read(0, BS)) == bytes(BS)
+        finally:
+            store.abandon()
+
+
+async def test_vm_whose_empty_logs_have_no_header_opens_and_gets_them(open_store) -> None:
+    """A VM stored before logs got their header at creation: its empty logs are fresh, not lost, once."""
+    store = await open_store()
+    await store.create_disk("vm", "d", SIZE)
+    await store.vm("vm").apply_primary(1, [PrimaryWrite("d", 0, b"A" * BS)])
+    await store.vm("vm").checkpoint(1)
+    store.abandon()
+    state_path = os.path.join(store.path, "vm", "state")
+    state = load_vm_state(state_path, "vm")
+    save_vm_state(state_path, replace(state, log_headers=False))
+    folder = os.path.join(store.path, "vm", "d")
+    logs = [os.path.join(folder, n) for n in ("hidden.log", "active.log")]
+    for lg in logs:
+        os.truncate(lg, 0)
+    store = await Store.open(store.path, role="secondary")
+    try:
+        assert store.vm("vm").damage is None
+        assert store.vm("vm").state.log_headers
+        assert bytes(await store.disk("vm", "d").read(0, BS)) == b"A" * BS
+    finally:
+        store.abandon()
+    assert [os.path.getsize(lg) for lg in logs] == [file_header_len(BS)] * 2
+    assert load_vm_state(state_path, "vm").log_headers
+    os.truncate(logs[0], 0)  # from now on an empty log is damage
+    store = await Store.open(store.path, role="secondary")
+    try:
+        assert store.vm("vm").status()["damage"]["file"] == logs[0]
+    finally:
+        store.abandon()
 
 
 async def test_a_group_never_acknowledged_is_a_torn_tail_and_dropped(open_store) -> None:

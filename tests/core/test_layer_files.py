@@ -6,6 +6,7 @@ import os
 import shutil
 
 from colofs.core import PrimaryWrite, Store
+from colofs.core.blocklog import file_header_len
 from colofs.core.disk import Disk
 from colofs.core.vm import VM
 
@@ -41,7 +42,7 @@ async def test_checkpoint_starts_fresh_files_and_frees_the_old(open_store) -> No
 
     await vm.checkpoint(1)
 
-    assert [os.path.getsize(p) for p in logs] == [0, 0]
+    assert [os.path.getsize(p) for p in logs] == [file_header_len(4096)] * 2  # the header only
     assert [os.stat(p).st_ino for p in logs] != inodes
     assert not [n for n in os.listdir(os.path.dirname(logs[0])) if n.endswith(".new")]
     # The new generation's copies and writes land in the new files; the view stays the checkpoint's.
@@ -93,7 +94,7 @@ async def test_failover_leaves_a_plain_primary_disk_that_survives_reopen(open_st
     moved = await vm.failover()
     assert moved == -(-150000 // 4096)  # every block the writes touched
     folder = os.path.join(store.path, "vm", "d")
-    assert [os.path.getsize(os.path.join(folder, n)) for n in ("hidden.log", "active.log")] == [0, 0]
+    assert [os.path.getsize(os.path.join(folder, n)) for n in ("hidden.log", "active.log")] == [file_header_len(4096)] * 2
     store.abandon()  # a crash right after the failover returned
 
     store2 = await Store.open(store.path, role="primary")
