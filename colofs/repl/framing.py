@@ -48,16 +48,6 @@ class FrameSender:
         self._ratio = 0.5
         self._skip = 0
 
-    @property
-    def bytes_sent(self) -> int:
-        """Bytes written on the connection so far, by any sender."""
-        return self.writer.bytes_sent
-
-    @property
-    def lz4_ratio(self) -> float | None:
-        """Wire bytes per raw byte of bulk frames so far (1.0: nothing saved)."""
-        return self.bulk_wire / self.bulk_raw if self.bulk_raw else None
-
     def _compress_next(self) -> bool:
         if self._skip:
             self._skip -= 1

@@ -119,9 +119,6 @@ class PrimaryReplicator:
     def status(self, vm_name: str) -> dict[str, object]:
         return self._link(vm_name).status()
 
-    def status_all(self) -> dict[str, dict[str, object]]:
-        return {n: link.status() for n, link in sorted(self.links.items())}
-
     def mode(self, vm_name: str) -> str:
         link = self.links.get(vm_name)
         return link.mode if link is not None else load_mode(self.store.vm(vm_name))

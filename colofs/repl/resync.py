@@ -25,7 +25,6 @@ little more than hashing zeros.
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import time
 from collections.abc import Iterable
@@ -34,11 +33,6 @@ from dataclasses import dataclass, field
 import xxhash
 
 from colofs.core.fileio import read_into_blocking
-
-
-@functools.lru_cache(maxsize=16)
-def zero_digest(length: int) -> int:
-    return xxhash.xxh3_64_intdigest(bytes(length))
 
 
 def data_ranges(fd: int, start: int, end: int) -> list[tuple[int, int]]:

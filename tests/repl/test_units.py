@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import xxhash
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -12,7 +13,7 @@ from colofs.core.forward import ForwardedWrite
 from colofs.repl.dirty import DirtyMap
 from colofs.repl.dirtyfile import bit_runs, decode_dirty, encode_bitmap, set_bits
 from colofs.repl.errors import ReplError, ReplProtocolError
-from colofs.repl.resync import chunk_runs, data_ranges, read_and_digest, zero_digest
+from colofs.repl.resync import chunk_runs, data_ranges, read_and_digest
 from colofs.repl.retained import RetainedLog
 from colofs.repl.session import plan_resume
 from colofs.wire.messages import ATTACHED_NEEDS_FULL_SYNC, Attached
@@ -117,8 +118,9 @@ def test_chunking_and_digests(tmp_path) -> None:
         assert all(lo <= 512 << 10 < hi for lo, hi in ranges) or ranges == [(0, 1 << 20)]
         digests, buf = read_and_digest(fd, (1 << 20) - 512, 4096, 120, 136)
         assert len(digests) == 136 and len(buf) == 136 * 4096 - 512
-        assert digests[0] == zero_digest(4096) and digests[-1] == zero_digest(3584)
-        assert digests[8] != zero_digest(4096) and buf[8 * 4096 : 8 * 4096 + 4] == b"data"
+        zero = xxhash.xxh3_64_intdigest
+        assert digests[0] == zero(bytes(4096)) and digests[-1] == zero(bytes(3584))
+        assert digests[8] != zero(bytes(4096)) and buf[8 * 4096 : 8 * 4096 + 4] == b"data"
     finally:
         os.close(fd)
 
