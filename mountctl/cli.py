@@ -28,6 +28,7 @@ from mountctl.client import (
     snapshots,
     vm_detail,
 )
+from mountctl.events import add_parser as add_events_parser
 from mountctl.mounting import preflight, start_daemon, unmount
 from mountctl.render import render_disk, render_root, render_snapshot, render_vm
 from mountctl.units import human_bytes, human_seconds, parse_size
@@ -71,6 +72,8 @@ def cmd_mount(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         f"mounted {cfg.store} on {cfg.mountpoint}: role {cfg.role}, {len(vms)} VM(s), "
         f"daemon pid {msg.get('pid')}, log {cfg.log_file}"
     )
+    if cfg.metrics:
+        print(f"Prometheus metrics at http://{cfg.metrics}/metrics")
     if msg.get("nbd"):
         print(f"NBD exports VM/DISK, VM/DISK@SNAPSHOT served on {', '.join(msg['nbd'])}")
     return 0
@@ -417,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     cl.set_defaults(func=cmd_clone)
 
     add_verify_parser(sub)
+    add_events_parser(sub)
     return p
 
 

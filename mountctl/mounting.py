@@ -56,6 +56,8 @@ def daemon_args(cfg: MountConfig) -> list[str]:
         args += ["--nbd-socket", cfg.nbd_socket]
     if cfg.nbd_listen:
         args += ["--nbd-listen", str(cfg.nbd_listen)]
+    if cfg.metrics:
+        args += ["--metrics", str(cfg.metrics)]
     if cfg.allow_other:
         args.append("--allow-other")
     if cfg.debug:

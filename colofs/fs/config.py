@@ -98,6 +98,7 @@ class MountConfig:
     tls_ca: str | None = None
     nbd_socket: str | None = None
     nbd_listen: Endpoint | None = None
+    metrics: Endpoint | None = None
 
     def tls(self) -> TlsConfig | None:
         """The TLS settings read from the files (raises ``ReplConfigError``), or None without TLS."""
@@ -138,6 +139,7 @@ def make_config(
     tls_ca: str | None = None,
     nbd_socket: str | None = None,
     nbd_listen: str | None = None,
+    metrics: str | None = None,
 ) -> MountConfig:
     """Validate the options of a mount; raises :class:`ConfigError`."""
     if role not in ROLES:
@@ -180,6 +182,7 @@ def make_config(
         tls_ca=tls[2],
         nbd_socket=os.path.abspath(nbd_socket) if nbd_socket else None,
         nbd_listen=ep_nbd,
+        metrics=parse_endpoint(metrics, "--metrics") if metrics is not None else None,
     )
 
 
@@ -218,6 +221,8 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
                    help="serve the disks, snapshots and clones over NBD on this unix socket (mode 0600)")
     p.add_argument("--nbd-listen", metavar="HOST:PORT",
                    help="serve NBD on TCP too (needs --key-file; NBD itself does not authenticate)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics")
     p.add_argument("--log-file", metavar="FILE", help="log file (default: STORE/.colofs-mount.log)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users (e.g. the QEMU user) access the mount")
@@ -232,4 +237,5 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         allow_other=args.allow_other, debug=args.debug,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
         nbd_socket=args.nbd_socket, nbd_listen=args.nbd_listen,
+        metrics=getattr(args, "metrics", None),
     )

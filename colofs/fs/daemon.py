@@ -45,9 +45,12 @@ import trio
 
 from colofs.core.errors import ColofsError
 from colofs.core.store import Store
+from colofs.events import EventBus, socket_path
 from colofs.fs.config import ConfigError, MountConfig, add_mount_arguments, config_from_args
 from colofs.fs.control import MountInfo
+from colofs.fs.linkevents import current_state, watch_links
 from colofs.fs.lock import AlreadyMounted, StoreLock
+from colofs.fs.metrics import FigureSource, VMCounts, serve_metrics
 from colofs.fs.mountpoint import MountpointError, check_mountpoint, detach_stale, fuse_unmount
 from colofs.fs.operations import Operations
 from colofs.fs.replication import Replication
@@ -159,6 +162,24 @@ async def _start_nbd(nursery: trio.Nursery, ops: Operations, cfg: MountConfig) -
         raise StartupError(f"nbd: {e}") from None
 
 
+async def _start_observers(nursery: trio.Nursery, ops: Operations, bus: EventBus, cfg: MountConfig) -> None:
+    """The event socket (a failure is logged: the mount serves without it) and ``--metrics`` (a failure stops the startup)."""
+    counts = VMCounts(bus)  # counts from the first event on
+    bus.greeting = functools.partial(current_state, ops)
+    path = socket_path(cfg.store)
+    try:
+        await nursery.start(bus.serve, path)
+    except OSError as e:
+        log.warning("events: cannot listen on %s: %s; mountctl events will not work", path, e.strerror or e)
+    if ops.repl.primary is not None:
+        nursery.start_soon(watch_links, ops.repl.primary, bus)
+    if cfg.metrics is not None:
+        try:
+            await nursery.start(serve_metrics, FigureSource(ops, counts), cfg.metrics.host, cfg.metrics.port)
+        except OSError as e:
+            raise StartupError(f"--metrics: cannot listen on {cfg.metrics}: {e.strerror or e}") from None
+
+
 def _mount(ops: Operations, cfg: MountConfig) -> None:
     # The store as the mount's source (as fstab names it), so `mount -a` sees it is already mounted.
     plain = not any(c in cfg.store for c in ", \t\n\\")
@@ -190,7 +211,8 @@ async def serve(cfg: MountConfig, lock: StoreLock, ready: Ready) -> None:
             notes = recovery_notes(store)
             for note in notes:
                 log.warning("%s", note)
-            repl = Replication(cfg, store, key)
+            bus = EventBus()  # handed to every part that reports a change
+            repl = Replication(cfg, store, key, events=bus)
             ops = Operations(store, MountInfo(cfg, os.getpid(), time.time()), repl)
             failure: StartupError | None = None
             mounted = False
@@ -200,6 +222,7 @@ async def serve(cfg: MountConfig, lock: StoreLock, ready: Ready) -> None:
                     try:
                         await _start_replication(nursery, repl, cfg)
                         nbd = await _start_nbd(nursery, ops, cfg)
+                        await _start_observers(nursery, ops, bus, cfg)
                         _mount(ops, cfg)
                         mounted = True
                     except StartupError as e:

@@ -26,6 +26,7 @@ import logging
 import os
 import select
 import stat
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -41,6 +42,7 @@ from colofs.core.store import Store
 from colofs.fs.control import PREFIX, Control, MountInfo
 from colofs.fs.errnos import fuse_error
 from colofs.fs.inodes import SNAP_KINDS, InodeTable, Kind, Node, disk_name, snapshot_name
+from colofs.fs.iostats import IOStats
 from colofs.fs.pagecache import PageCache
 from colofs.fs.replication import Replication
 
@@ -104,9 +106,11 @@ class Operations(pyfuse3.Operations):
         self.control = Control(store, self.inodes, self.cache, info, self.repl)
         self._handles: dict[int, Node] = {}
         self._next_fh = 1
+        self.io = IOStats()  # per-disk request counters, read by the metrics
         # Set by the daemon: where follow-up work of a request runs after its reply.
         self.nursery: trio.Nursery | None = None
         self._size_repairs: set[int] = set()
+        self._damage_reported: set[str] = set()
         self._size_repairs_again: set[int] = set()
 
     def init(self) -> None:
@@ -142,6 +146,10 @@ class Operations(pyfuse3.Operations):
     def _io_error(self, node: Node, exc: Exception, what: str) -> pyfuse3.FUSEError:
         if isinstance(exc, DiskIOError | OSError):
             self.control.io_errors[node.label] = self.control.io_errors.get(node.label, 0) + 1
+            vm = self.store.vms.get(node.vm)
+            if vm is not None and vm.damage is not None and node.vm not in self._damage_reported:
+                self._damage_reported.add(node.vm)
+                self.repl.events.emit("vm-damaged", vm=node.vm, damage=vm.damage.describe())
         return fuse_error(exc, f"{node.label}: {what}")
 
     def _repair_size_later(self, node: Node) -> None:
@@ -313,10 +321,13 @@ class Operations(pyfuse3.Operations):
             return b""
         if size > image.size - off:
             size = image.size - off
+        t0 = time.perf_counter()
         try:
-            return await image.read(off, size)
+            data = await image.read(off, size)
         except Exception as e:
             raise self._io_error(node, e, f"read of {size} bytes at {off}") from None
+        self.io.of(node.vm, node.disk).read(len(data), time.perf_counter() - t0)
+        return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         # The hot path: no _guarded wrapper (one coroutine less per request); same errors.
@@ -340,10 +351,12 @@ class Operations(pyfuse3.Operations):
             self._repair_size_later(node)
             raise _refuse(errno.EFBIG, "%s: write of %d bytes at %d refused: it ends past the disk's size of %d",
                           node.label, len(buf), off, image.size)
+        t0 = time.perf_counter()
         try:
             await image.write(off, buf)
         except Exception as e:
             raise self._io_error(node, e, f"write of {len(buf)} bytes at {off}") from None
+        self.io.of(node.vm, node.disk).write(len(buf), time.perf_counter() - t0)
         return len(buf)
 
     @_guarded
@@ -399,6 +412,7 @@ class Operations(pyfuse3.Operations):
                           _name(name), parent.label)
         vm = await self.store.create_vm(_name(name))
         self.repl.vm_created(vm.name)
+        self.repl.events.emit("vm-created", vm=vm.name, role=vm.state.role)
         log.info("VM %s created by mkdir (role %s)", vm.name, vm.state.role)
         node = self.inodes.vm_node(vm.name)
         assert node is not None

@@ -24,6 +24,7 @@ import trio
 from colofs.core.state import PRIMARY
 from colofs.core.store import Store
 from colofs.core.vm import VM
+from colofs.events import EventBus
 from colofs.fs.config import MountConfig
 from colofs.repl import (
     PrimaryReplicator,
@@ -57,12 +58,13 @@ class Replication:
     """None, a primary's replicator, or a secondary's listener, for one mount."""
 
     def __init__(self, cfg: MountConfig, store: Store, key: bytes | None,
-                 settings: ReplConfig | None = None) -> None:
+                 settings: ReplConfig | None = None, events: EventBus | None = None) -> None:
         self.cfg = cfg
+        self.events = events or EventBus()  # where checkpoints, failovers and peers are reported
         self.store = store
         self.key = key
         self.settings = settings or ReplConfig(tls=cfg.tls())
-        self.hooks = SecondaryHooks()  # the control plane installs the mount's checkpoint
+        self.hooks = SecondaryHooks(event=self.events.emit)  # the control plane installs the mount's checkpoint
         self.primary: PrimaryReplicator | None = None
         self.server: SecondaryServer | None = None
         self.verifies: Verifications | None = None
@@ -157,7 +159,9 @@ class Replication:
         if self.verifies is None:
             raise VerifyError(f"verify: VM {vm.name} is not replicated from this mount: run the verify on its "
                               "primary (the mount started with --peer)", errno.EPERM)
-        return self.verifies.start(vm.name, opts)
+        run = self.verifies.start(vm.name, opts)
+        self.events.emit("verify-started", vm=vm.name, id=run.id)
+        return run
 
     def cancel_verify(self, vm: VM) -> VerifyRun:
         if self.verifies is None:

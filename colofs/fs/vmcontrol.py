@@ -80,6 +80,7 @@ class VMControl:
         self.last_ops[vm.name] = {"op": CHECKPOINT, "at": time.time(), "seconds": round(t2 - t0, 6),
                                   "seq": res.seq, "by": "replication"}
         log.info("VM %s: checkpoint at seq %d confirmed by the secondary in %.3f s", vm.name, res.seq, t2 - t0)
+        self.repl.events.emit(CHECKPOINT, vm=vm.name, seq=res.seq, seconds=round(t2 - t0, 6), by="replication")
         return {
             "vm": vm.name, "seq": res.seq, "role": vm.state.role, "epoch": vm.state.epoch,
             "replicated": True, "latency_seconds": round(res.latency_s, 6),
@@ -105,6 +106,7 @@ class VMControl:
         t3 = time.monotonic()
         self.last_ops[vm.name] = {"op": CHECKPOINT, "at": time.time(), "seconds": round(t3 - t0, 6), "seq": done,
                                   "by": source}
+        self.repl.events.emit(CHECKPOINT, vm=vm.name, seq=done, seconds=round(t3 - t0, 6), by=source)
         log.log(
             logging.DEBUG if source == "primary" else logging.INFO,
             "VM %s: checkpoint at seq %d (%s): discarded %d hidden and %d active bytes in %.3f s",
@@ -144,6 +146,8 @@ class VMControl:
             log.warning("VM %s: failed over (epoch %d -> %d); primary writes are refused from now on%s",
                         vm.name, epoch, vm.state.epoch, f" (closed the session of {peer})" if peer else "")
         self.last_ops[vm.name] = {"op": FAILOVER, "at": time.time(), "seconds": round(seconds, 6)}
+        self.repl.events.emit(FAILOVER, vm=vm.name, epoch=vm.state.epoch, blocks_committed=moved,
+                              seconds=round(seconds, 6), closed_session_of=peer)
         return {
             "vm": vm.name, "blocks_committed": moved, "hidden_bytes_before": before[0],
             "active_bytes_before": before[1], "epoch_before": epoch, "epoch": vm.state.epoch,

@@ -107,6 +107,7 @@ class SecondaryHooks:
 
     checkpoint: Callable[[VM, int], Awaitable[None]] = core_checkpoint
     on_disk_added: Callable[[str, str], Awaitable[None]] | None = None
+    event: Callable[..., None] = lambda kind, **fields: None  # the daemon's EventBus.emit
 
 
 class _PeerError(Exception):
@@ -542,6 +543,7 @@ class SecondaryServer:
         """Count and log (at most one line per kind a second) a connection turned away before the key."""
         self.stats["refused"] += 1
         self.last_refusal = f"{addr}: {text}"
+        self.hooks.event("peer-refused", peer=addr, reason=text, role="secondary")
         self.strangers.warning(kind, "replication: refused connection from %s: %s", addr, text)
 
     async def _connection(self, tcp: trio.SocketStream, addr: str, ticket: Ticket) -> None:
@@ -603,6 +605,7 @@ class SecondaryServer:
                 self.stats["refused"] += 1
                 self.last_errors[msg.vm] = str(e)
                 log.warning("replication: refused primary %s for VM %s: %s", peer, msg.vm, e)
+                self.hooks.event("peer-refused", vm=msg.vm, peer=peer, reason=str(e), role="secondary")
                 await refuse(fs, code, str(e))
                 return
             session = _Session(self, res, fs, sender, hello.node_id, announced=max(0, msg.next_seq - 1))
@@ -623,11 +626,14 @@ class SecondaryServer:
                     return
                 raise
         self.stats["sessions"] += 1
+        self.hooks.event("peer-connected", vm=msg.vm, peer=peer, role="secondary")
         try:
             await session.run()
         finally:
             if self.sessions.get(msg.vm) is session:
                 del self.sessions[msg.vm]
+            self.hooks.event("peer-lost", vm=msg.vm, peer=peer, role="secondary",
+                             reason=self.last_errors.get(msg.vm))
 
     @asynccontextmanager
     async def exclusive(self, vm_name: str, why: str, code: int = ReplCode.FAILED_OVER) -> AsyncIterator[None]:
