@@ -1,0 +1,125 @@
+"""Streaming a primary VM's retained writes: batches, the window, checkpoint markers, DISK_ADDs.
+
+A batch takes whatever is queued from the connection's next seq, up to
+``batch_max_bytes``, and stops short of a checkpoint marker so the marker
+follows exactly the write it was cut after. At most ``window`` batches are
+unacknowledged; a batch that is not full may wait ``batch_delay`` for more
+writes (see :meth:`Batching._may_wait`).
+
+:class:`Batching` is a part of :class:`~colofs.repl.sender.VMLink`.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from colofs.core.vm import VM
+from colofs.repl.config import ASYNC, ReplConfig
+from colofs.repl.linkstate import Conn, Marker
+from colofs.repl.retained import RetainedLog
+from colofs.repl.util import Signal
+from colofs.wire.messages import Batch, Checkpoint, DiskAdd, DiskInfo, Write
+from colofs.wire.messages import _trusted_write as trusted_write
+
+
+class Batching:
+    """Sends the retained log over one connection, in order, within the window."""
+
+    vm: VM
+    cfg: ReplConfig
+    mode: str
+    markers: list[Marker]
+    retained: RetainedLog
+    stats: dict[str, int]
+    _changed: Signal
+
+    async def _sync_disks(self, conn: Conn) -> None:
+        """DISK_ADD for every disk the secondary has not been told about on this connection."""
+        for name in sorted(self.vm.disks):
+            if name not in conn.disk_index:
+                idx = len(conn.disk_index)
+                d = self.vm.disks[name]
+                await conn.sender.send(DiskAdd(idx, DiskInfo(name, d.size, d.block_size)))
+                conn.disk_index[name] = idx
+
+    async def _send_due_markers(self, conn: Conn) -> None:
+        assert conn.next_seq is not None
+        for m in list(self.markers):
+            if not m.sent and m.seq <= conn.next_seq - 1:
+                await conn.sender.send(Checkpoint(m.seq, m.id))
+                m.sent = True
+
+    async def _window(self, conn: Conn) -> None:
+        while len(conn.inflight) >= self.cfg.window:
+            await self._changed.wait()
+
+    async def _send_ready(self, conn: Conn, upto: int | None) -> bool:
+        """Send queued writes (up to ``upto`` if given) and due markers; False if there was nothing."""
+        sent = False
+        delayed = False
+        while True:
+            assert conn.next_seq is not None
+            await self._send_due_markers(conn)
+            end = self.retained.end if upto is None else min(upto, self.retained.end)
+            if conn.next_seq > end or not self.retained.covers(conn.next_seq):
+                return sent
+            await self._sync_disks(conn)
+            await self._window(conn)
+            if not self.retained.covers(conn.next_seq):
+                return sent
+            end = self.retained.end if upto is None else min(upto, self.retained.end)
+            writes, size, full = self._collect(conn, end)
+            if not writes:
+                return sent
+            if not full and not delayed and upto is None and self._may_wait(conn):
+                delayed = True
+                await trio.sleep(self.cfg.batch_delay)
+                continue
+            delayed = False
+            first = conn.next_seq
+            await conn.sender.send(Batch(first, tuple(writes)))
+            last = first + len(writes) - 1
+            conn.next_seq = last + 1
+            conn.sent_upto = last
+            conn.inflight.append(last)
+            self.stats["batches"] += 1
+            self.stats["writes_sent"] += len(writes)
+            self.stats["bytes_sent"] += size
+            sent = True
+
+    def _may_wait(self, conn: Conn) -> bool:
+        """Whether a batch that is not full may wait ``batch_delay`` for more writes.
+
+        It may while batches are in flight anyway; in async mode also when
+        none are, since no writer waits for it, and every batch costs both
+        loops a send, a decode, an apply and an ACK. Never while a
+        checkpoint marker waits to go out behind it.
+        """
+        if conn.inflight:
+            return True
+        return self.mode == ASYNC and not any(not m.sent for m in self.markers)
+
+    def _collect(self, conn: Conn, end: int) -> tuple[list[Write], int, bool]:
+        """Writes from ``next_seq`` for one batch; ``full`` if a limit (size, marker) ended it."""
+        assert conn.next_seq is not None
+        limit = end
+        for m in self.markers:
+            if not m.sent and conn.next_seq <= m.seq < limit:
+                limit = m.seq
+                break
+        writes: list[Write] = []
+        size = 0
+        seq = conn.next_seq
+        cap = self.cfg.batch_max_bytes
+        get = self.retained.get
+        index = conn.disk_index
+        while seq <= limit:
+            fw = get(seq)
+            idx = index.get(fw.disk)
+            n = len(fw.data)
+            if idx is None or (writes and size + n > cap):
+                return writes, size, True
+            writes.append(trusted_write(idx, fw.offset, fw.data))  # the core checked the range
+            size += n
+            seq += 1
+        return writes, size, limit < end

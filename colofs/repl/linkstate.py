@@ -1,0 +1,91 @@
+"""Where a primary VM's link stands: its states, one connection's state, checkpoint markers.
+
+The link goes, per connection attempt::
+
+    IDLE -> CONNECTING -> ATTACHING -> [RESYNCING ->] STREAMING <-> RESYNCING
+                 \\______________\\_____________\\__________\\-> DISCONNECTED | REFUSED -> CONNECTING ...
+
+and to STOPPED when replication of the VM stops. Only STREAMING carries
+writes as they happen; RESYNCING catches the secondary up from the dirty
+map. Status shows each state as one of the words in :data:`SHOWN`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from enum import StrEnum
+
+import trio
+
+from colofs.repl.framing import FrameSender
+from colofs.wire.messages import ResyncRequest
+from colofs.wire.stream import FrameStream
+
+
+class LinkState(StrEnum):
+    """The link's state machine (a ``str``: status and logs show its value)."""
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    ATTACHING = "attaching"
+    RESYNCING = "resyncing"
+    STREAMING = "streaming"
+    DISCONNECTED = "disconnected"
+    REFUSED = "refused"
+    STOPPED = "stopped"
+
+
+SHOWN: dict[LinkState, str] = {
+    LinkState.STREAMING: "connected",
+    LinkState.RESYNCING: "resyncing",
+    LinkState.REFUSED: "refused",
+    LinkState.STOPPED: "stopped",
+    LinkState.IDLE: "connecting",
+    LinkState.CONNECTING: "connecting",
+    LinkState.ATTACHING: "connecting",
+    LinkState.DISCONNECTED: "connecting",
+}
+"""What status calls each state: an operator cares whether writes flow, not how far an attempt got."""
+
+CONNECTED = frozenset({LinkState.RESYNCING, LinkState.STREAMING})
+
+
+@dataclass(frozen=True)
+class CheckpointResult:
+    """A confirmed checkpoint: after write ``seq``, ``latency_s`` from the call to its return."""
+
+    seq: int
+    latency_s: float
+
+
+class Marker:
+    """A checkpoint waiting for the secondary: it goes out right after write ``seq``."""
+
+    __slots__ = ("done", "error", "id", "sent", "seq")
+
+    def __init__(self, seq: int, ident: int) -> None:
+        self.seq = seq
+        self.id = ident
+        self.sent = False
+        self.done = trio.Event()
+        self.error: str | None = None
+
+
+class Conn:
+    """One connection's state; discarded when it ends."""
+
+    def __init__(self, fs: FrameStream, sender: FrameSender, peer: str) -> None:
+        self.fs = fs
+        self.sender = sender
+        self.peer = peer
+        self.disk_index: dict[str, int] = {}
+        self.next_seq: int | None = None
+        """Next write to stream; None until the first resync has placed the secondary."""
+        self.sent_upto = 0
+        """Highest seq the secondary may acknowledge (last batch or RESYNC_DONE sent)."""
+        self.inflight: deque[int] = deque()
+        self.last_rx = trio.current_time()
+        self.answers_tx, self.answers_rx = trio.open_memory_channel[ResyncRequest](1024)
+        self.resync_done: int | None = None
+        """The S0 the secondary echoed back once it finished a resync."""
