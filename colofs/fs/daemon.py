@@ -48,7 +48,7 @@ from colofs.core.store import Store
 from colofs.events import EventBus, socket_path
 from colofs.fs.config import ConfigError, MountConfig, add_mount_arguments, config_from_args
 from colofs.fs.control import MountInfo
-from colofs.fs.linkevents import current_state, watch_links
+from colofs.fs.linkevents import current_state, watch_links, watch_verifies
 from colofs.fs.lock import AlreadyMounted, StoreLock
 from colofs.fs.metrics import FigureSource, VMCounts, serve_metrics
 from colofs.fs.mountpoint import MountpointError, check_mountpoint, detach_stale, fuse_unmount
@@ -173,6 +173,8 @@ async def _start_observers(nursery: trio.Nursery, ops: Operations, bus: EventBus
         log.warning("events: cannot listen on %s: %s; mountctl events will not work", path, e.strerror or e)
     if ops.repl.primary is not None:
         nursery.start_soon(watch_links, ops.repl.primary, bus)
+    if ops.repl.verifies is not None:
+        nursery.start_soon(watch_verifies, ops.repl.verifies, bus)
     if cfg.metrics is not None:
         try:
             await nursery.start(serve_metrics, FigureSource(ops, counts), cfg.metrics.host, cfg.metrics.port)

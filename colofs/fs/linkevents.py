@@ -1,4 +1,4 @@
-"""A primary's link changes as events: peer connected or lost, refused, resync started, progress, done.
+"""A primary's link changes as events: peer connected or lost, refused, resync and verify progress.
 
 Each VM's link announces every change of its state on its change signal; a
 task per link wakes on it, compares with what it saw last, and emits the
@@ -16,6 +16,7 @@ import trio
 from colofs.events import EventBus
 from colofs.repl import PrimaryReplicator
 from colofs.repl.sender import VMLink
+from colofs.repl.verifier import Verifications
 
 PROGRESS_EVERY = 1.0
 SCAN_EVERY = 1.0
@@ -82,3 +83,25 @@ async def _watch_link(link: VMLink, bus: EventBus) -> None:
             return
         with trio.move_on_after(PROGRESS_EVERY if progress["active"] else float("inf")):
             await link._changed.wait()  # the link's own "something changed"
+
+
+async def watch_verifies(verifies: Verifications, bus: EventBus) -> None:
+    """Emit a running verify's progress every :data:`PROGRESS_EVERY` seconds, and its end with the outcome.
+
+    ``verify-started`` is emitted where the verify is started; a run keeps its
+    state in its own object, so its end is seen here, at most a second late.
+    """
+    # VM -> id of the last run whose end was reported (runs that ended before the mount are not news).
+    ended = {vm: run.id for vm, run in verifies.runs.items()}
+    while True:
+        for vm, run in list(verifies.runs.items()):
+            st = run.as_dict()
+            if st["state"] == "running":
+                bus.emit("verify-progress", vm=vm, id=run.id, phase=st["phase"], percent=st["percent"],
+                         blocks_done=st["blocks_done"], blocks_total=st["blocks_total"], eta_s=st["eta_s"])
+            elif ended.get(vm) != run.id:  # a run that ended quickly is reported though never seen running
+                ended[vm] = run.id
+                bus.emit("verify-done", vm=vm, id=run.id, state=st["state"], blocks_compared=st["blocks_compared"],
+                         blocks_differing=st["blocks_differing"], blocks_unverified=st["blocks_unverified"],
+                         duration_s=st["duration_s"], error=st["error"])
+        await trio.sleep(PROGRESS_EVERY)

@@ -138,7 +138,7 @@ def test_the_text_form_is_time_event_and_fields():
     assert line == '1970-01-01T00:00:00.250Z peer-lost vm=vm1 reason="connection reset"'
 
 
-def test_a_primary_reports_its_peer_lost_then_connected_again_with_a_resync(pair):
+def test_a_primary_reports_its_peer_lost_then_connected_again_with_a_resync_then_a_verify(pair):
     pair.start()
     mountctl("create", str(pair.pri.mnt), "vm1/d0", "--size", "4M")
     pair.wait_disk("vm1", "d0", 4 * MiB)
@@ -154,6 +154,11 @@ def test_a_primary_reports_its_peer_lost_then_connected_again_with_a_resync(pair
         started = follower.wait("resync-started", vm="vm1")
         done = follower.wait("resync-done", vm="vm1")
         assert done["time"] >= started["time"] and done["blocks_total"] >= 1, (started, done)
+
+        report = json.loads(mountctl("verify", "--json", str(pair.pri.path("vm1"))).stdout)
+        follower.wait("verify-started", vm="vm1", id=report["id"])
+        end = follower.wait("verify-done", vm="vm1", id=report["id"])
+        assert end["state"] == "done" and end["blocks_differing"] == 0, end
         assert not follower.bad
     finally:
         follower.stop()
