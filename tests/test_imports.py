@@ -13,8 +13,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "colofs"
 
@@ -124,18 +122,6 @@ def test_the_graph_sees_relative_and_type_checking_imports(tmp_path: Path):
     assert cycles(graph) == [["pkg.sub.a", "pkg.sub.b"]]
 
 
-KNOWN_CYCLE = {"colofs.core.disk", "colofs.core.snapshot", "colofs.core.vm"}
-"""The one cycle still being broken up; both tests below go with it once it is gone."""
-
-
-def test_no_import_cycle_beyond_the_known_one():
-    graph = import_graph()
-    new = [g for g in cycles(graph) if not set(g) <= KNOWN_CYCLE]
-    assert not new, "new import cycles among colofs modules:\n" + "\n".join(describe(g, graph) for g in new)
-
-
-@pytest.mark.xfail(strict=True, reason="known cycle: colofs.core.disk <-> colofs.core.vm <-> colofs.core.snapshot "
-                   "(disk and snapshot import vm/disk under TYPE_CHECKING); remove this mark once it is broken")
 def test_no_import_cycle_among_colofs_modules():
     graph = import_graph()
     assert "colofs.core.vm" in graph and "colofs.fs.daemon" in graph  # it read the real package

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import trio
 
 from colofs.core.blocklog import BlockLog, make_durable
+from colofs.core.blocks import block_span
 from colofs.core.errors import BlockDamaged, DiskIOError
 from colofs.core.fileio import Buffer, read_into, start_writeback, write_all
 
@@ -110,7 +111,7 @@ class CopyBeforeWrite:
         touched: set[int] = set()
         for off, data in extents:
             if len(data):
-                touched.update(range(off >> shift, ((off + len(data) - 1) >> shift) + 1))
+                touched.update(range(*block_span(off, len(data), shift)))
         return sorted(touched)
 
     async def save(self, blocks: Sequence[int]) -> list[BlockLog]:
@@ -186,11 +187,15 @@ class CopyBeforeWrite:
         self._unstarted = 0
         WRITEBACK.kick(self.fd)
 
-    async def write(self, extents: Sequence[tuple[int, Buffer]], store_in_thread: bool = False) -> None:
+    async def write(
+        self, extents: Sequence[tuple[int, Buffer]], store_in_thread: bool = False, start_writeback: bool = False
+    ) -> None:
         """Apply ``(offset, data)`` extents to base in order, after saving old blocks durably.
 
         ``store_in_thread`` is for writes of many megabytes (a failover's
         commit), which the kernel may hold back while it writes dirty pages.
+        ``start_writeback`` has the kernel start writing them back at once
+        (a secondary's applied batch) instead of every ``WRITEBACK_EVERY`` bytes.
         """
         if self.targets:
             grown = await self.save(self.blocks_of(extents))
@@ -199,6 +204,8 @@ class CopyBeforeWrite:
             await trio.to_thread.run_sync(self.store, extents)
         else:
             self.store(extents)
+        if start_writeback:
+            self.start_writeback()
 
 
 def _gather(mv: memoryview, offsets: list[int], bs: int) -> list[memoryview]:

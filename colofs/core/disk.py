@@ -9,26 +9,51 @@ VM's role and phase:
   partial blocks);
 * secondary during a failover commit: blocks still buffered go to active
   (the commit will carry them to base), all others straight to base;
-* primary: to base, and the VM hands each write to its forwarding queue.
+* primary: to base, and the numbering handed to the disk at construction
+  gives each write its sequence number and queues it for forwarding.
+
+A disk knows its VM only through :class:`DiskOwner` and that numbering
+callable, so it imports nothing of ``colofs.core.vm``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+import trio
 
 from colofs.core.blocklog import BlockLog, make_durable
+from colofs.core.blocks import block_count, block_span, check_range
 from colofs.core.cbw import CopyBeforeWrite, block_runs
-from colofs.core.errors import BadRange
 from colofs.core.fileio import Buffer, datasync_all
+from colofs.core.forward import WriteSink
 from colofs.core.layers import patch_edges, read_layers, write_overlay
-from colofs.core.rangelock import RangeLock
-from colofs.core.state import FAILOVER, PRIMARY
+from colofs.core.rangelock import RangeLock, holding
+from colofs.core.snapshot import Snapshot
+from colofs.core.state import FAILOVER, PRIMARY, VMState
 
-if TYPE_CHECKING:
-    from colofs.core.snapshot import Snapshot
-    from colofs.core.vm import VM
+NumberWrite = Callable[[str, int, Buffer], Awaitable[int]]
+"""Numbers a primary's write ``(disk, offset, data)`` and queues it for forwarding; returns its seq.
+
+Called with the disk's range lock held, so writes to a block are numbered in
+the order they reached base.
+"""
+
+
+class DiskOwner(Protocol):
+    """What a disk reads of the VM it belongs to (``colofs.core.vm.VM`` is one)."""
+
+    name: str
+    state: VMState
+    damage: object | None
+    forward: WriteSink | None
+
+    def check_usable(self) -> None: ...
+
+    def note_damage(self, err: BaseException) -> None: ...
 
 COMMIT_PREFETCH_STEPS = 2  # steps of a failover whose layer data is read ahead
 COMMIT_CHUNK = 4 << 20  # default bytes of buffered blocks carried to base per locked step of a failover
@@ -39,7 +64,7 @@ class Disk:
 
     def __init__(
         self,
-        vm: VM,
+        vm: DiskOwner,
         name: str,
         path: str,
         size: int,
@@ -47,14 +72,16 @@ class Disk:
         base_fd: int,
         hidden: BlockLog,
         active: BlockLog,
+        number_write: NumberWrite,
     ) -> None:
         self.vm = vm
+        self._number_write = number_write
         self.name = name
         self.path = path
         self.size = size
         self.block_size = block_size
         self.shift = block_size.bit_length() - 1
-        self.nblocks = (size + block_size - 1) >> self.shift
+        self.nblocks = block_count(size, self.shift)
         self.base_fd = base_fd
         self.hidden = hidden
         self.active = active
@@ -80,12 +107,7 @@ class Disk:
     # -- checks -------------------------------------------------------------
 
     def check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0:
-            raise BadRange(f"{self.label}: negative offset or length ({offset}, {length})")
-        if offset + length > self.size:
-            raise BadRange(
-                f"{self.label}: {length} bytes at {offset} end past the disk's size of {self.size}"
-            )
+        check_range(self.label, self.size, offset, length, "the disk's size")
 
     # -- reads ----------------------------------------------------------------
 
@@ -96,8 +118,7 @@ class Disk:
         self.check_range(offset, length)
         out = bytearray(length)
         if length:
-            lo = offset >> self.shift
-            hi = ((offset + length - 1) >> self.shift) + 1
+            lo, hi = block_span(offset, length, self.shift)
             lock = self.lock
             req = lock.try_acquire(lo, hi, False) or await lock.acquire(lo, hi, False)
             try:
@@ -124,14 +145,14 @@ class Disk:
         self.check_range(offset, len(data))
         if not len(data):
             return
-        lo = offset >> self.shift
-        hi = ((offset + len(data) - 1) >> self.shift) + 1
+        lo, hi = block_span(offset, len(data), self.shift)
         lock = self.lock
         req = lock.try_acquire(lo, hi, True) or await lock.acquire(lo, hi, True)
         seq = None
         try:
             if self.vm.state.role == PRIMARY:
-                seq = await self.vm.primary_write_locked(self, offset, data)
+                await self.cbw.write([(offset, data)])
+                seq = await self._number_write(self.name, offset, data)
             else:
                 await self._svm_write(offset, data)
         finally:
@@ -140,14 +161,20 @@ class Disk:
         if seq is not None and fwd is not None:
             await fwd.wait_acked(seq)
 
-    async def write_base(self, offset: int, data: Buffer) -> None:
-        """Write to base through copy-before-write; the caller holds the range lock."""
-        await self.cbw.write([(offset, data)])
+    async def apply(self, extents: Sequence[tuple[int, Buffer]]) -> None:
+        """Apply a secondary's share of a primary batch to base, hidden saving the old blocks first.
+
+        Takes the blocks' range lock itself. Writeback of base starts at
+        once: the batch is acknowledged from here and the next checkpoint
+        syncs it.
+        """
+        async with self.lock.spans(extents_blocks(self, extents), exclusive=True):
+            await self.cbw.write(extents, start_writeback=True)
 
     async def _svm_write(self, offset: int, data: Buffer) -> None:
         shift = self.shift
         end = offset + len(data)
-        blocks = range(offset >> shift, ((end - 1) >> shift) + 1)
+        blocks = range(*block_span(offset, len(data), shift))
         mask = self.block_size - 1
         # Whole blocks (the VM's usual request) need no read-modify-write.
         patched = await patch_edges(self.read_view, shift, offset, data) if (offset | end) & mask else {}
@@ -209,8 +236,7 @@ class Disk:
                 chunk = pending[i : i + per_step]
                 # The device reads the coming steps' blocks while this one is written to base.
                 self._prefetch(pending[i + ahead : i + ahead + per_step])
-                req = await self.lock.acquire(chunk[0], chunk[-1] + 1, True)
-                try:
+                async with self.lock.range(chunk[0], chunk[-1] + 1, exclusive=True):
                     chunk = [b for b in chunk if b in self.active.map or b in self.hidden.map]
                     if not chunk:
                         continue
@@ -229,8 +255,6 @@ class Disk:
                     self.active.drop(chunk)
                     self.hidden.drop(chunk)
                     moved += len(chunk)
-                finally:
-                    self.lock.release(req)
 
     def _prefetch(self, blocks: Sequence[int]) -> None:
         """Ask the kernel to read the layer data of ``blocks`` ahead (a hint; errors are ignored)."""
@@ -258,9 +282,7 @@ class Disk:
 
 def extents_blocks(disk: Disk, extents: Sequence[tuple[int, Buffer]]) -> list[tuple[int, int]]:
     """Merged ``(first, stop)`` block ranges covered by extents, for locking in order."""
-    spans = sorted(
-        (off >> disk.shift, ((off + len(d) - 1) >> disk.shift) + 1) for off, d in extents if len(d)
-    )
+    spans = sorted(block_span(off, len(d), disk.shift) for off, d in extents if len(d))
     merged: list[tuple[int, int]] = []
     for lo, hi in spans:
         if merged and lo <= merged[-1][1]:
@@ -269,3 +291,22 @@ def extents_blocks(disk: Disk, extents: Sequence[tuple[int, Buffer]]) -> list[tu
         else:
             merged.append((lo, hi))
     return merged
+
+
+def whole_disks(disks: Iterable[Disk]) -> AbstractAsyncContextManager[None]:
+    """Every block of each disk, exclusively: no I/O of the VM runs while it is held.
+
+    Pass the disks in name order (the order every holder of several uses).
+    """
+    return holding((d.lock, 0, d.nblocks) for d in disks)
+
+
+async def apply_to_disks(batch: Sequence[tuple[Disk, Sequence[tuple[int, Buffer]]]]) -> None:
+    """Apply each disk's extents (:meth:`Disk.apply`); several disks at once, so their syncs overlap."""
+    if len(batch) == 1:
+        disk, extents = batch[0]
+        await disk.apply(extents)
+        return
+    async with trio.open_nursery() as nursery:
+        for disk, extents in batch:
+            nursery.start_soon(disk.apply, extents)

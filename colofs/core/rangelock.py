@@ -7,9 +7,16 @@ against another write to it, a failover commit chunk against SVM I/O on it.
 Requests on disjoint ranges never wait for each other, and an uncontended
 acquire does not suspend, so the hot path pays a list scan, not a context
 switch.
+
+``async with lock.range(lo, hi, exclusive=...)`` holds a span for a block
+of code; the FUSE read and write paths spell out ``try_acquire`` and
+``release`` instead, to spare the hot path the context manager's calls.
 """
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import trio
 
@@ -90,6 +97,24 @@ class RangeLock:
             raise
         return req
 
+    @asynccontextmanager
+    async def range(self, lo: int, hi: int, *, exclusive: bool) -> AsyncIterator[None]:
+        """Hold ``[lo, hi)`` for the body of an ``async with``; released however the body ends."""
+        req = self.try_acquire(lo, hi, exclusive) or await self.acquire(lo, hi, exclusive)
+        try:
+            yield
+        finally:
+            self.release(req)
+
+    @asynccontextmanager
+    async def spans(self, spans: list[tuple[int, int]], *, exclusive: bool) -> AsyncIterator[None]:
+        """Hold every span at once (see :meth:`acquire_spans`) for the body of an ``async with``."""
+        req = await self.acquire_spans(spans, exclusive)
+        try:
+            yield
+        finally:
+            self.release(req)
+
     def release(self, req: _Request) -> None:
         self._held.remove(req)
         self._wake()
@@ -109,3 +134,17 @@ class RangeLock:
     def held(self) -> int:
         """Number of granted requests (for tests and status)."""
         return len(self._held)
+
+
+@asynccontextmanager
+async def holding(locks: Iterable[tuple[RangeLock, int, int]]) -> AsyncIterator[None]:
+    """Hold ``[lo, hi)`` of each lock exclusively, taken one after another in the order given.
+
+    Everyone who holds several at once takes them in one global order (a
+    VM's disks by name, a disk before its snapshots), so two holders never
+    wait for each other in a circle.
+    """
+    async with AsyncExitStack() as stack:
+        for lock, lo, hi in locks:
+            await stack.enter_async_context(lock.range(lo, hi, exclusive=True))
+        yield

@@ -15,17 +15,25 @@ lock orders its read-modify-writes.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from colofs.core.blocklog import BlockLog
-from colofs.core.errors import BadRange, RoleError
+from colofs.core.blocks import block_span, check_range
+from colofs.core.errors import RoleError
 from colofs.core.fileio import Buffer, datasync_all
 from colofs.core.layers import patch_edges, read_layers, write_overlay
 from colofs.core.rangelock import RangeLock
 from colofs.core.state import CLONE, SnapshotState
 
-if TYPE_CHECKING:
-    from colofs.core.disk import Disk
+
+class SnapshotSource(Protocol):
+    """What a snapshot reads of its disk (``colofs.core.disk.Disk`` is one): base and its lock."""
+
+    label: str
+    size: int
+    shift: int
+    base_fd: int
+    lock: RangeLock
 
 
 def target_path(disk_path: str, name: str) -> str:
@@ -41,7 +49,7 @@ class Snapshot:
 
     def __init__(
         self,
-        disk: Disk,
+        disk: SnapshotSource,
         name: str,
         state: SnapshotState,
         target: BlockLog | None,
@@ -73,29 +81,19 @@ class Snapshot:
         return own + (self.overlay.data_bytes if self.overlay is not None else 0)
 
     def check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0:
-            raise BadRange(f"{self.label}: negative offset or length ({offset}, {length})")
-        if offset + length > self.size:
-            raise BadRange(f"{self.label}: {length} bytes at {offset} end past the size of {self.size}")
+        check_range(self.label, self.size, offset, length)
 
     async def _read_view(self, offset: int, mv: memoryview) -> None:
         d = self.disk
-        req = await d.lock.acquire(offset >> d.shift, ((offset + len(mv) - 1) >> d.shift) + 1, False)
-        try:
+        async with d.lock.range(*block_span(offset, len(mv), d.shift), exclusive=False):
             await read_layers(self._layers, d.base_fd, d.shift, offset, mv, self.label)
-        finally:
-            d.lock.release(req)
 
     async def read(self, offset: int, length: int) -> bytearray:
         self.check_range(offset, length)
         out = bytearray(length)
         if length:
-            shift = self.disk.shift
-            req = await self.lock.acquire(offset >> shift, ((offset + length - 1) >> shift) + 1, False)
-            try:
+            async with self.lock.range(*block_span(offset, length, self.disk.shift), exclusive=False):
                 await self._read_view(offset, memoryview(out))
-            finally:
-                self.lock.release(req)
         return out
 
     async def write(self, offset: int, data: Buffer) -> None:
@@ -106,13 +104,10 @@ class Snapshot:
         if not len(data):
             return
         shift = self.disk.shift
-        end = offset + len(data)
-        req = await self.lock.acquire(offset >> shift, ((end - 1) >> shift) + 1, True)
-        try:
+        span = block_span(offset, len(data), shift)
+        async with self.lock.range(*span, exclusive=True):
             patched = await patch_edges(self._read_view, shift, offset, data)
-            write_overlay(self.overlay, shift, offset, data, patched, range(offset >> shift, ((end - 1) >> shift) + 1))
-        finally:
-            self.lock.release(req)
+            write_overlay(self.overlay, shift, offset, data, patched, range(*span))
 
     async def flush(self) -> None:
         fds = [log.fd for log in (self.target, self.overlay) if log is not None]

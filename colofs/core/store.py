@@ -44,7 +44,8 @@ from colofs.core.state import (
     read_store_marker,
     write_store_marker,
 )
-from colofs.core.vm import STATE_FILE, VM
+from colofs.core.vm import VM
+from colofs.core.vmbase import STATE_FILE
 
 log = logging.getLogger(__name__)
 

@@ -26,12 +26,13 @@ from dataclasses import dataclass
 
 import trio
 
+from colofs.core.blocks import block_size_ok
 from colofs.core.disksize import MAX_DISK_BYTES, DiskTooLarge, check_disk_size
 from colofs.core.names import check_name
 from colofs.core.provision import discard_new_vm
 from colofs.core.state import FAILOVER, NORMAL, PRIMARY, SECONDARY
 from colofs.core.store import Store
-from colofs.core.vm import MAX_BLOCK, MIN_BLOCK, VM
+from colofs.core.vm import VM
 from colofs.repl.errors import AttachRefused, ReplCode, ReplError, ReplProtocolError
 from colofs.repl.persist import load_needs_full_sync, save_needs_full_sync
 from colofs.wire.messages import Attach, Attached
@@ -51,7 +52,7 @@ class AttachResult:
 
 def _check_geometry(vm_name: str, name: str, size: int, block_size: int) -> None:
     check_name("disk", name)
-    if size <= 0 or size % 512 or block_size & (block_size - 1) or not MIN_BLOCK <= block_size <= MAX_BLOCK:
+    if size <= 0 or size % 512 or not block_size_ok(block_size):
         raise AttachRefused(
             f"VM {vm_name}: disk {name} has an unusable geometry ({size} bytes, {block_size}-byte blocks)",
             ReplCode.DISK_MISMATCH,
