@@ -1,6 +1,6 @@
 """A primary's link changes as events: peer connected or lost, refused, resync and verify progress.
 
-Each VM's link announces every change of its state on its change signal; a
+Each VM's link announces every change of its state (``wait_changed``); a
 task per link wakes on it, compares with what it saw last, and emits the
 difference. While a resync runs it also reports progress every
 :data:`PROGRESS_EVERY` seconds. New links (a VM created later) are picked up
@@ -82,7 +82,7 @@ async def _watch_link(link: VMLink, bus: EventBus) -> None:
         if link.state == "stopped":
             return
         with trio.move_on_after(PROGRESS_EVERY if progress["active"] else float("inf")):
-            await link._changed.wait()  # the link's own "something changed"
+            await link.wait_changed()
 
 
 async def watch_verifies(verifies: Verifications, bus: EventBus) -> None:
