@@ -35,21 +35,12 @@ from colofs.repl import (
     save_mode,
 )
 from colofs.repl.config import check_mode
-from colofs.repl.sender import CheckpointResult
+from colofs.repl.linkstate import SHOWN, CheckpointResult, LinkState
 from colofs.repl.verifier import Verifications, VerifyRun
 from colofs.repl.verify import VerifyError, VerifyOptions
 
-# The engine's link states, as status shows them per VM.
-LINK_STATES = {
-    "streaming": "connected",
-    "resyncing": "resyncing",
-    "refused": "refused",
-    "stopped": "stopped",
-    "idle": "connecting",
-    "connecting": "connecting",
-    "attaching": "connecting",
-    "disconnected": "connecting",
-}
+LINK_STATES = SHOWN
+"""The engine's link states, as status shows them per VM."""
 RUNNING = "running"
 DRAIN_SECONDS = 3.0  # at shutdown, how long the queued writes get to reach the secondary
 
@@ -106,8 +97,9 @@ class Replication:
             return
         links = list(self.primary.links.values())
         with trio.move_on_after(timeout):
-            while any(link.state == "streaming" and link.acked < link.vm.state.last_applied for link in links):
-                await trio.sleep(0.02)
+            while behind := [link for link in links
+                             if link.state == LinkState.STREAMING and link.acked < link.vm.state.last_applied]:
+                await behind[0].wait_changed()  # an ACK or a state change; then look at all again
 
     def vm_created(self, name: str) -> None:
         """A VM or disk was created through the mount: replicate it from its first write."""
@@ -200,7 +192,7 @@ class Replication:
                 return {"state": "not replicated", "mode": mode,
                         "reason": f"the VM is a {vm.state.role} here; only primary VMs are sent to the peer"}
             st = link.status()
-            reason = st.get("last_error") if link.state != "streaming" else None
+            reason = st.get("last_error") if link.state != LinkState.STREAMING else None
             return {**st, "state": LINK_STATES.get(link.state, link.state), "link_state": link.state,
                     "reason": reason}
         if self.server is not None:
