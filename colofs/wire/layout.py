@@ -26,8 +26,6 @@ from colofs.wire.checks import Reader, check_uint
 from colofs.wire.codes import MessageType
 from colofs.wire.fields import Kind, UInt
 
-# --------------------------------------------------------------------------- layouts
-
 
 def _tuple_getter(names: tuple[str, ...]) -> Callable[[object], tuple]:
     """A function returning the named attributes of an object as a tuple."""
@@ -234,13 +232,14 @@ class Record:
     def _check(self) -> None:
         """Rules that span several fields; raise ValueError (or TypeError)."""
 
+    # record() replaces both with functions specialised to the layout.
     def encode(self) -> bytes:
         """Return the wire encoding (for a message: the frame payload, before compression)."""
-        return self.LAYOUT.encoder()(self)
+        raise NotImplementedError(f"{type(self).__name__} is not built by record()")
 
     @classmethod
     def _decode(cls, r: Reader) -> Self:
-        return cls(*cls.LAYOUT.read(r))
+        raise NotImplementedError(f"{cls.__name__} is not built by record()")
 
 
 class Message(Record):
