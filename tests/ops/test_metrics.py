@@ -194,3 +194,22 @@ def test_a_pair_reports_replication_figures_and_refused_connections(pair):
     assert s.value("colofs_checkpoints_total", vm="vm1") == 1  # the primary's, taken through this mount
     assert s.value("colofs_acked_seq", vm="vm1") >= last
     assert s.value("colofs_replication_state", vm="vm1", state="connected") == 1
+
+
+def test_figures_of_two_processes_merge_without_counting_a_vm_twice():
+    from colofs.fs.iostats import Histogram
+    from colofs.fs.metrics import Figures, Hist, merge, render
+
+    def worker(vm: str, writes: int, refused: int) -> Figures:
+        h = Histogram()
+        for _ in range(writes):
+            h.observe(0.001)
+        return Figures({"colofs_writes": (((vm, "d0"), writes),),
+                        "colofs_request_seconds": (((vm, "d0", "write"), Hist.of(h)),),
+                        "colofs_refused_connections": ((("handshake_failed",), refused),)})
+
+    s = Scrape(render(merge([worker("vm1", 3, 1), worker("vm2", 5, 2)])).decode())
+    check_all_listed(s)
+    assert s.value("colofs_writes_total", vm="vm1") == 3 and s.value("colofs_writes_total", vm="vm2") == 5
+    assert s.value("colofs_request_seconds_count", vm="vm2", kind="write") == 5
+    assert s.value("colofs_refused_connections_total", reason="handshake_failed") == 3
