@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 
 from colofs.core.blocklog import BlockLog
+from colofs.core.blocks import block_span
 from colofs.core.errors import DiskIOError
 from colofs.core.fileio import Buffer, read_into
 
@@ -64,9 +65,9 @@ async def read_layers(
         return
     bs = 1 << shift
     end = offset + len(mv)
-    first = offset >> shift
-    last = (end - 1) >> shift
-    span = range(first, last + 1)
+    first, stop = block_span(offset, len(mv), shift)
+    last = stop - 1
+    span = range(first, stop)
     maps = [layer for layer in layers if layer.map and not layer.map.keys().isdisjoint(span)]
     if not maps:  # nothing of this range is in any layer (checked in C, not per block)
         await _read_file(base_fd, mv, offset, label, " base")
@@ -124,7 +125,8 @@ async def patch_edges(read_view: ReadView, shift: int, offset: int, data: Buffer
     end = offset + len(data)
     mv = memoryview(data)
     patched: dict[int, bytearray] = {}
-    for b in {offset >> shift, (end - 1) >> shift}:
+    first, stop = block_span(offset, len(data), shift)
+    for b in {first, stop - 1}:
         bstart = b << shift
         if bstart >= offset and bstart + bs <= end:
             continue

@@ -61,6 +61,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from colofs.core.blocks import MAX_BLOCK, MIN_BLOCK, block_size_ok
 from colofs.core.disk import Disk
 from colofs.core.disksize import DiskTooLarge
 from colofs.core.errors import AlreadyExists, BadArgument, ColofsError
@@ -378,8 +379,8 @@ class Control:
         if not text.isdigit():
             raise Refused(errno.EINVAL, f"block_size: {text!r} is not a number")
         bs = int(text)
-        if bs & (bs - 1) or not 512 <= bs <= 1 << 20:
-            raise Refused(errno.EINVAL, f"block_size: {bs} is not a power of two from 512 to 1048576")
+        if not block_size_ok(bs):
+            raise Refused(errno.EINVAL, f"block_size: {bs} is not a power of two from {MIN_BLOCK} to {MAX_BLOCK}")
         node.block_size = bs
         return {"block_size": bs}
 

@@ -26,6 +26,7 @@ from typing import Protocol
 import trio
 
 from colofs.core.blocklog import BlockLog
+from colofs.core.blocks import block_span
 from colofs.core.disk import Disk
 from colofs.core.errors import ColofsError, NotFound
 from colofs.core.snapshot import Snapshot
@@ -167,7 +168,7 @@ def allocation(layers: Sequence[BlockLog], base_fd: int, shift: int, offset: int
                max_extents: int) -> list[tuple[int, int]]:
     """Extents of ``[offset, end)``: layer blocks and base data are data; base holes are holes reading zero."""
     bs = 1 << shift
-    blocks = _layer_blocks(layers, offset >> shift, ((end - 1) >> shift) + 1) if end > offset else []
+    blocks = _layer_blocks(layers, *block_span(offset, end - offset, shift)) if end > offset else []
     out: list[tuple[int, int]] = []
     pos = offset
     while pos < end and len(out) < max_extents:

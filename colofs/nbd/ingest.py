@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import trio
 
+from colofs.core.blocks import block_span
 from colofs.core.disk import Disk
 from colofs.core.errors import RoleError
 from colofs.core.fileio import datasync_all
@@ -52,11 +53,8 @@ class IngestImage:
         d.check_range(offset, length)
         out = bytearray(length)
         if length:
-            req = await d.lock.acquire(offset >> d.shift, ((offset + length - 1) >> d.shift) + 1, False)
-            try:
+            async with d.lock.range(*block_span(offset, length, d.shift), exclusive=False):
                 await read_layers((), d.base_fd, d.shift, offset, memoryview(out), self.label)
-            finally:
-                d.lock.release(req)
         return out
 
     async def write(self, offset: int, data: bytes) -> None:

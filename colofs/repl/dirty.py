@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from colofs.core.blocks import block_count, block_span
 from colofs.repl.blockset import BlockSet
 
 MAX_SEGMENTS = 32
@@ -55,7 +56,7 @@ class DirtyMap:
     def add_disk(self, name: str, size: int, block_size: int) -> None:
         if name not in self.geometry:
             shift = block_size.bit_length() - 1
-            self.geometry[name] = _DiskGeometry((size + block_size - 1) >> shift, shift)
+            self.geometry[name] = _DiskGeometry(block_count(size, shift), shift)
 
     def _bits(self, seg: _Segment, name: str) -> BlockSet:
         bits = seg.bits.get(name)
@@ -68,7 +69,7 @@ class DirtyMap:
     def mark(self, name: str, offset: int, length: int) -> None:
         """Record a write of ``length`` bytes at ``offset`` (hot path: a few operations)."""
         geo = self.geometry[name]
-        self._bits(self._segments[-1], name).add(offset >> geo.shift, ((offset + length - 1) >> geo.shift) + 1)
+        self._bits(self._segments[-1], name).add(*block_span(offset, length, geo.shift))
         self.changed = True
 
     def mark_blocks(self, name: str, first: int, stop: int) -> None:

@@ -187,7 +187,7 @@ class VMLink(Tracking, Batching, ResyncDriver):
         vm = self.vm
         with trio.CancelScope(shield=True):
             if seq > vm.state.last_checkpoint:
-                await vm.checkpoint(seq)
+                await vm.record_confirmed_checkpoint(seq)
         self.retained.drop_through(min(seq, self.acked))
         self.dirty.drop_through(seq)
         self._overflow_noted = False

@@ -247,25 +247,19 @@ async def digests_now(vm: VM, disk: Disk, first: int, n: int,
     (the primary cuts its dirty map there).
     """
     stop = min(first + n, disk.nblocks)
-    lock = disk.lock
-    req = lock.try_acquire(first, stop, False) or await lock.acquire(first, stop, False)
-    try:
+    async with disk.lock.range(first, stop, exclusive=False):
         digests, _ = await trio.to_thread.run_sync(
             read_and_digest, disk.base_fd, disk.size, disk.block_size, first, n)
         seq = vm.state.last_applied
         if mark is not None:
             mark(seq)
-    finally:
-        lock.release(req)
     return seq, digests
 
 
 async def checkpoint_digests(vm: VM, disk: Disk, first: int, n: int) -> tuple[int, list[int]]:
     """The secondary's ``(checkpoint, digests)`` of its image at its last checkpoint (hidden over base)."""
     stop = min(first + n, disk.nblocks)
-    lock = disk.lock
-    req = lock.try_acquire(first, stop, False) or await lock.acquire(first, stop, False)
-    try:
+    async with disk.lock.range(first, stop, exclusive=False):
         seq = vm.state.last_checkpoint  # a checkpoint takes every block's lock: it cannot move now
         bs = disk.block_size
         buf = await trio.to_thread.run_sync(read_blocks, disk.base_fd, disk.size, bs, first, n)
@@ -278,8 +272,6 @@ async def checkpoint_digests(vm: VM, disk: Disk, first: int, n: int) -> tuple[in
                 end = min(disk.size, hi * bs)
                 await read_layers([disk.hidden], disk.base_fd, disk.shift, start,
                                   mv[start - first * bs : end - first * bs], disk.label)
-    finally:
-        lock.release(req)
     digests = await trio.to_thread.run_sync(block_digests, buf, bs)
     return seq, digests
 
