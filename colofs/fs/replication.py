@@ -35,7 +35,7 @@ from colofs.repl import (
     save_mode,
 )
 from colofs.repl.config import check_mode
-from colofs.repl.linkstate import SHOWN, CheckpointResult, LinkState
+from colofs.repl.linkstate import SHOWN, LinkState
 from colofs.repl.verifier import Verifications, VerifyRun
 from colofs.repl.verify import VerifyError, VerifyOptions
 
@@ -111,11 +111,6 @@ class Replication:
     def replicates(self, vm: VM) -> bool:
         """Whether ``vm`` is a primary VM streaming to a secondary from here."""
         return self.primary is not None and vm.name in self.primary.links
-
-    async def checkpoint(self, vm: VM, timeout: float | None) -> CheckpointResult:
-        """A checkpoint confirmed by the secondary; raises :class:`~colofs.repl.CheckpointError`."""
-        assert self.primary is not None
-        return await self.primary.checkpoint(vm.name, timeout)
 
     def session_peer(self, vm: VM) -> str | None:
         """The primary streaming ``vm`` into this secondary now, if one is."""

@@ -73,7 +73,8 @@ class VMControl:
         await self.cache.write_back(nodes)
         t1 = time.monotonic()
         try:
-            res = await self.repl.checkpoint(vm, timeout)
+            assert self.repl.primary is not None  # it replicates the VM
+            res = await self.repl.primary.checkpoint(vm.name, timeout)
         except CheckpointError as e:
             raise Refused(errno.ETIMEDOUT if isinstance(e, CheckpointTimeout) else errno.EIO, str(e)) from None
         t2 = time.monotonic()
