@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = ".colofs-events.sock"
 QUEUE_EVENTS = 128
 """Lines queued per listener before it counts as too slow."""
-NOTE_GRACE = 5.0
+NOTE_GRACE = 30.0
 """Seconds a dropped listener gets to take its last line before its socket is closed."""
 SEND_BUFFER = 16384
 """The kernel's send buffer per listener: small, so a reader that stalls is noticed soon."""
@@ -139,7 +139,7 @@ class EventBus:
                 nursery.start_soon(self._hangup, stream, nursery.cancel_scope)
                 now = round(time.time(), 6)
                 hello = [{"time": now, **e} for e in self.greeting()] + [{"time": now, "event": "listening"}]
-                with trio.move_on_after(NOTE_GRACE * 4) as greeted:
+                with trio.move_on_after(NOTE_GRACE) as greeted:
                     await stream.send_all("".join(json.dumps(e, default=str) + "\n" for e in hello).encode())
                 if not greeted.cancelled_caught:
                     await self._write(stream, lst)
