@@ -7,10 +7,12 @@ door: the state, locks, numbering and shutdown in ``colofs.core.vmbase``,
 opening and crash recovery in ``colofs.core.recovery``, snapshots and
 clones in ``colofs.core.vmsnapshots``; :class:`VM` joins them.
 
-Durability order of one applied batch (group commit):
-  1. copy-before-write of every first-touched block into hidden, all disks;
-  2. one concurrent ``fdatasync`` of the hidden logs that grew;
-  3. base overwritten in place; the batch counts as applied.
+Durability order of one applied batch (group commit), each disk through
+its own ``CopyBeforeWrite.write`` (:meth:`Disk.apply`), the disks at once:
+  1. copy-before-write of every first-touched block into hidden;
+  2. ``fdatasync`` of the hidden log if it grew, and its commit record;
+  3. base overwritten in place; once every disk is done the batch counts
+     as applied.
 A crash therefore never leaves a changed base block without its old content
 durable in hidden, and recovery can always roll back to the last checkpoint.
 Base itself is synced at each checkpoint, before the state file names it:
