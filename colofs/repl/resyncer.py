@@ -31,7 +31,7 @@ from colofs.repl.retained import RetainedLog
 from colofs.repl.util import Signal, first_error
 from colofs.wire.messages import ResyncBlock, ResyncData, ResyncDone, ResyncQuery
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("colofs.repl.sender")  # one logger name per side of the link, for log filters
 
 
 class ResyncDriver:

@@ -32,7 +32,7 @@ from colofs.repl.resync import data_ranges
 from colofs.repl.retained import RetainedBudget, RetainedLog
 from colofs.repl.util import Signal
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("colofs.repl.sender")  # one logger name per side of the link, for log filters
 
 
 class Tracking:
