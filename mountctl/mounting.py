@@ -172,7 +172,7 @@ def unmount(mountpoint: str, *, lazy: bool, timeout: float) -> str:
     )
 
 
-def _running(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether ``pid`` is a live process (a zombie counts as gone)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -183,5 +183,5 @@ def _running(pid: int) -> bool:
 
 def _wait_exit(pid: int, deadline: float) -> None:
     """The daemon lets go of the store's lock just before it exits: wait for the exit itself."""
-    while _running(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -33,11 +33,13 @@ from typing import Any, TypeVar
 
 from colofs.fs.config import LOCK_NAME
 from mountctl.client import PREFIX, CtlError, command
+from mountctl.mounting import alive
 
 MOUNTCTL = [sys.executable, "-m", "mountctl.cli"]
 LOOPBACK = "127.0.0.1"
 STATUS = PREFIX + "status"
 T = TypeVar("T")
+__all__ = ["Node", "Pair", "PairError", "alive", "detach", "free_port", "poll", "write_key"]
 
 
 class PairError(Exception):
@@ -57,15 +59,6 @@ def write_key(path: str | os.PathLike[str], data: bytes | None = None) -> Path:
     with os.fdopen(fd, "wb") as f:
         f.write(data if data is not None else os.urandom(32))
     return Path(path)
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def detach(path: str | os.PathLike[str]) -> None:
@@ -122,12 +115,15 @@ class Node:
                             f"{(res.stderr or res.stdout).strip()}")
         return res
 
-    def mount(self, *options: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """``mountctl mount`` with this node's role and store; remembers the daemon's PID."""
-        self.mnt.mkdir(parents=True, exist_ok=True)
+    def mount(self, *options: str, role: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """``mountctl mount`` with this node's role (or ``role``, this once) and store; remembers the daemon's PID."""
+        try:
+            self.mnt.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            pass  # a stale mount of a killed daemon (ENOTCONN): mountctl detaches it
         other = self.lock_pid()  # a daemon already serving this store is not ours, whatever happens next
         try:
-            res = self.mountctl("mount", "--role", self.role, "--store", str(self.store), *options,
+            res = self.mountctl("mount", "--role", role or self.role, "--store", str(self.store), *options,
                                 "--timeout", str(timeout), str(self.mnt), timeout=timeout + 30)
             self.mounted = True
             return res
@@ -153,7 +149,6 @@ class Node:
         """``mountctl umount``: the daemon closes the store cleanly and exits."""
         res = self.mountctl("umount", "--timeout", str(timeout), str(self.mnt), timeout=timeout + 30)
         self.mounted = False
-        self.pids = [p for p in self.pids if alive(p)]
         return res
 
     def kill(self, timeout: float = 30) -> None:
@@ -171,7 +166,7 @@ class Node:
         if any(alive(p) for p in self.pids):
             try:
                 self.umount(timeout=60)
-            except PairError as e:
+            except Exception as e:  # whatever a subclass's mountctl raises, still clean up
                 print(f"unmounting {self.mnt} failed ({e}); killing pid(s) {self.pids}", file=sys.stderr)
                 try:
                     self.kill(timeout=10)

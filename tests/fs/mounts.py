@@ -1,8 +1,8 @@
 """Real mounts for tests: started with ``mountctl``, always cleaned up.
 
-A :class:`Mount` remembers the daemon PIDs it started (read from the store's
-lock file) and, at cleanup, unmounts; if that fails it kills only those PIDs
-and detaches the mount with ``fusermount3 -u -z``. Every subprocess has a
+A :class:`Mount` is :mod:`mountctl.pair`'s ``Node``: it remembers the daemon
+PIDs it started (read from the store's lock file) and, at cleanup, unmounts;
+if that fails it kills only those PIDs and detaches the mount. Every subprocess has a
 timeout, so a hung mount fails a test instead of hanging the suite.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from colofs.fs.config import LOCK_NAME
+from mountctl.pair import Node, alive
 from tests.waiting import DEADLINE, wait_until_sync
 
 MOUNTCTL = [sys.executable, "-m", "mountctl.cli"]
@@ -52,45 +52,29 @@ def run(*cmd: str, check: bool = True, timeout: float = TIMEOUT) -> subprocess.C
     return res
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
+class Mount(Node):
+    """A store and a mountpoint under a test's temporary directory: the harness's :class:`Node`, failing like a test.
 
-
-class Mount:
-    """A store and a mountpoint under a test's temporary directory."""
+    A failing ``mountctl`` raises AssertionError with everything it printed;
+    ``pid`` stays the newest daemon's even after it exited, so that a test can
+    look for it afterwards; unmounting and killing wait for that exit.
+    """
 
     def __init__(self, base: Path, role: str = "secondary", name: str = "m") -> None:
-        self.store = base / f"{name}-store"
-        self.mnt = base / f"{name}-mnt"
+        super().__init__(base, name, role)
         self.mnt.mkdir(parents=True, exist_ok=True)
-        self.role = role
-        self.pids: list[int] = []
-        self.mounted = False
 
     # -- life cycle ---------------------------------------------------------
 
-    def mount(self, *extra: str, role: str | None = None) -> subprocess.CompletedProcess[str]:
-        res = mountctl("mount", "--role", role or self.role, "--store", self.store, *extra, self.mnt)
-        self.mounted = True
-        info = json.loads((self.store / LOCK_NAME).read_text())
-        self.pids.append(int(info["pid"]))
-        return res
+    def mountctl(self, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+        return mountctl(*args, timeout=timeout)
 
     @property
-    def pid(self) -> int:
+    def pid(self) -> int:  # type: ignore[override]
         return self.pids[-1]
 
-    def umount(self) -> subprocess.CompletedProcess[str]:
-        res = mountctl("umount", self.mnt)
-        self.mounted = False
+    def umount(self, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
+        res = super().umount(timeout)
         self._wait_gone(self.pid)
         return res
 
@@ -106,28 +90,10 @@ class Mount:
     @staticmethod
     def _wait_gone(pid: int, timeout: float = DEADLINE) -> None:
         """Wait until the daemon ``pid`` has exited (a zombie counts as gone)."""
-        wait_until_sync(lambda: not _alive(pid), timeout, f"daemon {pid} to exit")
-
-    def cleanup(self) -> None:
-        if self.mounted and os.path.ismount(self.mnt):
-            try:
-                mountctl("umount", self.mnt, check=False, timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in self.pids:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-                self._wait_gone(pid)
-        subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True, timeout=30, check=False)
-        self.mounted = False
+        wait_until_sync(lambda: not alive(pid), timeout, f"daemon {pid} to exit")
 
     # -- helpers --------------------------------------------------------------------
 
-    def path(self, *parts: str) -> Path:
-        return self.mnt.joinpath(*parts)
-
-    def status(self, *what: str) -> dict:
+    def status(self, *what: str) -> dict:  # type: ignore[override]
+        """What ``mountctl status MNT WHAT... --json`` prints: the command itself, as a test of it."""
         return json.loads(mountctl("status", self.mnt, *what, "--json").stdout)
-
-    def log(self) -> str:
-        return (self.store / ".colofs-mount.log").read_text(errors="replace")
