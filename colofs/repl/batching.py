@@ -14,8 +14,9 @@ from __future__ import annotations
 import trio
 
 from colofs.core.vm import VM
+from colofs.repl.checkpoints import Marker
 from colofs.repl.config import ASYNC, ReplConfig
-from colofs.repl.linkstate import Conn, Marker
+from colofs.repl.linkstate import Conn
 from colofs.repl.retained import RetainedLog
 from colofs.repl.util import Signal
 from colofs.wire.messages import Batch, Checkpoint, DiskAdd, DiskInfo, Write

@@ -1,4 +1,4 @@
-"""Where a primary VM's link stands: its states, one connection's state, checkpoint markers.
+"""Where a primary VM's link stands: its states and one connection's state.
 
 The link goes, per connection attempt::
 
@@ -13,7 +13,6 @@ map. Status shows each state as one of the words in :data:`SHOWN`.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from enum import StrEnum
 
 import trio
@@ -49,27 +48,6 @@ SHOWN: dict[LinkState, str] = {
 """What status calls each state: an operator cares whether writes flow, not how far an attempt got."""
 
 CONNECTED = frozenset({LinkState.RESYNCING, LinkState.STREAMING})
-
-
-@dataclass(frozen=True)
-class CheckpointResult:
-    """A confirmed checkpoint: after write ``seq``, ``latency_s`` from the call to its return."""
-
-    seq: int
-    latency_s: float
-
-
-class Marker:
-    """A checkpoint waiting for the secondary: it goes out right after write ``seq``."""
-
-    __slots__ = ("done", "error", "id", "sent", "seq")
-
-    def __init__(self, seq: int, ident: int) -> None:
-        self.seq = seq
-        self.id = ident
-        self.sent = False
-        self.done = trio.Event()
-        self.error: str | None = None
 
 
 class Conn:

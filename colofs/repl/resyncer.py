@@ -22,10 +22,11 @@ import trio
 
 from colofs.core.vm import VM
 from colofs.repl.blockset import BlockSet
+from colofs.repl.checkpoints import Marker
 from colofs.repl.config import ReplConfig
 from colofs.repl.dirty import DirtyMap
 from colofs.repl.errors import ReplProtocolError
-from colofs.repl.linkstate import Conn, LinkState, Marker
+from colofs.repl.linkstate import Conn, LinkState
 from colofs.repl.resync import ResyncProgress, chunk_runs, read_and_digest
 from colofs.repl.retained import RetainedLog
 from colofs.repl.util import Signal, first_error

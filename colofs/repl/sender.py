@@ -1,10 +1,13 @@
 """The primary side of one VM: the link to the secondary, and where its parts meet.
 
 :class:`VMLink` is the VM's :class:`~colofs.core.forward.WriteSink`. It is
-put together from parts that each hold one concern: :mod:`~colofs.repl.tracking`
-(dirty map, retained log, the sink calls), :mod:`~colofs.repl.batching`
-(batches and window), :mod:`~colofs.repl.resyncer` (the primary's side of a
-resync); :mod:`~colofs.repl.linkstate` names the states it moves through.
+put together from parts that each hold one concern:
+
+* :mod:`~colofs.repl.tracking`: dirty map, retained log, the sink calls;
+* :mod:`~colofs.repl.batching`: batches, window, markers in the stream;
+* :mod:`~colofs.repl.resyncer`: the primary's side of a resync;
+* :mod:`~colofs.repl.checkpoints`: checkpoint markers and their confirmation;
+* :mod:`~colofs.repl.linkstate`: the states the link moves through.
 
 One task per VM keeps a connection to the secondary, reconnecting with a
 bounded, jittered backoff. On each connection:
@@ -31,10 +34,9 @@ import trio
 from colofs.core.errors import ColofsError
 from colofs.core.vm import VM
 from colofs.repl.batching import Batching
+from colofs.repl.checkpoints import CheckpointResult, Checkpoints, Marker
 from colofs.repl.config import ASYNC, SYNC, ReplConfig, load_mode
 from colofs.repl.errors import (
-    CheckpointError,
-    CheckpointTimeout,
     PeerRefused,
     PeerTimeout,
     ReplError,
@@ -42,7 +44,7 @@ from colofs.repl.errors import (
 )
 from colofs.repl.framing import FrameSender
 from colofs.repl.handshake import handshake, wrap_transport
-from colofs.repl.linkstate import CONNECTED, CheckpointResult, Conn, LinkState, Marker
+from colofs.repl.linkstate import CONNECTED, Conn, LinkState
 from colofs.repl.resync import ResyncProgress
 from colofs.repl.resyncer import ResyncDriver
 from colofs.repl.retained import RetainedBudget
@@ -70,14 +72,14 @@ from colofs.wire.stream import FrameStream
 log = logging.getLogger(__name__)
 
 
-class VMLink(Tracking, Batching, ResyncDriver):
+class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
     """Replication of one primary VM to its secondary (a WriteSink plus a reconnect loop).
 
     The link's parts live in their own modules: :class:`Tracking` (the dirty
     map, the retained log, the sink), :class:`Batching` (batches, window,
-    markers) and :class:`ResyncDriver` (the primary's side of a resync). This
-    class holds the connection loop, attach, the reader, checkpoints and
-    status; its :class:`LinkState` says where the connection is.
+    markers), :class:`ResyncDriver` (the primary's side of a resync) and
+    :class:`Checkpoints` (markers and their confirmation). This class holds
+    the connection loop, attach, the reader and status; its :class:`LinkState` says where the connection is.
     """
 
     def __init__(
@@ -133,65 +135,6 @@ class VMLink(Tracking, Batching, ResyncDriver):
     @property
     def connected(self) -> bool:
         return self.state in CONNECTED
-
-    # -- checkpoint -------------------------------------------------------------------------
-
-    async def checkpoint(self, timeout: float | None = None) -> CheckpointResult:
-        """Put a marker after the last write, wait for the secondary's CHECKPOINT_DONE, record it."""
-        timeout = self.cfg.checkpoint_timeout if timeout is None else timeout
-        if self.state == LinkState.STOPPED:
-            raise CheckpointError(f"VM {self.vm.name}: replication is stopped")
-        t0 = trio.current_time()
-        marker: Marker | None = None
-        try:
-            with trio.fail_after(timeout):
-                while True:
-                    self._discover()
-                    if self.state == LinkState.STREAMING and self.retaining and not self.resync_needed:
-                        break
-                    await self._changed.wait()
-                # No await from reading the seq to queueing the marker: it sits right after write seq.
-                seq = self.vm.state.last_applied
-                marker = Marker(seq, next(self._ids))
-                self.dirty.cut(seq)
-                self.markers.append(marker)
-                self._wake()
-                await marker.done.wait()
-        except trio.TooSlowError:
-            self.stats["checkpoint_failures"] += 1
-            if marker is not None and not marker.sent and marker in self.markers:
-                self.markers.remove(marker)
-            where = "was not acknowledged" if marker is not None else "could not start"
-            raise CheckpointTimeout(
-                f"VM {self.vm.name}: checkpoint {where} within {timeout:g} s "
-                f"(secondary {self.state}; last error: {self.last_error or 'none'})"
-            ) from None
-        if marker.error is not None:
-            self.stats["checkpoint_failures"] += 1
-            raise CheckpointError(f"VM {self.vm.name}: checkpoint at seq {marker.seq} failed: {marker.error}")
-        return CheckpointResult(marker.seq, trio.current_time() - t0)
-
-    def _fail_marker(self, m: Marker, why: str) -> None:
-        m.error = why
-        m.done.set()
-        if m in self.markers:
-            self.markers.remove(m)
-
-    def _complete_marker(self, m: Marker) -> None:
-        m.done.set()
-        if m in self.markers:
-            self.markers.remove(m)
-
-    async def _confirm(self, seq: int) -> None:
-        """The secondary holds checkpoint ``seq`` durably: record it, free what it makes unneeded."""
-        vm = self.vm
-        with trio.CancelScope(shield=True):
-            if seq > vm.state.last_checkpoint:
-                await vm.record_confirmed_checkpoint(seq)
-        self.retained.drop_through(min(seq, self.acked))
-        self.dirty.drop_through(seq)
-        self._overflow_noted = False
-        self.stats["checkpoints"] += 1
 
     # -- the connection loop ---------------------------------------------------------------
 
@@ -386,14 +329,6 @@ class VMLink(Tracking, Batching, ResyncDriver):
             self.unacked_bytes -= sum(len(get(s).data) for s in range(lo, hi + 1))
         self.acked = seq
         self._changed.fire()
-
-    async def _on_checkpoint_done(self, msg: CheckpointDone) -> None:
-        m = next((m for m in self.markers if m.id == msg.id and m.sent), None)
-        if m is None or m.seq != msg.seq:
-            raise ReplProtocolError(f"CHECKPOINT_DONE for checkpoint {msg.id} at seq {msg.seq}, which was not sent")
-        await self._confirm(m.seq)
-        self._complete_marker(m)
-        self._changed.fire()  # a verify waits for the next confirmed checkpoint
 
     async def _keepalive(self, conn: Conn) -> None:
         token = 0
