@@ -1,4 +1,4 @@
-"""The primary side: local writes reach base and the forwarding queue, in sequence order, with backpressure."""
+"""The primary side: local writes reach base and the write sink, in sequence order, with backpressure."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 import trio
 
-from colofs.core.forward import ForwardQueue
+from tests.sink import RecordingSink
 from tests.waiting import DEADLINE, wait_until, wait_until_sync
 
 SIZE = 1 << 20
@@ -16,7 +16,7 @@ async def test_writes_are_forwarded_in_seq_order(open_store) -> None:
     store = await open_store("primary")
     disk = await store.create_disk("vm", "d", SIZE)
     vm = store.vm("vm")
-    q = ForwardQueue()
+    q = RecordingSink()
     vm.forward = q
     await disk.write(10, b"abc")
     await disk.write(4090, b"x" * 20)
@@ -35,7 +35,7 @@ async def test_full_queue_holds_writers_back_until_drained(open_store) -> None:
     store = await open_store("primary")
     disk = await store.create_disk("vm", "d", SIZE)
     vm = store.vm("vm")
-    q = ForwardQueue(max_bytes=8192, max_writes=100)
+    q = RecordingSink(max_bytes=8192)
     vm.forward = q
     done: list[int] = []
 
@@ -46,11 +46,11 @@ async def test_full_queue_holds_writers_back_until_drained(open_store) -> None:
     async with trio.open_nursery() as n:
         for i in range(6):
             n.start_soon(writer, i)
-        # The four writers that do not fit are parked on the queue's room condition: a positive
+        # The four writers that do not fit are parked in the sink's wait_room: a positive
         # sign that they are held back, rather than a guess at how long writing takes.
         await wait_until(
-            lambda: q._space.statistics().tasks_waiting == 4,
-            what="four writers waiting for room in the forward queue",
+            lambda: q.waiting == 4,
+            what="four writers waiting for room in the sink",
         )
         assert len(done) == 2 and q.bytes_queued == 8192  # the rest wait for room
         got = []
@@ -67,7 +67,7 @@ async def test_same_block_writes_forward_in_base_order(open_store) -> None:
     store = await open_store("primary")
     disk = await store.create_disk("vm", "d", SIZE)
     vm = store.vm("vm")
-    q = ForwardQueue()
+    q = RecordingSink()
     vm.forward = q
 
     async with trio.open_nursery() as n:
@@ -84,7 +84,7 @@ async def test_no_seq_is_lost_while_the_state_file_is_written(open_store) -> Non
     store = await open_store("primary")
     disk = await store.create_disk("vm", "d", SIZE)
     vm = store.vm("vm")
-    q = ForwardQueue()
+    q = RecordingSink()
     vm.forward = q
     done = trio.Event()
 
@@ -122,7 +122,7 @@ async def test_primary_never_reuses_seqs_after_a_crash(open_store) -> None:
     try:
         vm2 = store2.vm("vm")
         assert vm2.state.last_applied == reserved
-        q = ForwardQueue()
+        q = RecordingSink()
         vm2.forward = q
         await vm2.disk("d").write(0, b"y")
         assert [w.seq for w in await q.get_batch(1 << 20)] == [reserved + 1]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import struct
 
-from colofs.core.forward import ForwardQueue
 from colofs.nbd import protocol as p
 from tests.nbd.conftest import SIZE
+from tests.sink import RecordingSink
 
 
 async def test_writes_reach_the_svm_view_and_read_back(serve) -> None:
@@ -45,7 +45,7 @@ async def test_pipelined_requests_all_answered_in_one_burst(serve) -> None:
 async def test_primary_writes_are_forwarded_like_fuse_writes(serve) -> None:
     s = await serve("primary")
     vm = s.store.vm("vm")
-    q = ForwardQueue()
+    q = RecordingSink()
     vm.forward = q
     c = await s.connect()
     assert (await c.write(4096, b"P" * 8192, flags=p.CMD_FLAG_FUA)).error == 0
