@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from colofs.core import PrimaryWrite, Store
-from colofs.core.fileio import POOL, read_into
+from colofs.core.ioctx import IOContext
 
 MiB = 1 << 20
 DISK = 1 << 30
@@ -170,6 +170,7 @@ async def main(workdir: str, quick: bool) -> None:
     row(f"failover commit, {256 // scale} MiB buffered", f"{el * 1000:9.1f} ms", f"{ref * 1000:9.1f} ms cp", ref / el)
 
     # The read policy: a 4 KiB page-cache hit on the loop versus in a worker thread.
+    io = IOContext()  # what a store hands its disks: the read policy and the worker pool
     fd = os.open(raw, os.O_RDONLY)
     buf = bytearray(4096)
     mv = memoryview(buf)
@@ -177,7 +178,7 @@ async def main(workdir: str, quick: bool) -> None:
     n = 2000
     t = time.perf_counter()
     for _ in range(n):
-        await read_into(fd, mv, 0)
+        await io.read_into(fd, mv, 0)
     loop_us = (time.perf_counter() - t) / n * 1e6
     t = time.perf_counter()
     for _ in range(n):
@@ -188,7 +189,7 @@ async def main(workdir: str, quick: bool) -> None:
     # The worker pool that replaced trio.to_thread for file I/O, one call at a time and 16 at once.
     t = time.perf_counter()
     for _ in range(n):
-        await POOL.run(os.preadv, fd, [mv], 0)
+        await io.pool.run(os.preadv, fd, [mv], 0)
     pool_us = (time.perf_counter() - t) / n * 1e6
     row("4 KiB cached read: pool vs to_thread", f"{pool_us:9.1f} us", f"{thread_us:9.1f} us thr", thread_us / pool_us)
 
@@ -205,9 +206,10 @@ async def main(workdir: str, quick: bool) -> None:
                 nursery.start_soon(one, b)
         return (time.perf_counter() - t0) / n * 1e6
 
-    pool16 = await many(POOL.run)
+    pool16 = await many(io.pool.run)
     thread16 = await many(trio.to_thread.run_sync)
     os.close(fd)
+    io.close()
     row("4 KiB cached read, 16 at once: pool vs to_thread", f"{pool16:9.1f} us", f"{thread16:9.1f} us thr",
         thread16 / pool16)
 

@@ -16,7 +16,6 @@ no read of base can interleave with the save and the overwrite.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Sequence
 
 import trio
@@ -24,47 +23,11 @@ import trio
 from colofs.core.blocklog import BlockLog, make_durable
 from colofs.core.blocks import block_span
 from colofs.core.errors import BlockDamaged, DiskIOError
-from colofs.core.fileio import Buffer, read_into, start_writeback, write_all
+from colofs.core.fileio import Buffer, write_all
+from colofs.core.ioctx import IOContext
 
 WRITEBACK_EVERY = 8 << 20
 """Bytes written to base after which the kernel is asked to start writing them back."""
-
-
-class _Writeback:
-    """Starts writeback of files from a thread of its own, without waiting for it.
-
-    ``sync_file_range`` submits every dirty page of the file and blocks
-    while the device queue is full: 30 ms for 8 MiB of scattered 4 KiB
-    writes was measured on the loop. It is only a hint (durability comes
-    from the syncs at flushes and checkpoints), so nobody waits for it;
-    requests for the same file made meanwhile are served by one call.
-    """
-
-    def __init__(self) -> None:
-        self._fds: set[int] = set()
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
-
-    def kick(self, fd: int) -> None:
-        with self._cv:
-            self._fds.add(fd)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="colofs-writeback", daemon=True)
-                self._thread.start()
-            self._cv.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._fds:
-                    self._cv.wait()
-                fds = list(self._fds)
-                self._fds.clear()
-            for fd in fds:
-                start_writeback(fd)  # a closed (or reused) descriptor only gets a harmless hint
-
-
-WRITEBACK = _Writeback()
 
 
 def block_runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
@@ -85,8 +48,9 @@ def block_runs(blocks: Sequence[int]) -> list[tuple[int, int]]:
 class CopyBeforeWrite:
     """Writes to an image (base) that first preserve old blocks into the attached targets."""
 
-    def __init__(self, fd: int, block_size: int, label: str) -> None:
+    def __init__(self, fd: int, block_size: int, label: str, io: IOContext) -> None:
         self.fd = fd
+        self.io = io  # reads of base, and the writeback thread
         self.block_size = block_size
         self.shift = block_size.bit_length() - 1
         self.label = label
@@ -141,7 +105,7 @@ class CopyBeforeWrite:
                     break  # only a hint
         for first, count in runs:
             try:
-                await read_into(self.fd, mv[pos : pos + count * bs], first * bs)
+                await self.io.read_into(self.fd, mv[pos : pos + count * bs], first * bs)
             except OSError as e:
                 raise DiskIOError(
                     f"{self.label}: reading base at {first * bs} for copy-before-write failed: {e.strerror}",
@@ -185,7 +149,7 @@ class CopyBeforeWrite:
     def start_writeback(self) -> None:
         """Have the kernel start writing base back now (in the background; nothing waits for it)."""
         self._unstarted = 0
-        WRITEBACK.kick(self.fd)
+        self.io.writeback.kick(self.fd)
 
     async def write(
         self, extents: Sequence[tuple[int, Buffer]], store_in_thread: bool = False, start_writeback: bool = False

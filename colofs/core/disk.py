@@ -30,6 +30,7 @@ from colofs.core.blocks import block_count, block_span, check_range
 from colofs.core.cbw import CopyBeforeWrite, block_runs
 from colofs.core.fileio import Buffer, datasync_all
 from colofs.core.forward import WriteSink
+from colofs.core.ioctx import IOContext
 from colofs.core.layers import patch_edges, read_layers, write_overlay
 from colofs.core.rangelock import RangeLock, holding
 from colofs.core.snapshot import Snapshot
@@ -50,6 +51,7 @@ class DiskOwner(Protocol):
     state: VMState
     damage: object | None
     forward: WriteSink | None
+    io: IOContext
 
     def check_usable(self) -> None: ...
 
@@ -87,7 +89,8 @@ class Disk:
         self.active = active
         self.label = f"{vm.name}/{name}"
         self.lock = RangeLock()
-        self.cbw = CopyBeforeWrite(base_fd, block_size, self.label)
+        self.io = vm.io  # the store's pool, read policy and writeback
+        self.cbw = CopyBeforeWrite(base_fd, block_size, self.label, vm.io)
         # A layer block failing its digest quarantines the whole VM (see colofs.core.damage).
         self.cbw.on_damage = vm.note_damage
         hidden.on_damage = vm.note_damage
@@ -122,14 +125,15 @@ class Disk:
             lock = self.lock
             req = lock.try_acquire(lo, hi, False) or await lock.acquire(lo, hi, False)
             try:
-                await read_layers(self._layers, self.base_fd, self.shift, offset, memoryview(out), self.label)
+                await read_layers(self.io, self._layers, self.base_fd, self.shift, offset, memoryview(out),
+                                  self.label)
             finally:
                 lock.release(req)
         return out
 
     async def read_view(self, offset: int, mv: memoryview) -> None:
         """Fill ``mv`` with V from ``offset``; the caller holds the range lock."""
-        await read_layers(self._layers, self.base_fd, self.shift, offset, mv, self.label)
+        await read_layers(self.io, self._layers, self.base_fd, self.shift, offset, mv, self.label)
 
     # -- writes ---------------------------------------------------------------
 

@@ -14,20 +14,21 @@ from collections.abc import Awaitable, Callable, Sequence
 from colofs.core.blocklog import BlockLog
 from colofs.core.blocks import block_span
 from colofs.core.errors import DiskIOError
-from colofs.core.fileio import Buffer, read_into
+from colofs.core.fileio import Buffer
+from colofs.core.ioctx import IOContext
 
 ReadView = Callable[[int, memoryview], Awaitable[None]]
 
 
-async def _read_file(fd: int, mv: memoryview, file_off: int, label: str, what: str = "") -> None:
+async def _read_file(io: IOContext, fd: int, mv: memoryview, file_off: int, label: str, what: str = "") -> None:
     try:
-        await read_into(fd, mv, file_off)
+        await io.read_into(fd, mv, file_off)
     except OSError as e:
         raise DiskIOError(f"{label}{what}: reading {len(mv)} bytes at {file_off} failed: {e.strerror}",
                           e.errno) from e
 
 
-async def _read_checked(layer: BlockLog, mv: memoryview, block: int, file_off: int, lo: int, shift: int,
+async def _read_checked(io: IOContext, layer: BlockLog, mv: memoryview, block: int, file_off: int, lo: int, shift: int,
                         label: str) -> None:
     """Fill ``mv`` with bytes from ``lo`` of the run of whole blocks at ``block`` (file offset ``file_off``).
 
@@ -39,17 +40,17 @@ async def _read_checked(layer: BlockLog, mv: memoryview, block: int, file_off: i
     start = block << shift
     count = (lo - start + len(mv) + bs - 1) >> shift
     if lo == start and len(mv) == count << shift:
-        await _read_file(layer.fd, mv, file_off, label)
+        await _read_file(io, layer.fd, mv, file_off, label)
         layer.verify(block, mv)
         return
     whole = memoryview(bytearray(count << shift))
-    await _read_file(layer.fd, whole, file_off, label)
+    await _read_file(io, layer.fd, whole, file_off, label)
     layer.verify(block, whole)
     mv[:] = whole[lo - start : lo - start + len(mv)]
 
 
 async def read_layers(
-    layers: Sequence[BlockLog], base_fd: int, shift: int, offset: int, mv: memoryview, label: str
+    io: IOContext, layers: Sequence[BlockLog], base_fd: int, shift: int, offset: int, mv: memoryview, label: str
 ) -> None:
     """Fill ``mv`` with the image from ``offset``; the caller holds the range lock.
 
@@ -61,7 +62,7 @@ async def read_layers(
         if layer.map:
             break
     else:  # empty layers (after every checkpoint): base itself, with no per-request work
-        await _read_file(base_fd, mv, offset, label, " base")
+        await _read_file(io, base_fd, mv, offset, label, " base")
         return
     bs = 1 << shift
     end = offset + len(mv)
@@ -70,7 +71,7 @@ async def read_layers(
     span = range(first, stop)
     maps = [layer for layer in layers if layer.map and not layer.map.keys().isdisjoint(span)]
     if not maps:  # nothing of this range is in any layer (checked in C, not per block)
-        await _read_file(base_fd, mv, offset, label, " base")
+        await _read_file(io, base_fd, mv, offset, label, " base")
         return
     if len(maps) == 1:
         one = maps[0]
@@ -82,9 +83,9 @@ async def read_layers(
             and list(map(m.get, span)) == list(range(start, start + (len(span) << shift), 1 << shift))
         ):  # the whole range sits contiguously in one layer (compared in C, not per block in Python)
             if one.sums:
-                await _read_checked(one, mv, first, start, offset, shift, label)
+                await _read_checked(io, one, mv, first, start, offset, shift, label)
             else:
-                await _read_file(one.fd, mv, start + offset - (first << shift), label)
+                await _read_file(io, one.fd, mv, start + offset - (first << shift), label)
             return
     run_layer: BlockLog | None = None
     run_fd = -1
@@ -94,9 +95,9 @@ async def read_layers(
         lo = max(offset, run_block << shift)
         hi = min(end, stop << shift)
         if run_layer is not None and run_layer.sums:
-            await _read_checked(run_layer, mv[lo - offset : hi - offset], run_block, run_off, lo, shift, label)
+            await _read_checked(io, run_layer, mv[lo - offset : hi - offset], run_block, run_off, lo, shift, label)
         else:
-            await _read_file(run_fd, mv[lo - offset : hi - offset], run_off + lo - (run_block << shift), label)
+            await _read_file(io, run_fd, mv[lo - offset : hi - offset], run_off + lo - (run_block << shift), label)
 
     for b in range(first, last + 1):
         o = None

@@ -22,7 +22,8 @@ import trio
 from colofs.core.blocklog import BlockLog
 from colofs.core.disk import Disk
 from colofs.core.errors import StoreError
-from colofs.core.fileio import Buffer, datasync_all, fsync_dir, read_into
+from colofs.core.fileio import Buffer, datasync_all, fsync_dir
+from colofs.core.ioctx import IOContext
 from colofs.core.snapshot import Snapshot, overlay_path, target_path
 from colofs.core.state import CLONE, FAILOVER, NORMAL, SECONDARY, DiskState, VMState, load_vm_state
 from colofs.core.vmbase import STATE_FILE, VMBase
@@ -54,18 +55,18 @@ def disk_paths(vm_path: str, disk: str) -> tuple[str, str, str, str]:
 class VMOpening(VMBase):
     """Opening a VM and its disks, recovering from a crash on the way."""
 
-    def __init__(self, path: str, state: VMState) -> None:
-        super().__init__(path, state)
+    def __init__(self, path: str, state: VMState, io: IOContext) -> None:
+        super().__init__(path, state, io)
         self.recovery = Recovery("none", 0, state.last_checkpoint)
 
     @classmethod
-    async def open(cls, path: str) -> Self:
+    async def open(cls, path: str, io: IOContext) -> Self:
         """Open a VM's store, recovering from a crash if the last close was not clean."""
         name = os.path.basename(path)
         state = load_vm_state(os.path.join(path, STATE_FILE), f"VM {name}")
         if state.vm != name:
             raise StoreError(f"VM {name}: state file names VM {state.vm!r}")
-        vm = cls(path, state)
+        vm = cls(path, state, io)
         await trio.to_thread.run_sync(vm._settle_new_disks)
         try:
             if state.clean and state.phase == NORMAL:
@@ -233,7 +234,7 @@ class VMOpening(VMBase):
             extents: list[tuple[int, Buffer]] = []
             for j, b in enumerate(chunk):
                 view = mv[j * bs : (j + 1) * bs]
-                await read_into(disk.hidden.fd, view, hmap[b])
+                await disk.io.read_into(disk.hidden.fd, view, hmap[b])
                 disk.hidden.verify(b, view)
                 start = b * bs
                 extents.append((start, view[: min(bs, disk.size - start)]))

@@ -86,7 +86,7 @@ class Snapshot:
     async def _read_view(self, offset: int, mv: memoryview) -> None:
         d = self.disk
         async with d.lock.range(*block_span(offset, len(mv), d.shift), exclusive=False):
-            await read_layers(self._layers, d.base_fd, d.shift, offset, mv, self.label)
+            await read_layers(d.io, self._layers, d.base_fd, d.shift, offset, mv, self.label)
 
     async def read(self, offset: int, length: int) -> bytearray:
         self.check_range(offset, length)

@@ -35,6 +35,7 @@ from colofs.core.errors import (
     StoreVersionError,
 )
 from colofs.core.fileio import fsync_dir
+from colofs.core.ioctx import IOContext
 from colofs.core.names import check_name
 from colofs.core.state import (
     ROLES,
@@ -56,18 +57,22 @@ UNKNOWN_ROLE = "unknown"  # a quarantined VM whose state file cannot be read
 class Store:
     """All VMs of this host. Open it once per process; close it to mark everything clean."""
 
-    def __init__(self, path: str, node_id: str, default_role: str) -> None:
+    def __init__(self, path: str, node_id: str, default_role: str, io: IOContext | None = None) -> None:
         self.path = path
+        self.io = io if io is not None else IOContext.from_environment()
+        """The worker pool, read policy and writeback every VM and disk of the store uses; closed with it."""
         self.node_id = node_id
         self.default_role = default_role
         self.vms: dict[str, VM] = {}
 
     @classmethod
-    async def open(cls, path: str, *, role: str, create: bool = False) -> Store:
+    async def open(cls, path: str, *, role: str, create: bool = False, io: IOContext | None = None) -> Store:
         """Open (and with ``create``, initialise) the store; recovers every VM that crashed.
 
         ``role`` is the role given to VMs created from now on; each existing
-        VM keeps the role its state records (a failover changes it).
+        VM keeps the role its state records (a failover changes it). ``io``
+        defaults to a new context (``COLOFS_SMALL_READS`` may pin its read
+        policy); the store owns it either way and closes it in :meth:`close`.
         """
         if role not in ROLES:
             raise BadArgument(f"role must be one of {', '.join(ROLES)}, not {role!r}")
@@ -82,13 +87,13 @@ class Store:
         if not os.path.isdir(path):
             raise StoreError(f"{path}: no such store directory")
         info = read_store_marker(marker)
-        store = cls(path, info["node_id"], role)
+        store = cls(path, info["node_id"], role, io)
         try:
             for entry in sorted(os.listdir(path)):
                 vm_path = os.path.join(path, entry)
                 if entry.startswith(".") or not os.path.isdir(vm_path):
                     continue
-                vm = await _open_vm(vm_path, entry)
+                vm = await _open_vm(vm_path, entry, store.io)
                 if vm is not None:
                     store.vms[entry] = vm
         except BaseException:
@@ -143,7 +148,7 @@ class Store:
         check_name("VM", name)
         if name in self.vms:
             raise AlreadyExists(f"VM {name} already exists")
-        vm = await VM.create(os.path.join(self.path, name), name, role or self.default_role)
+        vm = await VM.create(os.path.join(self.path, name), name, role or self.default_role, self.io)
         self.vms[name] = vm
         return vm
 
@@ -164,23 +169,27 @@ class Store:
         return await vm_obj.add_disk(disk, size, block_size, source)
 
     async def close(self) -> None:
+        """Close every VM (synced, marked clean), then join the I/O context's threads."""
         for vm in self.vms.values():
             await vm.close()
         await trio.to_thread.run_sync(fsync_dir, self.path)
+        await trio.to_thread.run_sync(self.io.close)
 
     def abandon(self) -> None:
+        """Drop everything as a crash would (nothing synced or marked clean); the threads still end."""
         for vm in self.vms.values():
             if not vm.closed:
                 vm.abandon()
+        self.io.close()
 
 
 
-async def _open_vm(vm_path: str, name: str) -> VM | None:
+async def _open_vm(vm_path: str, name: str, io: IOContext) -> VM | None:
     """Open one VM, or quarantine it: damage in one VM never keeps the others from opening."""
     recorded = load_marker(vm_path)
     if recorded is not None:
         log.error("VM %s: quarantined since an earlier run: %s", name, recorded.describe())
-        return _quarantined(vm_path, name, recorded)
+        return _quarantined(vm_path, name, recorded, io)
     state_path = os.path.join(vm_path, STATE_FILE)
     if not os.path.exists(state_path) and not [e for e in os.listdir(vm_path) if not e.startswith(STATE_FILE)]:
         # A creation a crash interrupted before its state file was in place: nothing to serve or lose.
@@ -188,7 +197,7 @@ async def _open_vm(vm_path: str, name: str) -> VM | None:
                     os.path.dirname(vm_path), name)
         return None
     try:
-        return await VM.open(vm_path)
+        return await VM.open(vm_path, io)
     except (StoreError, DiskIOError, OSError) as e:
         damage = damage_of(e, vm_path)
         if isinstance(e, StateMissing):
@@ -199,16 +208,16 @@ async def _open_vm(vm_path: str, name: str) -> VM | None:
                 await trio.to_thread.run_sync(save_marker, vm_path, damage)
             except OSError as err:
                 log.error("VM %s: cannot record the damage: %s", name, err)
-        return _quarantined(vm_path, name, damage)
+        return _quarantined(vm_path, name, damage, io)
 
 
-def _quarantined(vm_path: str, name: str, damage: Damage) -> VM:
+def _quarantined(vm_path: str, name: str, damage: Damage, io: IOContext) -> VM:
     """A stand-in for a VM that cannot be opened: no disks, its damage in status, refusing everything."""
     try:
         state = load_vm_state(os.path.join(vm_path, STATE_FILE), f"VM {name}")
     except (StoreError, OSError):
         state = VMState(vm=name, role=UNKNOWN_ROLE, epoch=0)
-    vm = VM(vm_path, state)
+    vm = VM(vm_path, state, io)
     vm.damage = damage
     vm.closed = True
     return vm

@@ -46,6 +46,7 @@ from colofs.core.errors import (
 )
 from colofs.core.fileio import Buffer, datasync_all, fsync_dir, write_all
 from colofs.core.imagesource import ImageSource, open_image
+from colofs.core.ioctx import IOContext
 from colofs.core.logformat import empty_log
 from colofs.core.names import check_name
 from colofs.core.recovery import (
@@ -86,7 +87,7 @@ class VM(VMOpening, VMSnapshots):
     """The disks of one VM and the state that covers them all."""
 
     @classmethod
-    async def create(cls, path: str, name: str, role: str) -> Self:
+    async def create(cls, path: str, name: str, role: str, io: IOContext) -> Self:
         check_name("VM", name)
         if role not in ROLES:
             raise BadArgument(f"VM {name}: role must be one of {', '.join(ROLES)}, not {role!r}")
@@ -97,7 +98,7 @@ class VM(VMOpening, VMSnapshots):
         state = VMState(vm=name, role=role, clean=False, log_headers=True)
         await trio.to_thread.run_sync(save_vm_state, os.path.join(path, STATE_FILE), state)
         fsync_dir(os.path.dirname(path))
-        vm = cls(path, state)
+        vm = cls(path, state, io)
         vm.recovery = Recovery("clean", 0, 0)
         return vm
 

@@ -26,6 +26,7 @@ from colofs.core.disk import Disk, whole_disks
 from colofs.core.errors import DiskIOError, NotFound, VMDamaged
 from colofs.core.fileio import Buffer, datasync_all, fsync_dir
 from colofs.core.forward import ForwardedWrite, WriteSink
+from colofs.core.ioctx import IOContext
 from colofs.core.reaper import FdReaper
 from colofs.core.state import NORMAL, PRIMARY, DiskState, VMState, save_vm_state
 
@@ -38,8 +39,9 @@ SEQ_RESERVE = 1 << 20  # sequence numbers a primary may hand out per state save
 class VMBase:
     """The disks of one VM and the state that covers them all."""
 
-    def __init__(self, path: str, state: VMState) -> None:
+    def __init__(self, path: str, state: VMState, io: IOContext) -> None:
         self.path = path
+        self.io = io  # the store's pool, read policy and writeback, handed to every disk
         self.name = state.vm
         self.state = state
         self.disks: dict[str, Disk] = {}

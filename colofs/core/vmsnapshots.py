@@ -19,7 +19,8 @@ from dataclasses import replace
 from colofs.core.blocklog import BlockLog, make_durable
 from colofs.core.disk import Disk, whole_disks
 from colofs.core.errors import AlreadyExists, BadArgument, InUse, NotFound
-from colofs.core.fileio import datasync_all, fsync_dir, read_into
+from colofs.core.fileio import datasync_all, fsync_dir
+from colofs.core.ioctx import IOContext
 from colofs.core.names import check_name
 from colofs.core.rangelock import holding
 from colofs.core.snapshot import Snapshot, overlay_path, target_path
@@ -107,7 +108,7 @@ class VMSnapshots(VMBase):
                             overlay = BlockLog.create(overlay_path(d.path, name), d.block_size, 0, mutable=True, label=label)
                             made[-1] = (d, target, overlay)
                         if secondary:
-                            await _copy_blocks(d.hidden, target)
+                            await _copy_blocks(self.io, d.hidden, target)
                     await make_durable([log for _, t, o in made for log in (t, o) if log is not None])
                     for d in targets:
                         fsync_dir(d.path)
@@ -167,7 +168,7 @@ class VMSnapshots(VMBase):
             return freed
 
 
-async def _copy_blocks(src: BlockLog, dst: BlockLog) -> None:
+async def _copy_blocks(io: IOContext, src: BlockLog, dst: BlockLog) -> None:
     """Append every block of ``src`` to ``dst`` (a snapshot taking hidden's undo copies)."""
     bs = src.block_size
     blocks = sorted(src.map)
@@ -177,7 +178,7 @@ async def _copy_blocks(src: BlockLog, dst: BlockLog) -> None:
         buf = bytearray(len(chunk) * bs)
         mv = memoryview(buf)
         for j, b in enumerate(chunk):
-            await read_into(src.fd, mv[j * bs : (j + 1) * bs], src.map[b])
+            await io.read_into(src.fd, mv[j * bs : (j + 1) * bs], src.map[b])
             src.verify(b, mv[j * bs : (j + 1) * bs])
         dst.append(chunk, [mv])
 

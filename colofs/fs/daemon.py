@@ -48,6 +48,7 @@ from colofs.core.store import Store
 from colofs.events import EventBus, socket_path
 from colofs.fs.config import ConfigError, MountConfig, add_mount_arguments, config_from_args
 from colofs.fs.control import MountInfo
+from colofs.fs.fusedevice import queued_requests_probe
 from colofs.fs.linkevents import current_state, watch_links, watch_verifies
 from colofs.fs.lock import AlreadyMounted, StoreLock
 from colofs.fs.metrics import FigureSource, VMCounts, serve_metrics
@@ -182,6 +183,12 @@ async def _start_observers(nursery: trio.Nursery, ops: Operations, bus: EventBus
             raise StartupError(f"--metrics: cannot listen on {cfg.metrics}: {e.strerror or e}") from None
 
 
+def _wire_hooks(ops: Operations, repl: Replication) -> None:
+    """Checkpoints the primary sends go through the mount exactly like local ones; new disks show up."""
+    repl.hooks.checkpoint = ops.control.vms.wire_checkpoint
+    repl.hooks.on_disk_added = ops.control.vms.disk_added
+
+
 def _mount(ops: Operations, cfg: MountConfig) -> None:
     # The store as the mount's source (as fstab names it), so `mount -a` sees it is already mounted.
     plain = not any(c in cfg.store for c in ", \t\n\\")
@@ -216,6 +223,7 @@ async def serve(cfg: MountConfig, lock: StoreLock, ready: Ready) -> None:
             bus = EventBus()  # handed to every part that reports a change
             repl = Replication(cfg, store, key, events=bus)
             ops = Operations(store, MountInfo(cfg, os.getpid(), time.time()), repl)
+            _wire_hooks(ops, repl)
             failure: StartupError | None = None
             mounted = False
             nbd: NbdService | None = None
@@ -227,6 +235,7 @@ async def serve(cfg: MountConfig, lock: StoreLock, ready: Ready) -> None:
                         await _start_observers(nursery, ops, bus, cfg)
                         _mount(ops, cfg)
                         mounted = True
+                        store.io.pending = queued_requests_probe()
                     except StartupError as e:
                         failure = e
                         nursery.cancel_scope.cancel()

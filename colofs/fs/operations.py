@@ -24,7 +24,6 @@ import errno
 import functools
 import logging
 import os
-import select
 import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,7 +34,6 @@ import trio
 
 from colofs.core.disk import Disk
 from colofs.core.errors import DiskIOError
-from colofs.core.fileio import set_pending_probe
 from colofs.core.names import check_name
 from colofs.core.snapshot import Snapshot
 from colofs.core.store import Store
@@ -76,20 +74,6 @@ def _name(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def _fuse_device_fd() -> int | None:
-    """This process's descriptor of ``/dev/fuse`` (pyfuse3 does not expose it); one mount per process."""
-    try:
-        for name in os.listdir("/proc/self/fd"):
-            try:
-                if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
-                    return int(name)
-            except OSError:
-                continue
-    except OSError:
-        pass
-    return None
-
-
 class Operations(pyfuse3.Operations):
     """The colofs filesystem of one store."""
 
@@ -112,15 +96,6 @@ class Operations(pyfuse3.Operations):
         self._size_repairs: set[int] = set()
         self._damage_reported: set[str] = set()
         self._size_repairs_again: set[int] = set()
-
-    def init(self) -> None:
-        """FUSE INIT: requests queued in the kernel tell reads not to block the loop for the device."""
-        fd = _fuse_device_fd()
-        if fd is None:
-            return
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        set_pending_probe(lambda: bool(poller.poll(0)))
 
     # -- helpers -----------------------------------------------------------------
 

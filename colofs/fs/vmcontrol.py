@@ -44,9 +44,6 @@ class VMControl:
         self.cache = cache
         self.repl = repl
         self.last_ops: dict[str, dict[str, Any]] = {}  # VM -> its last checkpoint/failover
-        # Checkpoints the primary sends go through the mount exactly like local ones.
-        repl.hooks.checkpoint = self._wire_checkpoint
-        repl.hooks.on_disk_added = self._disk_added
 
     # -- checkpoint ----------------------------------------------------------------------
 
@@ -120,11 +117,11 @@ class VMControl:
             "invalidate_seconds": round(t3 - t2, 6),
         }
 
-    async def _wire_checkpoint(self, vm: VM, seq: int) -> None:
+    async def wire_checkpoint(self, vm: VM, seq: int) -> None:
         """The secondary's hook: a checkpoint the primary sent, taken like a local one."""
         await self.checkpoint_through_mount(vm, seq, "primary")
 
-    async def _disk_added(self, vm_name: str, disk: str) -> None:
+    async def disk_added(self, vm_name: str, disk: str) -> None:
         """The primary announced a disk: make the kernel look at the VM directory again."""
         node = self.inodes.vm_node(vm_name)
         if node is not None:

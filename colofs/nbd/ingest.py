@@ -54,7 +54,7 @@ class IngestImage:
         out = bytearray(length)
         if length:
             async with d.lock.range(*block_span(offset, length, d.shift), exclusive=False):
-                await read_layers((), d.base_fd, d.shift, offset, memoryview(out), self.label)
+                await read_layers(d.io, (), d.base_fd, d.shift, offset, memoryview(out), self.label)
         return out
 
     async def write(self, offset: int, data: bytes) -> None:

@@ -270,7 +270,7 @@ async def checkpoint_digests(vm: VM, disk: Disk, first: int, n: int) -> tuple[in
             for lo, hi in _runs(saved):
                 start = lo * bs
                 end = min(disk.size, hi * bs)
-                await read_layers([disk.hidden], disk.base_fd, disk.shift, start,
+                await read_layers(disk.io, [disk.hidden], disk.base_fd, disk.shift, start,
                                   mv[start - first * bs : end - first * bs], disk.label)
     digests = await trio.to_thread.run_sync(block_digests, buf, bs)
     return seq, digests

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from colofs.core import Store
+from colofs.core.ioctx import IOContext
 
 
 @pytest.fixture
@@ -15,8 +16,8 @@ async def open_store(tmp_path) -> AsyncIterator[Callable]:
     """``await open_store(role=...)`` opens (creating) the store under tmp_path; all are abandoned at the end."""
     opened: list[Store] = []
 
-    async def _open(role: str = "secondary", create: bool = True) -> Store:
-        store = await Store.open(os.path.join(tmp_path, "store"), role=role, create=create)
+    async def _open(role: str = "secondary", create: bool = True, io: IOContext | None = None) -> Store:
+        store = await Store.open(os.path.join(tmp_path, "store"), role=role, create=create, io=io)
         opened.append(store)
         return store
 

@@ -156,11 +156,12 @@ async def store_open_fails(path: str, exc: type[Exception], match: str) -> None:
 
 async def reopen_fails(path: str, exc: type[Exception], match: str) -> None:
     """Opening the VM raises ``exc``; opening the store quarantines that VM and rewrites none of its files."""
+    from colofs.core.ioctx import IOContext
     from colofs.core.vm import VM
 
     before = snapshot_tree(path)
     with pytest.raises(exc, match=match):
-        await VM.open(os.path.join(path, "vm"))
+        await VM.open(os.path.join(path, "vm"), IOContext())
     assert snapshot_tree(path) == before
     store = await Store.open(path, role="secondary")
     try:

@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from colofs.core import PrimaryWrite
-from colofs.core.fileio import READS, set_pending_probe
+from colofs.core.ioctx import IOContext
 from colofs.core.rangelock import RangeLock
 from tests.core.model import ModelDisk
 
@@ -28,18 +28,25 @@ def evict(fd: int) -> None:
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-@pytest.fixture(autouse=True, params=["thread", "loop", "auto-busy"])
-def read_path(request: pytest.FixtureRequest):
+@pytest.fixture(params=["thread", "loop", "auto-busy"])
+def read_path(request: pytest.FixtureRequest) -> IOContext:
     """Run each test with small reads in worker threads (they suspend mid-request), on the loop,
     and on the loop as under load (a page-cache miss starts its device read, then yields to
     the other requests before it waits for the data)."""
-    old = READS.mode
-    READS.mode = "auto" if request.param == "auto-busy" else request.param
+    io = IOContext("auto" if request.param == "auto-busy" else request.param)
     if request.param == "auto-busy":
-        set_pending_probe(lambda: True)
-    yield request.param
-    set_pending_probe(None)
-    READS.mode = old
+        io.pending = lambda: True
+    return io
+
+
+@pytest.fixture
+def open_store(open_store, read_path: IOContext):
+    """The stores of these tests read through the I/O context of ``read_path``."""
+
+    async def _open(role: str = "secondary", create: bool = True):
+        return await open_store(role=role, create=create, io=read_path)
+
+    return _open
 
 
 async def test_reads_never_see_primary_writes_in_flight(open_store) -> None:

@@ -80,13 +80,14 @@ async def test_worker_pool_runs_calls_concurrently_and_returns_their_outcome() -
 
     import trio
 
-    from colofs.core.fileio import POOL
+    from colofs.core.ioctx import WorkerPool
 
+    pool = WorkerPool(16)
     barrier = threading.Barrier(4, timeout=DEADLINE)  # bounds a hang only
     results: list[int] = []
 
     async def one(i: int) -> None:
-        results.append(await POOL.run(lambda: barrier.wait() * 0 + i))
+        results.append(await pool.run(lambda: barrier.wait() * 0 + i))
 
     with trio.fail_after(DEADLINE):
         async with trio.open_nursery() as n:
@@ -94,8 +95,10 @@ async def test_worker_pool_runs_calls_concurrently_and_returns_their_outcome() -
                 n.start_soon(one, i)
     assert sorted(results) == [0, 1, 2, 3]
     with pytest.raises(ZeroDivisionError):
-        await POOL.run(lambda: 1 // 0)
-    assert POOL.in_flight == 0
+        await pool.run(lambda: 1 // 0)
+    assert pool.in_flight == 0
+    await trio.to_thread.run_sync(pool.close)  # every thread ends
+    assert pool._threads == []
 
 
 @pytest.mark.parametrize("busy", [False, True])
@@ -109,15 +112,14 @@ async def test_small_reads_missing_the_page_cache(tmp_path, busy: bool) -> None:
 
     import trio
 
-    from colofs.core import fileio
+    from colofs.core.ioctx import IOContext
 
     data = os.urandom(4 << 20)
     path = tmp_path / "f"
     path.write_bytes(data)
     fd = os.open(path, os.O_RDONLY)
-    old = fileio.READS.mode
-    fileio.READS.mode = "auto"
-    fileio.set_pending_probe((lambda: True) if busy else None)
+    io = IOContext("auto")
+    io.pending = (lambda: True) if busy else None
     try:
         os.fdatasync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
@@ -128,17 +130,16 @@ async def test_small_reads_missing_the_page_cache(tmp_path, busy: bool) -> None:
                 off = rng.randrange(0, len(data) - 8192)
                 n = rng.choice([1, 512, 4096, 8192])
                 buf = bytearray(n)
-                await fileio.read_into(fd, memoryview(buf), off)
+                await io.read_into(fd, memoryview(buf), off)
                 assert bytes(buf) == data[off : off + n]
             tail = bytearray(4096)  # past EOF: zeros
-            await fileio.read_into(fd, memoryview(tail), len(data) - 100)
+            await io.read_into(fd, memoryview(tail), len(data) - 100)
             assert bytes(tail) == data[-100:] + bytes(3996)
 
         async with trio.open_nursery() as nursery:
             for _ in range(16):
                 nursery.start_soon(reader)
-        assert fileio._kicked == 0
+        assert io.kicked == 0
     finally:
-        fileio.set_pending_probe(None)
-        fileio.READS.mode = old
+        io.close()
         os.close(fd)

@@ -155,8 +155,8 @@ async def test_base_writeback_is_started_every_few_mib_off_the_loop(open_store, 
 
     kicked: list[int] = []
     monkeypatch.setattr(cbw, "WRITEBACK_EVERY", 64 << 10)
-    monkeypatch.setattr(cbw.WRITEBACK, "kick", kicked.append)
     store = await open_store("primary")
+    monkeypatch.setattr(store.io.writeback, "kick", kicked.append)
     disk = await store.create_disk("vm", "d", SIZE)
     for i in range(10):  # 160 KiB: two kicks at 64 KiB each
         await disk.write(i * 16384, bytes([i]) * 16384)
@@ -167,7 +167,7 @@ async def test_base_writeback_is_started_every_few_mib_off_the_loop(open_store, 
 def test_writeback_thread_coalesces_requests_per_file(monkeypatch) -> None:
     import threading
 
-    from colofs.core import cbw
+    from colofs.core import ioctx
 
     calls: list[int] = []
     release = threading.Event()
@@ -176,8 +176,8 @@ def test_writeback_thread_coalesces_requests_per_file(monkeypatch) -> None:
         release.wait(DEADLINE)
         calls.append(fd)
 
-    monkeypatch.setattr(cbw, "start_writeback", fake)
-    wb = cbw._Writeback()
+    monkeypatch.setattr(ioctx, "start_writeback", fake)
+    wb = ioctx.Writeback()
     wb.kick(7)  # taken at once; the thread then blocks in it
     wait_until_sync(lambda: not wb._fds, what="the writeback thread to take fd 7")
     for _ in range(5):
@@ -187,3 +187,5 @@ def test_writeback_thread_coalesces_requests_per_file(monkeypatch) -> None:
     wb.kick(9)  # a marker: once it is served, any further call for fd 8 would have come before it
     wait_until_sync(lambda: 9 in calls, what="the call for fd 9")
     assert calls == [7, 8, 9]
+    wb.close()  # the thread ends: the store joins it at close
+    assert wb._thread is None
