@@ -32,9 +32,10 @@ from colofs.repl.config import ReplConfig, require_key_or_loopback
 from colofs.repl.errors import AttachRefused, ReplCode
 from colofs.repl.framing import FrameSender
 from colofs.repl.handshake import handshake, refuse, wrap_transport
+from colofs.repl.hooks import SecondaryHooks
 from colofs.repl.persist import load_needs_full_sync
 from colofs.repl.ratelog import RateLimitedLog
-from colofs.repl.secondary_session import SecondaryHooks, Session
+from colofs.repl.secondary_session import Session
 from colofs.repl.session import accept_attach
 from colofs.wire.auth import NonceRegistry
 from colofs.wire.errors import ProtocolError

@@ -23,8 +23,6 @@ sees it, and the core checks again before touching a byte).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import trio
 
@@ -33,6 +31,7 @@ from colofs.core.vm import VM, PrimaryWrite
 from colofs.repl.config import ReplConfig
 from colofs.repl.errors import AttachRefused, ReplCode, ReplProtocolError
 from colofs.repl.framing import FrameSender, bulk_bytes
+from colofs.repl.hooks import SecondaryHooks
 from colofs.repl.persist import save_needs_full_sync
 from colofs.repl.resync import read_and_digest
 from colofs.repl.seqguard import SeqGuard
@@ -67,28 +66,6 @@ MAX_QUERY_BYTES = 64 << 20
 MAX_VERIFY_QUEUE = 16
 """VERIFY_QUERY frames a primary may have outstanding (it keeps a few in flight)."""
 _STREAM = (Batch, Checkpoint, DiskAdd, ResyncQuery, ResyncData, ResyncDone)
-
-
-async def core_checkpoint(vm: VM, seq: int) -> None:
-    """The checkpoint a secondary takes without a mount: the core's alone."""
-    await vm.checkpoint(seq)
-
-
-@dataclass
-class SecondaryHooks:
-    """How the daemon takes part in the stream (awaited in stream order).
-
-    ``checkpoint`` takes checkpoint ``seq`` of the VM once every write up to
-    it is applied, before CHECKPOINT_DONE goes out. It defaults to the core's
-    checkpoint; a mount replaces it to write back the SVM's dirty pages first
-    and drop the kernel's page cache after (docs/design.md invariant 3). It runs
-    shielded: once started, a checkpoint is finished. ``on_disk_added`` runs
-    after a disk was created for the primary.
-    """
-
-    checkpoint: Callable[[VM, int], Awaitable[None]] = core_checkpoint
-    on_disk_added: Callable[[str, str], Awaitable[None]] | None = None
-    event: Callable[..., None] = lambda kind, **fields: None  # the daemon's EventBus.emit
 
 
 class PeerError(Exception):
