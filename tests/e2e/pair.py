@@ -1,10 +1,10 @@
-"""Two real colofs daemons on 127.0.0.1, a primary replicating into a secondary, started with mountctl.
+"""Two real colofs daemons on 127.0.0.1, a primary replicating into a secondary: :mod:`mountctl.pair` for tests.
 
-The key file is generated (0600), the secondary's port is found by binding a
-socket to 127.0.0.1:0 first (mountctl cannot take port 0), and an optional
-fault-injection proxy (``tests/repl/proxy.py``, in a thread of its own) can sit
-between the two. Cleanup unmounts both, or kills the daemons by the PIDs the
-mounts recorded and detaches their mountpoints, whatever the test did.
+The harness generates the key, finds the port, mounts with mountctl and cleans
+up by the daemons' own PIDs. This adds what tests need on top: mounts that fail
+like a test (``tests/fs/mounts.Mount``), the tests' waits, an optional
+fault-injection proxy (``tests/repl/proxy.py``, in a thread of its own) between
+the two, and the reads and writes tests make through the mounts.
 """
 
 from __future__ import annotations
@@ -12,32 +12,22 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
+from mountctl.pair import Node, PairError, free_port, write_key
+from mountctl.pair import Pair as HarnessPair
 from tests.fs.mounts import Mount, mountctl
 from tests.repl.proxy import FaultProxy
 from tests.waiting import DEADLINE, wait_until_sync
 
 MiB = 1 << 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_key(path: Path, data: bytes | None = None) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data if data is not None else os.urandom(32))
-    return path
+T = TypeVar("T")
+__all__ = ["MiB", "Pair", "ProxyThread", "direct_pwrite", "free_port", "read_file", "write_key"]
 
 
 def read_file(path: Path, *, direct: bool = False) -> bytes:
@@ -105,24 +95,28 @@ class ProxyThread:
             self._thread.join(10)
 
 
-class Pair:
-    """A secondary mount listening on 127.0.0.1 and a primary mount whose --peer reaches it."""
+class Pair(HarnessPair):
+    """The harness's pair with tests' mounts (``sec``/``pri``), tests' waits and an optional fault proxy."""
+
+    node_class = Mount
 
     def __init__(self, base: Path) -> None:
+        super().__init__(base)
         self.base = base
-        self.key = write_key(base / "colofs.key")
-        self.port = free_port()
-        self.sec = Mount(base, "secondary", "s")
-        self.pri = Mount(base, "primary", "p")
         self.proxy: ProxyThread | None = None
 
-    def mount_secondary(self, key: Path | None = None) -> None:
-        self.sec.mount("--listen", f"127.0.0.1:{self.port}", "--key-file", str(key or self.key))
+    @property
+    def sec(self) -> Mount:
+        return self.secondary  # type: ignore[return-value]
 
-    def mount_primary(self, key: Path | None = None, via: int | None = None) -> None:
-        self.pri.mount("--peer", f"127.0.0.1:{via or self.port}", "--key-file", str(key or self.key))
+    @property
+    def pri(self) -> Mount:
+        return self.primary  # type: ignore[return-value]
 
-    def start(self, *, budget: Callable[[], int | None] | None = None) -> None:
+    def wait(self, pred: Callable[[], T], timeout: float, what: str) -> T:
+        return wait_until_sync(pred, timeout, what)
+
+    def start(self, *, budget: Callable[[], int | None] | None = None) -> Pair:
         """Mount both; with ``budget``, through a proxy that cuts each connection after that many bytes."""
         self.mount_secondary()
         via = None
@@ -130,53 +124,52 @@ class Pair:
             self.proxy = ProxyThread(self.port, budget)
             via = self.proxy.start()
         self.mount_primary(via=via)
+        return self
 
     def cleanup(self) -> None:
         try:
-            self.pri.cleanup()
+            super().cleanup()
         finally:
-            try:
-                self.sec.cleanup()
-            finally:
-                if self.proxy is not None:
-                    self.proxy.stop()
+            if self.proxy is not None:
+                self.proxy.stop()
 
     # -- driving and looking ---------------------------------------------------------
 
     def pfile(self, vm: str = "vm1", disk: str = "d0") -> Path:
-        return self.pri.path(vm, disk + ".raw")
+        return self.primary.file(vm, disk)
 
     def sfile(self, vm: str = "vm1", disk: str = "d0") -> Path:
-        return self.sec.path(vm, disk + ".raw")
+        return self.secondary.file(vm, disk)
 
-    def checkpoint(self, vm: str = "vm1", *, timeout: float = 30) -> dict[str, Any]:
-        """``mountctl checkpoint`` on the primary; the daemon's outcome."""
+    def checkpoint(self, vm: str = "vm1", *, timeout: float = 30) -> dict[str, Any]:  # type: ignore[override]
+        """``mountctl checkpoint`` on the primary, the command itself; the daemon's outcome."""
         res = mountctl("checkpoint", "--json", "--timeout", str(timeout), self.pri.path(vm), timeout=timeout + 30)
         return json.loads(res.stdout)
 
     @staticmethod
     def status(which: Mount) -> dict[str, Any]:
         """The root status, read as ``mountctl status --json`` does (without starting an interpreter)."""
-        return json.loads(os.getxattr(which.mnt, "user.colofs.status"))
+        return Node.status(which)
 
     def vm_status(self, which: Mount, vm: str = "vm1") -> dict[str, Any] | None:
         """The VM directory's status (the root's names the VMs only); None while there is no such VM."""
         try:
-            return json.loads(os.getxattr(which.path(vm), "user.colofs.status"))
-        except FileNotFoundError:
-            return None
+            return Node.status(which, vm)
+        except PairError:
+            if not which.path(vm).is_dir():
+                return None
+            raise
 
     def peer(self, which: Mount, vm: str = "vm1") -> dict[str, Any]:
         st = self.vm_status(which, vm)
         return st["peer"] if st else {}
 
-    def wait_disk(self, vm: str, disk: str, size: int, timeout: float = DEADLINE) -> None:
+    def wait_disk(self, vm: str, disk: str, size: int, timeout: float = DEADLINE) -> Path:  # type: ignore[override]
         """The disk shows on the secondary's mount with this size."""
         f = self.sfile(vm, disk)
         wait_until_sync(lambda: f.exists() and os.stat(f).st_size == size, timeout, f"{vm}/{disk} on the secondary",
                         catch=(OSError,))
+        return f
 
     def wait_caught_up(self, vm: str = "vm1", timeout: float = DEADLINE) -> None:
-        target = self.vm_status(self.pri, vm)["last_applied"]
-        wait_until_sync(lambda: (self.vm_status(self.sec, vm) or {}).get("last_applied", -1) >= target, timeout,
-                        f"the secondary to apply seq {target}")
+        self.wait_applied(vm, timeout)
