@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,8 +49,8 @@ from examples.guest.build import GuestImage, build  # noqa: E402
 from examples.guest.manifest import manifest_digest  # noqa: E402
 from examples.guest.qemu import Guest, poll  # noqa: E402
 from mountctl.client import CtlError, command  # noqa: E402
+from mountctl.pair import MOUNTCTL, Pair, PairError  # noqa: E402
 
-MOUNTCTL = [sys.executable, "-m", "mountctl.cli"]
 BOOT = 300.0
 """Bounds a guest's boot (TCG on a busy machine can take a minute)."""
 
@@ -228,51 +227,30 @@ def cmd_secondary(args: argparse.Namespace) -> int:
 
 # -- everything on one machine ---------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def daemon_pid(store: Path) -> int:
-    return int(json.loads((store / ".colofs-mount.lock").read_text())["pid"])
-
-
-class LoopbackPair:
-    """A secondary (--listen) and a primary (--peer) mounted on 127.0.0.1 with a generated key, under
-    a fresh directory in /var/tmp; ``close`` kills the guests, unmounts (detaching a dead daemon's
-    mount) and removes the directory unless kept."""
+class LoopbackPair(Pair):
+    """The harness's pair (mountctl.pair) under a fresh directory in /var/tmp, plus the guests running on it;
+    ``close`` kills the guests, unmounts (detaching a dead daemon's mount) and removes the directory
+    unless kept."""
 
     def __init__(self, prefix: str) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
-        self.sec, self.pri = self.base / "s-mnt", self.base / "p-mnt"
+        super().__init__(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+        self.base = self.work
+        self.sec, self.pri = self.secondary.mnt, self.primary.mnt
         self.guests: list[Guest] = []
-        self._mounted: list[Path] = []
 
-    def start(self, size: str) -> None:
-        key = self.base / "colofs.key"
-        key.write_bytes(os.urandom(32))
-        key.chmod(0o600)
-        port = free_port()
-        for mnt, role, link in ((self.sec, "secondary", ["--listen", f"127.0.0.1:{port}"]),
-                                (self.pri, "primary", ["--peer", f"127.0.0.1:{port}"])):
-            mnt.mkdir()
-            mountctl("mount", "--role", role, "--store", self.base / f"{role}-store", *link, "--key-file", key, mnt)
-            self._mounted.append(mnt)
-        say(f"pair mounted: secondary {self.sec} (127.0.0.1:{port}), primary {self.pri}")
-        mountctl("create", self.pri, "vm1/disk0", "--size", size)
-        poll(lambda: (self.sec / "vm1" / "disk0.raw").exists(), 60, "the disk on the secondary")
+    def start_with(self, size: str) -> None:
+        self.start()
+        say(f"pair mounted: secondary {self.sec} (127.0.0.1:{self.port}), primary {self.pri}")
+        self.primary.create("vm1", size, "disk0")  # type: ignore[arg-type]  # mountctl parses "64M"
+        self.wait_disk("vm1", "disk0", timeout=60)
 
     def kill_primary_daemon(self) -> None:
-        os.kill(daemon_pid(self.base / "primary-store"), signal.SIGKILL)
+        self.primary.kill()
 
     def close(self, keep: bool) -> None:
         for g in self.guests:
             g.close()
-        for mnt in reversed(self._mounted):
-            subprocess.run([*MOUNTCTL, "umount", str(mnt)], capture_output=True, timeout=120, cwd=REPO,
-                           check=False)
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, timeout=30, check=False)
+        self.cleanup()
         if keep:
             say(f"kept {self.base}")
         else:
@@ -285,7 +263,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sec, pri = pair.sec, pair.pri
     ok = False
     try:
-        pair.start(args.size)
+        pair.start_with(args.size)
         guest = start_primary_guest(img, pri / "vm1" / "disk0.raw", pair.base / "guests", args.seed, args)
         pair.guests.append(guest)
         prot = Protector(guest, pri / "vm1", args.timeout)
@@ -319,7 +297,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             f"and verified {t_booted:.1f} s; generation {gen} of the last confirmed checkpoint exact, "
             f"e2fsck clean; the guest wrote on to generation {lo + 4} as the new primary")
         ok = True
-    except (RuntimeError, TimeoutError, CtlError) as e:
+    except (RuntimeError, TimeoutError, CtlError, PairError) as e:
         say(f"RESULT failed: {e}")
     except KeyboardInterrupt:
         say("interrupted")
