@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from mountctl.pair import free_port, write_key
 from tests.fs.mounts import Mount, mountctl, run
 from tests.nbd.rawclient import RawClient
 from tests.pki import HAVE_OPENSSL
@@ -158,12 +158,6 @@ def test_a_stale_socket_is_replaced_and_tcp_needs_a_key(mounted, tmp_path) -> No
     assert not os.path.ismount(m.mnt)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pki(d: Path) -> Path:
     """A CA, a server certificate for 127.0.0.1 (clients check it) and a client one, laid out for libnbd and QEMU."""
     d.mkdir()
@@ -182,10 +176,8 @@ def _pki(d: Path) -> Path:
 @pytest.mark.skipif(not HAVE_OPENSSL, reason="needs the openssl command for test certificates")
 def test_tcp_with_tls_serves_nbdinfo_and_qemu_and_refuses_plain_clients(mounted, tmp_path) -> None:
     pki = _pki(tmp_path / "pki")
-    key = tmp_path / "key"
-    key.write_bytes(os.urandom(32))
-    key.chmod(0o600)
-    port = _free_port()
+    key = write_key(tmp_path / "key")
+    port = free_port()
     m = mounted("secondary", "--nbd-listen", f"127.0.0.1:{port}", "--key-file", str(key),
                 "--tls-cert", str(pki / "server-cert.pem"), "--tls-key", str(pki / "server-key.pem"),
                 "--tls-ca", str(pki / "ca-cert.pem"))
