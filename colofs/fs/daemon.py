@@ -59,7 +59,7 @@ from colofs.nbd.fusecache import FuseCacheLink
 from colofs.nbd.service import NbdService, NbdStartError
 from colofs.notify import notify
 from colofs.repl import ReplConfigError
-from colofs.wire import KeyFileError, load_key
+from colofs.wire import KeyFileError, NonceRegistry, load_key
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,8 @@ async def serve(cfg: MountConfig, lock: StoreLock, ready: Ready) -> None:
             for note in notes:
                 log.warning("%s", note)
             bus = EventBus()  # handed to every part that reports a change
-            repl = Replication(cfg, store, key, events=bus)
+            # This node's outstanding handshake challenges, shared by all its connections.
+            repl = Replication(cfg, store, key, events=bus, nonces=NonceRegistry())
             ops = Operations(store, MountInfo(cfg, os.getpid(), time.time()), repl)
             _wire_hooks(ops, repl)
             failure: StartupError | None = None

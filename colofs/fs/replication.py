@@ -38,6 +38,7 @@ from colofs.repl.config import check_mode
 from colofs.repl.linkstate import SHOWN, LinkState
 from colofs.repl.verifier import Verifications, VerifyRun
 from colofs.repl.verify import VerifyError, VerifyOptions
+from colofs.wire import NonceRegistry
 
 LINK_STATES = SHOWN
 """The engine's link states, as status shows them per VM."""
@@ -49,23 +50,25 @@ class Replication:
     """None, a primary's replicator, or a secondary's listener, for one mount."""
 
     def __init__(self, cfg: MountConfig, store: Store, key: bytes | None,
-                 settings: ReplConfig | None = None, events: EventBus | None = None) -> None:
+                 settings: ReplConfig | None = None, events: EventBus | None = None,
+                 nonces: NonceRegistry | None = None) -> None:
         self.cfg = cfg
         self.events = events or EventBus()  # where checkpoints, failovers and peers are reported
         self.store = store
         self.key = key
         self.settings = settings or ReplConfig(tls=cfg.tls())
+        nonces = nonces if nonces is not None else NonceRegistry()  # this node's outstanding challenges
         self.hooks = SecondaryHooks(event=self.events.emit)  # the control plane installs the mount's checkpoint
         self.primary: PrimaryReplicator | None = None
         self.server: SecondaryServer | None = None
         self.verifies: Verifications | None = None
         if cfg.peer is not None:
             self.primary = PrimaryReplicator(store, (cfg.peer.host, cfg.peer.port), key,
-                                             node_id=store.node_id, config=self.settings)
+                                             node_id=store.node_id, config=self.settings, nonces=nonces)
             self.verifies = Verifications(store, self.primary)
         elif cfg.listen is not None:
             self.server = SecondaryServer(store, key, node_id=store.node_id, config=self.settings,
-                                          nonces=None, hooks=self.hooks)
+                                          nonces=nonces, hooks=self.hooks)
 
     # -- running ---------------------------------------------------------------------
 

@@ -65,7 +65,7 @@ async def handshake(
     role: Role,
     *,
     initiator: bool,
-    nonces: NonceRegistry | None,
+    nonces: NonceRegistry,
     timeout: float,
 ) -> Hello:
     """Run the opening exchange and check that the peer has the other role; returns its HELLO."""

@@ -53,7 +53,7 @@ class PrimaryReplicator:
         self.key = key
         self.node_id = node_id or store.node_id
         self.cfg = config or ReplConfig()
-        self.nonces = nonces
+        self.nonces = nonces if nonces is not None else NonceRegistry()  # this node's, shared by its links
         self.links: dict[str, VMLink] = {}
         self.budget = RetainedBudget(self.cfg.max_retained_total_bytes)
         self._nursery: trio.Nursery | None = None

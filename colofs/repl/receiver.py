@@ -59,7 +59,7 @@ class SecondaryServer:
         self.key = key
         self.node_id = node_id
         self.cfg = config
-        self.nonces = nonces
+        self.nonces = nonces if nonces is not None else NonceRegistry()  # this node's, shared by its peers
         self.hooks = hooks or SecondaryHooks()
         self.port: int | None = None
         self.sessions: dict[str, Session] = {}

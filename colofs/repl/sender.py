@@ -90,7 +90,7 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
         *,
         node_id: str,
         config: ReplConfig,
-        nonces: NonceRegistry | None,
+        nonces: NonceRegistry,
         budget: RetainedBudget | None = None,
     ) -> None:
         self.vm = vm

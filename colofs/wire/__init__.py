@@ -12,7 +12,6 @@ wrong, with a :class:`ProtocolError` subclass and nothing else.
 from colofs.wire.auth import (
     DEFAULT_AUTH_TIMEOUT,
     HANDSHAKE_MAX_FRAME,
-    PROCESS_NONCES,
     PROTO_VERSION,
     KeyFileError,
     NonceRegistry,
@@ -88,7 +87,6 @@ __all__ = [
     "DEFAULT_MAX_WIRE_LEN",
     "HANDSHAKE_MAX_FRAME",
     "HEADER_LEN",
-    "PROCESS_NONCES",
     "PROTO_VERSION",
     "TAG_LEN",
     "Ack",

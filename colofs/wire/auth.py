@@ -104,10 +104,10 @@ class NonceRegistry:
     """The challenge nonces one node has issued for handshakes still in progress.
 
     A peer presenting one of them as *its* challenge is reflecting ours (from
-    this or a parallel connection) and is refused.  One registry per node: the
-    module-level :data:`PROCESS_NONCES` is the right one for the usual one
-    node per process.  A process that hosts several simulated nodes (an
-    in-process test of primary and secondary) must give each its own registry,
+    this or a parallel connection) and is refused.  One registry per node,
+    built where the node's parts are built (the mount daemon) and handed to
+    every handshake it runs.  A process that hosts several simulated nodes (an
+    in-process test of primary and secondary) gives each its own registry,
     or the handshake between them is -- correctly -- seen as reflection.
     """
 
@@ -131,10 +131,6 @@ class NonceRegistry:
 
     def __len__(self) -> int:
         return len(self._outstanding)
-
-
-PROCESS_NONCES = NonceRegistry()
-"""The default, process-wide registry of outstanding nonces."""
 
 
 class KeyFileError(ValueError):
@@ -217,8 +213,8 @@ async def authenticate(
     *,
     initiator: bool,
     features: int = 0,
+    nonces: NonceRegistry,
     timeout: float = DEFAULT_AUTH_TIMEOUT,
-    nonces: NonceRegistry | None = None,
 ) -> PeerHello:
     """Run the mutual handshake on a fresh connection and return the peer's HELLO.
 
@@ -228,12 +224,12 @@ async def authenticate(
     any other :class:`ProtocolError` from decoding.  Nothing the peer sends is
     acted upon before this returns; messages the peer sends right after its
     AUTH_OK stay buffered in ``fs``.  On success ``fs`` MACs every later frame
-    both ways with this connection's session keys.  ``nonces`` defaults to the process-wide
-    :data:`PROCESS_NONCES` (see :class:`NonceRegistry`).
+    both ways with this connection's session keys.  ``nonces`` is the node's
+    registry of outstanding challenges (see :class:`NonceRegistry`).
     """
     if not isinstance(key, bytes | bytearray) or len(key) < KEY_MIN_LEN:
         raise ValueError(f"the shared key must be at least {KEY_MIN_LEN} bytes")
-    registry = PROCESS_NONCES if nonces is None else nonces
+    registry = nonces
     Hello(PROTO_VERSION, node_id, role, bytes(NONCE_LEN), features)  # validate before I/O
     with registry.issue() as nonce:
         own = Hello(PROTO_VERSION, node_id, role, nonce, features)
@@ -344,7 +340,6 @@ __all__ = [
     "HANDSHAKE_MAX_FRAME",
     "KEY_MAX_LEN",
     "KEY_MIN_LEN",
-    "PROCESS_NONCES",
     "PROTO_VERSION",
     "KeyFileError",
     "NonceRegistry",

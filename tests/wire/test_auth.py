@@ -121,7 +121,7 @@ async def test_initiator_follows_the_spec_exactly() -> None:
             result: list[Hello] = []
 
             async def initiator(sink: list[Hello] = result) -> None:
-                sink.append(await authenticate(FrameStream(a), KEY, "pvm", 1, initiator=True))
+                sink.append(await authenticate(FrameStream(a), KEY, "pvm", 1, initiator=True, nonces=NonceRegistry()))
 
             nursery.start_soon(initiator)
             hello_i = await peer.receive()
@@ -157,7 +157,7 @@ async def test_responder_sends_error_on_wrong_key() -> None:
 
     async def responder() -> None:
         try:
-            await authenticate(FrameStream(b), KEY, "svm", 2, initiator=False)
+            await authenticate(FrameStream(b), KEY, "svm", 2, initiator=False, nonces=NonceRegistry())
         except WrongKey as exc:
             errors.append(exc)
 
@@ -178,7 +178,7 @@ async def test_impostor_responder_refused_by_initiator() -> None:
 
     async def initiator() -> None:
         try:
-            await authenticate(FrameStream(a), KEY, "pvm", 1, initiator=True)
+            await authenticate(FrameStream(a), KEY, "pvm", 1, initiator=True, nonces=NonceRegistry())
         except WrongKey as exc:
             errors.append(exc)
 
@@ -202,7 +202,7 @@ async def test_echoed_nonce_refused_before_any_mac_is_sent() -> None:
 
     async def initiator() -> None:
         try:
-            await authenticate(FrameStream(a), KEY, "pvm", 1, initiator=True)
+            await authenticate(FrameStream(a), KEY, "pvm", 1, initiator=True, nonces=NonceRegistry())
         except ReflectedChallenge as exc:
             errors.append(exc)
 
@@ -217,10 +217,11 @@ async def test_echoed_nonce_refused_before_any_mac_is_sent() -> None:
 
 async def test_nonce_outstanding_on_another_connection_refused() -> None:
     """The classic reflection: reuse the responder's challenge on a parallel connection."""
+    registry = NonceRegistry()  # the responding node's: shared by all its connections
 
     async def responder(fs: FrameStream, sink: list[object]) -> None:
         try:
-            sink.append(await authenticate(fs, KEY, "svm", 2, initiator=False))
+            sink.append(await authenticate(fs, KEY, "svm", 2, initiator=False, nonces=registry))
         except ProtocolError as exc:
             sink.append(exc)
 
@@ -288,7 +289,7 @@ async def test_batch_before_authentication_refused() -> None:
 
     async def responder() -> None:
         try:
-            await authenticate(FrameStream(b), KEY, "svm", 2, initiator=False)
+            await authenticate(FrameStream(b), KEY, "svm", 2, initiator=False, nonces=NonceRegistry())
         except UnexpectedMessage as exc:
             errors.append(exc)
 
@@ -307,7 +308,7 @@ async def test_batch_instead_of_auth_refused() -> None:
 
     async def responder() -> None:
         try:
-            await authenticate(FrameStream(b), KEY, "svm", 2, initiator=False)
+            await authenticate(FrameStream(b), KEY, "svm", 2, initiator=False, nonces=NonceRegistry())
         except UnexpectedMessage as exc:
             errors.append(exc)
 
@@ -326,7 +327,7 @@ async def test_initiator_refuses_unexpected_message() -> None:
 
     async def initiator() -> None:
         try:
-            await authenticate(FrameStream(a), KEY, "pvm", 1, initiator=True)
+            await authenticate(FrameStream(a), KEY, "pvm", 1, initiator=True, nonces=NonceRegistry())
         except UnexpectedMessage as exc:
             errors.append(exc)
 
@@ -345,7 +346,7 @@ async def test_peer_of_the_unauthenticated_frames_protocol_refused() -> None:
 
     async def responder() -> None:
         try:
-            await authenticate(FrameStream(b), KEY, "svm", 2, initiator=False)
+            await authenticate(FrameStream(b), KEY, "svm", 2, initiator=False, nonces=NonceRegistry())
         except BadVersion as exc:
             errors.append(exc)
 
@@ -361,7 +362,7 @@ async def test_peer_closing_during_handshake() -> None:
     a, b = trio.testing.memory_stream_pair()
     await a.aclose()
     with pytest.raises(ConnectionClosed, match="during authentication \\(waiting for HELLO\\)"):
-        await authenticate(FrameStream(b), KEY, "svm", 2, initiator=False)
+        await authenticate(FrameStream(b), KEY, "svm", 2, initiator=False, nonces=NonceRegistry())
 
 
 @pytest.mark.parametrize("initiator", [True, False])
@@ -369,26 +370,26 @@ async def test_timeout(initiator: bool, autojump_clock: trio.testing.MockClock) 
     a, b = trio.testing.memory_stream_pair()  # the peer (a) never answers
     start = trio.current_time()
     with pytest.raises(AuthError, match="timed out after 3 s"):
-        await authenticate(FrameStream(b), KEY, "svm", 2, initiator=initiator, timeout=3)
+        await authenticate(FrameStream(b), KEY, "svm", 2, initiator=initiator, timeout=3, nonces=NonceRegistry())
     assert trio.current_time() - start == pytest.approx(3)
 
 
 async def test_default_timeout_is_ten_seconds(autojump_clock: trio.testing.MockClock) -> None:
     a, b = trio.testing.memory_stream_pair()
     with pytest.raises(AuthError, match="timed out after 10 s"):
-        await authenticate(FrameStream(b), KEY, "svm", 2, initiator=False)
+        await authenticate(FrameStream(b), KEY, "svm", 2, initiator=False, nonces=NonceRegistry())
 
 
 async def test_short_key_refused_before_any_io() -> None:
     a, b = trio.testing.memory_stream_pair()
     with pytest.raises(ValueError, match="at least 16 bytes"):
-        await authenticate(FrameStream(b), b"x" * 15, "svm", 2, initiator=True)
+        await authenticate(FrameStream(b), b"x" * 15, "svm", 2, initiator=True, nonces=NonceRegistry())
 
 
 async def test_invalid_own_identity_refused() -> None:
     a, b = trio.testing.memory_stream_pair()
     with pytest.raises(ValueError):
-        await authenticate(FrameStream(b), KEY, "svm", 3, initiator=True)
+        await authenticate(FrameStream(b), KEY, "svm", 3, initiator=True, nonces=NonceRegistry())
 
 
 # ----------------------------------------------------------------- load_key
@@ -481,7 +482,7 @@ async def test_big_frame_before_authentication_refused_from_its_header(initiator
 
     async def victim() -> None:
         try:
-            await authenticate(FrameStream(b), KEY, "svm", 2, initiator=initiator)
+            await authenticate(FrameStream(b), KEY, "svm", 2, initiator=initiator, nonces=NonceRegistry())
         except FrameTooLarge as exc:
             errors.append(exc)
 
