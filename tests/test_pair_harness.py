@@ -77,3 +77,36 @@ def test_a_daemon_already_serving_the_store_is_not_taken_for_ours(tmp_path: Path
         other.cleanup()
         owner.cleanup()
     assert mounts_under(tmp_path) == []
+
+
+def test_a_node_mounts_again_over_the_stale_mount_its_killed_daemon_left(tmp_path: Path):
+    node = Node(tmp_path, "again", "secondary")
+    try:
+        node.mount()
+        first = node.pid
+        node.kill()
+        node.mount()  # the mountpoint answers ENOTCONN until mountctl detaches it
+        assert node.pid not in (None, first) and os.path.ismount(node.mnt)
+    finally:
+        node.cleanup()
+    assert mounts_under(tmp_path) == []
+
+
+class FailingUmount(Node):
+    """A node whose mountctl fails its own way (as the tests' mounts do, with AssertionError) on umount."""
+
+    def mountctl(self, *args: str, timeout: float = 120):
+        if args[0] == "umount":
+            raise AssertionError("umount refused")
+        return super().mountctl(*args, timeout=timeout)
+
+
+def test_cleanup_kills_and_detaches_whatever_error_a_subclass_raises(tmp_path: Path):
+    node = FailingUmount(tmp_path, "stubborn", "secondary")
+    try:
+        node.mount()
+        pid = node.pid
+    finally:
+        node.cleanup()
+    assert pid is not None and not alive(pid)
+    assert mounts_under(tmp_path) == []
