@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from mountctl.pair import Node, PairError, free_port, write_key
+from mountctl.pair import Node, PairError
 from mountctl.pair import Pair as HarnessPair
 from tests.fs.mounts import Mount, mountctl
 from tests.repl.proxy import FaultProxy
@@ -27,7 +27,6 @@ from tests.waiting import DEADLINE, wait_until_sync
 
 MiB = 1 << 20
 T = TypeVar("T")
-__all__ = ["MiB", "Pair", "ProxyThread", "direct_pwrite", "free_port", "read_file", "write_key"]
 
 
 def read_file(path: Path, *, direct: bool = False) -> bytes:

@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from tests.e2e.pair import MiB, Pair, direct_pwrite, read_file, write_key
+from mountctl.pair import write_key
+from tests.e2e.pair import MiB, Pair, direct_pwrite, read_file
 from tests.fs.mounts import mountctl, run
 from tests.waiting import wait_until_sync
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.pair import Pair, direct_pwrite, free_port, read_file
+from mountctl.pair import free_port
+from tests.e2e.pair import Pair, direct_pwrite, read_file
 from tests.fs.mounts import Mount, mountctl
 from tests.mountable import mount_skip_reason
 from tests.waiting import wait_until_sync

@@ -20,7 +20,7 @@ import pytest
 from colofs.fs.config import LOCK_NAME, LOG_NAME
 from colofs.fs.lock import holder, last_state
 from mountctl.mounthelper import OptionError, mount_args
-from tests.e2e.pair import free_port, write_key
+from mountctl.pair import free_port, write_key
 from tests.fs.mounts import Mount, mountctl, run
 from tests.mountable import mount_skip_reason
 from tests.ops.sysfiles import BIN, Reaped, linked, system_lock

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.pair import free_port, write_key
+from mountctl.pair import free_port, write_key
 from tests.fs.mounts import Mount, mountctl
 from tests.mountable import mount_skip_reason
 from tests.ops.sysfiles import BIN
