@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 import trio
 
-from mountctl.pair import Node, PairError
 from mountctl.pair import Pair as HarnessPair
 from tests.fs.mounts import Mount, mountctl
 from tests.repl.proxy import FaultProxy
@@ -148,16 +147,11 @@ class Pair(HarnessPair):
     @staticmethod
     def status(which: Mount) -> dict[str, Any]:
         """The root status, read as ``mountctl status --json`` does (without starting an interpreter)."""
-        return Node.status(which)
+        return which.read_status()
 
     def vm_status(self, which: Mount, vm: str = "vm1") -> dict[str, Any] | None:
         """The VM directory's status (the root's names the VMs only); None while there is no such VM."""
-        try:
-            return Node.status(which, vm)
-        except PairError:
-            if not which.path(vm).is_dir():
-                return None
-            raise
+        return which.vm_status(vm)
 
     def peer(self, which: Mount, vm: str = "vm1") -> dict[str, Any]:
         st = self.vm_status(which, vm)
