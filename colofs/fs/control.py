@@ -1,5 +1,8 @@
 """The control plane: extended attributes ``user.colofs.*`` on the mount.
 
+It runs a little past 400 lines because the table of names below and the dispatch that serves
+it are kept in one place, so the reference in docs/control.md is checked against one module.
+
 Reading an attribute answers a question (status as JSON); writing one runs a
 command (checkpoint, failover, create, import, snapshot, clone); removing
 ``snapshot`` from a snapshot's own file deletes it. ``mountctl`` is a thin

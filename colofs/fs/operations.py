@@ -1,5 +1,8 @@
 """The FUSE adapter: pyfuse3 requests on ``MOUNTPOINT/VM/DISK.raw`` turned into core calls.
 
+It runs a little past 400 lines because it holds every pyfuse3 handler (the whole surface the
+kernel sees), each a few lines that hand over to the core or the control plane.
+
 Reads and writes of a disk file are the VM's view of the disk on this host
 (``Disk.read``/``Disk.write``: the core routes by role). A snapshot file
 ``DISK@NAME.raw`` reads a past image and cannot be opened for writing
