@@ -29,15 +29,6 @@ def guest_image() -> GuestImage:
 
 
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
-    p = Pair(tmp_path)
-    try:
-        yield p
-    finally:
-        p.cleanup()
-
-
-@pytest.fixture
 def guests(guest_image: GuestImage, tmp_path: Path, pair: Pair) -> Iterator[Callable[..., Guest]]:
     """``guests(disk, name, mode=..., seed=...)`` starts a guest; every one is killed at the end
     (before the pair is unmounted: a mount with a disk open is busy)."""

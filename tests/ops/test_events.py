@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 
 from colofs.events import socket_path
 from mountctl.events import format_event
-from tests.e2e.pair import Pair, direct_pwrite
+from tests.e2e.pair import direct_pwrite
 from tests.fs.mounts import MOUNTCTL, mountctl
 from tests.mountable import mount_skip_reason
 from tests.waiting import wait_until_sync
@@ -65,15 +64,6 @@ class Follower:
             return self.proc.wait(timeout=60)
         finally:
             self._thread.join(timeout=60)
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
-    p = Pair(tmp_path)
-    try:
-        yield p
-    finally:
-        p.cleanup()
 
 
 def test_events_follow_a_checkpoint_a_peer_loss_a_failover_and_drop_a_slow_reader(pair):

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mountctl.pair import free_port
-from tests.e2e.pair import Pair, direct_pwrite, read_file
+from tests.e2e.pair import direct_pwrite, read_file
 from tests.fs.mounts import Mount, mountctl
 from tests.mountable import mount_skip_reason
 from tests.waiting import wait_until_sync
@@ -141,15 +141,6 @@ def test_a_metrics_port_in_use_stops_the_mount_with_the_reason(mount):
     assert res.returncode != 0
     assert f"--metrics: cannot listen on 127.0.0.1:{port}" in res.stderr
     assert not os.path.ismount(mount.mnt)
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
-    p = Pair(tmp_path)
-    try:
-        yield p
-    finally:
-        p.cleanup()
 
 
 def test_a_pair_reports_replication_figures_and_refused_connections(pair):
