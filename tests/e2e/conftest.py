@@ -1,4 +1,4 @@
-"""Fixtures of the end-to-end tests: a mounted pair under the test's directory, always cleaned up."""
+"""End-to-end tests: two daemons on loopback; they skip with the reason where nothing can be mounted."""
 
 from __future__ import annotations
 
