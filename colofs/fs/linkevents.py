@@ -15,12 +15,12 @@ import trio
 
 from colofs.events import EventBus
 from colofs.repl import PrimaryReplicator
+from colofs.repl.linkstate import CONNECTED
 from colofs.repl.sender import VMLink
 from colofs.repl.verifier import Verifications
 
 PROGRESS_EVERY = 1.0
 SCAN_EVERY = 1.0
-CONNECTED = ("streaming", "resyncing")
 
 
 def current_state(ops: Any) -> list[dict[str, Any]]:
@@ -50,15 +50,19 @@ async def _watch_link(link: VMLink, bus: EventBus) -> None:
     vm = link.vm.name
     peer = f"{link.peer[0]}:{link.peer[1]}"
     state = "idle"
+    ups = downs = 0  # the link counts its ups and downs, so one that came and went before this task looked is told
     resync: dict[str, Any] = {"active": False}
     next_progress = 0.0
     while True:
         new = link.state
-        if new != state:
-            if new in CONNECTED and state not in CONNECTED:
+        while ups < link.ups or downs < link.downs:
+            if ups <= downs:
+                ups += 1
                 bus.emit("peer-connected", vm=vm, peer=peer, role="primary")
-            elif state in CONNECTED and new not in CONNECTED:
+            else:
+                downs += 1
                 bus.emit("peer-lost", vm=vm, peer=peer, role="primary", reason=link.last_error)
+        if new != state:
             if new == "refused":
                 bus.emit("peer-refused", vm=vm, peer=peer, role="primary", reason=link.last_error)
             state = new

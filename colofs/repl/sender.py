@@ -113,6 +113,10 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
         self._streamed = False
         self._full_pending = False
         self.progress = ResyncProgress()
+        self.ups = 0
+        """How often the link came up (entered a connected state) and went down again: a watcher that
+        looks late still sees every connection, even one that came and went before it looked."""
+        self.downs = 0
         self.verify_sink: Callable[[object, VerifyDigests], None] | None = None
         """Where VERIFY_DIGESTS go while an online verify runs (:mod:`colofs.repl.verifier`)."""
         self.stats = {
@@ -129,6 +133,11 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
             self._work.set()
 
     def _set_state(self, state: LinkState) -> None:
+        if (state in CONNECTED) != (self.state in CONNECTED):
+            if state in CONNECTED:
+                self.ups += 1
+            else:
+                self.downs += 1
         self.state = state
         self._changed.fire()
 
