@@ -1,0 +1,1 @@
+"""Serving each VM from a process of its own: the supervisor, the zygote, the workers and the channel between them."""
