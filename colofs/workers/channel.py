@@ -9,7 +9,7 @@ neither side needs framing or a send lock.
 A request carries ``"id"`` and gets exactly one reply ``{"reply_to": id, ...}``,
 or ``{"reply_to": id, "error": text, "errno": N}``; a notification has no
 ``id`` and no reply. The operations themselves are listed in
-``docs/design.md`` (process model); this module knows only the mechanism.
+``docs/processes.md``; this module knows only the mechanism.
 """
 
 from __future__ import annotations
