@@ -57,8 +57,11 @@ UNKNOWN_ROLE = "unknown"  # a quarantined VM whose state file cannot be read
 class Store:
     """All VMs of this host. Open it once per process; close it to mark everything clean."""
 
-    def __init__(self, path: str, node_id: str, default_role: str, io: IOContext | None = None) -> None:
+    def __init__(self, path: str, node_id: str, default_role: str, io: IOContext | None = None,
+                 only: str | None = None) -> None:
         self.path = path
+        self.only = only
+        """The one VM this store is scoped to (a worker process's), or None for every VM."""
         self.io = io if io is not None else IOContext.from_environment()
         """The worker pool, read policy and writeback every VM and disk of the store uses; closed with it."""
         self.node_id = node_id
@@ -66,8 +69,13 @@ class Store:
         self.vms: dict[str, VM] = {}
 
     @classmethod
-    async def open(cls, path: str, *, role: str, create: bool = False, io: IOContext | None = None) -> Store:
+    async def open(cls, path: str, *, role: str, create: bool = False, io: IOContext | None = None,
+                   only: str | None = None) -> Store:
         """Open (and with ``create``, initialise) the store; recovers every VM that crashed.
+
+        With ``only``, the store is scoped to that one VM: only its directory
+        is opened (and recovered), only it can be created, and closing closes
+        only it. Another process (a worker per VM) owns each other VM's files.
 
         ``role`` is the role given to VMs created from now on; each existing
         VM keeps the role its state records (a failover changes it). ``io``
@@ -87,9 +95,12 @@ class Store:
         if not os.path.isdir(path):
             raise StoreError(f"{path}: no such store directory")
         info = read_store_marker(marker)
-        store = cls(path, info["node_id"], role, io)
+        if only is not None:
+            check_name("VM", only)
+        store = cls(path, info["node_id"], role, io, only)
         try:
-            for entry in sorted(os.listdir(path)):
+            entries = [only] if only is not None else sorted(os.listdir(path))
+            for entry in entries:
                 vm_path = os.path.join(path, entry)
                 if entry.startswith(".") or not os.path.isdir(vm_path):
                     continue
@@ -135,6 +146,12 @@ class Store:
             await new.adopt_epoch(epoch)
         return aside
 
+    def _check_scope(self, name: str) -> None:
+        """A VM-scoped store touches no other VM: another process owns its files."""
+        if self.only is not None and name != self.only:
+            raise BadArgument(f"VM {name}: this process serves only VM {self.only} of store {self.path}; "
+                              f"VM {name} is served by its own process")
+
     def vm(self, name: str) -> VM:
         try:
             return self.vms[name]
@@ -146,6 +163,7 @@ class Store:
 
     async def create_vm(self, name: str, role: str | None = None) -> VM:
         check_name("VM", name)
+        self._check_scope(name)
         if name in self.vms:
             raise AlreadyExists(f"VM {name} already exists")
         vm = await VM.create(os.path.join(self.path, name), name, role or self.default_role, self.io)
@@ -165,6 +183,7 @@ class Store:
         """Create a disk, and its VM if it does not exist yet."""
         check_name("VM", vm)
         check_name("disk", disk)
+        self._check_scope(vm)
         vm_obj = self.vms.get(vm) or await self.create_vm(vm, role)
         return await vm_obj.add_disk(disk, size, block_size, source)
 
@@ -181,7 +200,6 @@ class Store:
             if not vm.closed:
                 vm.abandon()
         self.io.close()
-
 
 
 async def _open_vm(vm_path: str, name: str, io: IOContext) -> VM | None:
