@@ -4,9 +4,10 @@ mount(8) runs ``/sbin/mount.fuse.colofs STORE MOUNTPOINT [-sfnv] -o OPTIONS``
 when that file exists. Without it, mount(8) falls back to ``mount.fuse3``,
 which runs ``colofs STORE MOUNTPOINT -o OPTIONS`` from ``PATH`` (after
 dropping ``_netdev`` and ``nofail``). Both names are console scripts for this
-module, so either path works. The options map onto ``mountctl mount``'s flags
-(``role=secondary,listen=H:P,key_file=F`` is ``--role secondary --listen H:P
---key-file F``); generic ones that only mean something to mount(8), systemd
+module, so either path works. Every option of ``mountctl mount`` (save the
+store, which is the source, and ``--foreground``) is an ``-o`` option of the
+same name (``role=secondary,listen=H:P,key_file=F,metrics=H:P`` is ``--role
+secondary --listen H:P --key-file F --metrics H:P``); generic ones that only mean something to mount(8), systemd
 or the kernel's generic layer (``_netdev``, ``nofail``, ``defaults``,
 ``noauto``, ``rw``, ``x-systemd.*``, ...) are ignored. The helper returns
 once the mount answers, like ``mountctl mount``, and exits with mount(8)'s
@@ -24,21 +25,9 @@ from mountctl.client import CtlError
 USAGE_ERROR = 1  # mount(8): incorrect invocation
 MOUNT_FAILURE = 32  # mount(8): mount failure
 
-# option -> mountctl mount flag; both spellings (key_file, key-file) are read
-VALUED = {
-    "role": "--role",
-    "listen": "--listen",
-    "peer": "--peer",
-    "key_file": "--key-file",
-    "log_file": "--log-file",
-    "tls_cert": "--tls-cert",
-    "tls_key": "--tls-key",
-    "tls_ca": "--tls-ca",
-    "nbd_socket": "--nbd-socket",
-    "nbd_listen": "--nbd-listen",
-    "timeout": "--timeout",
-}
-FLAGS = {"allow_other": "--allow-other", "debug": "--debug"}
+# ``mountctl mount`` flags a mount helper cannot pass on: the store is the source, and mount(8)
+# waits for the helper, which must return once the mount answers rather than stay attached.
+NOT_OPTIONS = {"--store", "--foreground", "--help"}
 
 # Options meant for mount(8), systemd, fstab tools or the generic mount layer: no meaning for colofs.
 IGNORED = {
@@ -54,8 +43,40 @@ class OptionError(ValueError):
     """An ``-o`` option colofs cannot take; the message names it."""
 
 
+def mount_options(parser: argparse.ArgumentParser | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """``(valued, flags)``: each ``-o`` name (``key_file``) and the ``mountctl mount`` flag it stands for.
+
+    Read from the ``mount`` parser itself, so every option the daemon takes
+    (``metrics``, ``nbd_listen``, ``tls_ca``, ...) is an ``-o`` option and a
+    new one needs no second list here. Flags are the options taking no value.
+    """
+    if parser is None:
+        parser = _mount_parser()
+    valued: dict[str, str] = {}
+    flags: dict[str, str] = {}
+    for action in parser._actions:
+        long = [o for o in action.option_strings if o.startswith("--") and o not in NOT_OPTIONS]
+        if not long:
+            continue
+        name = long[0][2:].replace("-", "_")
+        (flags if action.nargs == 0 else valued)[name] = long[0]
+    return valued, flags
+
+
+def _mount_parser() -> argparse.ArgumentParser:
+    """``mountctl mount``'s parser (its options are the daemon's, from :mod:`colofs.fs.config`)."""
+    from mountctl.cli import build_parser
+
+    top = build_parser()
+    for action in top._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices["mount"]
+    raise RuntimeError("mountctl has no mount command")
+
+
 def mount_args(options: str, *, sloppy: bool = False) -> list[str]:
     """``mountctl mount`` flags for a comma-separated ``-o`` string (raises :class:`OptionError`)."""
+    valued, flags = mount_options()
     args: list[str] = []
     role = None
     for opt in filter(None, (o.strip() for o in options.split(","))):
@@ -65,17 +86,17 @@ def mount_args(options: str, *, sloppy: bool = False) -> list[str]:
             continue
         if name == "ro":
             raise OptionError("ro: a colofs mount is read-write (its VMs write their disks)")
-        if key in FLAGS and not sep:
-            args.append(FLAGS[key])
-        elif key in VALUED and sep and value:
-            args += [VALUED[key], value]
+        if key in flags and not sep:
+            args.append(flags[key])
+        elif key in valued and sep and value:
+            args += [valued[key], value]
             role = value if key == "role" else role
-        elif key in VALUED:
+        elif key in valued:
             raise OptionError(f"{name}: needs a value ({name}=...)")
-        elif key in FLAGS:
+        elif key in flags:
             raise OptionError(f"{name}: takes no value")
         elif not sloppy:
-            known = ", ".join(sorted([*VALUED, *FLAGS]))
+            known = ", ".join(sorted([*valued, *flags]))
             raise OptionError(f"unknown option {opt!r} (colofs takes {known})")
     if role is None:
         raise OptionError("role=primary or role=secondary is required")
@@ -98,6 +119,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from colofs.fs.config import ConfigError, config_from_args
     from mountctl.cli import build_parser
 
     try:
@@ -118,7 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns = parser.parse_args(ctl)
     except SystemExit:
         return USAGE_ERROR
-    if args.fake:
+    if args.fake:  # mount -f: everything but the mount, so the configuration is checked too
+        try:
+            config_from_args(ns)
+        except ConfigError as e:
+            print(f"mount.fuse.colofs: {e}", file=sys.stderr)
+            return USAGE_ERROR
         return 0
     try:
         return MOUNT_FAILURE if ns.func(ns, parser) else 0

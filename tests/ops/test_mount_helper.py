@@ -9,17 +9,20 @@ state recorded as closed cleanly, and a remount serving the same disks.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from colofs.fs.config import LOCK_NAME, LOG_NAME
+from colofs.fs.config import LOCK_NAME, LOG_NAME, add_mount_arguments
 from colofs.fs.lock import holder, last_state
-from mountctl.mounthelper import OptionError, mount_args
+from mountctl.mounthelper import OptionError, main, mount_args
 from mountctl.pair import free_port, write_key
 from tests.fs.mounts import Mount, mountctl, run
 from tests.mountable import mount_skip_reason
@@ -45,6 +48,43 @@ def test_options_map_to_mountctl_flags_and_generic_ones_are_ignored():
                      "--allow-other"]
     assert mount_args("role=primary,peer=[::1]:7788,key-file=/k,debug") == [
         "--role", "primary", "--peer", "[::1]:7788", "--key-file", "/k", "--debug"]
+
+
+def test_every_option_the_daemon_takes_is_an_o_option_of_the_same_name():
+    daemon = argparse.ArgumentParser()
+    add_mount_arguments(daemon)
+    taken = [o for a in daemon._actions for o in a.option_strings if o.startswith("--") and o not in ("--store", "--help")]
+    assert "--metrics" in taken and "--nbd-listen" in taken and "--tls-ca" in taken
+    for flag in taken:
+        name = flag[2:].replace("-", "_")
+        if flag == "--role":
+            continue
+        action = next(a for a in daemon._actions if flag in a.option_strings)
+        opt = name if action.nargs == 0 else f"{name}=x"
+        got = mount_args(f"role=secondary,{opt}")
+        assert got[2:] == ([flag] if action.nargs == 0 else [flag, "x"]), (opt, got)
+
+
+def test_metrics_and_the_other_daemon_options_map_in_either_spelling():
+    assert mount_args("role=secondary,metrics=127.0.0.1:9464,nbd-listen=0.0.0.0:10809,nbd_socket=/run/c.sock,"
+                      "tls_cert=/c,tls-key=/k,tls_ca=/ca,log_file=/l,timeout=30,_netdev") == [
+        "--role", "secondary", "--metrics", "127.0.0.1:9464", "--nbd-listen", "0.0.0.0:10809",
+        "--nbd-socket", "/run/c.sock", "--tls-cert", "/c", "--tls-key", "/k", "--tls-ca", "/ca",
+        "--log-file", "/l", "--timeout", "30"]
+
+
+def test_options_the_helper_cannot_pass_on_are_refused():
+    for opt in ("store=/x", "foreground", "help"):
+        with pytest.raises(OptionError, match="unknown option"):
+            mount_args(f"role=secondary,{opt}")
+
+
+def test_a_bad_metrics_value_is_a_usage_error_before_anything_is_mounted(tmp_path, capsys):
+    assert main([str(tmp_path / "store"), str(tmp_path), "-f", "-o", "role=secondary,metrics=nohost"]) == 1
+    assert "--metrics" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
+    assert main([str(tmp_path / "store"), str(tmp_path), "-f", "-o", "role=secondary,metrics"]) == 1
+    assert main([str(tmp_path / "store"), str(tmp_path), "-f", "-o", "role=secondary,metrics=127.0.0.1:9464"]) == 0
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -112,7 +152,7 @@ def _findmnt(m: Mount) -> dict:
     return json.loads(out)["filesystems"][0]
 
 
-def _umount_cleanly(m: Mount, reaped: Reaped | None) -> None:
+def _umount_cleanly(m: Mount, reaped: Reaped | None, log: Path | None = None) -> None:
     """Plain ``umount``; then the daemon exits 0, lets go of the lock, and has said so."""
     pid = m.pid
     run("umount", str(m.mnt))
@@ -122,7 +162,7 @@ def _umount_cleanly(m: Mount, reaped: Reaped | None) -> None:
     wait_until_sync(lambda: holder(str(m.store / LOCK_NAME)) is None, 60, "the store's lock to be released")
     state = last_state(str(m.store / LOCK_NAME))
     assert state["state"] == "closed" and state["clean"] is True, state
-    assert f"store {m.store} closed cleanly" in (m.store / LOG_NAME).read_text()
+    assert f"store {m.store} closed cleanly" in (log or m.store / LOG_NAME).read_text()
 
 
 @needs_mount
@@ -208,3 +248,31 @@ def test_a_bad_option_fails_the_mount_naming_it(tmp_path, helper, mounts):
     assert res.returncode != 0
     assert "unknown option 'bogus=1'" in res.stderr
     assert not os.path.ismount(sec.mnt) and not (sec.store / LOCK_NAME).exists()
+
+
+def _scrape(port: int) -> dict[str, str]:
+    """Metric family name -> type, parsed by prometheus_client (a malformed line raises)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {fam.name: fam.type for fam in text_string_to_metric_families(text)}
+
+
+@needs_mount
+def test_metrics_option_from_mount_t_and_from_fstab_serves_prometheus(tmp_path, helper, mounts):
+    sec, pri = mounts["s"], mounts["p"]
+    sport, pport = free_port(), free_port()
+    log = tmp_path / "secondary.log"
+    r = _mount_t(sec, f"role=secondary,metrics=127.0.0.1:{sport},log_file={log},_netdev,nofail")
+    fams = _scrape(sport)
+    assert fams.get("colofs_replication_state") == "gauge" and fams.get("colofs_checkpoints") == "counter", fams
+    assert f"store {sec.store}" in log.read_text()  # log_file= reached the daemon too
+    _umount_cleanly(sec, r, log=log)
+
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"{pri.store} {pri.mnt} fuse.colofs role=primary,metrics=127.0.0.1:{pport},"
+                     "_netdev,nofail,x-systemd.after=network-online.target 0 0\n")
+    rf = Reaped("mount", "-T", str(fstab), "-a")
+    assert rf.rc == 0, rf.out
+    _adopt(pri)
+    assert _scrape(pport).get("colofs_reads") == "counter"
+    _umount_cleanly(pri, rf)
