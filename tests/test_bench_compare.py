@@ -123,3 +123,26 @@ def test_a_call_that_never_returns_is_reported():
     with pytest.raises(Hung, match="did not return within"):
         call_with_timeout(lambda: time.sleep(5), 0.1, "a stuck call")  # the workload: a call stuck for 5 s
     assert call_with_timeout(lambda: 42, 5, "a quick call") == 42
+
+
+def _cell(*values: float) -> Cell:
+    c = Cell()
+    for v in values:
+        c.add(v)
+    return c
+
+
+def test_nbd_column_and_its_ratio_appear_only_where_measured():
+    rows = {r.id: r for r in all_rows(1 << 30, 5.0, 1 << 30)}
+    assert "nbd" not in rows["buffered-seq-write"].systems  # NBD has no page cache: no buffered cell
+    assert "nbd" in rows["aio16-rand-write"].systems and "nbd" in rows["direct-rand-read"].systems
+    with_nbd = RowResult(rows["aio16-seq-write"], {"colofs": _cell(100.0), "nbd": _cell(300.0),
+                                                   "qemu": _cell(200.0), "raw": _cell(400.0)})
+    without = RowResult(rows["buffered-seq-write"], {"colofs": _cell(100.0), "qemu": _cell(200.0),
+                                                     "raw": _cell(400.0)})
+    text = render([with_nbd, without], "header")
+    assert "| row | unit | colofs | colofs NBD | QEMU | raw file | vs QEMU | NBD vs QEMU | vs raw |" in text
+    assert "| O_DIRECT libaio qd16 seq write 1M | MB/s | 100 | 300 | 200 | 400 | 0.50 | 1.50 | 0.25 |" in text
+    assert "| buffered psync seq write 1M | MB/s | 100 | n/a | 200 | 400 | 0.50 | - | 0.25 |" in text
+    assert with_nbd.as_json()["ratios"]["nbd_vs_qemu"] == 1.5
+    assert "NBD" not in render([without], "header")  # no NBD cell anywhere: no NBD columns

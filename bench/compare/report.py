@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.compare.proc import first_line
-from bench.compare.workloads import LABELS, Row
+from bench.compare.workloads import LABELS, SYSTEMS, Row
 
 SCHEMA = "colofs-bench-compare/2"
 
@@ -73,13 +73,13 @@ class RowResult:
     row: Row
     cells: dict[str, Cell]
 
-    def ratio(self, other: str) -> float | None:
-        """How many times better colofs is than ``other``: above 1.0 colofs wins, whichever way the unit points.
+    def ratio(self, other: str, mine: str = "colofs") -> float | None:
+        """How many times better ``mine`` is than ``other``: above 1.0 ``mine`` wins, whichever way the unit points.
 
-        Throughput rows divide colofs by the other system; time and memory
-        rows divide the other system by colofs.
+        Throughput rows divide ``mine`` by the other system; time and memory
+        rows divide the other system by ``mine``.
         """
-        a, b = self.cells.get("colofs"), self.cells.get(other)
+        a, b = self.cells.get(mine), self.cells.get(other)
         if a is None or b is None or a.median is None or b.median is None or min(a.median, b.median) <= 0:
             return None
         return a.median / b.median if self.row.higher_is_better else b.median / a.median
@@ -90,7 +90,8 @@ class RowResult:
             "id": r.id, "group": r.group, "title": r.title, "unit": r.unit,
             "better": "higher" if r.higher_is_better else "lower",
             "systems": {name: cell.as_json() for name, cell in self.cells.items()},
-            "ratios": {"vs_qemu": _round(self.ratio("qemu")), "vs_raw": _round(self.ratio("raw"))},
+            "ratios": {"vs_qemu": _round(self.ratio("qemu")), "vs_raw": _round(self.ratio("raw")),
+                       "nbd_vs_qemu": _round(self.ratio("qemu", "nbd"))},
         }
 
 
@@ -120,16 +121,31 @@ def fmt_cell(cell: Cell | None, row: Row) -> str:
     return text
 
 
+def columns(results: list[RowResult]) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """The systems shown (those some row measures, colofs, QEMU and raw always) and the ratio columns.
+
+    A ratio column is (heading, mine, other); the NBD column's ratio to QEMU
+    appears only when some row has an NBD cell.
+    """
+    present = {name for res in results for name in res.cells}
+    systems = [s for s in SYSTEMS if s in present or s in ("colofs", "qemu", "raw")]
+    ratios = [("vs QEMU", "colofs", "qemu")]
+    if "nbd" in present:
+        ratios.append(("NBD vs QEMU", "nbd", "qemu"))
+    ratios.append(("vs raw", "colofs", "raw"))
+    return systems, ratios
+
+
 def render(results: list[RowResult], header: str) -> str:
     """The Markdown table for the terminal, then one line per failed or skipped cell with its reason."""
-    lines = [header, "",
-             "| row | unit | colofs | QEMU chain | raw file | vs QEMU | vs raw |",
-             "|---|---|---|---|---|---|---|"]
+    systems, ratio_cols = columns(results)
+    heads = [LABELS[s] for s in systems] + [h for h, _, _ in ratio_cols]
+    lines = [header, "", f"| row | unit | {' | '.join(heads)} |", "|---|---|" + "---|" * len(heads)]
     notes = []
     for res in results:
         r = res.row
-        cells = [fmt_cell(res.cells.get(s), r) for s in ("colofs", "qemu", "raw")]
-        ratios = [f"{x:.2f}" if x is not None else "-" for x in (res.ratio("qemu"), res.ratio("raw"))]
+        cells = [fmt_cell(res.cells.get(s), r) for s in systems]
+        ratios = [f"{x:.2f}" if x is not None else "-" for x in (res.ratio(o, m) for _, m, o in ratio_cols)]
         lines.append(f"| {r.title} | {r.unit} | {' | '.join(cells)} | {' | '.join(ratios)} |")
         for name, cell in res.cells.items():
             if cell.status != "ok":

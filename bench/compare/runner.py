@@ -25,7 +25,7 @@ from bench.compare.fio import FioJob, run_fio
 from bench.compare.proc import abort_fuse, mounts_under, progress
 from bench.compare.qemu_chain import QemuChain
 from bench.compare.report import Cell, RowResult
-from bench.compare.workloads import Row
+from bench.compare.workloads import COLUMN_NOTES, Row
 from bench.host import GiB, MiB, StepError, drop_caches, run
 from mountctl.pair import detach, free_port
 
@@ -49,6 +49,7 @@ METHOD = [  # (groups the note applies to, the note)
 ]
 PVM = "pvm"  # the replicated VM: created on the primary, attached by the secondary
 SVM = "svm"  # the secondary-only VM the SVM rows run on
+DEPENDS = {"nbd": "colofs"}  # a system served by another one's daemon goes down with it
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Bench:
         self.results = [RowResult(r, {name: Cell() for name in r.systems}) for r in rows]
         groups = {r.group for r in rows}
         self.notes: list[str] = [note for where, note in METHOD if where & groups]
+        self.notes += [note for name, note in COLUMN_NOTES.items() if self.uses(name)]
         self.down: dict[str, tuple[str, str]] = {}  # system -> (skipped|failed, why)
         self.pair: ColofsPair | None = None
         self.chain: QemuChain | None = None
@@ -77,6 +79,7 @@ class Bench:
         self.seed = os.path.join(workdir, "seed.raw")
         self.raw_file = os.path.join(workdir, "raw", "disk.raw")
         self.svm_file = ""
+        self.nbd_sock = os.path.join(workdir, "colofs.nbd")  # the colofs secondary's NBD socket
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -86,10 +89,21 @@ class Bench:
     def result(self, row: Row) -> RowResult:
         return next(r for r in self.results if r.row.id == row.id)
 
+    def set_down(self, system: str, kind: str, why: str) -> None:
+        """``system`` cannot be measured in this run (``kind`` skipped or failed), nor what it serves."""
+        for name in (system, *(s for s, host in DEPENDS.items() if host == system)):
+            self.down.setdefault(name, (kind, why))
+
+    def nbd_uri(self, export: str) -> str:
+        return f"nbd+unix:///{export}?socket={self.nbd_sock}"
+
     def health(self, system: str) -> str | None:
         """Why ``system`` cannot take a measurement now, or None."""
         if system in self.down:
             return self.down[system][1]
+        if system == "nbd":
+            return self.health("colofs") or (None if os.path.exists(self.nbd_sock) else
+                                             f"colofs's NBD socket {self.nbd_sock} is missing")
         if system == "colofs" and self.pair is not None:
             return self.pair.secondary.healthy()
         if system == "qemu" and self.chain is not None and (self.chain.proc is None or
@@ -130,7 +144,7 @@ class Bench:
         for system, check in (("colofs", colofs_pair.available), ("qemu", qemu_chain.available)):
             why = check() if self.uses(system) else None
             if why:
-                self.down[system] = ("skipped", f"not installed here: {why}")
+                self.set_down(system, "skipped", f"not installed here: {why}")
                 progress(f"{system}: SKIPPED, {why}")
         progress(f"writing the seed image: {self.s.size // MiB} MiB of random data")
         try:
@@ -140,7 +154,7 @@ class Bench:
                 shutil.copyfile(self.seed, self.raw_file)
         except (StepError, OSError) as e:
             for system in ("colofs", "qemu", "raw"):
-                self.down.setdefault(system, ("failed", f"setup: the seed image: {e}"))
+                self.set_down(system, "failed", f"setup: the seed image: {e}")
             progress(f"setup FAILED: {e}")
             return
         if self.uses("colofs") and "colofs" not in self.down:
@@ -152,7 +166,7 @@ class Bench:
                                        base_from=self.seed)
                 self.chain.start()
             except (StepError, OSError) as e:
-                self.down["qemu"] = ("failed", f"setup: {e}")
+                self.set_down("qemu", "failed", f"setup: {e}")
                 progress(f"qemu: setup FAILED: {e}")
         if self.uses("colofs", "ingest", "checkpoint", "failover") and "colofs" not in self.down:
             self._setup_primary()
@@ -161,10 +175,10 @@ class Bench:
         try:
             progress("colofs: mounting the secondary and importing the seed as its base")
             self.pair = ColofsPair(self.dir, free_port())
-            self.pair.mount_secondary()
+            self.pair.mount_secondary(*(("--nbd-socket", self.nbd_sock) if self.uses("nbd") else ()))
             self.svm_file = str(self.pair.secondary.import_(SVM, self.seed))
         except (StepError, OSError) as e:
-            self.down["colofs"] = ("failed", f"setup: {e}")
+            self.set_down("colofs", "failed", f"setup: {e}")
             progress(f"colofs: setup FAILED: {e}")
 
     def _setup_primary(self) -> None:
@@ -193,10 +207,13 @@ class Bench:
 
     def _svm_once(self, row: Row, system: str, cell: Cell) -> str:
         assert row.job is not None
-        if system == "colofs":
+        job, path, uri = row.job, "", None
+        if system in ("colofs", "nbd"):
             assert self.pair is not None
             self.pair.secondary.control(SVM, "checkpoint")
             path = self.svm_file
+            if system == "nbd":  # the same disk, over colofs's NBD socket; queue depth as the row's
+                job, uri = job.with_(engine="nbd", direct=False), self.nbd_uri(f"{SVM}/disk")
         elif system == "qemu":
             assert self.chain is not None
             self.chain.checkpoint()
@@ -204,7 +221,7 @@ class Bench:
         else:
             path = self.raw_file
         drop_caches()
-        r = run_fio(row.job, filename=path)
+        r = run_fio(job, filename=None if uri else path, uri=uri)
         small = row.small_blocks
         cell.add(r.mb_s, r.iops if small else None)
         return f"{r.mb_s:.0f} MB/s" + (f" ({r.iops / 1000:.1f}k IOPS)" if small else "")

@@ -15,8 +15,16 @@ from dataclasses import dataclass
 from bench.compare.fio import FioJob
 from bench.host import MiB
 
-SYSTEMS = ("colofs", "qemu", "raw")
-LABELS = {"colofs": "colofs", "qemu": "QEMU chain", "raw": "raw file"}
+SYSTEMS = ("colofs", "nbd", "floor", "qemu", "raw")  # also the order of the table's columns
+LABELS = {"colofs": "colofs", "nbd": "colofs NBD", "floor": "pyfuse3 floor", "qemu": "QEMU", "raw": "raw file"}
+# What a column holds, by row group, where it is not what the label says.
+COLUMN_NOTES = {
+    "nbd": "colofs NBD: svm rows, fio's nbd engine on colofs's NBD unix socket (export VM/DISK); ingest rows, "
+           "QEMU's quorum primary (local raw + NBD child) feeding colofs's VM/DISK:ingest export",
+    "qemu": "QEMU: svm rows, the secondary chain's FUSE export; ingest rows, fio's nbd engine into the chain's "
+            "copy-before-write node; primary rows, QEMU's COLO primary (quorum of a local raw file and an NBD "
+            "child into the chain) over FUSE; memory rows, qemu-storage-daemon",
+}
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,12 @@ MODES = (
     ("direct", "O_DIRECT psync", "psync", True, 1),
     ("aio16", "O_DIRECT libaio qd16", "libaio", True, 16),
 )
+# NBD has no page cache of its own: its buffered row would repeat the O_DIRECT one.
+MODE_SYSTEMS = {
+    "buffered": ("colofs", "qemu", "raw"),
+    "direct": ("colofs", "nbd", "qemu", "raw"),
+    "aio16": ("colofs", "nbd", "qemu", "raw"),
+}
 OPS = (
     ("seq-write", "seq write 1M", "write", "1m"),
     ("seq-read", "seq read 1M", "read", "1m"),
@@ -56,7 +70,8 @@ def svm_rows(size: int, runtime: float) -> list[Row]:
     for mode, mode_title, engine, direct, depth in MODES:
         for op, op_title, rw, bs in OPS:
             job = FioJob(rw=rw, bs=bs, engine=engine, direct=direct, iodepth=depth, size=size, runtime=runtime)
-            rows.append(Row(f"{mode}-{op}", "svm", f"{mode_title} {op_title}", "MB/s", True, job))
+            rows.append(Row(f"{mode}-{op}", "svm", f"{mode_title} {op_title}", "MB/s", True, job,
+                            systems=MODE_SYSTEMS[mode]))
     return rows
 
 
