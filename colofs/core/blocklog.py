@@ -68,7 +68,8 @@ from collections.abc import Callable, Iterable, Sequence
 import xxhash
 
 from colofs.core.errors import BlockDamaged, DiskIOError, MapMissing
-from colofs.core.fileio import Buffer, datasync_all, write_all
+from colofs.core.fileio import Buffer, write_all
+from colofs.core.ioctx import IOContext
 from colofs.core.logformat import (
     DROP,
     DROP_BIT,
@@ -431,8 +432,8 @@ class BlockLog(LogReplay):
         self.committed = length
 
 
-async def make_durable(logs: Sequence[BlockLog]) -> None:
-    """Sync ``logs`` (one group commit), then write each one's commit record.
+async def make_durable(io: IOContext, logs: Sequence[BlockLog]) -> None:
+    """Sync ``logs`` (one group commit of the store's ``io``), then write each one's commit record.
 
     Call it after appending and *before* touching what the appended blocks
     protect (base): the records are what lets recovery tell damage from a
@@ -442,7 +443,7 @@ async def make_durable(logs: Sequence[BlockLog]) -> None:
     if not logs:
         return
     marks = [(lg, lg.fd, lg.end) for lg in logs]
-    await datasync_all([fd for _, fd, _ in marks])
+    await io.syncs.datasync_all([fd for _, fd, _ in marks])
     for lg, fd, end in marks:
         lg.commit(end, fd)
 

@@ -163,7 +163,7 @@ class CopyBeforeWrite:
         """
         if self.targets:
             grown = await self.save(self.blocks_of(extents))
-            await make_durable(grown)
+            await make_durable(self.io, grown)
         if store_in_thread:
             await trio.to_thread.run_sync(self.store, extents)
         else:

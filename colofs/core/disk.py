@@ -28,7 +28,7 @@ import trio
 from colofs.core.blocklog import BlockLog, make_durable
 from colofs.core.blocks import block_count, block_span, check_range
 from colofs.core.cbw import CopyBeforeWrite, block_runs
-from colofs.core.fileio import Buffer, datasync_all
+from colofs.core.fileio import Buffer
 from colofs.core.forward import WriteSink
 from colofs.core.ioctx import IOContext
 from colofs.core.layers import patch_edges, read_layers, write_overlay
@@ -208,13 +208,13 @@ class Disk:
         """Make every write so far durable (the VM's fsync/flush)."""
         self.vm.check_usable()
         if self.vm.state.role == PRIMARY:
-            await datasync_all([self.base_fd])
+            await self.io.syncs.datasync_all([self.base_fd])
         elif self.vm.state.phase == FAILOVER:
             # Base first: a tombstone must never be durable before the base write it stands for.
-            await datasync_all([self.base_fd])
-            await make_durable([self.active, self.hidden])
+            await self.io.syncs.datasync_all([self.base_fd])
+            await make_durable(self.io, [self.active, self.hidden])
         else:
-            await make_durable([self.active])
+            await make_durable(self.io, [self.active])
 
     # -- failover ---------------------------------------------------------------
 

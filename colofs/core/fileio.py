@@ -19,20 +19,18 @@ CPU bound at ~110 µs per request, so a thread must save more than it costs:
   would have to fetch from the device goes to the pool (so large cold reads
   overlap each other on the device);
 * buffered writes land in the page cache and stay on the loop (ext4 does
-  not take ``RWF_NOWAIT`` writes); ``fdatasync`` always goes to a thread.
+  not take ``RWF_NOWAIT`` writes); ``fdatasync`` always goes to a thread
+  (the store's :class:`~colofs.core.ioctx.GroupSync`, shared by concurrent callers).
+
+This module keeps no state: the pool, the read policy, writeback and the
+group-commit syncs live in the store's :class:`~colofs.core.ioctx.IOContext`.
 """
 
 from __future__ import annotations
 
 import ctypes
-import itertools
 import os
 from collections.abc import Callable, Sequence
-
-import trio
-
-# Threads doing disk I/O at once; enough to keep a device queue busy.
-IO_LIMITER = trio.CapacityLimiter(16)
 
 Buffer = bytes | bytearray | memoryview
 
@@ -102,55 +100,6 @@ def start_writeback(fd: int) -> None:
     """
     if _sync_file_range is not None:
         _sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE)
-
-
-class _SyncState:
-    __slots__ = ("covered", "running")
-
-    def __init__(self) -> None:
-        self.covered = 0  # every write made before this ticket is durable
-        self.running: trio.Event | None = None
-
-
-_tickets = itertools.count(1)
-_syncs: dict[int, _SyncState] = {}
-
-
-async def datasync(fd: int) -> None:
-    """Make every write to ``fd`` completed so far durable; concurrent callers share one ``fdatasync``.
-
-    Group commit: a sync that *starts* after a caller's writes covers them,
-    so callers arriving while one runs wait for it and then share the next,
-    instead of queueing one ``fdatasync`` each (16 first-touch writes in
-    flight under a snapshot cost two device flushes, not sixteen). The
-    ``fdatasync`` runs in a worker thread: it waits for the device.
-    """
-    mine = next(_tickets)
-    st = _syncs.get(fd)
-    if st is None:
-        st = _syncs[fd] = _SyncState()
-    while st.covered < mine:
-        if st.running is not None:
-            await st.running.wait()
-            continue
-        start = next(_tickets)
-        done = st.running = trio.Event()
-        try:
-            await trio.to_thread.run_sync(os.fdatasync, fd, limiter=IO_LIMITER)
-            st.covered = max(st.covered, start)
-        finally:
-            st.running = None
-            done.set()
-
-
-async def datasync_all(fds: Sequence[int]) -> None:
-    """Sync several files concurrently (one group commit)."""
-    if len(fds) == 1:
-        await datasync(fds[0])
-        return
-    async with trio.open_nursery() as nursery:
-        for fd in fds:
-            nursery.start_soon(datasync, fd)
 
 
 def fsync_dir(path: str) -> None:

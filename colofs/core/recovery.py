@@ -22,7 +22,7 @@ import trio
 from colofs.core.blocklog import BlockLog
 from colofs.core.disk import Disk
 from colofs.core.errors import StoreError
-from colofs.core.fileio import Buffer, datasync_all, fsync_dir
+from colofs.core.fileio import Buffer, fsync_dir
 from colofs.core.ioctx import IOContext
 from colofs.core.snapshot import Snapshot, overlay_path, target_path
 from colofs.core.state import CLONE, FAILOVER, NORMAL, SECONDARY, DiskState, VMState, load_vm_state
@@ -103,7 +103,7 @@ class VMOpening(VMBase):
         logs = [lg for d in self.disks.values() for lg in (d.hidden, d.active)]
         logs += [lg for d in self.disks.values() for sn in d.snapshots.values() for lg in (sn.target, sn.overlay) if lg]
         written = [lg.fd for lg in logs if lg.ensure_header()]
-        await datasync_all(written)
+        await self.io.syncs.datasync_all(written)
         await self._update(lambda s: replace(s, log_headers=True))
 
     def _open_disk(self, disk: str, ds: DiskState, *, clean: bool) -> Disk:
@@ -192,7 +192,7 @@ class VMOpening(VMBase):
             moved = 0
             for disk in self.disks.values():
                 moved += await disk.commit_buffers()
-            await datasync_all([d.base_fd for d in self.disks.values()])
+            await self.io.syncs.datasync_all([d.base_fd for d in self.disks.values()])
             await self._finish_failover()
             self.recovery = Recovery("failover-completed", moved, self.state.last_applied)
             log.warning("VM %s: completed an interrupted failover (%d blocks committed)", self.name, moved)
@@ -201,7 +201,7 @@ class VMOpening(VMBase):
         if st.role == SECONDARY:
             for disk in self.disks.values():
                 restored += await self._roll_back(disk)
-            await datasync_all([d.base_fd for d in self.disks.values()])
+            await self.io.syncs.datasync_all([d.base_fd for d in self.disks.values()])
         if st.role == SECONDARY:
             resume = st.last_checkpoint
         else:

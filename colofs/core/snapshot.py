@@ -20,7 +20,7 @@ from typing import Protocol
 from colofs.core.blocklog import BlockLog
 from colofs.core.blocks import block_span, check_range
 from colofs.core.errors import RoleError
-from colofs.core.fileio import Buffer, datasync_all
+from colofs.core.fileio import Buffer
 from colofs.core.layers import patch_edges, read_layers, write_overlay
 from colofs.core.rangelock import RangeLock
 from colofs.core.state import CLONE, SnapshotState
@@ -111,7 +111,7 @@ class Snapshot:
 
     async def flush(self) -> None:
         fds = [log.fd for log in (self.target, self.overlay) if log is not None]
-        await datasync_all(fds)
+        await self.disk.io.syncs.datasync_all(fds)
 
     def info(self) -> dict[str, object]:
         st = self.state

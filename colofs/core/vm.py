@@ -44,7 +44,7 @@ from colofs.core.errors import (
     RoleError,
     SequenceError,
 )
-from colofs.core.fileio import Buffer, datasync_all, fsync_dir, write_all
+from colofs.core.fileio import Buffer, fsync_dir, write_all
 from colofs.core.imagesource import ImageSource, open_image
 from colofs.core.ioctx import IOContext
 from colofs.core.logformat import empty_log
@@ -313,7 +313,7 @@ class VM(VMOpening, VMSnapshots):
                 f"VM {self.name}: checkpoint at seq {seq}, but the last applied seq is {st.last_applied}"
             )
         # Base holds the checkpoint's image once everything applied is on the device.
-        await datasync_all([d.base_fd for d in self.disks.values()])
+        await self.io.syncs.datasync_all([d.base_fd for d in self.disks.values()])
         async with whole_disks(self._sorted_disks()):
             new = await self._update(lambda s: replace(s, gen=s.gen + 1, last_checkpoint=seq))
             await self._start_layers_over(new.gen)
@@ -334,7 +334,7 @@ class VM(VMOpening, VMSnapshots):
                     raise RoleError(f"VM {self.name}: failover of a {st.role}")
                 if st.phase == NORMAL:
                     # Roll-forward after a crash trusts active: make it durable first.
-                    await datasync_all([d.active.fd for d in self.disks.values()])
+                    await self.io.syncs.datasync_all([d.active.fd for d in self.disks.values()])
                     await self._update(lambda s: replace(s, phase=FAILOVER, epoch=s.epoch + 1))
                     for disk in self.disks.values():
                         disk.cbw.detach(disk.hidden)
@@ -342,7 +342,7 @@ class VM(VMOpening, VMSnapshots):
             moved = 0
             for disk in self._sorted_disks():
                 moved += await disk.commit_buffers()
-            await datasync_all([d.base_fd for d in self.disks.values()])
+            await self.io.syncs.datasync_all([d.base_fd for d in self.disks.values()])
             async with self._apply_lock:
                 await self._finish_failover()
             log.warning("VM %s: failover complete, %d blocks committed; now primary", self.name, moved)

@@ -24,7 +24,7 @@ import trio
 from colofs.core.damage import PHASE_DAMAGED, Damage, damage_of, save_marker
 from colofs.core.disk import Disk, whole_disks
 from colofs.core.errors import DiskIOError, NotFound, VMDamaged
-from colofs.core.fileio import Buffer, datasync_all, fsync_dir
+from colofs.core.fileio import Buffer, fsync_dir
 from colofs.core.forward import ForwardedWrite, WriteSink
 from colofs.core.ioctx import IOContext
 from colofs.core.reaper import FdReaper
@@ -169,7 +169,7 @@ class VMBase:
         finally:
             self.reaper.put(old)
         # The new files (their headers) and the renames must be durable before they take data base depends on.
-        await datasync_all([lg.fd for d in self._sorted_disks() for lg in (d.hidden, d.active)])
+        await self.io.syncs.datasync_all([lg.fd for d in self._sorted_disks() for lg in (d.hidden, d.active)])
         await trio.to_thread.run_sync(_fsync_dirs, sorted(dirs))
 
     # -- status and shutdown --------------------------------------------------------
@@ -225,7 +225,7 @@ class VMBase:
                 fds += [d.base_fd, d.hidden.fd, d.active.fd]
                 for snap in d.snapshots.values():
                     fds += [log.fd for log in snap.logs()]
-            await datasync_all(fds)
+            await self.io.syncs.datasync_all(fds)
             await self._update(lambda s: replace(s, clean=True, disks=self._log_lengths(s)))
             self._close_files()
         await self.reaper.stop()

@@ -19,7 +19,7 @@ from dataclasses import replace
 from colofs.core.blocklog import BlockLog, make_durable
 from colofs.core.disk import Disk, whole_disks
 from colofs.core.errors import AlreadyExists, BadArgument, InUse, NotFound
-from colofs.core.fileio import datasync_all, fsync_dir
+from colofs.core.fileio import fsync_dir
 from colofs.core.ioctx import IOContext
 from colofs.core.names import check_name
 from colofs.core.rangelock import holding
@@ -63,7 +63,7 @@ class VMSnapshots(VMBase):
                 raise AlreadyExists(f"{d.label}: a snapshot or clone named {name!r} already exists")
             overlay = BlockLog.create(overlay_path(d.path, name), d.block_size, 0, mutable=True, label=f"{d.label}@{name}")
             try:
-                await datasync_all([overlay.fd])
+                await self.io.syncs.datasync_all([overlay.fd])
                 fsync_dir(d.path)
                 sn = SnapshotState(kind=CLONE, created=time.time(), seq=base.state.seq, base=base.name, own_target=False)
                 await self._save_snapshot_states({d.name: {**self.state.disks[d.name].snapshots, name: sn}})
@@ -109,7 +109,7 @@ class VMSnapshots(VMBase):
                             made[-1] = (d, target, overlay)
                         if secondary:
                             await _copy_blocks(self.io, d.hidden, target)
-                    await make_durable([log for _, t, o in made for log in (t, o) if log is not None])
+                    await make_durable(self.io, [log for _, t, o in made for log in (t, o) if log is not None])
                     for d in targets:
                         fsync_dir(d.path)
                     now = time.time()

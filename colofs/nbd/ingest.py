@@ -22,7 +22,6 @@ import trio
 from colofs.core.blocks import block_span
 from colofs.core.disk import Disk
 from colofs.core.errors import RoleError
-from colofs.core.fileio import datasync_all
 from colofs.core.layers import read_layers
 from colofs.core.state import NORMAL, SECONDARY
 from colofs.core.vm import PrimaryWrite
@@ -65,4 +64,4 @@ class IngestImage:
     async def flush(self) -> None:
         """Applied writes are crash-safe already (hidden durable); this makes base durable too."""
         self.disk.vm.check_usable()
-        await datasync_all([self.disk.base_fd])
+        await self.disk.io.syncs.datasync_all([self.disk.base_fd])

@@ -9,7 +9,7 @@ import pytest
 
 from colofs.core import PrimaryWrite, Store
 from tests.mountable import root_skip_reason
-from tests.waiting import DEADLINE
+from tests.waiting import DEADLINE, wait_until
 
 
 @pytest.fixture
@@ -46,8 +46,9 @@ async def test_concurrent_syncs_of_one_file_share_device_flushes(tmp_path) -> No
     """Sixteen writers syncing one file at once: every write durable, far fewer than 16 fdatasyncs."""
     import trio
 
-    from colofs.core import fileio
+    from colofs.core.ioctx import GroupSync
 
+    syncs = GroupSync()
     fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
     calls = 0
     real = os.fdatasync
@@ -61,7 +62,7 @@ async def test_concurrent_syncs_of_one_file_share_device_flushes(tmp_path) -> No
         os.fdatasync = counting  # count the real system calls; they still happen
         async def writer(i: int) -> None:
             os.pwrite(fd, bytes([i]) * 4096, i * 4096)
-            await fileio.datasync(fd)
+            await syncs.datasync(fd)
 
         async with trio.open_nursery() as n:
             for i in range(16):
@@ -72,6 +73,49 @@ async def test_concurrent_syncs_of_one_file_share_device_flushes(tmp_path) -> No
     assert 1 <= calls <= 3
     with open(tmp_path / "f", "rb") as f:
         assert f.read() == b"".join(bytes([i]) * 4096 for i in range(16))
+
+
+async def test_two_stores_syncs_share_no_state(tmp_path) -> None:
+    """A sync in one store's context never waits for another store's: group commit is per context.
+
+    Store A's ``fdatasync`` is held in its thread; store B syncing the same
+    file must still run its own rather than join A's (process-wide state
+    would make B wait for A).
+    """
+    import threading
+
+    import trio
+
+    from colofs.core.ioctx import GroupSync
+
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    real = os.fdatasync
+    release = threading.Event()
+    calls: list[str] = []
+
+    def held(f: int) -> None:
+        first = not calls
+        calls.append(threading.current_thread().name)
+        if first:
+            release.wait(2 * DEADLINE)  # A's sync: held until B's has gone through
+        real(f)
+
+    a, b = GroupSync(), GroupSync()
+    try:
+        os.fdatasync = held
+        async with trio.open_nursery() as n:
+            n.start_soon(a.datasync, fd)
+            try:
+                await wait_until(lambda: len(calls) == 1, what="store A's fdatasync to start")
+                with trio.fail_after(DEADLINE):
+                    await b.datasync(fd)
+                assert len(calls) == 2
+            finally:
+                release.set()  # A's thread ends whatever happened, so the nursery can close
+    finally:
+        release.set()
+        os.fdatasync = real
+        os.close(fd)
 
 
 async def test_worker_pool_runs_calls_concurrently_and_returns_their_outcome() -> None:
