@@ -146,3 +146,12 @@ def test_nbd_column_and_its_ratio_appear_only_where_measured():
     assert "| buffered psync seq write 1M | MB/s | 100 | n/a | 200 | 400 | 0.50 | - | 0.25 |" in text
     assert with_nbd.as_json()["ratios"]["nbd_vs_qemu"] == 1.5
     assert "NBD" not in render([without], "header")  # no NBD cell anywhere: no NBD columns
+
+
+def test_ingest_rows_carry_the_quorum_primary_in_the_nbd_column():
+    rows = all_rows(1 << 30, 5.0, 1 << 30)
+    for row in select(rows, "ingest-seq-qd16,ingest-rand-qd16"):
+        assert row.systems == ("colofs", "nbd", "qemu", "raw")
+    assert "nbd" not in select(rows, "ingest-seq-nbdcopy")[0].systems
+    assert all("nbd" not in r.systems and "floor" not in r.systems for r in rows if r.group in ("checkpoint",
+                                                                                                  "failover"))

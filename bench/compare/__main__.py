@@ -18,6 +18,7 @@ import tempfile
 import time
 from types import FrameType
 
+from bench.compare import qemu_chain
 from bench.compare.proc import progress
 from bench.compare.report import machine_info, render, write_json
 from bench.compare.runner import Bench, Settings
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random 4K writes into the 1 TiB disk (default 1G; 128M with --quick)")
     p.add_argument("--dir", default="/var/tmp", help="where the temporary work directory goes (default /var/tmp)")
     p.add_argument("--json", default=DEFAULT_JSON, help="result file (default bench/results/latest.json)")
+    p.add_argument("--qemu-bin", metavar="DIR",
+                   help="directory of qemu-storage-daemon and qemu-img to compare with (e.g. QEMU 10.0.2 unpacked "
+                        "by `make bench-qemu10`); default: the ones on PATH")
     p.add_argument("--list", action="store_true", help="list the row ids and exit")
     return p
 
@@ -69,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         reps=args.reps if args.reps is not None else (1 if quick else 3),
         sparse_writes=args.sparse_writes if args.sparse_writes is not None else (128 * MiB if quick else GiB),
         quick=quick,
+        qemu_bin=args.qemu_bin,
     )
     if settings.reps < 1 or settings.runtime <= 0:
         parser.error("--reps must be at least 1 and --runtime positive")
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.finish_cells(interrupted)
     if interrupted:
         bench.notes.append("the run was interrupted: rows without samples were not measured")
-    header = (f"colofs vs QEMU chain vs raw file: fio on the first {settings.size // MiB} MiB, "
+    header = (f"colofs vs QEMU {qemu_chain.version(args.qemu_bin)} vs raw file: fio on the first {settings.size // MiB} MiB, "
               f"{settings.runtime:g} s per time-based run, median [min-max] of {settings.reps} interleaved "
               f"rep(s), caches dropped before each; MB/s (IOPS for 4K), ms, MiB; run took {took / 60:.1f} min")
     print(render(bench.results, header))
@@ -117,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, bench.results, machine, {
         "size": settings.size, "runtime_s": settings.runtime, "reps": settings.reps,
         "sparse_writes": settings.sparse_writes, "quick": quick, "only": args.only,
-        "seconds": round(took, 1), "interrupted": interrupted,
+        "seconds": round(took, 1), "interrupted": interrupted, "qemu_bin": args.qemu_bin,
+        "qemu_version": qemu_chain.version(args.qemu_bin),
     }, bench.notes)
     print(f"results: {args.json}")
     if interrupted:

@@ -45,6 +45,18 @@ def proc_status_kib(pid: int, field: str) -> int | None:
     return None
 
 
+def pss_kib(pid: int) -> int | None:
+    """The process's proportional set size (``Pss`` of /proc/PID/smaps_rollup) in KiB, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while alive(pid):

@@ -40,19 +40,37 @@ from mountctl.pair import alive, detach
 QSD = "qemu-storage-daemon"
 
 
-def available() -> str | None:
+def tool(name: str, bindir: str | None) -> str:
+    """A QEMU program: from ``bindir`` (an unpacked newer QEMU, see ``make bench-qemu10``) or from PATH."""
+    return os.path.join(bindir, name) if bindir else name
+
+
+def available(bindir: str | None = None) -> str | None:
     """Why the QEMU chain cannot run here, or None."""
-    for tool in (QSD, "qemu-img"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed (Debian: qemu-system-common / qemu-utils)"
+    for name in (QSD, "qemu-img"):
+        if shutil.which(tool(name, bindir)) is None:
+            where = f"in {bindir}" if bindir else "(Debian: qemu-system-common / qemu-utils)"
+            return f"{name} is not installed {where}"
     return None
+
+
+def version(bindir: str | None = None) -> str:
+    """``qemu-storage-daemon --version``'s number, e.g. ``10.0.2``, or ``?``."""
+    try:
+        out = subprocess.run([tool(QSD, bindir), "--version"], capture_output=True, text=True, timeout=20,
+                             check=False).stdout.split()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return out[2] if len(out) > 2 and out[1] == "version" else "?"
 
 
 class QemuChain:
     """One qemu-storage-daemon serving the secondary chain; restartable, stopped by its own PID."""
 
-    def __init__(self, workdir: str, size: int, port: int, base_from: str | None = None) -> None:
+    def __init__(self, workdir: str, size: int, port: int, base_from: str | None = None,
+                 bindir: str | None = None) -> None:
         self.dir = workdir
+        self.bindir = bindir
         self.size = size
         self.port = port
         self.base_from = base_from
@@ -89,7 +107,7 @@ class QemuChain:
         path = self.path(name)
         if os.path.exists(path):
             os.unlink(path)
-        run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(self.size)], timeout=60)
+        run([tool("qemu-img", self.bindir), "create", "-q", "-f", "qcow2", path, str(self.size)], timeout=60)
         return path
 
     def start(self) -> None:
@@ -112,7 +130,7 @@ class QemuChain:
             os.unlink(sock)
         f = "cache.direct=off"
         argv = [
-            QSD,
+            tool(QSD, self.bindir),
             "--blockdev", f"driver=file,node-name=base-file,filename={base},{f}",
             "--blockdev", "driver=raw,node-name=base,file=base-file",
             "--blockdev", f"driver=file,node-name=hidden-file,filename={self.path('hidden.qcow2')},{f}",

@@ -23,7 +23,8 @@ from bench.compare import colofs_pair, qemu_chain
 from bench.compare.colofs_pair import ColofsMount, ColofsPair
 from bench.compare.fio import FioJob, run_fio
 from bench.compare.proc import abort_fuse, mounts_under, progress
-from bench.compare.qemu_chain import QemuChain
+from bench.compare.qemu_chain import QSD, QemuChain, tool
+from bench.compare.qemu_quorum import QuorumPrimary
 from bench.compare.report import Cell, RowResult
 from bench.compare.workloads import COLUMN_NOTES, Row
 from bench.host import GiB, MiB, StepError, drop_caches, run
@@ -45,10 +46,13 @@ METHOD = [  # (groups the note applies to, the note)
     ({"checkpoint", "failover"}, "colofs checkpoint/failover: the user.colofs.* setxattr that mountctl issues, "
      "timed in-process; raw: cp of the same amount + sync of the copy"),
     ({"ingest"}, "ingest: bytes / (writer start -> secondary applied the primary's last seq) for colofs, "
-     "(writer start -> writer exit after its flush) for QEMU (fio's nbd engine into copy-before-write) and raw"),
+     "(writer start -> writer exit after its flush) for QEMU (fio's nbd engine into copy-before-write), colofs "
+     "NBD (fio's nbd engine into QEMU's quorum primary, whose NBD child writes into colofs's VM/DISK:ingest; "
+     "the secondary checkpointed locally before each run) and raw"),
 ]
 PVM = "pvm"  # the replicated VM: created on the primary, attached by the secondary
 SVM = "svm"  # the secondary-only VM the SVM rows run on
+ING = "ing"  # the secondary VM that QEMU's quorum primary feeds through colofs's ingest export
 DEPENDS = {"nbd": "colofs"}  # a system served by another one's daemon goes down with it
 
 
@@ -59,6 +63,7 @@ class Settings:
     reps: int
     sparse_writes: int
     quick: bool
+    qemu_bin: str | None = None  # directory of the QEMU programs (an unpacked newer QEMU); None: PATH
 
 
 class Bench:
@@ -75,6 +80,7 @@ class Bench:
         self.down: dict[str, tuple[str, str]] = {}  # system -> (skipped|failed, why)
         self.pair: ColofsPair | None = None
         self.chain: QemuChain | None = None
+        self.ingest_quorum: QuorumPrimary | None = None  # QEMU's primary feeding colofs's ingest export
         self.extra_mounts: list[ColofsMount] = []
         self.seed = os.path.join(workdir, "seed.raw")
         self.raw_file = os.path.join(workdir, "raw", "disk.raw")
@@ -141,7 +147,8 @@ class Bench:
 
     def setup(self) -> None:
         progress(f"work directory {self.dir}")
-        for system, check in (("colofs", colofs_pair.available), ("qemu", qemu_chain.available)):
+        checks = (("colofs", colofs_pair.available), ("qemu", partial(qemu_chain.available, self.s.qemu_bin)))
+        for system, check in checks:
             why = check() if self.uses(system) else None
             if why:
                 self.set_down(system, "skipped", f"not installed here: {why}")
@@ -163,7 +170,7 @@ class Bench:
             try:
                 progress("qemu: starting qemu-storage-daemon with active -> hidden -> base (copy-before-write)")
                 self.chain = QemuChain(os.path.join(self.dir, "qemu"), self.s.size, free_port(),
-                                       base_from=self.seed)
+                                       base_from=self.seed, bindir=self.s.qemu_bin)
                 self.chain.start()
             except (StepError, OSError) as e:
                 self.set_down("qemu", "failed", f"setup: {e}")
@@ -180,6 +187,29 @@ class Bench:
         except (StepError, OSError) as e:
             self.set_down("colofs", "failed", f"setup: {e}")
             progress(f"colofs: setup FAILED: {e}")
+            return
+        if self.uses("nbd", "ingest"):
+            self._setup_ingest_quorum()
+
+    def _setup_ingest_quorum(self) -> None:
+        """A secondary VM with the seed as base, and QEMU's quorum primary whose NBD child is its ingest export."""
+        assert self.pair is not None
+        cells = [self.result(r).cells["nbd"] for r in self.rows if r.group == "ingest" and "nbd" in r.systems]
+        why = qemu_chain.available(self.s.qemu_bin)
+        if why:
+            for cell in cells:
+                cell.skip(f"QEMU's quorum primary needs {why}")
+            return
+        try:
+            progress(f"colofs: importing the seed as {ING} for QEMU's quorum primary to feed over NBD")
+            self.pair.secondary.import_(ING, self.seed)
+        except (StepError, OSError) as e:
+            for cell in cells:
+                cell.fail(f"setup: {e}")
+            return
+        self.ingest_quorum = QuorumPrimary(
+            os.path.join(self.dir, "quorum-ingest"), tool(QSD, self.s.qemu_bin),
+            f"server.type=unix,server.path={self.nbd_sock},export={ING}/disk:ingest", "nbd", self.seed)
 
     def _setup_primary(self) -> None:
         assert self.pair is not None
@@ -252,7 +282,17 @@ class Bench:
         dest = ""
         uri = None
         job = row.job
-        if system == "colofs":
+        quorum = None
+        if system == "nbd":  # QEMU's quorum primary feeding colofs's ingest export
+            assert self.pair is not None and job is not None
+            if self.ingest_quorum is None:
+                raise StepError("QEMU's quorum primary was not set up")
+            self.pair.secondary.control(ING, "checkpoint")  # the primary is drained: nothing runs yet
+            quorum = self.ingest_quorum
+            quorum.start()
+            uri = quorum.uri
+            job = job.with_(engine="nbd", direct=False)
+        elif system == "colofs":
             assert self.pair is not None and self.pair.has_primary
             if self.pair.replication:
                 raise StepError(f"replication stopped earlier in this run: {self.pair.replication}")
@@ -280,7 +320,12 @@ class Bench:
             run(["nbdcopy", "--flush", src, *target], timeout=600)
             nbytes = self.s.size
         else:
-            nbytes = run_fio(job, filename=dest or None, uri=uri).bytes
+            try:
+                nbytes = run_fio(job, filename=dest or None, uri=uri).bytes
+            finally:
+                if quorum is not None:
+                    quorum.sample()
+                    quorum.stop()
         t_written = time.monotonic()
         t_end = t_written
         if system == "colofs":
@@ -301,6 +346,9 @@ class Bench:
         elif system == "qemu":
             assert self.chain is not None
             detail["hidden_bytes_after"] = self.chain.overlay_bytes()[0]
+        elif system == "nbd":
+            assert self.pair is not None
+            detail["hidden_bytes_after"] = self.pair.secondary.buffered(ING)[0]
         cell.add(mb_s, iops, **detail)
         return f"{mb_s:.0f} MB/s" + (f" ({iops / 1000:.1f}k IOPS)" if iops else "") + f" in {seconds:.2f} s"
 
@@ -476,6 +524,8 @@ class Bench:
         progress("cleaning up: unmounting colofs, stopping qemu-storage-daemon")
         for m in self.extra_mounts:
             _quietly(m.cleanup)
+        if self.ingest_quorum is not None:
+            _quietly(self.ingest_quorum.stop)
         if self.chain is not None:
             _quietly(self.chain.stop)
         if self.pair is not None:
