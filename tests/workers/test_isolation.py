@@ -119,6 +119,12 @@ def _write(path: Path, offset: int, data: bytes) -> None:
         os.close(fd)
 
 
+def _mounts_at(path: Path) -> int:
+    """How many mounts sit at ``path``: one live VM mount, never a dead one stacked under it."""
+    where = str(path.resolve())
+    return sum(1 for line in Path("/proc/mounts").read_text().splitlines() if line.split()[1] == where)
+
+
 def _root_workers(node: object) -> dict[str, int]:
     return dict(node.read_status().get("workers") or {})  # type: ignore[attr-defined]
 
@@ -159,6 +165,7 @@ def test_a_killed_or_hung_worker_leaves_the_other_vms_writing(wpair: WorkersPair
         times["primary kill -> serving"] = got["serving_s"]
         w = pair.worker(pri, "vm0")
         assert w["state"] == "serving" and w["restarts"] == 1 and int(w["pid"]) != old, w
+        assert _mounts_at(pri.path("vm0")) == 1, "the dead worker's mount was not detached"
         assert read_file(pair.pfile("vm0")) == image, "the primary lost a write it had acknowledged"
         # It replicates again: a write and a checkpoint after the restart reach the secondary.
         _write(pair.pfile("vm0"), 4 * MiB, b"C" * MiB)
@@ -178,6 +185,7 @@ def test_a_killed_or_hung_worker_leaves_the_other_vms_writing(wpair: WorkersPair
         times["secondary kill -> serving"] = got["serving_s"]
         w = pair.worker(sec, "vm0")
         assert w["state"] == "serving" and w["restarts"] == 1, w
+        assert _mounts_at(sec.path("vm0")) == 1, "the dead worker's mount was not detached"
         rec = pair.vm_status(sec, "vm0")["recovery"]
         assert rec["action"] == "rolled-back" and rec["resume_seq"] == at_checkpoint["seq"], rec
         assert read_file(pair.sfile("vm0")) == image, "the secondary's vm0 is not its last checkpoint"
