@@ -9,6 +9,8 @@ read, and its permissions checked, by the daemon. ``--tls-cert``,
 ``--tls-key`` and ``--tls-ca`` (all three or none) add TLS under the frames.
 ``--nbd-socket`` serves NBD on a unix socket; ``--nbd-listen`` on TCP needs
 ``--key-file``, and off loopback the TLS files too (clients must use TLS).
+``--workers`` serves each VM from its own process (:mod:`colofs.workers`);
+NBD and ``--metrics`` are not available with it yet.
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ class MountConfig:
     nbd_socket: str | None = None
     nbd_listen: Endpoint | None = None
     metrics: Endpoint | None = None
+    workers: bool = False
+    """Serve each VM from its own worker process under a supervisor (:mod:`colofs.workers`)."""
 
     def tls(self) -> TlsConfig | None:
         """The TLS settings read from the files (raises ``ReplConfigError``), or None without TLS."""
@@ -140,8 +144,14 @@ def make_config(
     nbd_socket: str | None = None,
     nbd_listen: str | None = None,
     metrics: str | None = None,
+    workers: bool = False,
 ) -> MountConfig:
     """Validate the options of a mount; raises :class:`ConfigError`."""
+    if workers:
+        for given, option in ((nbd_socket, "--nbd-socket"), (nbd_listen, "--nbd-listen"), (metrics, "--metrics")):
+            if given is not None:
+                raise ConfigError(f"{option} is not available with --workers yet "
+                                  "(mount without --workers to use it)")
     if role not in ROLES:
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
     if listen is not None and role != SECONDARY:
@@ -183,6 +193,7 @@ def make_config(
         nbd_socket=os.path.abspath(nbd_socket) if nbd_socket else None,
         nbd_listen=ep_nbd,
         metrics=parse_endpoint(metrics, "--metrics") if metrics is not None else None,
+        workers=workers,
     )
 
 
@@ -227,6 +238,8 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-other", action="store_true",
                    help="let other users (e.g. the QEMU user) access the mount")
     p.add_argument("--debug", action="store_true", help="debug logging, pyfuse3's included")
+    p.add_argument("--workers", action="store_true",
+                   help="serve each VM from its own process (a crash or hang stays within that VM)")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
 
 
@@ -238,4 +251,5 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
         nbd_socket=args.nbd_socket, nbd_listen=args.nbd_listen,
         metrics=getattr(args, "metrics", None),
+        workers=getattr(args, "workers", False),
     )

@@ -161,6 +161,8 @@ class MountInfo:
     config: MountConfig
     pid: int
     started: float
+    worker: dict[str, Any] | None = None
+    """A worker process's own facts (state, pid, restarts), shown in its VM's status; None in one process."""
 
 
 class Outcomes:
@@ -326,7 +328,21 @@ class Control:
             )
 
     async def _create(self, node: Node, value: bytes) -> dict[str, Any]:
-        req = parse_json(value, CREATE)
+        return await self._create_disk(parse_json(value, CREATE))
+
+    async def root_command(self, key: str, req: dict[str, Any]) -> dict[str, Any]:
+        """The root's ``create`` or ``import`` asked by a supervisor (no FUSE request): its ``last_result``.
+
+        Raises what the xattr would fail with (:class:`Refused`, a ``ColofsError``).
+        """
+        commands = {CREATE: self._create_disk, IMPORT: self._import_disk}
+        if key not in commands:
+            raise Refused(errno.EINVAL, f"{key}: not a command of the root (only {CREATE}, {IMPORT})")
+        started = time.monotonic()
+        result = await commands[key](req)
+        return {"ok": True, "op": key, "target": "/", "seconds": round(time.monotonic() - started, 6), **result}
+
+    async def _create_disk(self, req: dict[str, Any]) -> dict[str, Any]:
         vm = check_name("VM", str_field(req, "vm", CREATE))
         disk = check_name("disk", str_field(req, "disk", CREATE))
         size = int_field(req, "size", CREATE)
@@ -349,7 +365,9 @@ class Control:
         return d
 
     async def _import(self, node: Node, value: bytes) -> dict[str, Any]:
-        req = parse_json(value, IMPORT)
+        return await self._import_disk(parse_json(value, IMPORT))
+
+    async def _import_disk(self, req: dict[str, Any]) -> dict[str, Any]:
         vm = check_name("VM", str_field(req, "vm", IMPORT))
         disk = check_name("disk", str_field(req, "disk", IMPORT))
         source = str_field(req, "source", IMPORT)
@@ -393,7 +411,10 @@ class Control:
         if node.kind is Kind.ROOT:
             return self.root_status()
         if node.kind is Kind.VM:
-            return {"kind": "vm", "mountpoint": self.info.config.mountpoint, **self.vm_status(self.store.vm(node.vm))}
+            st = {"kind": "vm", "mountpoint": self.info.config.mountpoint, **self.vm_status(self.store.vm(node.vm))}
+            if self.info.worker is not None:
+                st["worker"] = dict(self.info.worker)
+            return st
         if node.kind is Kind.PENDING:
             return {"kind": "pending", "vm": node.vm, "disk": node.disk, "size": 0, "block_size": node.block_size,
                     "note": "no disk yet: the first truncate to a non-zero size creates it"}

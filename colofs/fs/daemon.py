@@ -23,6 +23,10 @@ lazy, so the daemon exits, store closed, once the last user is gone. A plain
 ``umount`` from outside ends the session the same way. Under systemd
 (``NOTIFY_SOCKET``) the daemon sends ``READY=1`` once the mount answers and
 ``STOPPING=1`` once it is unmounted (:mod:`colofs.notify`).
+
+With ``--workers`` the daemon is a supervisor instead (:mod:`colofs.workers`):
+each VM is served by its own process, which reuses the pieces here (logging,
+the mount, replication's start, the shutdown order) for its one VM.
 """
 
 from __future__ import annotations
@@ -71,17 +75,19 @@ class StartupError(Exception):
     """The mount could not be started; the message is for the user."""
 
 
-def setup_logging(cfg: MountConfig, *, to_stderr: bool) -> None:
+def setup_logging(cfg: MountConfig, *, to_stderr: bool, vm: str | None = None) -> None:
+    """Log to the mount's log file (and stderr); ``vm`` tags every line of a VM's worker process."""
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     os.makedirs(os.path.dirname(cfg.log_file), mode=0o700, exist_ok=True)
+    fmt = LOG_FORMAT if vm is None else LOG_FORMAT.replace("%(name)s", f"[{vm}] %(name)s")
     handler: logging.Handler = logging.handlers.WatchedFileHandler(cfg.log_file)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(logging.Formatter(fmt))
     root.addHandler(handler)
     if to_stderr:
         err = logging.StreamHandler(sys.stderr)
-        err.setFormatter(logging.Formatter(LOG_FORMAT))
+        err.setFormatter(logging.Formatter(fmt))
         root.addHandler(err)
     root.setLevel(logging.DEBUG if cfg.debug else logging.INFO)
     logging.getLogger("pyfuse3").setLevel(logging.DEBUG if cfg.debug else logging.WARNING)
@@ -102,7 +108,8 @@ def recovery_notes(store: Store) -> list[str]:
     return notes
 
 
-async def _run_fuse(done: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_fuse(done: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the FUSE session until it ends (the mount is gone); then set ``done``."""
     task_status.started()
     try:
         await pyfuse3.main()
@@ -110,21 +117,31 @@ async def _run_fuse(done: trio.Event, task_status: trio.TaskStatus[None] = trio.
         done.set()  # the mount is gone
 
 
-async def _watch_signals(signals: AsyncIterator[int], mountpoint: str) -> None:
+async def watch_signals(signals: AsyncIterator[int], mountpoint: str) -> None:
+    """Unmount on each SIGTERM/SIGINT/SIGHUP; the end of the session then stops the process."""
     async for signum in signals:
         name = signal.Signals(signum).name
         log.info("%s received: unmounting %s (the kernel writes back its dirty pages first)", name, mountpoint)
+        await unmount(mountpoint)
+
+
+async def unmount(mountpoint: str, *, lazy: bool = False) -> None:
+    """Unmount from inside; a busy mount (a disk still open) is detached lazily instead.
+
+    After a lazy unmount the session ends, and the process stops, once the last open file is closed.
+    """
+    if not lazy:
         ok, msg = await trio.to_thread.run_sync(fuse_unmount, mountpoint)
         if ok:
-            continue
+            return
         log.warning("unmount of %s failed (%s); detaching it lazily: the daemon exits when the last "
                     "open file is closed", mountpoint, msg)
-        ok, msg = await trio.to_thread.run_sync(functools.partial(fuse_unmount, mountpoint, lazy=True))
-        if not ok:
-            log.error("lazy unmount of %s failed too: %s", mountpoint, msg)
+    ok, msg = await trio.to_thread.run_sync(functools.partial(fuse_unmount, mountpoint, lazy=True))
+    if not ok:
+        log.error("lazy unmount of %s failed%s: %s", mountpoint, "" if lazy else " too", msg)
 
 
-def _load_key(cfg: MountConfig) -> bytes | None:
+def key_of(cfg: MountConfig) -> bytes | None:
     """The shared key, read once at startup; a file others can read is refused."""
     if cfg.key_file is None:
         return None
@@ -134,7 +151,7 @@ def _load_key(cfg: MountConfig) -> bytes | None:
         raise StartupError(f"--key-file: {e}") from None
 
 
-async def _start_replication(nursery: trio.Nursery, repl: Replication, cfg: MountConfig) -> None:
+async def start_replication(nursery: trio.Nursery, repl: Replication, cfg: MountConfig) -> None:
     """Start the engine in ``nursery``: a primary's sinks are attached, a secondary's port is bound."""
     try:
         await nursery.start(repl.run)
@@ -172,10 +189,7 @@ async def _start_observers(nursery: trio.Nursery, ops: Operations, bus: EventBus
         await nursery.start(bus.serve, path)
     except OSError as e:
         log.warning("events: cannot listen on %s: %s; mountctl events will not work", path, e.strerror or e)
-    if ops.repl.primary is not None:
-        nursery.start_soon(watch_links, ops.repl.primary, bus)
-    if ops.repl.verifies is not None:
-        nursery.start_soon(watch_verifies, ops.repl.verifies, bus)
+    start_watchers(nursery, ops, bus)
     if cfg.metrics is not None:
         try:
             await nursery.start(serve_metrics, FigureSource(ops, counts), cfg.metrics.host, cfg.metrics.port)
@@ -183,22 +197,38 @@ async def _start_observers(nursery: trio.Nursery, ops: Operations, bus: EventBus
             raise StartupError(f"--metrics: cannot listen on {cfg.metrics}: {e.strerror or e}") from None
 
 
-def _wire_hooks(ops: Operations, repl: Replication) -> None:
+def start_watchers(nursery: trio.Nursery, ops: Operations, bus: EventBus) -> None:
+    """Report the primary's link changes and the verifies' progress as events on ``bus``."""
+    if ops.repl.primary is not None:
+        nursery.start_soon(watch_links, ops.repl.primary, bus)
+    if ops.repl.verifies is not None:
+        nursery.start_soon(watch_verifies, ops.repl.verifies, bus)
+
+
+def wire_hooks(ops: Operations, repl: Replication) -> None:
     """Checkpoints the primary sends go through the mount exactly like local ones; new disks show up."""
     repl.hooks.checkpoint = ops.control.vms.wire_checkpoint
     repl.hooks.on_disk_added = ops.control.vms.disk_added
 
 
-def _mount(ops: Operations, cfg: MountConfig) -> None:
+def mount_options(cfg: MountConfig, source: str | None = None) -> set[str]:
+    """The FUSE options of a mount whose source (fsname) is ``source``, by default the store."""
     # The store as the mount's source (as fstab names it), so `mount -a` sees it is already mounted.
-    plain = not any(c in cfg.store for c in ", \t\n\\")
-    options = {f"fsname={cfg.store if plain else 'colofs'}", "subtype=colofs", "default_permissions"}
+    source = cfg.store if source is None else source
+    plain = not any(c in source for c in ", \t\n\\")
+    options = {f"fsname={source if plain else 'colofs'}", "subtype=colofs", "default_permissions"}
     if cfg.allow_other:
         options.add("allow_other")
+    return options
+
+
+def mount(ops: Operations, cfg: MountConfig, mountpoint: str | None = None, source: str | None = None) -> None:
+    """Mount ``ops`` at ``mountpoint`` (by default the configured one); raises :class:`StartupError`."""
+    mountpoint = cfg.mountpoint if mountpoint is None else mountpoint
     try:
-        pyfuse3.init(ops, cfg.mountpoint, options)
+        pyfuse3.init(ops, mountpoint, mount_options(cfg, source))
     except RuntimeError as e:
-        raise StartupError(f"cannot mount on {cfg.mountpoint}: {e} (see {cfg.log_file})") from e
+        raise StartupError(f"cannot mount on {mountpoint}: {e} (see {cfg.log_file})") from e
 
 
 async def serve(cfg: MountConfig, lock: StoreLock, ready: Ready) -> None:
@@ -209,7 +239,7 @@ async def serve(cfg: MountConfig, lock: StoreLock, ready: Ready) -> None:
     dirty pages back through the mount), then replication stops (a primary
     saves its dirty maps), then the FUSE session is closed and the store.
     """
-    key = _load_key(cfg)
+    key = key_of(cfg)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         log.info("opening store %s (default role %s)", cfg.store, cfg.role)
         try:
@@ -224,17 +254,17 @@ async def serve(cfg: MountConfig, lock: StoreLock, ready: Ready) -> None:
             # This node's outstanding handshake challenges, shared by all its connections.
             repl = Replication(cfg, store, key, events=bus, nonces=NonceRegistry())
             ops = Operations(store, MountInfo(cfg, os.getpid(), time.time()), repl)
-            _wire_hooks(ops, repl)
+            wire_hooks(ops, repl)
             failure: StartupError | None = None
             mounted = False
             nbd: NbdService | None = None
             try:
                 async with trio.open_nursery() as nursery:
                     try:
-                        await _start_replication(nursery, repl, cfg)
+                        await start_replication(nursery, repl, cfg)
                         nbd = await _start_nbd(nursery, ops, cfg)
                         await _start_observers(nursery, ops, bus, cfg)
-                        _mount(ops, cfg)
+                        mount(ops, cfg)
                         mounted = True
                         store.io.pending = queued_requests_probe()
                     except StartupError as e:
@@ -260,9 +290,9 @@ async def _serve_mount(nursery: trio.Nursery, ops: Operations, repl: Replication
                        nbd: NbdService | None = None) -> None:
     """Serve until the mount is gone, then stop everything else in ``nursery`` (NBD before replication)."""
     unmounted = trio.Event()
-    await nursery.start(_run_fuse, unmounted)
+    await nursery.start(run_fuse, unmounted)
     ops.nursery = nursery
-    nursery.start_soon(_watch_signals, signals, cfg.mountpoint)
+    nursery.start_soon(watch_signals, signals, cfg.mountpoint)
     lock.update(state="serving")
     log.info("serving %s on %s: %d VMs; replication: %s", cfg.store, cfg.mountpoint,
              len(ops.store.vms), repl.root_status()["state"])
@@ -272,19 +302,28 @@ async def _serve_mount(nursery: trio.Nursery, ops: Operations, repl: Replication
     notify(READY=1, MAINPID=os.getpid(), STATUS=f"serving {cfg.store} on {cfg.mountpoint}")
     await unmounted.wait()
     notify(STOPPING=1, STATUS=f"{cfg.mountpoint} unmounted: stopping replication, closing the store")
+    lock.update(state="stopping replication")
+    await after_unmount(ops, repl, cfg.mountpoint, nbd)
+    nursery.cancel_scope.cancel()
+
+
+async def after_unmount(ops: Operations, repl: Replication, mountpoint: str, nbd: NbdService | None = None) -> None:
+    """The mount is gone: stop talking to the kernel, close NBD, let replication drain (then cancel the rest)."""
     ops.cache.close()  # no kernel session to talk to any more
     if nbd is not None:
-        log.info("%s unmounted: closing the NBD connections", cfg.mountpoint)
+        log.info("%s unmounted: closing the NBD connections", mountpoint)
         await nbd.stop()
     if repl.primary is not None or repl.server is not None:
-        log.info("%s unmounted: stopping replication", cfg.mountpoint)
-    lock.update(state="stopping replication")
+        log.info("%s unmounted: stopping replication", mountpoint)
     await repl.drain()
-    nursery.cancel_scope.cancel()
 
 
 def run(cfg: MountConfig, *, ready: Ready, foreground: bool) -> int:
     """The whole life of a mount; returns the process exit status."""
+    if cfg.workers:
+        from colofs.workers.supervisor import run as run_supervisor  # a process per VM
+
+        return run_supervisor(cfg, ready=ready, foreground=foreground)
     setup_logging(cfg, to_stderr=foreground)
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1)  # dumps every thread's stack into the log
@@ -338,10 +377,16 @@ def _ready_writer(fd: int | None) -> Ready:
     return ready
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The daemon's command line (a worker process re-parses its supervisor's with it)."""
     p = argparse.ArgumentParser(prog="colofs-mount", description="Serve a colofs store over FUSE.")
     add_mount_arguments(p)
     p.add_argument("--ready-fd", type=int, help="file descriptor to report readiness on")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     try:
         cfg = config_from_args(args)

@@ -15,6 +15,10 @@ cached of the old one can show through. Times are set when a node is first
 seen (a snapshot's to its creation time, so they are the same after a
 remount) and change only when the kernel sets them: reporting "now" would
 make the kernel drop its page cache.
+
+A *VM-rooted* table (``root_vm``, a worker process's mount at
+``MOUNTPOINT/VM``) has the VM directory itself as its root inode: the same
+files below it, and the VM directory's attributes on the mount's root.
 """
 
 from __future__ import annotations
@@ -124,8 +128,9 @@ def snapshot_name(file_name: str) -> tuple[str, str] | None:
 class InodeTable:
     """Maps inode numbers to nodes and names to inode numbers, for one mount."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, root_vm: str | None = None) -> None:
         self.store = store
+        self.root_vm = root_vm
         self.uid = os.getuid()
         self.gid = os.getgid()
         now = time.time_ns()
@@ -133,7 +138,11 @@ class InodeTable:
         self._vms: dict[str, Node] = {}
         self._disks: dict[tuple[str, str], Node] = {}
         self._snaps: dict[tuple[str, str, str], Node] = {}
-        self.root = Node(ROOT_INO, Kind.ROOT, "", "", now, now, now)
+        if root_vm is None:
+            self.root = Node(ROOT_INO, Kind.ROOT, "", "", now, now, now)
+        else:  # the mount's root is the VM's directory
+            self.root = Node(ROOT_INO, Kind.VM, root_vm, "", now, now, now)
+            self._vms[root_vm] = self.root
         self._nodes[ROOT_INO] = self.root
 
     # -- numbering -----------------------------------------------------------
@@ -174,7 +183,7 @@ class InodeTable:
     def vm_node(self, vm: str) -> Node | None:
         """The node of VM ``vm``, if the store has it."""
         node = self._vms.get(vm)
-        if node is None and vm in self.store.vms:
+        if node is None and vm in self.store.vms and self.root_vm is None:
             node = self._vms[vm] = self._add(Kind.VM, vm, "")
         return node
 
@@ -316,7 +325,7 @@ class InodeTable:
 
     def forget(self, ino: int, count: int) -> None:
         node = self._nodes.get(ino)
-        if node is None or node.kind is Kind.ROOT:
+        if node is None or node is self.root:
             return
         node.lookups = max(0, node.lookups - count)
         self._maybe_drop(node)

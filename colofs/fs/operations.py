@@ -84,10 +84,12 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
     enable_acl = False
 
-    def __init__(self, store: Store, info: MountInfo, repl: Replication | None = None) -> None:
+    def __init__(self, store: Store, info: MountInfo, repl: Replication | None = None,
+                 root_vm: str | None = None) -> None:
+        """``root_vm``: serve only that VM, its directory as the mount's root (a worker's mount)."""
         super().__init__()
         self.store = store
-        self.inodes = InodeTable(store)
+        self.inodes = InodeTable(store, root_vm)
         self.cache = PageCache(info.config.mountpoint, self.inodes)
         self.repl = repl or Replication(info.config, store, None)
         self.control = Control(store, self.inodes, self.cache, info, self.repl)

@@ -8,6 +8,10 @@ whose checkpoints go through the mount (the hook :class:`Control` installs:
 write back the SVM's dirty pages, checkpoint the core, drop the page cache).
 A mount with neither serves its disks unreplicated.
 
+A worker process (one VM, :mod:`colofs.workers`) runs a secondary *handed
+off*: it binds no port; its supervisor accepts each connection, reads which
+VM it is for, and passes the socket on (:meth:`Replication.accept`).
+
 The engine knows nothing of FUSE; this module is where the daemon, the
 control plane and status reach it.
 """
@@ -51,8 +55,11 @@ class Replication:
 
     def __init__(self, cfg: MountConfig, store: Store, key: bytes | None,
                  settings: ReplConfig | None = None, events: EventBus | None = None,
-                 nonces: NonceRegistry | None = None) -> None:
+                 nonces: NonceRegistry | None = None, handoff: bool = False) -> None:
+        """``handoff``: a secondary fed connections by :meth:`accept` instead of listening itself."""
         self.cfg = cfg
+        self.handoff = handoff
+        self._handoff_nursery: trio.Nursery | None = None
         self.events = events or EventBus()  # where checkpoints, failovers and peers are reported
         self.store = store
         self.key = key
@@ -84,11 +91,38 @@ class Replication:
                 await nursery.start(self.verifies.run)
                 await self.primary.run(task_status=task_status)
                 nursery.cancel_scope.cancel()
+        elif self.server is not None and self.handoff:
+            await self._serve_handoffs(task_status)
         elif self.server is not None:
             assert self.cfg.listen is not None
             await self.server.serve((self.cfg.listen.host, self.cfg.listen.port), task_status=task_status)
         else:
             task_status.started()
+
+    async def _serve_handoffs(self, task_status: trio.TaskStatus[None]) -> None:
+        """Serve the connections :meth:`accept` is handed, until cancelled."""
+        assert self.server is not None
+        try:
+            async with trio.open_nursery() as nursery:
+                self._handoff_nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._handoff_nursery = None
+            for session in list(self.server.sessions.values()):
+                session.replace("the secondary is shutting down")
+
+    def accept(self, stream: trio.SocketStream, peer: str, vm: str) -> bool:
+        """Serve a connection the supervisor accepted for ``vm``; False (the stream is not taken) if not running."""
+        nursery = self._handoff_nursery
+        if self.server is None or nursery is None:
+            return False
+        serve_handoff = getattr(self.server, "serve_handoff", None)
+        if serve_handoff is not None:
+            nursery.start_soon(serve_handoff, stream, peer, vm, name=f"colofs-secondary-{vm}-{peer}")
+        else:  # an engine without the routed entry: the listener's own path (admission, handshake, ATTACH)
+            nursery.start_soon(self.server._handle, stream, name=f"colofs-secondary-{vm}-{peer}")
+        return True
 
     async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
         """Let connected links get their queued writes acknowledged before the engine stops.

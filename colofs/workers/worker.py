@@ -1,0 +1,426 @@
+"""One VM's worker process: its store, its replication and its FUSE mount at ``MOUNTPOINT/VM``.
+
+The zygote calls :func:`main` in a freshly forked child. The worker re-parses
+the supervisor's daemon arguments, opens the store scoped to its one VM (the
+VM's crash recovery runs here, as at a remount), starts that VM's replication
+(a primary's link, or a secondary's sessions fed connections the supervisor
+accepted), and mounts a VM-rooted filesystem on the VM's directory of the
+supervisor's root mount. It then serves the supervisor's channel
+(:mod:`colofs.workers.channel`): ``ping``, ``stop``, ``connection``,
+``create_disk``, ``import_disk``, ``budget``; and reports ``opened``,
+``ready``, every event, a ``summary`` of its VM, or ``failed``.
+
+Shutdown keeps the daemon's order (:mod:`colofs.fs.daemon`): unmount (the
+kernel writes dirty pages back first), drain replication, close the store.
+A ``stop`` from the supervisor and ``SIGTERM``/``SIGINT``/``SIGHUP`` start
+it; so does the end of the channel (the supervisor is gone), with a lazy
+unmount. If even that cannot reach the mount (a dead root above it), the
+FUSE session is ended from inside, so the VM is still closed cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from typing import Any
+
+import pyfuse3
+import trio
+
+from colofs.core.errors import ColofsError
+from colofs.core.state import ROLES
+from colofs.core.store import Store
+from colofs.events import EventBus
+from colofs.fs.config import ConfigError, MountConfig, config_from_args
+from colofs.fs.control import CREATE, IMPORT, MountInfo
+from colofs.fs.daemon import (
+    StartupError,
+    after_unmount,
+    key_of,
+    mount,
+    parser,
+    recovery_notes,
+    run_fuse,
+    setup_logging,
+    start_replication,
+    start_watchers,
+    unmount,
+    watch_signals,
+    wire_hooks,
+)
+from colofs.fs.errnos import errno_for
+from colofs.fs.fusedevice import queued_requests_probe
+from colofs.fs.operations import Operations
+from colofs.fs.replication import Replication
+from colofs.fs.values import Refused
+from colofs.repl import ReplConfig, ReplConfigError
+from colofs.wire import NonceRegistry
+from colofs.workers.channel import Channel, RemoteError, WorkerArgs, encode
+
+log = logging.getLogger(__name__)
+
+MOUNT_WAIT = 10.0
+"""How long the VM's directory may take to appear in the root mount (the supervisor's mkdir)."""
+EVENT_QUEUE = 1024
+"""Events queued for the supervisor; past that they are dropped (and counted), never blocking the emitter."""
+BUDGET = "max_retained_total_bytes"
+
+
+def main(args: WorkerArgs) -> int:
+    """Serve ``args.vm`` until stopped; the process's exit status (1: startup failed, ``failed`` was sent)."""
+    sock = socket.socket(fileno=args.channel_fd)
+    try:
+        cfg = _config(args.argv)
+    except ConfigError as e:
+        _fail_early(sock, f"worker for VM {args.vm}: {e}")
+        return 1
+    setup_logging(cfg, to_stderr=False, vm=args.vm)
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1)  # dumps every thread's stack
+    log.info("worker for VM %s starting (pid %d, restart %d)", args.vm, os.getpid(), args.restarts)
+    try:
+        return trio.run(Worker(args, cfg, sock).run)
+    except BaseException:
+        log.exception("worker for VM %s failed", args.vm)
+        raise
+
+
+def _config(argv: list[str]) -> MountConfig:
+    """The supervisor's configuration, re-parsed from its daemon arguments."""
+    p = parser()
+    try:
+        ns = p.parse_args(argv)
+    except SystemExit:  # argparse printed why
+        raise ConfigError(f"cannot parse the daemon arguments {argv!r}") from None
+    return config_from_args(ns)
+
+
+def _fail_early(sock: socket.socket, error: str) -> None:
+    """Report a failure from before the event loop runs, on the blocking socket."""
+    try:
+        sock.send(encode({"op": "failed", "error": error}))
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+class Worker:
+    """The life of one VM's worker: startup, the channel's operations, shutdown."""
+
+    def __init__(self, args: WorkerArgs, cfg: MountConfig, sock: socket.socket) -> None:
+        self.args = args
+        self.cfg = cfg
+        self.vm = args.vm
+        self.mountpoint = os.path.join(cfg.mountpoint, args.vm)
+        self.channel = Channel(sock, label=f"worker {args.vm}")
+        self.store: Store | None = None
+        self.ops: Operations | None = None
+        self.repl: Replication | None = None
+        self.opened = trio.Event()  # the store is open and Operations exist: commands can run
+        self.mounted = False
+        self.stopping = False
+        self._startup = trio.CancelScope()  # cancelled by a stop that comes before the mount
+        self._nursery: trio.Nursery | None = None
+        self._events_send, self._events_receive = trio.open_memory_channel[dict[str, Any]](EVENT_QUEUE)
+        self.events_dropped = 0
+        budget = args.extra.get(BUDGET)
+        self.budget: int | None = int(budget) if budget is not None else None
+        """The retained-writes budget the supervisor gives this VM (None: the engine's default)."""
+
+    # -- the whole life ---------------------------------------------------------------
+
+    async def run(self) -> int:
+        status = 0
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self.channel.run, self.handle)
+                nursery.start_soon(self._watch_channel)
+                try:
+                    await self._serve()
+                except StartupError as e:
+                    status = await self._failed(str(e))
+                except Exception as e:
+                    log.exception("worker for VM %s failed", self.vm)
+                    status = await self._failed(f"{type(e).__name__}: {e} (see {self.cfg.log_file})")
+                nursery.cancel_scope.cancel()
+        finally:
+            self.channel.close()
+        if status == 0:
+            log.info("worker for VM %s stopped cleanly", self.vm)
+        return status
+
+    async def _failed(self, error: str) -> int:
+        log.error("worker for VM %s: %s", self.vm, error)
+        if not self.mounted:
+            try:
+                await self.channel.notify("failed", error=error)
+            except Exception as e:  # the supervisor may be gone
+                log.debug("cannot report the failure: %s", e)
+        return 1
+
+    async def _serve(self) -> None:
+        """Open the VM, replicate, mount, serve until unmounted; then drain and close (the daemon's order)."""
+        cfg = self.cfg
+        key = key_of(cfg)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            with self._startup:
+                store = await self._open_store()
+                try:
+                    await self._serve_store(store, key, signals)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await store.close()
+                log.info("VM %s closed cleanly", self.vm)
+
+    async def _open_store(self) -> Store:
+        cfg, args = self.cfg, self.args
+        log.info("opening VM %s of store %s", self.vm, cfg.store)
+        if args.create_vm is not None and args.create_vm not in ROLES:
+            raise StartupError(f"create_vm: role must be one of {', '.join(ROLES)}, not {args.create_vm!r}")
+        try:
+            store = await Store.open(cfg.store, role=cfg.role, only=self.vm)
+        except ColofsError as e:
+            raise StartupError(f"cannot open VM {self.vm} of store {cfg.store}: {e}") from e
+        try:
+            if self.vm not in store.vms:
+                if args.create_vm is None:
+                    raise StartupError(f"store {cfg.store} has no VM {self.vm}")
+                vm = await store.create_vm(self.vm, args.create_vm)
+                log.info("VM %s created (role %s)", self.vm, vm.state.role)
+        except BaseException as e:
+            store.abandon()
+            if isinstance(e, ColofsError):
+                raise StartupError(f"cannot create VM {self.vm}: {e}") from e
+            raise
+        return store
+
+    async def _serve_store(self, store: Store, key: bytes | None, signals: Any) -> None:
+        cfg, args = self.cfg, self.args
+        vm = store.vm(self.vm)
+        notes = recovery_notes(store)
+        for note in notes:
+            log.warning("%s", note)
+        await self.channel.notify("opened", role=vm.state.role, notes=notes, damaged=vm.damage is not None)
+        bus = EventBus()
+        try:
+            settings = ReplConfig(tls=cfg.tls())
+        except ReplConfigError as e:
+            raise StartupError(f"replication: {e}") from None
+        if self.budget is not None:
+            settings = dataclasses.replace(settings, max_retained_total_bytes=self.budget)
+        repl = Replication(cfg, store, key, settings=settings, events=bus, nonces=NonceRegistry(), handoff=True)
+        worker = {"state": "serving", "pid": os.getpid(), "restarts": args.restarts}
+        ops = Operations(store, MountInfo(cfg, os.getpid(), time.time(), worker=worker), repl, root_vm=self.vm)
+        wire_hooks(ops, repl)
+        self.store, self.ops, self.repl = store, ops, repl
+        bus.watch(self._queue_event)
+        self.opened.set()
+        failure: StartupError | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._forward_events)
+                await self._send_summary()
+                try:
+                    await start_replication(nursery, repl, cfg)
+                    start_watchers(nursery, ops, bus)
+                    await self._mount(ops)
+                    store.io.pending = queued_requests_probe()
+                except StartupError as e:
+                    failure = e
+                    nursery.cancel_scope.cancel()
+                else:
+                    await self._serve_mount(nursery, ops, repl, signals)
+        finally:
+            if self.mounted:
+                pyfuse3.close(unmount=True)  # a no-op after a clean unmount
+        if failure is not None:
+            raise failure
+        log.info("%s unmounted, replication stopped; closing VM %s", self.mountpoint, self.vm)
+
+    async def _mount(self, ops: Operations) -> None:
+        """Mount on ``MOUNTPOINT/VM``, waiting (with backoff) for the root mount to show that directory."""
+        deadline = trio.current_time() + MOUNT_WAIT
+        delay = 0.02
+        while True:
+            problem = await trio.to_thread.run_sync(_directory_problem, self.mountpoint)
+            if problem is None:
+                break
+            if trio.current_time() + delay > deadline:
+                raise StartupError(f"cannot mount on {self.mountpoint}: {problem} (waited {MOUNT_WAIT:.0f} s)")
+            await trio.sleep(delay)  # the supervisor may still be answering the mkdir
+            delay = min(delay * 2, 1.0)
+        mount(ops, self.cfg, self.mountpoint, source=os.path.join(self.cfg.store, self.vm))
+        self.mounted = True
+
+    async def _serve_mount(self, nursery: trio.Nursery, ops: Operations, repl: Replication, signals: Any) -> None:
+        unmounted = trio.Event()
+        await nursery.start(run_fuse, unmounted)
+        ops.nursery = nursery
+        nursery.start_soon(watch_signals, signals, self.mountpoint)
+        log.info("serving VM %s on %s; replication: %s", self.vm, self.mountpoint, repl.root_status()["state"])
+        await self.channel.notify("ready", mountpoint=self.mountpoint, pid=os.getpid())
+        await unmounted.wait()
+        await after_unmount(ops, repl, self.mountpoint)
+        nursery.cancel_scope.cancel()
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def stop(self, *, lazy: bool, why: str) -> None:
+        """Start the shutdown: the unmount if mounted (its end stops the rest), else abandon the startup."""
+        if self.stopping:
+            return
+        self.stopping = True
+        if not self.mounted:
+            log.info("VM %s: %s before the mount was up: stopping", self.vm, why)
+            self._startup.cancel()
+            return
+        log.info("VM %s: %s: unmounting %s%s", self.vm, why, self.mountpoint, " lazily" if lazy else "")
+        assert self._nursery is not None
+        self._nursery.start_soon(self._unmount, lazy)
+
+    async def _unmount(self, lazy: bool) -> None:
+        await unmount(self.mountpoint, lazy=lazy)
+        if lazy and await trio.to_thread.run_sync(_unreachable, self.mountpoint):
+            # The root above is dead, so no path reaches this mount: end the session from inside.
+            log.warning("%s cannot be reached to unmount it; ending its FUSE session", self.mountpoint)
+            pyfuse3.terminate()
+
+    async def _watch_channel(self) -> None:
+        await self.channel.closed.wait()
+        self.stop(lazy=True, why="the supervisor is gone (its channel closed)")
+
+    # -- the channel's operations ---------------------------------------------------------------
+
+    async def handle(self, msg: dict[str, Any], fds: list[int]) -> dict[str, Any] | None:
+        """One request or notification from the supervisor (its ops: docs/processes.md)."""
+        op = msg.get("op")
+        if op != "connection":
+            _close_fds(fds)
+        if op == "ping":
+            return {}
+        if op == "stop":
+            self.stop(lazy=bool(msg.get("lazy", False)), why="stop requested by the supervisor")
+            return None
+        if op == "connection":
+            self._connection(fds, str(msg.get("peer", "?")))
+            return None
+        if op in ("create_disk", "import_disk"):
+            return await self._disk_command(CREATE if op == "create_disk" else IMPORT, msg)
+        if op == "budget":
+            self._budget(msg.get(BUDGET))
+            return None
+        raise RemoteError(f"worker for VM {self.vm}: unknown operation {op!r}", errno.EINVAL)
+
+    def _connection(self, fds: list[int], peer: str) -> None:
+        if len(fds) != 1:
+            _close_fds(fds)
+            log.error("connection from %s handed over with %d descriptors, not 1: dropped", peer, len(fds))
+            return
+        sock = socket.socket(fileno=fds[0])
+        if self.repl is None or self.stopping:
+            log.warning("connection from %s for VM %s closed: the worker is %s", peer, self.vm,
+                        "stopping" if self.stopping else "not serving yet")
+            sock.close()
+            return
+        sock.setblocking(False)
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        if not self.repl.accept(stream, peer, self.vm):
+            log.warning("connection from %s for VM %s closed: this worker does not serve secondary "
+                        "connections (no --listen)", peer, self.vm)
+            sock.close()
+
+    async def _disk_command(self, key: str, msg: dict[str, Any]) -> dict[str, Any]:
+        if self.stopping:
+            raise RemoteError(f"VM {self.vm}: the worker is stopping", errno.ESHUTDOWN)
+        await self.opened.wait()
+        assert self.ops is not None
+        req = {k: v for k, v in msg.items() if k not in ("op", "id")}
+        req.setdefault("vm", self.vm)
+        if req["vm"] != self.vm:
+            raise RemoteError(f"{key}: VM {req['vm']} is not served by the worker of VM {self.vm}", errno.EINVAL)
+        try:
+            return await self.ops.control.root_command(key, req)
+        except Refused as e:
+            raise RemoteError(str(e), e.code) from None
+        except ColofsError as e:
+            raise RemoteError(f"{key}: {e}", errno_for(e)) from None
+
+    def _budget(self, value: object) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            log.error("budget: %r is not a positive number of bytes; ignored", value)
+            return
+        primary = self.repl.primary if self.repl is not None else None
+        self.budget = value  # also for a replication not built yet
+        if primary is not None:
+            primary.budget.limit = value
+            primary.budget.relieve()
+        log.info("VM %s: retained writes bounded to %d bytes", self.vm, value)
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    def _queue_event(self, event: dict[str, Any]) -> None:
+        """The bus's watcher: never blocks; a full queue drops the event (counted, logged)."""
+        try:
+            self._events_send.send_nowait(event)
+        except trio.WouldBlock:
+            self.events_dropped += 1
+            if self.events_dropped == 1 or self.events_dropped % 1000 == 0:
+                log.warning("events: %d not forwarded to the supervisor (it reads too slowly)", self.events_dropped)
+
+    async def _forward_events(self) -> None:
+        async for event in self._events_receive:
+            kind = event.get("event")
+            fields = {k: v for k, v in event.items() if k != "event"}
+            try:
+                await self.channel.notify("event", kind=kind, fields=fields)
+                await self._send_summary()
+            except Exception as e:  # the supervisor is gone, or an event too large: keep serving
+                log.warning("events: cannot forward %s: %s", kind, e)
+
+    def summary(self) -> dict[str, Any]:
+        """What the supervisor's root status counts for this VM."""
+        assert self.store is not None and self.repl is not None
+        vm = self.store.vm(self.vm)
+        return {"role": vm.state.role, "phase": vm.status()["phase"],
+                "link": str(self.repl.vm_status(vm).get("state"))}
+
+    async def _send_summary(self) -> None:
+        await self.channel.notify("summary", **self.summary())
+
+
+def _directory_problem(path: str) -> str | None:
+    """Why ``path`` cannot be mounted on yet (missing, not a directory), or None."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return "no such directory yet"
+    except OSError as e:
+        return e.strerror or str(e)
+    return None if stat.S_ISDIR(st.st_mode) else "not a directory"
+
+
+def _unreachable(path: str) -> bool:
+    """Whether the mount at ``path`` is still there but no path reaches it (its parent mount is dead)."""
+    try:
+        os.stat(os.path.dirname(path))
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+

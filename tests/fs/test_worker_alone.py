@@ -1,0 +1,235 @@
+"""One VM's worker process on its own, the test playing its supervisor over the channel.
+
+No supervisor runs: the "root mount" is a plain directory MOUNTPOINT, the
+worker mounts its VM-rooted filesystem on MOUNTPOINT/VM, and the test speaks
+the channel's protocol (docs/processes.md): it waits for ``opened`` and
+``ready``, sends ``ping``, ``create_disk``, ``stop``, and reads the files and
+attributes through the mount. Each worker is a subprocess running
+``colofs.workers.worker.main``; whatever happens, the test kills it and
+detaches its mount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from colofs.core import Store
+from colofs.fs.mountpoint import fuse_unmount, mount_type
+from colofs.workers.channel import Channel, RemoteError, WorkerArgs, channel_pair
+from tests.waiting import wait_until
+
+XATTR = "user.colofs."
+MiB = 1 << 20
+ENTRY = ("import json, sys\n"
+         "from colofs.workers.channel import WorkerArgs\n"
+         "from colofs.workers.worker import main\n"
+         "sys.exit(main(WorkerArgs.from_json(json.loads(sys.argv[1]))))\n")
+
+
+class Supervisor:
+    """The test's stand-in for a supervisor: one worker subprocess and its channel."""
+
+    def __init__(self, tmp_path: Path, role: str, vm: str = "vm0") -> None:
+        self.store = str(tmp_path / "store")
+        self.mnt = tmp_path / "mnt"
+        self.mnt.mkdir()
+        self.vm = vm
+        self.role = role
+        self.vm_mount = str(self.mnt / vm)
+        self.messages: list[dict[str, Any]] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel: Channel | None = None
+
+    def argv(self) -> list[str]:
+        return ["--role", self.role, "--store", self.store, "--workers", str(self.mnt)]
+
+    async def start(self, nursery: trio.Nursery, *, create_vm: str | None = None, restarts: int = 0) -> None:
+        ours, theirs = channel_pair()
+        args = WorkerArgs(vm=self.vm, argv=self.argv(), restarts=restarts, create_vm=create_vm,
+                          channel_fd=theirs.fileno())
+        self.proc = subprocess.Popen([sys.executable, "-c", ENTRY, json.dumps(args.to_json())],
+                                     pass_fds=[theirs.fileno()])
+        theirs.close()
+        self.channel = Channel(ours, label="test supervisor")
+        nursery.start_soon(self.channel.run, self._handle)
+
+    async def _handle(self, msg: dict[str, Any], fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
+        self.messages.append(msg)
+
+    def got(self, op: str) -> list[dict[str, Any]]:
+        return [m for m in self.messages if m.get("op") == op]
+
+    async def wait_for(self, op: str) -> dict[str, Any]:
+        found = await wait_until(lambda: self.got(op) or self.got("failed"), what=f"the worker's {op}")
+        assert found[0]["op"] == op, f"the worker failed: {found[0]}"
+        return found[0]
+
+    async def exit_status(self) -> int:
+        assert self.proc is not None
+        return await trio.to_thread.run_sync(lambda: self.proc.wait(timeout=60))
+
+    def mounted(self) -> bool:
+        return mount_type(self.vm_mount) is not None
+
+    def cleanup(self) -> None:
+        """Kill the worker if it still runs and detach its mount: a failed test leaves nothing behind."""
+        if self.channel is not None:
+            self.channel.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=60)
+        if self.mounted():
+            fuse_unmount(self.vm_mount, lazy=True)
+
+
+@contextlib.asynccontextmanager
+async def supervising(tmp_path: Path, role: str, *, create_store: bool = True) -> AsyncIterator[tuple[Supervisor, trio.Nursery]]:
+    sup = Supervisor(tmp_path, role)
+    if create_store:
+        store = await Store.open(sup.store, role=role, create=True)
+        await store.close()
+    try:
+        async with trio.open_nursery() as nursery:
+            yield sup, nursery
+            nursery.cancel_scope.cancel()
+    finally:
+        sup.cleanup()
+
+
+def _status(path: str) -> dict[str, Any]:
+    return json.loads(os.getxattr(path, XATTR + "status"))
+
+
+async def test_worker_creates_its_vm_serves_it_and_stops_cleanly(tmp_path: Path) -> None:
+    async with supervising(tmp_path, "primary") as (sup, nursery):
+        await sup.start(nursery, create_vm="primary", restarts=2)
+        opened = await sup.wait_for("opened")
+        assert opened["role"] == "primary" and opened["damaged"] is False and opened["notes"] == []
+        # The VM's directory shows up in the root only now: the worker waits for it to mount.
+        os.mkdir(sup.vm_mount)
+        ready = await sup.wait_for("ready")
+        assert ready == {"op": "ready", "mountpoint": sup.vm_mount, "pid": sup.proc.pid}
+        assert sup.got("summary")[0]["role"] == "primary"
+        assert sup.mounted()
+        assert sup.channel is not None
+        pong = await sup.channel.call("ping", timeout=60)
+        assert "error" not in pong
+
+        made = await sup.channel.call("create_disk", timeout=60, disk="d0", size=MiB, block_size=4096)
+        assert made["ok"] is True and made["op"] == "create"
+        assert (made["vm"], made["disk"], made["size"]) == ("vm0", "d0", MiB)
+        assert made["file"] == os.path.join(sup.vm_mount, "d0.raw")
+        with pytest.raises(RemoteError) as refused:
+            await sup.channel.call("create_disk", timeout=60, vm="other", disk="d0", size=MiB)
+        assert refused.value.errno == errno.EINVAL
+        with pytest.raises(RemoteError) as exists:
+            await sup.channel.call("create_disk", timeout=60, disk="d0", size=MiB)
+        assert exists.value.errno == errno.EEXIST
+
+        data = os.urandom(64 * 1024)
+
+        def use_the_mount() -> dict[str, Any]:
+            path = os.path.join(sup.vm_mount, "d0.raw")
+            assert os.listdir(sup.vm_mount) == ["d0.raw"]
+            assert os.path.getsize(path) == MiB
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.pwrite(fd, data, 8192)
+                os.fsync(fd)
+                assert os.pread(fd, len(data), 8192) == data
+            finally:
+                os.close(fd)
+            names = os.listxattr(sup.vm_mount)
+            assert XATTR + "status" in names and XATTR + "snapshots" in names
+            assert XATTR + "version" not in names  # the root's attributes are the supervisor's
+            with pytest.raises(OSError) as no_attr:
+                os.getxattr(sup.vm_mount, XATTR + "version")
+            assert no_attr.value.errno == errno.ENODATA
+            with pytest.raises(OSError) as no_mkdir:
+                os.mkdir(os.path.join(sup.vm_mount, "x"))
+            assert no_mkdir.value.errno == errno.EPERM
+            os.setxattr(sup.vm_mount, XATTR + "checkpoint", b"")
+            return _status(sup.vm_mount)
+
+        st = await trio.to_thread.run_sync(use_the_mount)
+        assert st["kind"] == "vm" and st["role"] == "primary"
+        assert st["worker"] == {"state": "serving", "pid": sup.proc.pid, "restarts": 2}
+        assert list(st["disks"]) == ["d0"]
+        event = await wait_until(lambda: [m for m in sup.got("event") if m["kind"] == "checkpoint"],
+                                 what="the checkpoint event")
+        assert event[0]["fields"]["vm"] == "vm0"
+
+        await sup.channel.notify("stop", lazy=False)
+        assert await sup.exit_status() == 0
+        assert not sup.mounted()
+
+    store = await Store.open(sup.store, role="primary")
+    try:
+        vm = store.vm("vm0")
+        assert vm.state.role == "primary"
+        assert await vm.disk("d0").read(8192, len(data)) == data
+        assert vm.recovery.action not in ("rolled-back", "failover-completed")
+    finally:
+        await store.close()
+
+
+async def test_worker_gone_supervisor_unmounts_lazily_and_closes_the_vm(tmp_path: Path) -> None:
+    """The end of the channel (a dead supervisor) detaches the mount at once, even busy; the VM closes cleanly."""
+    async with supervising(tmp_path, "secondary", create_store=False) as (sup, nursery):
+        store = await Store.open(sup.store, role="secondary", create=True)
+        await store.create_disk("vm0", "d0", MiB)
+        await store.close()
+        os.mkdir(sup.vm_mount)
+        await sup.start(nursery)
+        assert (await sup.wait_for("opened"))["role"] == "secondary"
+        await sup.wait_for("ready")
+        fd = await trio.to_thread.run_sync(os.open, os.path.join(sup.vm_mount, "d0.raw"), os.O_RDONLY)
+        try:
+            assert sup.channel is not None
+            sup.channel.close()
+            await wait_until(lambda: not sup.mounted(), what="the lazy unmount")
+            assert sup.proc is not None and sup.proc.poll() is None  # a file is still open
+        finally:
+            os.close(fd)
+        assert await sup.exit_status() == 0
+    store = await Store.open(sup.store, role="secondary")
+    try:
+        assert store.vm("vm0").recovery.action != "rolled-back"
+    finally:
+        await store.close()
+
+
+async def test_worker_without_its_vm_reports_failed(tmp_path: Path) -> None:
+    async with supervising(tmp_path, "secondary") as (sup, nursery):
+        os.mkdir(sup.vm_mount)
+        await sup.start(nursery)  # no create_vm: the VM must exist
+        failed = await wait_until(lambda: sup.got("failed"), what="failed")
+        assert "has no VM vm0" in failed[0]["error"]
+        assert await sup.exit_status() == 1
+        assert not sup.got("ready") and not sup.mounted()
+        assert not os.path.exists(os.path.join(sup.store, "vm0"))
+
+
+async def test_worker_refuses_options_it_cannot_serve(tmp_path: Path) -> None:
+    """The supervisor's arguments are re-parsed: an option refused with --workers fails the start."""
+    async with supervising(tmp_path, "secondary") as (sup, nursery):
+        sup.argv = lambda: ["--role", "secondary", "--store", sup.store, "--workers",  # type: ignore[method-assign]
+                            "--nbd-socket", str(tmp_path / "nbd.sock"), str(sup.mnt)]
+        await sup.start(nursery, create_vm="secondary")
+        failed = await wait_until(lambda: sup.got("failed"), what="failed")
+        assert "--nbd-socket is not available with --workers" in failed[0]["error"]
+        assert await sup.exit_status() == 1
