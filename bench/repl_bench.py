@@ -184,16 +184,16 @@ async def primary_main(args: argparse.Namespace, port: int, work: str) -> None:
             if vm == "sync":
                 await b.repl.set_mode(vm, "sync")
             await b.caught_up(vm)  # the initial (full, digest-compared) sync of an empty disk
-            await b.repl.checkpoint(vm)
+            await b.repl.link(vm).replicate_checkpoint()
             w, e = await b.seq(vm, total, data)
             row(f"{vm}: seq 1M written", f"{total / w / 1e6:9.1f} MB/s", f"{raw_seq_rate:9.1f} MB/s")
             row(f"{vm}: seq 1M replicated (acked by secondary)", f"{total / e / 1e6:9.1f} MB/s", "",
                 f"hidden buffer filled to {total // MiB} MiB")
-            await b.repl.checkpoint(vm, timeout=120)
+            await b.repl.link(vm).replicate_checkpoint(timeout=120)
             w, e = await b.rand(vm, count, data, rng)
             row(f"{vm}: rand 4K written", f"{count / w:9.0f} IOPS", f"{raw_iops:9.0f} IOPS")
             row(f"{vm}: rand 4K replicated", f"{count / e:9.0f} IOPS", "")
-            await b.repl.checkpoint(vm, timeout=120)
+            await b.repl.link(vm).replicate_checkpoint(timeout=120)
         st = b.repl.status("async")
         ratio = st["lz4_ratio"]
         row("lz4 ratio on the wire (wire/raw, async VM)", f"{ratio:9.3f}" if ratio else "n/a", "",
@@ -205,13 +205,13 @@ async def primary_main(args: argparse.Namespace, port: int, work: str) -> None:
         disk = store.vm("async").disk("d0")
         for r in range(3):
             t0 = time.perf_counter()
-            res = await b.repl.checkpoint("async")
+            res = await b.repl.link("async").replicate_checkpoint()
             empty.append(time.perf_counter() - t0)
             base = (r * 64 * MiB) % max(MiB, disk_size - 64 * MiB)
             for off in range(0, min(64 * MiB, disk_size), MiB):
                 await disk.write(base + off, data[off : off + MiB])
             await b.caught_up("async")
-            res = await b.repl.checkpoint("async")
+            res = await b.repl.link("async").replicate_checkpoint()
             lat.append(res.latency_s)
         row("checkpoint, 64 MiB buffered (median of 3)", f"{statistics.median(lat) * 1e3:9.1f} ms", "")
         row("checkpoint, nothing buffered (median of 3)", f"{statistics.median(empty) * 1e3:9.1f} ms", "")

@@ -19,6 +19,7 @@ import logging
 import time
 from typing import Any, cast
 
+from colofs.core.errors import NotFound
 from colofs.core.state import SECONDARY
 from colofs.core.store import Store
 from colofs.core.vm import VM
@@ -71,8 +72,8 @@ class VMControl:
         t1 = time.monotonic()
         try:
             assert self.repl.primary is not None  # it replicates the VM
-            res = await self.repl.primary.checkpoint(vm.name, timeout)
-        except CheckpointError as e:
+            res = await self.repl.primary.link(vm.name).replicate_checkpoint(timeout)
+        except (CheckpointError, NotFound) as e:
             raise Refused(errno.ETIMEDOUT if isinstance(e, CheckpointTimeout) else errno.EIO, str(e)) from None
         t2 = time.monotonic()
         self.last_ops[vm.name] = {"op": CHECKPOINT, "at": time.time(), "seconds": round(t2 - t0, 6),

@@ -1,8 +1,8 @@
 """Block replication between a primary and a secondary store, over the colofs wire protocol.
 
 Nothing here knows about FUSE: the daemon runs :func:`serve_secondary` on a
-secondary host and a :class:`PrimaryReplicator` on a primary host, and calls
-their ``checkpoint``/``status``/``set_mode`` entry points.
+secondary host and a :class:`PrimaryReplicator` on a primary host; a primary
+VM's checkpoint is ``replicator.link(vm).replicate_checkpoint()``.
 
 Modules: :mod:`~colofs.repl.sender` (the primary's per-VM link),
 :mod:`~colofs.repl.receiver` (the secondary's listener and sessions),

@@ -73,8 +73,12 @@ class Checkpoints:
         def _discover(self) -> None: ...
         def _wake(self) -> None: ...
 
-    async def checkpoint(self, timeout: float | None = None) -> CheckpointResult:
-        """Put a marker after the last write, wait for the secondary's CHECKPOINT_DONE, record it."""
+    async def replicate_checkpoint(self, timeout: float | None = None) -> CheckpointResult:
+        """The replicating primary's checkpoint: the secondary takes it, then this host records it.
+
+        Puts a marker after the last write, waits for the secondary's
+        CHECKPOINT_DONE and records it (``VM.record_confirmed_checkpoint``).
+        """
         timeout = self.cfg.checkpoint_timeout if timeout is None else timeout
         if self.state == LinkState.STOPPED:
             raise CheckpointError(f"VM {self.vm.name}: replication is stopped")

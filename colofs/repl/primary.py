@@ -6,8 +6,8 @@ untracked::
     replicator = PrimaryReplicator(store, ("secondary-host", 7789), key)
     await nursery.start(replicator.run)
     ...
-    result = await replicator.checkpoint("vm1")      # CheckpointResult(seq, latency_s)
-    replicator.status("vm1")                          # dict for status output
+    result = await replicator.link("vm1").replicate_checkpoint()  # CheckpointResult(seq, latency_s)
+    replicator.status("vm1")                                       # dict for status output
     await replicator.set_mode("vm1", "sync")
 
 VMs created later are picked up by a periodic scan, or at once with
@@ -27,9 +27,8 @@ from colofs.core.errors import NotFound
 from colofs.core.state import PRIMARY
 from colofs.core.store import Store
 from colofs.repl.config import ReplConfig, check_mode, load_mode, require_key_or_loopback, save_mode
-from colofs.repl.errors import CheckpointError
 from colofs.repl.retained import RetainedBudget
-from colofs.repl.sender import CheckpointResult, VMLink
+from colofs.repl.sender import VMLink
 from colofs.wire.auth import NonceRegistry
 
 log = logging.getLogger(__name__)
@@ -100,7 +99,8 @@ class PrimaryReplicator:
         self.links[name] = link
         self._nursery.start_soon(link.run, name=f"colofs-repl-{name}")
 
-    def _link(self, name: str) -> VMLink:
+    def link(self, name: str) -> VMLink:
+        """VM ``name``'s link (its checkpoints, status, mode); raises :class:`NotFound` if it has none."""
         link = self.links.get(name)
         if link is None:
             if name in self.store.vms:
@@ -108,16 +108,8 @@ class PrimaryReplicator:
             raise NotFound(f"no VM {name!r} in store {self.store.path}")
         return link
 
-    async def checkpoint(self, vm_name: str, timeout: float | None = None) -> CheckpointResult:
-        """Checkpoint all disks of the VM on the secondary; raises :class:`CheckpointError` on failure."""
-        try:
-            link = self._link(vm_name)
-        except NotFound as e:
-            raise CheckpointError(str(e)) from None
-        return await link.checkpoint(timeout)
-
     def status(self, vm_name: str) -> dict[str, object]:
-        return self._link(vm_name).status()
+        return self.link(vm_name).status()
 
     def mode(self, vm_name: str) -> str:
         link = self.links.get(vm_name)

@@ -60,7 +60,7 @@ async def test_a_write_too_big_for_a_frame_is_resynchronised(pair, repl_errors) 
     await pvm.disk("d0").write(4096, bytes(range(256)) * 1024)  # 256 KiB in one write
     await pvm.disk("d0").write(2000, b"after")
     with trio.fail_after(DEADLINE):
-        await pair.repl.checkpoint("vm")
+        await pair.link("vm").replicate_checkpoint()
     await pair.assert_identical()
     st = pair.repl.status("vm")
     assert st["stream_breaks"] == 1 and st["resyncs"] == 1  # a new, empty VM needs none: only this one
@@ -98,5 +98,5 @@ async def test_disk_created_during_a_write_storm(pair, caplog) -> None:
             await more_writes(10)  # the storm goes on between and after the creations
         stop.set()
     with trio.fail_after(DEADLINE):
-        await pair.repl.checkpoint("vm")
+        await pair.link("vm").replicate_checkpoint()
     await pair.assert_identical()

@@ -37,7 +37,7 @@ def _messages(caplog, logger: str) -> str:
 
 async def test_right_key_replicates(pair) -> None:
     await _setup(pair)
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     await pair.assert_identical()
 
 
@@ -65,7 +65,7 @@ async def test_refused_without_the_right_key(pair, caplog, secondary_key, primar
 
 async def test_keyless_loopback_replicates(pair) -> None:
     await _setup(pair, secondary_key=None, primary_key=None)
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     await pair.assert_identical()
 
 
@@ -161,7 +161,7 @@ async def test_stale_epoch_refused_and_newer_epoch_adopted(pair, caplog) -> None
     await stale.apply_primary(1, [PrimaryWrite("d0", 0, b"old")])
     await stale.checkpoint(1)
     await pair.start_primary()
-    await pair.repl.checkpoint("vm2")
+    await pair.link("vm2").replicate_checkpoint()
     assert stale.state.epoch == 2
     await pair.assert_identical("vm2")
     assert pair.repl.status("vm2")["resync"]["full"]

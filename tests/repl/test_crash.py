@@ -45,7 +45,7 @@ async def test_killed_secondary_recovers_to_its_checkpoint_and_catches_up(pair, 
     await pair.start_primary()
     img = bytearray(SIZE)
     await _write(pair, rng, img, 80)
-    c1 = (await pair.repl.checkpoint("vm")).seq
+    c1 = (await pair.link("vm").replicate_checkpoint()).seq
     at_c1 = bytes(img)
     await _write(pair, rng, img, 120, svm_too=True)
     await pair.caught_up()
@@ -64,7 +64,7 @@ async def test_killed_secondary_recovers_to_its_checkpoint_and_catches_up(pair, 
     assert bytes(await svm.disk("d0").read(0, SIZE)) == at_c1
     pair.secondary = store
     await pair.start_secondary(port=port)
-    res = await pair.repl.checkpoint("vm")
+    res = await pair.link("vm").replicate_checkpoint()
     assert res.seq == pair.primary.vm("vm").state.last_applied
     assert bytes(await pair.primary.vm("vm").disk("d0").read(0, SIZE)) == img
     await pair.assert_identical()
@@ -88,7 +88,7 @@ async def test_clean_secondary_restart_resumes_after_its_last_applied(pair, repl
     await pair.start_primary()
     img = bytearray(SIZE)
     await _write(pair, rng, img, 50)
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     await _write(pair, rng, img, 50)
     await pair.caught_up()
     await pair.stop_secondary()
@@ -99,7 +99,7 @@ async def test_clean_secondary_restart_resumes_after_its_last_applied(pair, repl
     before = pair.repl.status("vm")["resyncs"]
     assert pair.secondary.vm("vm").recovery.resume_seq == pair.secondary.vm("vm").state.last_applied
     await pair.start_secondary(port=port)
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     await pair.assert_identical()
     assert pair.repl.status("vm")["resyncs"] == before
     assert not repl_errors()
@@ -115,7 +115,7 @@ async def test_primary_restart_uses_its_saved_dirty_bitmap(pair, repl_errors) ->
     await pair.start_primary()
     img = bytearray(SIZE)
     await _write(pair, rng, img, 40)
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     pvm = pair.primary.vm("vm")
     for i in range(5):  # exactly 5 blocks change after the checkpoint
         await pvm.disk("d0").write(i * 8192, bytes([i + 1]) * 4096)
@@ -127,7 +127,7 @@ async def test_primary_restart_uses_its_saved_dirty_bitmap(pair, repl_errors) ->
     pair.secondary = await Store.open(pair.sdir, role="secondary")
     await pair.start_secondary(port=port)
     await pair.start_primary()
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     await pair.assert_identical()
     st = pair.repl.status("vm")
     assert st["full_syncs"] == 0 and st["resyncs"] == 1
@@ -139,7 +139,7 @@ async def test_primary_restart_uses_its_saved_dirty_bitmap(pair, repl_errors) ->
     await pvm.disk("d0").write(SIZE - 4096, b"untracked")
     await pair.start_primary()
     with trio.fail_after(DEADLINE):
-        await pair.repl.checkpoint("vm")
+        await pair.link("vm").replicate_checkpoint()
     await pair.assert_identical()
     st = pair.repl.status("vm")
     assert st["full_syncs"] == 1 and st["resync"]["full"] and st["resync"]["blocks_total"] == SIZE // 4096
@@ -205,7 +205,7 @@ async def test_sigkilled_secondary_process(pair, repl_errors) -> None:
         for _ in range(3):
             for _ in range(rng.randrange(2, 5)):
                 try:
-                    await pair.repl.checkpoint("vm", timeout=5)
+                    await pair.link("vm").replicate_checkpoint(timeout=5)
                 except CheckpointError:
                     pass
                 await more_writes(rng.randrange(0, 30))
@@ -213,7 +213,7 @@ async def test_sigkilled_secondary_process(pair, repl_errors) -> None:
             await more_writes(rng.randrange(1, 30))  # the VM writes on while its secondary is dead
             await child.start(pair.nursery)
         stop.set()
-    res = await pair.repl.checkpoint("vm", timeout=DEADLINE)
+    res = await pair.link("vm").replicate_checkpoint(timeout=DEADLINE)
     await child.kill()
     store = await Store.open(pair.sdir, role="secondary")
     try:

@@ -56,7 +56,7 @@ async def test_stream_with_checkpoints_isolation_and_failover(pair, repl_errors)
                 # Isolation: whatever part of the stream is applied, the SVM sees only its own writes.
                 for n in sizes:
                     assert bytes(await svm.disk(n).read(0, sizes[n])) == sview[n], f"round {rnd}: V changed"
-        res = await pair.repl.checkpoint("vm")
+        res = await pair.link("vm").replicate_checkpoint()
         assert res.seq == pvm.state.last_applied and res.latency_s > 0
         assert pvm.state.last_checkpoint == res.seq == svm.state.last_checkpoint
         for n in sizes:
@@ -95,7 +95,7 @@ async def test_stream_with_checkpoints_isolation_and_failover(pair, repl_errors)
     assert svm.state.last_applied == applied
     assert pair.server.status("vm")["connected"] is False
     with pytest.raises(CheckpointError):
-        await pair.repl.checkpoint("vm", timeout=0.3)
+        await pair.link("vm").replicate_checkpoint(timeout=0.3)
     assert not repl_errors()
 
 
@@ -118,7 +118,7 @@ async def test_disks_and_vms_created_later_appear_on_the_secondary(pair, tmp_pat
     await pair.primary.create_disk("vm", "img", 512 << 10, block_size=512, source=image)
     await pair.primary.create_disk("vm", "empty", 64 << 10)
     await pvm.disk("empty").write(100, b"e" * 10)
-    res = await pair.repl.checkpoint("vm")
+    res = await pair.link("vm").replicate_checkpoint()
     assert res.seq == pvm.state.last_applied
     svm = pair.secondary.vm("vm")
     assert svm.disk("img").block_size == 512 and svm.disk("img").size == 512 << 10
@@ -127,7 +127,7 @@ async def test_disks_and_vms_created_later_appear_on_the_secondary(pair, tmp_pat
     await pair.primary.create_disk("vm2", "a", 128 << 10)
     await pair.primary.vm("vm2").disk("a").write(4096, b"vm2")
     await wait_until(lambda: "vm2" in pair.repl.links, what="the new VM to be replicated")
-    await pair.repl.checkpoint("vm2")
+    await pair.link("vm2").replicate_checkpoint()
     await pair.assert_identical("vm2")
     assert not repl_errors()
 
@@ -144,10 +144,10 @@ async def test_checkpoint_needs_the_secondary_but_writes_do_not(pair, repl_error
         for i in range(50):
             await pvm.disk("d0").write(i * 4096, bytes([i + 1]) * 4096)
     with pytest.raises(CheckpointError, match="within 0.3 s"):
-        await pair.repl.checkpoint("vm", timeout=0.3)
+        await pair.link("vm").replicate_checkpoint(timeout=0.3)
     st = pair.repl.status("vm")
     assert st["state"] in ("disconnected", "connecting") and st["backlog_writes"] == 50
     await pair.start_secondary(port=port)
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     await pair.assert_identical()
     assert not repl_errors()

@@ -53,7 +53,7 @@ async def test_thirty_random_cuts_then_identical_images(pair, repl_errors, caplo
                         soff, sdata = rand_write(rng, SIZES[name])
                         await svm.disk(name).write(soff, sdata)
             try:
-                res = await pair.repl.checkpoint("vm", timeout=2.0)
+                res = await pair.link("vm").replicate_checkpoint(timeout=2.0)
             except CheckpointError:
                 failed += 1
                 continue
@@ -64,7 +64,7 @@ async def test_thirty_random_cuts_then_identical_images(pair, repl_errors, caplo
             await pair.assert_identical()
     cutting[0] = False
     proxy.cut_all()
-    await pair.repl.checkpoint("vm", timeout=15)
+    await pair.link("vm").replicate_checkpoint(timeout=15)
     await pair.assert_identical()
     st = pair.repl.status("vm")
     assert proxy.cuts >= 30 and st["connects"] >= 10

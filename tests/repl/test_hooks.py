@@ -28,7 +28,7 @@ async def test_the_checkpoint_hook_runs_the_whole_checkpoint(pair) -> None:
     await pair.start_primary()
     pvm = pair.primary.vm("vm")
     await pvm.disk("d0").write(0, b"a" * 5000)
-    res = await pair.repl.checkpoint("vm")
+    res = await pair.link("vm").replicate_checkpoint()
     assert calls == [("vm", res.seq, 0)]
     assert pair.secondary.vm("vm").state.last_checkpoint == res.seq
     # A disk created on the primary is announced at once, before any write to it.
@@ -44,7 +44,7 @@ async def test_exclusive_closes_the_session_and_holds_off_the_primary(pair, capl
     await pair.primary.create_disk("vm", "d0", SIZE)
     await pair.start_secondary()
     await pair.start_primary()
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     link = pair.link()
     svm = pair.secondary.vm("vm")
     async with pair.server.exclusive("vm", "VM vm fails over", ReplCode.FAILED_OVER):

@@ -66,7 +66,7 @@ async def test_unacknowledged_writes_hold_writers_back_within_the_bound(pair, re
     await pair.caught_up()
     assert peak[0] <= backlog and peak[1] <= limit
     assert link.stats["stream_breaks"] == 0 and link.stats["resyncs"] == 0  # a new, empty VM: nothing dropped
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     await pair.assert_identical()
     assert bytes(await pvm.disk("d0").read(0, SIZE)) == bytes(image)
     assert repl_errors() == []
@@ -93,7 +93,7 @@ async def test_a_busy_secondary_stops_reading_at_its_byte_budget(pair, repl_erro
     pvm = pair.primary.vm("vm")
     rng = random.Random(11)
     await pvm.disk("d0").write(0, rng.randbytes(WRITE))
-    pair.nursery.start_soon(pair.repl.checkpoint, "vm")
+    pair.nursery.start_soon(pair.link("vm").replicate_checkpoint)
     await held.wait()  # the secondary's applier now waits in the checkpoint
     session = pair.server.sessions["vm"]
     link = pair.link()
@@ -108,7 +108,7 @@ async def test_a_busy_secondary_stops_reading_at_its_byte_budget(pair, repl_erro
     finally:
         gate.set()
     await pair.caught_up()
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     await pair.assert_identical()
     assert session._queued == 0 and link.stats["stream_breaks"] == 0
     assert repl_errors() == []
@@ -138,7 +138,7 @@ async def test_all_vms_together_stay_within_the_hosts_retained_budget(pair, repl
     assert a.retained.nbytes == 0 and b.retained.nbytes == 14 * WRITE  # the larger, acknowledged holder gave way
     assert a.retaining and a.stats["stream_breaks"] == 0 and b.stats["stream_breaks"] == 0
     for vm in ("a", "b"):
-        await pair.repl.checkpoint(vm)
+        await pair.link(vm).replicate_checkpoint()
         await pair.assert_identical(vm)
     assert budget.total == 0
     assert repl_errors() == []

@@ -32,7 +32,7 @@ async def test_a_new_empty_1tib_disk_starts_streaming_without_any_sync(pair, rep
     for i, off in enumerate(spots):
         await pvm.disk("d0").write(off, bytes([i + 1]) * (1 << 20))
     with trio.fail_after(DEADLINE):
-        await pair.repl.checkpoint("vm")
+        await pair.link("vm").replicate_checkpoint()
     for off in spots:
         want = bytes(await pvm.disk("d0").read(off, 1 << 20))
         assert bytes(await svm.disk("d0").read(off, 1 << 20)) == want
@@ -61,7 +61,7 @@ async def test_imported_data_reaches_a_secondary_that_is_new_again(pair, tmp_pat
     await wait_until(lambda: link.stats["connects"] == 2 and link.state == "streaming", DEADLINE,
                      "the primary to attach to the new secondary")
     with trio.fail_after(DEADLINE):
-        await pair.repl.checkpoint("vm")
+        await pair.link("vm").replicate_checkpoint()
     await pair.assert_identical()
     assert link.stats["full_syncs"] == 0 and link.stats["resyncs"] == 2
     assert not repl_errors()

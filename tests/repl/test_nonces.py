@@ -19,6 +19,6 @@ async def test_two_keyed_nodes_in_one_process_without_given_registries_replicate
     repl = await pair.start_primary()
     assert repl.nonces is not server.nonces
     await pair.primary.vm("vm").disk("d0").write(0, b"n" * 5000)
-    res = await pair.repl.checkpoint("vm")  # confirmed by the secondary: the keyed session stands
+    res = await pair.link("vm").replicate_checkpoint()  # confirmed by the secondary: the keyed session stands
     assert pair.secondary.vm("vm").state.last_checkpoint == res.seq
     await pair.assert_identical()

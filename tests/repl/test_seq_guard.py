@@ -58,7 +58,7 @@ async def test_seq_games_are_refused_and_the_primary_resumes(pair, caplog, repl_
     pvm = pair.primary.vm("vm")
     for i in range(4):
         await pvm.disk("d0").write(i * 4096, bytes([65 + i]) * 4096)
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     await pair.stop_primary()
     svm = pair.secondary.vm("vm")
     before = (svm.state.last_applied, svm.state.last_checkpoint)
@@ -78,7 +78,7 @@ async def test_seq_games_are_refused_and_the_primary_resumes(pair, caplog, repl_
     # The real primary comes back: no full sync, a confirmed checkpoint, identical images.
     await pair.start_primary()
     await pvm.disk("d0").write(0, b"Z" * 4096)
-    result = await pair.repl.checkpoint("vm")
+    result = await pair.link("vm").replicate_checkpoint()
     assert result.seq == pvm.state.last_applied
     await pair.caught_up()
     await pair.assert_identical()

@@ -52,7 +52,7 @@ async def test_the_primary_attaches_while_strangers_hold_every_pending_slot(pair
     await pair.start_primary()
     await pair.caught_up()
     await pair.primary.vm("vm").disk("d0").write(0, b"through")
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     assert why["evicted"] == 1 and server.status()["open_sessions"] == 1
     # The strangers left are closed by the handshake timeout, and counted as such.
     with trio.fail_after(DEADLINE):

@@ -35,7 +35,7 @@ async def test_rewritten_batch_is_refused_and_its_checkpoint_not_confirmed(pair,
     await pair.start_primary(peer_port=proxy.port)
     pvm = pair.primary.vm("vm")
     await pvm.disk("d0").write(0, b"A" * 8192)
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     svm = pair.secondary.vm("vm")
     before = (pvm.state.last_checkpoint, svm.state.last_checkpoint)
 
@@ -45,7 +45,7 @@ async def test_rewritten_batch_is_refused_and_its_checkpoint_not_confirmed(pair,
 
     async def checkpoint() -> None:
         try:
-            outcome.append(await pair.repl.checkpoint("vm", timeout=120))
+            outcome.append(await pair.link("vm").replicate_checkpoint(timeout=120))
         except Exception as e:  # recorded for the assertion below
             outcome.append(e)
 

@@ -58,7 +58,7 @@ async def test_tls_pair_replicates_and_nobody_on_the_path_reads_the_data(pair, c
                          certs.tls("primary") if use_tls else None, tap=True)
     secret = os.urandom(8192)  # incompressible: a plaintext BATCH carries it verbatim
     await pair.primary.vm("vm").disk("d0").write(4096, secret)
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     await pair.assert_identical()
     assert pair.link().stats["connects"] == 1
     seen = bytes(proxy.recorded)

@@ -66,7 +66,7 @@ async def _filled_pair(pair) -> None:
     for off in range(0, SIZE // 2, 64 << 10):
         await disk.write(off, rng.randbytes(64 << 10))
     await pair.caught_up()
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
 
 
 async def _run(v: Verifications, opts: VerifyOptions, pair=None) -> dict:
@@ -76,7 +76,7 @@ async def _run(v: Verifications, opts: VerifyOptions, pair=None) -> dict:
         await wait_until(lambda: run.done.is_set() or (pair is not None and run.phase == "waiting for a checkpoint"),
                          60, "the verify to finish or wait for a checkpoint")
         if not run.done.is_set():
-            await pair.repl.checkpoint("vm")
+            await pair.link("vm").replicate_checkpoint()
     return run.as_dict()
 
 
@@ -112,9 +112,9 @@ async def test_verify_finds_exactly_the_flipped_blocks_and_resync_repairs_them(p
         live = await _run(v, VerifyOptions(resync=True, checkpoint_wait=0.2))
         assert live["state"] == "done" and live["resync"]["final_pass"].startswith("live"), live
         assert (live["resync"]["repaired"], live["blocks_differing"]) == (1, 0)
-        await pair.repl.checkpoint("vm")
+        await pair.link("vm").replicate_checkpoint()
 
-        await pair.repl.checkpoint("vm")
+        await pair.link("vm").replicate_checkpoint()
         again = await _run(v, VerifyOptions())
         assert (again["state"], again["blocks_differing"], again["blocks_compared"]) == ("done", 0, 1024)
         nursery.cancel_scope.cancel()
@@ -139,7 +139,7 @@ async def test_writes_during_the_pass_are_not_differences(pair, repl_errors) -> 
                     await disk.write(b * BS, rng.randbytes(BS))
                     writes += 1
                 if writes % 64 == 0:
-                    await pair.repl.checkpoint("vm")
+                    await pair.link("vm").replicate_checkpoint()
                 await trio.sleep(0)
         rep = run.as_dict()
         nursery.cancel_scope.cancel()
@@ -155,7 +155,7 @@ async def test_a_cut_during_the_pass_resumes_and_still_finds_the_flips(pair, rep
     disk = pair.primary.vm("vm").disk("d0")
     await disk.write(0, os.urandom(SIZE // 2))
     await pair.caught_up()
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     _flip(pair, [3, 900])
     async with trio.open_nursery() as nursery:
         v = await _verifies(pair, nursery)
