@@ -45,6 +45,7 @@ from colofs.wire.messages import (
     Attached,
     Role,
 )
+from colofs.wire.route import peek_route, read_route
 from colofs.wire.stream import FrameStream
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,26 @@ class SecondaryServer:
             peer_addr = f"{host}:{port}"
         except OSError:
             host = peer_addr = "?"
+        await self._admit(tcp, str(host), peer_addr, None)
+
+    async def serve_handoff(self, stream: trio.SocketStream, peer_addr: str, vm: str) -> None:
+        """Serve one connection whose route preamble another process already read: it named ``vm``.
+
+        The connection goes through the same admission, TLS, handshake and
+        ATTACH as one this server accepted itself, and its ATTACH must name
+        ``vm``. Returns when the connection is done (refused or its session
+        over); ``stream`` is closed by then. ``peer_addr`` is ``host:port``.
+        """
+        host = peer_addr.rsplit(":", 1)[0].strip("[]") if ":" in peer_addr else peer_addr
+        await self._admit(stream, host, peer_addr, vm)
+
+    async def _admit(self, tcp: trio.SocketStream, host: str, peer_addr: str, route: str | None) -> None:
+        """Count the connection against the admission caps, serve it if it fits, and always close it.
+
+        ``route``: the VM a preamble already read named, or None to look for a preamble here.
+        """
         self.stats["connections"] += 1
-        ticket = self.admission.admit(str(host))
+        ticket = self.admission.admit(host)
         if not isinstance(ticket, Ticket):
             cfg = self.cfg
             text = (f"{cfg.max_unauthenticated_per_source} unauthenticated connections from this address "
@@ -108,7 +127,7 @@ class SecondaryServer:
             await trio.aclose_forcefully(tcp)
             return
         try:
-            await self._connection(tcp, peer_addr, ticket)
+            await self._connection(tcp, peer_addr, ticket, route)
         except Exception:  # never let one connection take the listener down
             log.exception("replication: internal error on the connection from %s", peer_addr)
         finally:
@@ -122,16 +141,19 @@ class SecondaryServer:
         self.hooks.event("peer-refused", peer=addr, reason=text, role="secondary")
         self.strangers.warning(kind, "replication: refused connection from %s: %s", addr, text)
 
-    async def _connection(self, tcp: trio.SocketStream, addr: str, ticket: Ticket) -> None:
+    async def _connection(self, tcp: trio.SocketStream, addr: str, ticket: Ticket, route: str | None) -> None:
         cfg = self.cfg
         started = trio.current_time()
-        stream = await wrap_transport(tcp, server_side=True, tls=cfg.tls, peer=addr)
-        fs = FrameStream(stream, max_wire_len=cfg.max_wire_len, max_raw_len=cfg.max_raw_len)
-        sender = FrameSender(fs)
+        deadline = started + cfg.handshake_timeout  # one budget for the preamble and the handshake
         try:
             with ticket.scope:  # cancelled when an address holding fewer needs the slot
+                if route is None and await peek_route(tcp.socket, cfg.handshake_timeout):
+                    route = await read_route(tcp, deadline - trio.current_time())
+                stream = await wrap_transport(tcp, server_side=True, tls=cfg.tls, peer=addr)
+                fs = FrameStream(stream, max_wire_len=cfg.max_wire_len, max_raw_len=cfg.max_raw_len)
+                sender = FrameSender(fs)
                 hello = await handshake(fs, self.key, self.node_id, Role.SECONDARY, initiator=False,
-                                        nonces=self.nonces, timeout=cfg.handshake_timeout)
+                                        nonces=self.nonces, timeout=max(deadline - trio.current_time(), 0.001))
         except (ProtocolError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as e:
             kind = HANDSHAKE_TIMEOUT if trio.current_time() - started >= cfg.handshake_timeout else HANDSHAKE_FAILED
             self.admission.count(kind)
@@ -158,6 +180,14 @@ class SecondaryServer:
         if not isinstance(msg, Attach):
             text = f"expected ATTACH, got {msg.TYPE.name}"
             log.warning("replication: refused connection from %s: %s", peer, text)
+            await refuse(fs, ReplCode.BAD_REQUEST, text)
+            return
+        if route is not None and msg.vm != route:
+            text = f"ATTACH names VM {msg.vm!r}, but the connection was routed to VM {route!r}"
+            self.stats["refused"] += 1
+            self.last_refusal = f"{peer}: {text}"
+            log.warning("replication: refused primary %s: %s", peer, text)
+            self.hooks.event("peer-refused", vm=route, peer=peer, reason=text, role="secondary")
             await refuse(fs, ReplCode.BAD_REQUEST, text)
             return
         lock = self._vm_locks.setdefault(msg.vm, trio.Lock())

@@ -67,6 +67,7 @@ from colofs.wire.messages import (
     Role,
     VerifyDigests,
 )
+from colofs.wire.route import encode_route
 from colofs.wire.stream import FrameStream
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
         with trio.fail_after(self.cfg.connect_timeout):
             tcp = await trio.open_tcp_stream(host, port)
         try:
+            await tcp.send_all(encode_route(self.vm.name))  # in clear, first: picks the secondary's process
             stream = await wrap_transport(tcp, server_side=False, tls=self.cfg.tls, peer=f"{host}:{port}")
             fs = FrameStream(stream, max_wire_len=self.cfg.max_wire_len, max_raw_len=self.cfg.max_raw_len)
             sender = FrameSender(fs)

@@ -1,5 +1,5 @@
 """A TCP proxy on 127.0.0.1 that cuts connections at chosen byte counts, holds one direction,
-or rewrites frames as an attacker on the path without the key would.
+or rewrites frames (after the route preamble, passed on as is) as an attacker on the path without the key would.
 
 It sits between the primary and the secondary: ``budget()`` is asked, per
 connection, how many bytes (both directions together) may pass before the
@@ -22,6 +22,7 @@ import trio
 import xxhash
 
 from colofs.wire.messages import Message, MessageType, decode_message
+from colofs.wire.route import HEADER_LEN, ROUTE_MAGIC
 
 _HEADER = struct.Struct("<4sBBHIIQ")
 _FLAG_LZ4 = 0x1
@@ -36,11 +37,21 @@ class FrameRewriter:
         self.rewrite = rewrite
         self.rewritten = 0
         self._buf = bytearray()
+        self._routed = False
 
     def feed(self, data: bytes) -> bytes:
         """The bytes to forward for ``data``: whole frames only, the rest is held back."""
         self._buf += data
         out = bytearray()
+        if not self._routed:  # the route preamble comes first, in clear: passed on as it is
+            if not ROUTE_MAGIC.startswith(bytes(self._buf[: len(ROUTE_MAGIC)])):
+                self._routed = True  # no preamble on this connection
+            elif len(self._buf) < HEADER_LEN or len(self._buf) < HEADER_LEN + self._buf[HEADER_LEN - 1]:
+                return b""
+            else:
+                self._routed = True
+                out += self._buf[: HEADER_LEN + self._buf[HEADER_LEN - 1]]
+                del self._buf[: len(out)]
         while len(self._buf) >= _HEADER.size:
             _magic, _version, _mtype, flags, wire_len, _raw, _digest = _HEADER.unpack_from(self._buf)
             frame_len = _HEADER.size + wire_len + (_TAG_LEN if flags & _FLAG_MAC else 0)
