@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -41,10 +42,11 @@ ENTRY = ("import json, sys\n"
 class Supervisor:
     """The test's stand-in for a supervisor: one worker subprocess and its channel."""
 
-    def __init__(self, tmp_path: Path, role: str, vm: str = "vm0") -> None:
-        self.store = str(tmp_path / "store")
-        self.mnt = tmp_path / "mnt"
-        self.mnt.mkdir()
+    def __init__(self, base: Path, role: str, vm: str = "vm0", options: tuple[str, ...] = ()) -> None:
+        self.store = str(base / "store")
+        self.mnt = base / "mnt"
+        self.mnt.mkdir(parents=True)
+        self.options = options
         self.vm = vm
         self.role = role
         self.vm_mount = str(self.mnt / vm)
@@ -53,7 +55,7 @@ class Supervisor:
         self.channel: Channel | None = None
 
     def argv(self) -> list[str]:
-        return ["--role", self.role, "--store", self.store, "--workers", str(self.mnt)]
+        return ["--role", self.role, "--store", self.store, *self.options, "--workers", str(self.mnt)]
 
     async def start(self, nursery: trio.Nursery, *, create_vm: str | None = None, restarts: int = 0) -> None:
         ours, theirs = channel_pair()
@@ -97,8 +99,9 @@ class Supervisor:
 
 
 @contextlib.asynccontextmanager
-async def supervising(tmp_path: Path, role: str, *, create_store: bool = True) -> AsyncIterator[tuple[Supervisor, trio.Nursery]]:
-    sup = Supervisor(tmp_path, role)
+async def supervising(base: Path, role: str, *, create_store: bool = True,
+                      options: tuple[str, ...] = ()) -> AsyncIterator[tuple[Supervisor, trio.Nursery]]:
+    sup = Supervisor(base, role, options=options)
     if create_store:
         store = await Store.open(sup.store, role=role, create=True)
         await store.close()
@@ -233,3 +236,77 @@ async def test_worker_refuses_options_it_cannot_serve(tmp_path: Path) -> None:
         failed = await wait_until(lambda: sup.got("failed"), what="failed")
         assert "--nbd-socket is not available with --workers" in failed[0]["error"]
         assert await sup.exit_status() == 1
+
+
+async def _route(listener: trio.socket.SocketType, secondary: Supervisor, routed: list[str]) -> None:
+    """The secondary supervisor's part: accept, read the route preamble if there is one, hand the socket over."""
+    assert secondary.channel is not None
+    while True:
+        sock, addr = await listener.accept()
+        with sock:
+            head = await sock.recv(8, socket.MSG_PEEK)
+            if head == b"COLOROUT":
+                header = await _recv_exactly(sock, 10)
+                routed.append((await _recv_exactly(sock, header[9])).decode())
+            await secondary.channel.notify("connection", peer=f"{addr[0]}:{addr[1]}", fds=[sock.fileno()])
+
+
+async def _recv_exactly(sock: trio.socket.SocketType, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        got = await sock.recv(n - len(data))
+        assert got, "the primary closed during its route preamble"
+        data += got
+    return data
+
+
+async def test_secondary_worker_serves_connections_handed_to_it(tmp_path: Path) -> None:
+    """A primary worker's link reaches a secondary worker through a connection its 'supervisor' accepted."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    routed: list[str] = []
+    with listener:
+        async with supervising(tmp_path / "s", "secondary", options=("--listen", f"127.0.0.1:{port}")) as (sec, n1), \
+                supervising(tmp_path / "p", "primary", options=("--peer", f"127.0.0.1:{port}")) as (pri, n2):
+            for sup, role in ((sec, "secondary"), (pri, "primary")):
+                os.mkdir(sup.vm_mount)
+                await sup.start(n1 if sup is sec else n2, create_vm=role)
+                await sup.wait_for("ready")
+            n1.start_soon(_route, listener, sec, routed)
+            assert pri.channel is not None
+            await pri.channel.call("create_disk", timeout=60, disk="d0", size=MiB)
+            await wait_until(lambda: [m for m in pri.got("event") if m["kind"] == "peer-connected"],
+                             what="the primary's link to connect")
+            await wait_until(lambda: os.path.exists(os.path.join(sec.vm_mount, "d0.raw")),
+                             what="the disk on the secondary")
+            data = os.urandom(128 * 1024)
+
+            def write_and_checkpoint() -> None:
+                fd = os.open(os.path.join(pri.vm_mount, "d0.raw"), os.O_RDWR)
+                try:
+                    os.pwrite(fd, data, 4096)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.setxattr(pri.vm_mount, XATTR + "checkpoint", b"")  # through the secondary
+
+            await trio.to_thread.run_sync(write_and_checkpoint)
+
+            def read_secondary() -> bytes:
+                with open(os.path.join(sec.vm_mount, "d0.raw"), "rb") as f:
+                    f.seek(4096)
+                    return f.read(len(data))
+
+            assert await trio.to_thread.run_sync(read_secondary) == data
+            st = await trio.to_thread.run_sync(_status, sec.vm_mount)
+            assert st["peer"]["state"] == "connected", st["peer"]
+            assert pri.got("summary")[-1]["link"] == "connected"
+            if routed:  # a primary that sends the route preamble names its VM in it
+                assert set(routed) == {"vm0"}
+            for sup in (pri, sec):
+                assert sup.channel is not None
+                await sup.channel.notify("stop", lazy=False)
+                assert await sup.exit_status() == 0
+                assert not sup.mounted()
