@@ -166,12 +166,21 @@ async def test_worker_creates_its_vm_serves_it_and_stops_cleanly(tmp_path: Path)
                 os.mkdir(os.path.join(sup.vm_mount, "x"))
             assert no_mkdir.value.errno == errno.EPERM
             os.setxattr(sup.vm_mount, XATTR + "checkpoint", b"")
+            new = os.path.join(sup.vm_mount, "d1.raw")
+            with open(new, "wb"):  # a pending file, made a disk by its first truncate (qemu-img create's way)
+                pass
+            os.truncate(new, 2 * MiB)
+            os.setxattr(sup.vm_mount, XATTR + "snapshot", b"s1")
+            assert sorted(os.listdir(sup.vm_mount)) == ["d0.raw", "d0@s1.raw", "d1.raw", "d1@s1.raw"]
+            with open(os.path.join(sup.vm_mount, "d0@s1.raw"), "rb") as snap:
+                snap.seek(8192)
+                assert snap.read(len(data)) == data
             return _status(sup.vm_mount)
 
         st = await trio.to_thread.run_sync(use_the_mount)
         assert st["kind"] == "vm" and st["role"] == "primary"
         assert st["worker"] == {"state": "serving", "pid": sup.proc.pid, "restarts": 2}
-        assert list(st["disks"]) == ["d0"]
+        assert sorted(st["disks"]) == ["d0", "d1"] and st["disks"]["d1"]["size"] == 2 * MiB
         event = await wait_until(lambda: [m for m in sup.got("event") if m["kind"] == "checkpoint"],
                                  what="the checkpoint event")
         assert event[0]["fields"]["vm"] == "vm0"
