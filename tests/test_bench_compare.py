@@ -155,3 +155,29 @@ def test_ingest_rows_carry_the_quorum_primary_in_the_nbd_column():
     assert "nbd" not in select(rows, "ingest-seq-nbdcopy")[0].systems
     assert all("nbd" not in r.systems and "floor" not in r.systems for r in rows if r.group in ("checkpoint",
                                                                                                   "failover"))
+
+
+def test_floor_column_marks_the_rows_bound_by_the_floor():
+    rows = {r.id: r for r in all_rows(1 << 30, 5.0, 1 << 30)}
+    assert all("floor" in r.systems for r in rows.values() if r.group == "svm")
+
+    def result(row_id: str, colofs: float, floor: float, qemu: float) -> RowResult:
+        return RowResult(rows[row_id], {"colofs": _cell(colofs), "floor": _cell(floor), "qemu": _cell(qemu),
+                                        "raw": _cell(1000.0)})
+
+    near_floor_below_qemu = result("aio16-rand-write", 90.0, 100.0, 200.0)
+    far_below_floor = result("aio16-rand-read", 50.0, 100.0, 200.0)
+    floor_above_qemu = result("direct-rand-write", 90.0, 300.0, 200.0)
+    well_above_floor = result("aio16-seq-write", 200.0, 100.0, 300.0)
+    assert near_floor_below_qemu.floor_bound is True
+    assert far_below_floor.floor_bound is False  # colofs's own handlers cost: not the floor
+    assert floor_above_qemu.floor_bound is False  # the floor itself would pass QEMU
+    assert well_above_floor.floor_bound is False
+    no_floor = RowResult(rows["ingest-rand-qd16"], {"colofs": _cell(1.0), "qemu": _cell(2.0)})
+    assert no_floor.floor_bound is None
+    text = render([near_floor_below_qemu, far_below_floor, no_floor], "header")
+    assert "| colofs | pyfuse3 floor | QEMU | raw file | vs QEMU | vs floor | vs raw |" in text
+    assert "| O_DIRECT libaio qd16 rand write 4K | MB/s | 90 | 100 | 200 | 1000 | 0.45 | 0.90 bound | 0.09 |" in text
+    assert "| O_DIRECT libaio qd16 rand read 4K | MB/s | 50 | 100 | 200 | 1000 | 0.25 | 0.50 | 0.05 |" in text
+    assert near_floor_below_qemu.as_json()["floor_bound"] is True
+    assert near_floor_below_qemu.as_json()["ratios"]["vs_floor"] == 0.9

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.compare.proc import first_line
-from bench.compare.workloads import LABELS, SYSTEMS, Row
+from bench.compare.workloads import FLOOR_BOUND, LABELS, SYSTEMS, Row
 
 SCHEMA = "colofs-bench-compare/2"
 
@@ -84,6 +84,21 @@ class RowResult:
             return None
         return a.median / b.median if self.row.higher_is_better else b.median / a.median
 
+    @property
+    def floor_bound(self) -> bool | None:
+        """Whether colofs over FUSE is held down by pyfuse3's loop here; None where the row has no floor cell.
+
+        Bound: colofs is as good as the floor, within a factor ``FLOOR_BOUND``
+        either way, and the floor itself stays below QEMU, so a Python handler
+        on pyfuse3's loop cannot reach QEMU. Well above the floor (colofs's
+        own threads for large requests) is not bound.
+        """
+        vs_floor, floor_vs_qemu = self.ratio("floor"), self.ratio("qemu", "floor")
+        if vs_floor is None:
+            return None
+        near = FLOOR_BOUND <= vs_floor <= 1 / FLOOR_BOUND
+        return near and floor_vs_qemu is not None and floor_vs_qemu < 1.0
+
     def as_json(self) -> dict[str, Any]:
         r = self.row
         return {
@@ -91,7 +106,9 @@ class RowResult:
             "better": "higher" if r.higher_is_better else "lower",
             "systems": {name: cell.as_json() for name, cell in self.cells.items()},
             "ratios": {"vs_qemu": _round(self.ratio("qemu")), "vs_raw": _round(self.ratio("raw")),
-                       "nbd_vs_qemu": _round(self.ratio("qemu", "nbd"))},
+                       "nbd_vs_qemu": _round(self.ratio("qemu", "nbd")), "vs_floor": _round(self.ratio("floor")),
+                       "floor_vs_qemu": _round(self.ratio("qemu", "floor"))},
+            "floor_bound": self.floor_bound,
         }
 
 
@@ -132,6 +149,8 @@ def columns(results: list[RowResult]) -> tuple[list[str], list[tuple[str, str, s
     ratios = [("vs QEMU", "colofs", "qemu")]
     if "nbd" in present:
         ratios.append(("NBD vs QEMU", "nbd", "qemu"))
+    if "floor" in present:
+        ratios.append(("vs floor", "colofs", "floor"))
     ratios.append(("vs raw", "colofs", "raw"))
     return systems, ratios
 
@@ -146,6 +165,9 @@ def render(results: list[RowResult], header: str) -> str:
         r = res.row
         cells = [fmt_cell(res.cells.get(s), r) for s in systems]
         ratios = [f"{x:.2f}" if x is not None else "-" for x in (res.ratio(o, m) for _, m, o in ratio_cols)]
+        if res.floor_bound:
+            i = next(i for i, (_, _, o) in enumerate(ratio_cols) if o == "floor")
+            ratios[i] += " bound"
         lines.append(f"| {r.title} | {r.unit} | {' | '.join(cells)} | {' | '.join(ratios)} |")
         for name, cell in res.cells.items():
             if cell.status != "ok":

@@ -22,6 +22,7 @@ from functools import partial
 from bench.compare import colofs_pair, qemu_chain
 from bench.compare.colofs_pair import ColofsMount, ColofsPair
 from bench.compare.fio import FioJob, run_fio
+from bench.compare.floor import FloorMount
 from bench.compare.proc import abort_fuse, mounts_under, progress
 from bench.compare.qemu_chain import QSD, QemuChain, tool
 from bench.compare.qemu_quorum import QuorumPrimary
@@ -81,6 +82,7 @@ class Bench:
         self.pair: ColofsPair | None = None
         self.chain: QemuChain | None = None
         self.ingest_quorum: QuorumPrimary | None = None  # QEMU's primary feeding colofs's ingest export
+        self.floor: FloorMount | None = None  # the pyfuse3 floor
         self.extra_mounts: list[ColofsMount] = []
         self.seed = os.path.join(workdir, "seed.raw")
         self.raw_file = os.path.join(workdir, "raw", "disk.raw")
@@ -107,6 +109,8 @@ class Bench:
         """Why ``system`` cannot take a measurement now, or None."""
         if system in self.down:
             return self.down[system][1]
+        if system == "floor" and self.floor is not None:
+            return self.floor.healthy()
         if system == "nbd":
             return self.health("colofs") or (None if os.path.exists(self.nbd_sock) else
                                              f"colofs's NBD socket {self.nbd_sock} is missing")
@@ -147,7 +151,8 @@ class Bench:
 
     def setup(self) -> None:
         progress(f"work directory {self.dir}")
-        checks = (("colofs", colofs_pair.available), ("qemu", partial(qemu_chain.available, self.s.qemu_bin)))
+        checks = (("colofs", colofs_pair.available), ("floor", colofs_pair.available),
+                  ("qemu", partial(qemu_chain.available, self.s.qemu_bin)))
         for system, check in checks:
             why = check() if self.uses(system) else None
             if why:
@@ -160,12 +165,20 @@ class Bench:
                 os.makedirs(os.path.dirname(self.raw_file), exist_ok=True)
                 shutil.copyfile(self.seed, self.raw_file)
         except (StepError, OSError) as e:
-            for system in ("colofs", "qemu", "raw"):
+            for system in ("colofs", "floor", "qemu", "raw"):
                 self.set_down(system, "failed", f"setup: the seed image: {e}")
             progress(f"setup FAILED: {e}")
             return
         if self.uses("colofs") and "colofs" not in self.down:
             self._setup_colofs()
+        if self.uses("floor") and "floor" not in self.down:
+            try:
+                progress("floor: mounting the pyfuse3 passthrough (bench/floor_fs.py) over a copy of the seed")
+                self.floor = FloorMount(os.path.join(self.dir, "floor"), self.seed)
+                self.floor.start()
+            except (StepError, OSError) as e:
+                self.set_down("floor", "failed", f"setup: {e}")
+                progress(f"floor: setup FAILED: {e}")
         if self.uses("qemu") and "qemu" not in self.down:
             try:
                 progress("qemu: starting qemu-storage-daemon with active -> hidden -> base (copy-before-write)")
@@ -248,6 +261,9 @@ class Bench:
             assert self.chain is not None
             self.chain.checkpoint()
             path = self.chain.file
+        elif system == "floor":
+            assert self.floor is not None
+            path = self.floor.file
         else:
             path = self.raw_file
         drop_caches()
@@ -521,11 +537,13 @@ class Bench:
 
     def cleanup(self) -> None:
         """Unmount colofs, stop the QEMU daemons (by PID), detach anything left, remove the work directory."""
-        progress("cleaning up: unmounting colofs, stopping qemu-storage-daemon")
+        progress("cleaning up: unmounting colofs and the floor, stopping qemu-storage-daemon")
         for m in self.extra_mounts:
             _quietly(m.cleanup)
         if self.ingest_quorum is not None:
             _quietly(self.ingest_quorum.stop)
+        if self.floor is not None:
+            _quietly(self.floor.stop)
         if self.chain is not None:
             _quietly(self.chain.stop)
         if self.pair is not None:

@@ -22,6 +22,10 @@ LABELS = {"colofs": "colofs", "nbd": "colofs NBD", "floor": "pyfuse3 floor", "qe
 COLUMN_NOTES = {
     "nbd": "colofs NBD: svm rows, fio's nbd engine on colofs's NBD unix socket (export VM/DISK); ingest rows, "
            "QEMU's quorum primary (local raw + NBD child) feeding colofs's VM/DISK:ingest export",
+    "floor": "pyfuse3 floor: bench/floor_fs.py, a pyfuse3 + trio passthrough (os.pread/os.pwrite on the loop, "
+             "writeback cache) over a copy of the seed, same fio jobs; 'bound' in 'vs floor': colofs is within "
+             "0.8x-1.25x of the floor and the floor itself is below QEMU, so no handler on pyfuse3's loop gets "
+             "past QEMU",
     "qemu": "QEMU: svm rows, the secondary chain's FUSE export; ingest rows, fio's nbd engine into the chain's "
             "copy-before-write node; primary rows, QEMU's COLO primary (quorum of a local raw file and an NBD "
             "child into the chain) over FUSE; memory rows, qemu-storage-daemon",
@@ -53,10 +57,11 @@ MODES = (
 )
 # NBD has no page cache of its own: its buffered row would repeat the O_DIRECT one.
 MODE_SYSTEMS = {
-    "buffered": ("colofs", "qemu", "raw"),
-    "direct": ("colofs", "nbd", "qemu", "raw"),
-    "aio16": ("colofs", "nbd", "qemu", "raw"),
+    "buffered": ("colofs", "floor", "qemu", "raw"),
+    "direct": ("colofs", "nbd", "floor", "qemu", "raw"),
+    "aio16": ("colofs", "nbd", "floor", "qemu", "raw"),
 }
+FLOOR_BOUND = 0.8  # colofs within this factor of the floor (either way), the floor below QEMU: bound by it
 OPS = (
     ("seq-write", "seq write 1M", "write", "1m"),
     ("seq-read", "seq read 1M", "read", "1m"),
