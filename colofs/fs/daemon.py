@@ -125,20 +125,21 @@ async def watch_signals(signals: AsyncIterator[int], mountpoint: str) -> None:
         await unmount(mountpoint)
 
 
-async def unmount(mountpoint: str, *, lazy: bool = False) -> None:
-    """Unmount from inside; a busy mount (a disk still open) is detached lazily instead.
+async def unmount(mountpoint: str, *, lazy: bool = False) -> bool:
+    """Unmount from inside; a busy mount (a disk still open) is detached lazily instead. False if both failed.
 
     After a lazy unmount the session ends, and the process stops, once the last open file is closed.
     """
     if not lazy:
         ok, msg = await trio.to_thread.run_sync(fuse_unmount, mountpoint)
         if ok:
-            return
+            return True
         log.warning("unmount of %s failed (%s); detaching it lazily: the daemon exits when the last "
                     "open file is closed", mountpoint, msg)
     ok, msg = await trio.to_thread.run_sync(functools.partial(fuse_unmount, mountpoint, lazy=True))
     if not ok:
         log.error("lazy unmount of %s failed%s: %s", mountpoint, "" if lazy else " too", msg)
+    return ok
 
 
 def key_of(cfg: MountConfig) -> bytes | None:

@@ -14,8 +14,9 @@ Shutdown keeps the daemon's order (:mod:`colofs.fs.daemon`): unmount (the
 kernel writes dirty pages back first), drain replication, close the store.
 A ``stop`` from the supervisor and ``SIGTERM``/``SIGINT``/``SIGHUP`` start
 it; so does the end of the channel (the supervisor is gone), with a lazy
-unmount. If even that cannot reach the mount (a dead root above it), the
-FUSE session is ended from inside, so the VM is still closed cleanly.
+unmount. If even that fails (no path reaches the mount any more), the FUSE
+session is ended from inside, so the VM is still closed cleanly and no orphan
+worker keeps its files.
 """
 
 from __future__ import annotations
@@ -288,10 +289,11 @@ class Worker:
         self._nursery.start_soon(self._unmount, lazy)
 
     async def _unmount(self, lazy: bool) -> None:
-        await unmount(self.mountpoint, lazy=lazy)
-        if lazy and await trio.to_thread.run_sync(_unreachable, self.mountpoint):
-            # The root above is dead, so no path reaches this mount: end the session from inside.
-            log.warning("%s cannot be reached to unmount it; ending its FUSE session", self.mountpoint)
+        if not await unmount(self.mountpoint, lazy=lazy):
+            # Not even detached (no path reaches it, say): end the session from inside, so the VM is
+            # closed all the same and no orphan worker keeps its files; the mount is left stale for
+            # the supervisor (or whoever detaches the root) to take away.
+            log.warning("%s could not be unmounted; ending its FUSE session from inside", self.mountpoint)
             pyfuse3.terminate()
 
     async def _watch_channel(self) -> None:
@@ -406,15 +408,6 @@ def _directory_problem(path: str) -> str | None:
     except OSError as e:
         return e.strerror or str(e)
     return None if stat.S_ISDIR(st.st_mode) else "not a directory"
-
-
-def _unreachable(path: str) -> bool:
-    """Whether the mount at ``path`` is still there but no path reaches it (its parent mount is dead)."""
-    try:
-        os.stat(os.path.dirname(path))
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
-    return False
 
 
 def _close_fds(fds: list[int]) -> None:

@@ -57,12 +57,13 @@ class Supervisor:
     def argv(self) -> list[str]:
         return ["--role", self.role, "--store", self.store, *self.options, "--workers", str(self.mnt)]
 
-    async def start(self, nursery: trio.Nursery, *, create_vm: str | None = None, restarts: int = 0) -> None:
+    async def start(self, nursery: trio.Nursery, *, create_vm: str | None = None, restarts: int = 0,
+                    env: dict[str, str] | None = None) -> None:
         ours, theirs = channel_pair()
         args = WorkerArgs(vm=self.vm, argv=self.argv(), restarts=restarts, create_vm=create_vm,
                           channel_fd=theirs.fileno())
         self.proc = subprocess.Popen([sys.executable, "-c", ENTRY, json.dumps(args.to_json())],
-                                     pass_fds=[theirs.fileno()])
+                                     pass_fds=[theirs.fileno()], env=env)
         theirs.close()
         self.channel = Channel(ours, label="test supervisor")
         nursery.start_soon(self.channel.run, self._handle)
@@ -319,3 +320,75 @@ async def test_secondary_worker_serves_connections_handed_to_it(tmp_path: Path) 
                 await sup.channel.notify("stop", lazy=False)
                 assert await sup.exit_status() == 0
                 assert not sup.mounted()
+
+
+async def test_sigterm_unmounts_the_worker_and_closes_its_vm(tmp_path: Path) -> None:
+    async with supervising(tmp_path, "secondary") as (sup, nursery):
+        os.mkdir(sup.vm_mount)
+        await sup.start(nursery, create_vm="secondary")
+        await sup.wait_for("ready")
+        assert sup.proc is not None
+        sup.proc.send_signal(signal.SIGTERM)
+        assert await sup.exit_status() == 0
+        assert not sup.mounted()
+    store = await Store.open(sup.store, role="secondary")
+    try:
+        assert store.vm("vm0").recovery.action != "rolled-back"
+    finally:
+        await store.close()
+
+
+async def test_worker_under_a_dead_root_still_closes_its_vm(tmp_path: Path, mounts) -> None:
+    """The root mount above the VM's dies with its supervisor; the worker, told by its channel's end, still
+    detaches its mount (the path to it is cached) and closes its VM cleanly.
+    """
+    root = mounts("secondary", name="root")  # a real FUSE root: a one-process colofs mount
+    root.path("vm0").mkdir()  # its VM directory is where the worker mounts
+    sup = Supervisor(tmp_path / "w", "secondary")
+    sup.mnt = root.mnt
+    sup.vm_mount = str(root.path("vm0"))
+    store = await Store.open(sup.store, role="secondary", create=True)
+    await store.create_disk("vm0", "d0", MiB)
+    await store.close()
+    try:
+        async with trio.open_nursery() as nursery:
+            await sup.start(nursery)
+            await sup.wait_for("ready")
+            assert await trio.to_thread.run_sync(os.listdir, sup.vm_mount) == ["d0.raw"]
+            await trio.to_thread.run_sync(root.kill9)  # the supervisor (and its root mount) die
+            assert sup.channel is not None
+            sup.channel.close()
+            assert await sup.exit_status() == 0
+            nursery.cancel_scope.cancel()
+    finally:
+        sup.cleanup()
+    reopened = await Store.open(sup.store, role="secondary")
+    try:
+        assert reopened.vm("vm0").recovery.action != "rolled-back"
+    finally:
+        await reopened.close()
+
+
+async def test_worker_that_cannot_unmount_ends_its_session_and_closes_its_vm(tmp_path: Path) -> None:
+    """Both unmounts fail (here: a fusermount3 that always fails): the worker must not stay behind.
+
+    An orphan worker after its supervisor died would keep the VM's files open
+    while a new supervisor starts another worker for the same VM.
+    """
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "fusermount3").write_text("#!/bin/sh\necho 'fusermount3: refused by the test' >&2\nexit 1\n")
+    (fake / "fusermount3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    async with supervising(tmp_path, "secondary") as (sup, nursery):
+        os.mkdir(sup.vm_mount)
+        await sup.start(nursery, create_vm="secondary", env=env)
+        await sup.wait_for("ready")
+        assert sup.channel is not None
+        sup.channel.close()
+        assert await sup.exit_status() == 0
+    store = await Store.open(sup.store, role="secondary")
+    try:
+        assert store.vm("vm0").recovery.action != "rolled-back"
+    finally:
+        await store.close()
