@@ -89,8 +89,13 @@ class SecondaryServer:
                 task_status.started(self)
                 await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
             finally:
-                for s in list(self.sessions.values()):
-                    s.replace("the secondary is shutting down")
+                self.close_sessions("the secondary is shutting down")
+
+    def close_sessions(self, why: str) -> None:
+        """Tell every attached primary ``why`` and stop applying (a server fed by :meth:`serve_handoff`
+        has no listener whose end does it); each session's ``finished`` is set once it has stopped."""
+        for s in list(self.sessions.values()):
+            s.replace(why)
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
         try:

@@ -122,7 +122,7 @@ async def peek_route(sock: trio.socket.SocketType, timeout: float) -> bool:
                 seen = len(head)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(head) + 1)
     except trio.TooSlowError:
-        raise RouteError(f"route preamble or HELLO: nothing decisive after {timeout:g} s") from None
+        raise RouteError(f"timed out after {timeout:g} s waiting for a route preamble or HELLO") from None
     finally:
         if seen >= 0:
             try:

@@ -237,3 +237,17 @@ async def test_a_handed_off_connection_meets_the_admission_caps(pair) -> None:
     for s in (first, second):
         await s.aclose()
     await wait_until(lambda: server.admission.pending == 0, what="the first connection gone")
+
+
+async def test_close_sessions_ends_handed_off_sessions_with_the_reason(pair) -> None:
+    """A server fed only by hand-offs has no listener to end its sessions: close_sessions does."""
+    server, router = await _handoff_pair(pair)
+    await pair.primary.create_disk("vm", "d0", SIZE)
+    await pair.start_primary(peer_port=router.port)
+    await pair.caught_up()
+    session = server.sessions["vm"]
+    server.close_sessions("the VM's process is stopping")
+    with trio.fail_after(60):
+        await session.finished.wait()
+    link = pair.link()
+    await wait_until(lambda: "the VM's process is stopping" in (link.last_error or ""), what="the reason told")
