@@ -153,7 +153,7 @@ class SecondaryServer:
         try:
             with ticket.scope:  # cancelled when an address holding fewer needs the slot
                 if route is None and await peek_route(tcp.socket, cfg.handshake_timeout):
-                    route = await read_route(tcp, deadline - trio.current_time())
+                    route = await read_route(tcp, max(deadline - trio.current_time(), 0.0))
                 stream = await wrap_transport(tcp, server_side=True, tls=cfg.tls, peer=addr)
                 fs = FrameStream(stream, max_wire_len=cfg.max_wire_len, max_raw_len=cfg.max_raw_len)
                 sender = FrameSender(fs)

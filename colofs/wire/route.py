@@ -72,6 +72,7 @@ async def read_route(stream: trio.SocketStream, timeout: float) -> str:
     colofs refuses, a connection closed early, or ``timeout`` seconds passing
     before the whole preamble arrived (a slow or stalled peer).
     """
+    timeout = max(timeout, 0.0)  # what is left of a deadline may be spent already
     try:
         with trio.fail_after(timeout):
             magic = await _read_exactly(stream, len(ROUTE_MAGIC), "the magic")
@@ -107,6 +108,7 @@ async def peek_route(sock: trio.socket.SocketType, timeout: float) -> bool:
     task sleeps until more arrives, instead of spinning. Raises
     :class:`RouteError` if ``timeout`` passes first.
     """
+    timeout = max(timeout, 0.0)
     seen = -1
     try:
         with trio.fail_after(timeout):

@@ -193,3 +193,14 @@ async def test_peek_times_out(sent: bytes) -> None:
         with pytest.raises(RouteError, match="after 0.5 s"):
             await peek_route(server.socket, 0.5)
         assert server.socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+
+
+async def test_a_spent_budget_times_out_instead_of_failing() -> None:
+    """Callers pass what is left of a handshake deadline, which may already be below zero."""
+    async with _connection() as (client, server):
+        with pytest.raises(RouteError, match="after 0 s"):
+            await read_route(server, -0.1)
+        with pytest.raises(RouteError, match="after"):
+            await peek_route(server.socket, -0.1)
+        await client.send_all(encode_route("vm0"))
+        assert await read_route(server, 60) == "vm0"  # nothing consumed by the refusals
