@@ -181,3 +181,13 @@ def test_floor_column_marks_the_rows_bound_by_the_floor():
     assert "| O_DIRECT libaio qd16 rand read 4K | MB/s | 50 | 100 | 200 | 1000 | 0.25 | 0.50 | 0.05 |" in text
     assert near_floor_below_qemu.as_json()["floor_bound"] is True
     assert near_floor_below_qemu.as_json()["ratios"]["vs_floor"] == 0.9
+
+
+def test_primary_rows_cover_both_modes_and_the_three_writes():
+    rows = select(all_rows(1 << 30, 5.0, 1 << 30), "primary-*")
+    assert [r.id for r in rows] == [f"primary-{m}-{op}" for m in ("async", "sync")
+                                    for op in ("seq-write", "rand-write", "aio16-rand-write")]
+    for r in rows:
+        assert r.group == "primary" and r.systems == ("colofs", "qemu", "raw") and r.default
+        assert r.job is not None and r.job.direct and not r.job.is_read
+    assert [(r.job.bs, r.job.iodepth) for r in rows[:3] if r.job] == [("1m", 1), ("4k", 1), ("4k", 16)]

@@ -44,6 +44,11 @@ METHOD = [  # (groups the note applies to, the note)
     ({"failover"}, "QEMU failover: NBD export and copy-before-write node removed, FUSE export detached (QEMU "
      "7.2's writable FUSE export holds RESIZE, which an active commit refuses), then block-commit of "
      "active+hidden into base timed to BLOCK_JOB_COMPLETED; detail.total_ms includes the export handling"),
+    ({"primary"}, "primary rows: fio O_DIRECT on the colofs primary's file of the replicated VM in the row's mode "
+     "(async: the COLO default; sync: a write completes once the secondary has it, like QEMU's quorum), "
+     "checkpointed before each run and drained (secondary applied everything) after it, untimed; QEMU: a "
+     "quorum primary (vote-threshold=1) over a local raw file and an NBD child into the chain's "
+     "copy-before-write export, exported over FUSE, started after the chain's checkpoint; raw: the raw file"),
     ({"checkpoint", "failover"}, "colofs checkpoint/failover: the user.colofs.* setxattr that mountctl issues, "
      "timed in-process; raw: cp of the same amount + sync of the copy"),
     ({"ingest"}, "ingest: bytes / (writer start -> secondary applied the primary's last seq) for colofs, "
@@ -83,6 +88,8 @@ class Bench:
         self.chain: QemuChain | None = None
         self.ingest_quorum: QuorumPrimary | None = None  # QEMU's primary feeding colofs's ingest export
         self.floor: FloorMount | None = None  # the pyfuse3 floor
+        self.qemu_primary: QuorumPrimary | None = None  # QEMU's COLO primary over the chain
+        self.pvm_mode = "async"
         self.extra_mounts: list[ColofsMount] = []
         self.seed = os.path.join(workdir, "seed.raw")
         self.raw_file = os.path.join(workdir, "raw", "disk.raw")
@@ -188,7 +195,12 @@ class Bench:
             except (StepError, OSError) as e:
                 self.set_down("qemu", "failed", f"setup: {e}")
                 progress(f"qemu: setup FAILED: {e}")
-        if self.uses("colofs", "ingest", "checkpoint", "failover") and "colofs" not in self.down:
+        if self.uses("qemu", "primary") and self.chain is not None:
+            self.qemu_primary = QuorumPrimary(
+                os.path.join(self.dir, "quorum-primary"), tool(QSD, self.s.qemu_bin),
+                f"server.type=inet,server.host=127.0.0.1,server.port={self.chain.port},export=cbw", "fuse",
+                self.seed)
+        if self.uses("colofs", "primary", "ingest", "checkpoint", "failover") and "colofs" not in self.down:
             self._setup_primary()
 
     def _setup_colofs(self) -> None:
@@ -270,6 +282,73 @@ class Bench:
         r = run_fio(job, filename=None if uri else path, uri=uri)
         small = row.small_blocks
         cell.add(r.mb_s, r.iops if small else None)
+        return f"{r.mb_s:.0f} MB/s" + (f" ({r.iops / 1000:.1f}k IOPS)" if small else "")
+
+    # -- the protected VM's disk on the primary --------------------------------------------
+
+    def run_primary(self) -> None:
+        rows = [r for r in self.rows if r.group == "primary"]
+        if not rows:
+            return
+        if self.pair is not None and self.pair.replication:
+            for row in rows:
+                self.result(row).cells["colofs"].skip(f"replication not available: {self.pair.replication}")
+        try:
+            for row in rows:
+                for rep in range(self.s.reps):
+                    for system in row.systems:
+                        self.measure(row, system, rep, partial(self._primary_once, row, system))
+        finally:
+            if self.pvm_mode != "async" and self.pair is not None and self.pair.has_primary:
+                self._set_mode("async")  # the later rows replicate in the default mode
+
+    def _set_mode(self, mode: str) -> None:
+        assert self.pair is not None
+        self.pair.primary.control(PVM, "mode", mode.encode())
+        self.pvm_mode = mode
+
+    def _primary_once(self, row: Row, system: str, cell: Cell) -> str:
+        assert row.job is not None
+        quorum = None
+        if system == "colofs":
+            pair = self.pair
+            assert pair is not None and pair.has_primary
+            if pair.replication:
+                raise StepError(f"replication stopped earlier in this run: {pair.replication}")
+            mode = row.id.split("-")[1]
+            if mode != self.pvm_mode:
+                self._set_mode(mode)
+            pair.checkpoint_timed(PVM)
+            path = str(pair.primary.file(PVM))
+        elif system == "qemu":
+            assert self.chain is not None
+            if self.qemu_primary is None:
+                raise StepError("QEMU's quorum primary was not set up")
+            self.chain.checkpoint()
+            quorum = self.qemu_primary
+            quorum.start()
+            path = quorum.file
+        else:
+            path = self.raw_file
+        try:
+            drop_caches()
+            r = run_fio(row.job, filename=path)
+        finally:
+            if quorum is not None:
+                quorum.sample()
+                quorum.stop()
+        detail: dict[str, object] = {}
+        if system == "colofs":
+            assert self.pair is not None
+            t0 = time.monotonic()
+            try:
+                self.pair.wait_applied(PVM, timeout=120 + r.bytes / 5e6)
+            except StepError as e:
+                self.pair.replication = f"stalled: {e}"
+                raise
+            detail["drain_s"] = round(time.monotonic() - t0, 3)
+        small = row.small_blocks
+        cell.add(r.mb_s, r.iops if small else None, **detail)
         return f"{r.mb_s:.0f} MB/s" + (f" ({r.iops / 1000:.1f}k IOPS)" if small else "")
 
     # -- ingest: the primary's writes into the secondary -----------------------------------
@@ -515,6 +594,7 @@ class Bench:
     def run(self) -> None:
         self.setup()
         self.run_svm()
+        self.run_primary()
         self.run_ingest()
         self.run_control()
         self.run_memory()
@@ -544,6 +624,8 @@ class Bench:
             _quietly(self.ingest_quorum.stop)
         if self.floor is not None:
             _quietly(self.floor.stop)
+        if self.qemu_primary is not None:
+            _quietly(self.qemu_primary.stop)
         if self.chain is not None:
             _quietly(self.chain.stop)
         if self.pair is not None:

@@ -2,8 +2,8 @@
 
 Row ids are stable (``--only`` and the JSON use them): ``MODE-OP`` for the
 SVM's fio rows (MODE ``buffered``, ``direct``, ``aio16``; OP ``seq-write``,
-``seq-read``, ``rand-write``, ``rand-read``), ``ingest-*`` for the primary's
-writes into the secondary, ``checkpoint-64m``/``failover-256m``, and
+``seq-read``, ``rand-write``, ``rand-read``), ``primary-MODE-*`` for the protected
+VM's disk on the primary, ``ingest-*`` for the primary's writes into the secondary, ``checkpoint-64m``/``failover-256m``, and
 ``rss-*`` for memory.
 """
 
@@ -35,7 +35,7 @@ COLUMN_NOTES = {
 @dataclass(frozen=True)
 class Row:
     id: str
-    group: str  # svm | ingest | checkpoint | failover | memory
+    group: str  # svm | primary | ingest | checkpoint | failover | memory
     title: str
     unit: str  # MB/s | ms | MiB
     higher_is_better: bool
@@ -100,6 +100,24 @@ def ingest_rows(size: int, runtime: float) -> list[Row]:
     ]
 
 
+PRIMARY_OPS = (
+    ("seq-write", "O_DIRECT seq write 1M", "write", "1m", "psync", 1),
+    ("rand-write", "O_DIRECT rand write 4K qd1", "randwrite", "4k", "psync", 1),
+    ("aio16-rand-write", "O_DIRECT libaio rand write 4K qd16", "randwrite", "4k", "libaio", 16),
+)
+
+
+def primary_rows(size: int, runtime: float) -> list[Row]:
+    """The protected VM's disk on the primary: colofs's primary file (async and sync) beside QEMU's quorum primary."""
+    rows = []
+    for mode in ("async", "sync"):
+        for op, title, rw, bs, engine, depth in PRIMARY_OPS:
+            job = FioJob(rw=rw, bs=bs, engine=engine, direct=True, iodepth=depth, size=size, runtime=runtime,
+                         refill=True)
+            rows.append(Row(f"primary-{mode}-{op}", "primary", f"primary ({mode}) {title}", "MB/s", True, job))
+    return rows
+
+
 def control_rows() -> list[Row]:
     return [
         Row("checkpoint-64m", "checkpoint", "checkpoint, 64 MiB buffered", "ms", False, amount=64 * MiB),
@@ -121,7 +139,8 @@ def memory_rows(sparse_writes: int) -> list[Row]:
 
 
 def all_rows(size: int, runtime: float, sparse_writes: int) -> list[Row]:
-    return [*svm_rows(size, runtime), *ingest_rows(size, runtime), *control_rows(), *memory_rows(sparse_writes)]
+    return [*svm_rows(size, runtime), *primary_rows(size, runtime), *ingest_rows(size, runtime), *control_rows(),
+            *memory_rows(sparse_writes)]
 
 
 def select(rows: list[Row], only: str | None) -> list[Row]:
