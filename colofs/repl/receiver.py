@@ -7,6 +7,11 @@ its VM with ATTACH, and is then served by a
 log line and an ERROR frame; the listener and every other session go on. A
 newer connection for a VM replaces the old one (a primary that reconnects
 after a silent cut), after the old one has stopped applying.
+
+A connection may open with the route preamble (:mod:`colofs.wire.route`),
+read here after a peek, or already read by the supervisor that handed the
+socket to :meth:`SecondaryServer.serve_handoff`; either way its ATTACH must
+name the routed VM.
 """
 
 from __future__ import annotations
