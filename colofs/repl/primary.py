@@ -29,6 +29,7 @@ from colofs.core.store import Store
 from colofs.repl.config import ReplConfig, check_mode, load_mode, require_key_or_loopback, save_mode
 from colofs.repl.retained import RetainedBudget
 from colofs.repl.sender import VMLink
+from colofs.repl.util import Signal
 from colofs.wire.auth import NonceRegistry
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class PrimaryReplicator:
         self.cfg = config or ReplConfig()
         self.nonces = nonces if nonces is not None else NonceRegistry()  # this node's, shared by its links
         self.links: dict[str, VMLink] = {}
+        self._link_added = Signal()
         self.budget = RetainedBudget(self.cfg.max_retained_total_bytes)
         self._nursery: trio.Nursery | None = None
 
@@ -98,6 +100,11 @@ class PrimaryReplicator:
         vm.forward = link
         self.links[name] = link
         self._nursery.start_soon(link.run, name=f"colofs-repl-{name}")
+        self._link_added.fire()
+
+    async def wait_link_added(self) -> None:
+        """Until the next VM's link is added to :attr:`links` (watchers of the links wake on it)."""
+        await self._link_added.wait()
 
     def link(self, name: str) -> VMLink:
         """VM ``name``'s link (its checkpoints, status, mode); raises :class:`NotFound` if it has none."""
