@@ -191,3 +191,42 @@ def test_primary_rows_cover_both_modes_and_the_three_writes():
         assert r.group == "primary" and r.systems == ("colofs", "qemu", "raw") and r.default
         assert r.job is not None and r.job.direct and not r.job.is_read
     assert [(r.job.bs, r.job.iodepth) for r in rows[:3] if r.job] == [("1m", 1), ("4k", 1), ("4k", 16)]
+
+
+def test_memory_rows_compare_each_daemon_with_qemu_storage_daemon():
+    rows = {r.id: r for r in select(all_rows(1 << 30, 5.0, 1 << 30), "rss-peak-*,pss-peak-*")}
+    assert set(rows) == {"rss-peak-secondary", "pss-peak-secondary", "rss-peak-primary", "pss-peak-primary"}
+    assert rows["pss-peak-secondary"].systems == ("colofs", "floor", "qemu")
+    assert rows["pss-peak-primary"].systems == ("colofs", "qemu")
+    res = RowResult(rows["pss-peak-secondary"], {"colofs": _cell(64.0), "floor": _cell(16.0), "qemu": _cell(8.0)})
+    assert res.ratio("qemu") == 0.125  # lower is better: QEMU's 8 MiB over colofs's 64
+    assert res.floor_bound is None  # the floor is a memory reference here, not a bound
+    assert "| peak PSS (sampled), secondary daemon | MiB | 64.0 | 16.0 | 8.0 | n/a | 0.12 | 0.25 | - |" in \
+        render([res], "header")
+
+
+def test_memory_sampler_follows_a_process_and_its_children(tmp_path: Path):
+    from bench.compare.memory import MemorySampler
+
+    # A parent that starts a child: both are sampled under the parent's name.
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import subprocess, sys; c = subprocess.Popen([sys.executable, '-c', "
+                             "'import sys; sys.stdin.read()'], stdin=subprocess.PIPE); print(c.pid, flush=True); "
+                             "sys.stdin.read(); c.stdin.close(); c.wait()"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        child = int(proc.stdout.readline())
+        sampler = MemorySampler()
+        sampler.watch("tree", lambda: proc.pid)
+        sampler.watch("absent", lambda: None)
+        sampler.sample()
+        peaks = sampler.peaks("tree")
+        assert {k.rsplit("[", 1)[1].rstrip("]") for k in peaks.rss} == {str(proc.pid), str(child)}
+        assert set(peaks.pss) == set(peaks.rss) and peaks.highest("pss") > 0
+        assert peaks.highest("rss") >= peaks.highest("pss")
+        assert sampler.peaks("absent").highest("rss") == 0
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait(timeout=60)

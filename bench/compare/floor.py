@@ -18,8 +18,6 @@ from bench.compare.proc import (
     abort_fuse,
     call_with_timeout,
     mounts_under,
-    proc_status_kib,
-    pss_kib,
     wait_gone,
 )
 from bench.host import REPO, StepError
@@ -36,8 +34,6 @@ class FloorMount:
         self.source_from = source_from
         self.mnt = os.path.join(workdir, "mnt")
         self.proc: subprocess.Popen[str] | None = None
-        self.peak_kib = 0
-        self.peak_pss_kib = 0
 
     @property
     def file(self) -> str:
@@ -75,17 +71,10 @@ class FloorMount:
             return f"the pyfuse3 floor's daemon is gone; see {self.dir}/floor.log"
         return None
 
-    def sample(self) -> None:
-        """Record the daemon's peak RSS and PSS."""
-        if self.pid is not None:
-            self.peak_kib = max(self.peak_kib, proc_status_kib(self.pid, "VmHWM") or 0)
-            self.peak_pss_kib = max(self.peak_pss_kib, pss_kib(self.pid) or 0)
-
     def stop(self) -> None:
         """SIGTERM (it unmounts and exits); if it does not, abort its FUSE connection and SIGKILL it."""
         proc, self.proc = self.proc, None
         if proc is not None:
-            self.peak_kib = max(self.peak_kib, proc_status_kib(proc.pid, "VmHWM") or 0)
             if alive(proc.pid):
                 proc.send_signal(signal.SIGTERM)
             try:

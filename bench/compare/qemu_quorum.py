@@ -24,7 +24,7 @@ import signal
 import subprocess
 import time
 
-from bench.compare.proc import mounts_under, proc_status_kib, pss_kib
+from bench.compare.proc import mounts_under
 from bench.host import StepError
 from mountctl.pair import alive, detach
 
@@ -41,8 +41,6 @@ class QuorumPrimary:
         self.export = export
         self.local_from = local_from
         self.proc: subprocess.Popen[bytes] | None = None
-        self.peak_kib = 0
-        self.peak_pss_kib = 0
         os.makedirs(workdir, exist_ok=True)
 
     def path(self, name: str) -> str:
@@ -112,17 +110,15 @@ class QuorumPrimary:
         except OSError:
             return ""
 
-    def sample(self) -> None:
-        """Record the running daemon's peak RSS and PSS (PSS has no kernel peak: the memory rows sample it)."""
-        if self.proc is not None:
-            self.peak_kib = max(self.peak_kib, proc_status_kib(self.proc.pid, "VmHWM") or 0)
-            self.peak_pss_kib = max(self.peak_pss_kib, pss_kib(self.proc.pid) or 0)
+    @property
+    def pid(self) -> int | None:
+        """The running daemon (the memory sampler follows it)."""
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
 
     def stop(self) -> None:
         """SIGTERM (the daemon flushes and exits), then SIGKILL, by our own PID; detach a left-over export."""
         proc, self.proc = self.proc, None
         if proc is not None:
-            self.peak_kib = max(self.peak_kib, proc_status_kib(proc.pid, "VmHWM") or 0)
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 if alive(proc.pid):
                     try:

@@ -94,7 +94,7 @@ class RowResult:
         own threads for large requests) is not bound.
         """
         vs_floor, floor_vs_qemu = self.ratio("floor"), self.ratio("qemu", "floor")
-        if vs_floor is None:
+        if vs_floor is None or not self.row.higher_is_better:  # memory: the floor is a reference, no bound
             return None
         near = FLOOR_BOUND <= vs_floor <= 1 / FLOOR_BOUND
         return near and floor_vs_qemu is not None and floor_vs_qemu < 1.0

@@ -23,11 +23,12 @@ from bench.compare import colofs_pair, qemu_chain
 from bench.compare.colofs_pair import ColofsMount, ColofsPair
 from bench.compare.fio import FioJob, run_fio
 from bench.compare.floor import FloorMount
+from bench.compare.memory import MemorySampler
 from bench.compare.proc import abort_fuse, mounts_under, progress
 from bench.compare.qemu_chain import QSD, QemuChain, tool
 from bench.compare.qemu_quorum import QuorumPrimary
 from bench.compare.report import Cell, RowResult
-from bench.compare.workloads import COLUMN_NOTES, Row
+from bench.compare.workloads import COLUMN_NOTES, LABELS, Row
 from bench.host import GiB, MiB, StepError, drop_caches, run
 from mountctl.pair import detach, free_port
 
@@ -59,6 +60,10 @@ METHOD = [  # (groups the note applies to, the note)
 PVM = "pvm"  # the replicated VM: created on the primary, attached by the secondary
 SVM = "svm"  # the secondary-only VM the SVM rows run on
 ING = "ing"  # the secondary VM that QEMU's quorum primary feeds through colofs's ingest export
+MEMORY_TARGETS = {  # memory row side -> system -> the sampler's name for the daemon
+    "secondary": {"colofs": "colofs-secondary", "floor": "floor", "qemu": "qemu-chain"},
+    "primary": {"colofs": "colofs-primary", "qemu": "qemu-primary"},
+}
 DEPENDS = {"nbd": "colofs"}  # a system served by another one's daemon goes down with it
 
 
@@ -90,6 +95,12 @@ class Bench:
         self.floor: FloorMount | None = None  # the pyfuse3 floor
         self.qemu_primary: QuorumPrimary | None = None  # QEMU's COLO primary over the chain
         self.pvm_mode = "async"
+        self.memory = MemorySampler()
+        self.memory.watch("colofs-secondary", lambda: self.pair.secondary.pid if self.pair else None)
+        self.memory.watch("colofs-primary", lambda: self.pair.primary.pid if self.pair else None)
+        self.memory.watch("floor", lambda: self.floor.pid if self.floor else None)
+        self.memory.watch("qemu-chain", lambda: self.chain.pid if self.chain else None)
+        self.memory.watch("qemu-primary", lambda: self.qemu_primary.pid if self.qemu_primary else None)
         self.extra_mounts: list[ColofsMount] = []
         self.seed = os.path.join(workdir, "seed.raw")
         self.raw_file = os.path.join(workdir, "raw", "disk.raw")
@@ -335,7 +346,7 @@ class Bench:
             r = run_fio(row.job, filename=path)
         finally:
             if quorum is not None:
-                quorum.sample()
+                self.memory.sample()  # the quorum daemon lives only for this measurement
                 quorum.stop()
         detail: dict[str, object] = {}
         if system == "colofs":
@@ -419,7 +430,7 @@ class Bench:
                 nbytes = run_fio(job, filename=dest or None, uri=uri).bytes
             finally:
                 if quorum is not None:
-                    quorum.sample()
+                    self.memory.sample()  # the quorum daemon lives only for this measurement
                     quorum.stop()
         t_written = time.monotonic()
         t_end = t_written
@@ -552,25 +563,24 @@ class Bench:
                     "rss-1t-sparse: colofs only; QEMU's qcow2 allocating a cluster and L2 tables per write "
                     "across 1 TiB ran at ~1.4k IOPS on this machine (minutes for 1 GiB); its L2 cache is bounded")
                 self.measure(row, "colofs", 0, partial(self._sparse, row))
-            elif row.id == "rss-peak-secondary":
-                self.measure(row, "colofs", 0, partial(self._peak, self.pair.secondary if self.pair else None))
-                self.measure(row, "qemu", 0, partial(self._peak, self.chain))
-            elif row.id == "rss-peak-primary":
-                primary = self.pair.primary if self.pair and self.pair.has_primary else None
-                if primary is None:
-                    self.result(row).cells["colofs"].skip("no colofs primary was mounted in this run")
-                else:
-                    self.measure(row, "colofs", 0, partial(self._peak, primary))
+            else:
+                self.memory.sample()
+                for system in row.systems:
+                    self.measure(row, system, 0, partial(self._peak, row, system))
 
-    def _peak(self, daemon: ColofsMount | QemuChain | None, cell: Cell) -> str:
-        """VmHWM of a daemon that served the whole run (a restarted QEMU chain: the highest of its daemons)."""
-        if daemon is None:
-            raise StepError("the daemon was not started in this run")
-        kib = daemon.hwm_kib()
-        if kib <= 0:
-            raise StepError("no VmHWM: the daemon is gone")
-        cell.add(kib / 1024)
-        return f"VmHWM {kib / 1024:.1f} MiB"
+    def _peak(self, row: Row, system: str, cell: Cell) -> str:
+        """The highest peak (RSS: VmHWM; PSS: sampled) of any one process of the daemon this cell stands for."""
+        kind, side = row.id.split("-")[0], row.id.split("-")[-1]
+        name = MEMORY_TARGETS[side][system]
+        peaks = self.memory.peaks(name)
+        kib = peaks.highest(kind)
+        if kib <= 0:  # e.g. no row of this run needed a primary
+            why = f"no {LABELS[system]} {side} daemon ran in this run"
+            cell.skip(why)
+            return f"skipped: {why}"
+        per_process = peaks.rss if kind == "rss" else peaks.pss
+        cell.add(kib / 1024, processes={k: round(v / 1024, 1) for k, v in per_process.items()})
+        return f"{kind.upper()} {kib / 1024:.1f} MiB ({len(per_process)} process(es))"
 
     def _sparse(self, row: Row, cell: Cell) -> str:
         """RSS of a fresh colofs daemon serving a 1 TiB sparse disk, after random 4 KiB writes all over it."""
@@ -592,6 +602,7 @@ class Bench:
     # -- all of it -------------------------------------------------------------------------
 
     def run(self) -> None:
+        self.memory.start()
         self.setup()
         self.run_svm()
         self.run_primary()
@@ -618,6 +629,7 @@ class Bench:
     def cleanup(self) -> None:
         """Unmount colofs, stop the QEMU daemons (by PID), detach anything left, remove the work directory."""
         progress("cleaning up: unmounting colofs and the floor, stopping qemu-storage-daemon")
+        self.memory.stop()
         for m in self.extra_mounts:
             _quietly(m.cleanup)
         if self.ingest_quorum is not None:

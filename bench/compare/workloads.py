@@ -131,10 +131,16 @@ def memory_rows(sparse_writes: int) -> list[Row]:
             f"RSS, 1 TiB sparse disk after {sparse_writes // MiB} MiB of rand 4K writes", "MiB", False,
             FioJob(rw="randwrite", bs="4k", engine="libaio", direct=True, iodepth=16, size=1 << 40,
                    io_size=sparse_writes), systems=("colofs",)),
+        # Per process, the highest of each daemon's processes: colofs's secondary and primary against the
+        # qemu-storage-daemon in the same role (the chain; the quorum primary) and the floor's process.
         Row("rss-peak-secondary", "memory", "peak RSS (VmHWM), secondary daemon", "MiB", False,
+            systems=("colofs", "floor", "qemu")),
+        Row("pss-peak-secondary", "memory", "peak PSS (sampled), secondary daemon", "MiB", False,
+            systems=("colofs", "floor", "qemu")),
+        Row("rss-peak-primary", "memory", "peak RSS (VmHWM), primary daemon", "MiB", False,
             systems=("colofs", "qemu")),
-        Row("rss-peak-primary", "memory", "peak RSS (VmHWM), colofs primary daemon", "MiB", False,
-            systems=("colofs",)),
+        Row("pss-peak-primary", "memory", "peak PSS (sampled), primary daemon", "MiB", False,
+            systems=("colofs", "qemu")),
     ]
 
 
