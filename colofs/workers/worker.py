@@ -76,6 +76,9 @@ BUDGET = "max_retained_total_bytes"
 
 def main(args: WorkerArgs) -> int:
     """Serve ``args.vm`` until stopped; the process's exit status (1: startup failed, ``failed`` was sent)."""
+    # Python's own setting, which a forked child may not have: a write to a closed socket (the
+    # channel of a dead supervisor, a peer's reset connection) must raise EPIPE, not kill the worker.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     sock = socket.socket(fileno=args.channel_fd)
     try:
         cfg = _config(args.argv)

@@ -33,7 +33,8 @@ from tests.waiting import wait_until
 
 XATTR = "user.colofs."
 MiB = 1 << 20
-ENTRY = ("import json, sys\n"
+ENTRY = ("import json, signal, sys\n"
+         "signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as the zygote leaves a worker\n"
          "from colofs.workers.channel import WorkerArgs\n"
          "from colofs.workers.worker import main\n"
          "sys.exit(main(WorkerArgs.from_json(json.loads(sys.argv[1]))))\n")
@@ -392,3 +393,23 @@ async def test_worker_that_cannot_unmount_ends_its_session_and_closes_its_vm(tmp
         assert store.vm("vm0").recovery.action != "rolled-back"
     finally:
         await store.close()
+
+
+async def test_worker_whose_supervisor_stops_reading_stops_cleanly(tmp_path: Path) -> None:
+    """An event sent into a channel nobody reads any more fails (EPIPE); the worker takes the supervisor
+    for gone and stops cleanly. And SIGPIPE, which the zygote leaves at its default (death), is ignored:
+    a write to a peer's reset TCP connection must fail with EPIPE, not kill the worker.
+    """
+    async with supervising(tmp_path, "secondary") as (sup, nursery):
+        os.mkdir(sup.vm_mount)
+        await sup.start(nursery, create_vm="secondary")
+        await sup.wait_for("ready")
+        assert sup.proc is not None
+        with open(f"/proc/{sup.proc.pid}/status") as f:
+            ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+        assert ignored & (1 << (signal.SIGPIPE - 1)), "the worker dies of SIGPIPE on a reset connection"
+        assert sup.channel is not None
+        sup.channel._sock.shutdown(socket.SHUT_RD)  # the worker's next send gets EPIPE
+        await trio.to_thread.run_sync(os.setxattr, sup.vm_mount, XATTR + "checkpoint", b"")  # an event
+        assert await sup.exit_status() == 0
+        assert not sup.mounted()
