@@ -47,7 +47,7 @@ async def test_the_primary_sends_the_preamble_first_and_the_pair_replicates(pair
     await pair.nursery.start(proxy.run)
     await pair.start_primary(peer_port=proxy.port)
     await pair.primary.vm("vm").disk("d0").write(4096, b"routed")
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     await pair.assert_identical()
     seen = bytes(proxy.recorded)
     pre = encode_route("vm")
@@ -70,7 +70,7 @@ async def test_the_preamble_precedes_tls(pair, tmp_path) -> None:
     proxy = FaultProxy(pair.port, record=True)
     await pair.nursery.start(proxy.run)
     await pair.start_primary(peer_port=proxy.port, config=replace(FAST, tls=tls("primary")))
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     await pair.assert_identical()
     seen = bytes(proxy.recorded)
     pre = encode_route("vm")
@@ -200,7 +200,7 @@ async def test_a_handed_off_connection_replicates(pair, repl_errors) -> None:
     await pair.start_primary(peer_port=router.port)
     for vm in ("vm", "vm2"):
         await pair.primary.vm(vm).disk("d0").write(8192, f"handed over to {vm}".encode())
-        await pair.repl.checkpoint(vm)
+        await pair.link(vm).replicate_checkpoint()
         await pair.assert_identical(vm)
     assert server.stats["sessions"] == 2 and server.status("vm")["connected"]
     assert server.port is None  # it never listened
@@ -208,7 +208,7 @@ async def test_a_handed_off_connection_replicates(pair, repl_errors) -> None:
     await pair.stop_primary()
     await pair.primary.vm("vm").disk("d0").write(0, b"after a reconnect")
     await pair.start_primary(peer_port=router.port)
-    await pair.repl.checkpoint("vm")
+    await pair.link("vm").replicate_checkpoint()
     await pair.assert_identical("vm")
     assert repl_errors() == []
 
