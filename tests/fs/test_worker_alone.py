@@ -144,12 +144,27 @@ async def test_worker_creates_its_vm_serves_it_and_stops_cleanly(tmp_path: Path)
         with pytest.raises(RemoteError) as exists:
             await sup.channel.call("create_disk", timeout=60, disk="d0", size=MiB)
         assert exists.value.errno == errno.EEXIST
+        image = tmp_path / "image.raw"
+        image.write_bytes(b"I" * 3000)
+        imported = await sup.channel.call("import_disk", timeout=60, disk="imp", source=str(image))
+        assert imported["ok"] is True and imported["op"] == "import"
+        assert (imported["size"], imported["source_bytes"]) == (3072, 3000)
+        with pytest.raises(RemoteError) as relative:
+            await sup.channel.call("import_disk", timeout=60, disk="imp2", source="image.raw")
+        assert relative.value.errno == errno.EINVAL
+        await sup.channel.notify("budget", max_retained_total_bytes=32 * MiB)
+        await sup.channel.notify("budget", max_retained_total_bytes="lots")
+        log = Path(sup.store, ".colofs-mount.log")
+        await wait_until(lambda: "budget: 'lots' is not a positive number" in log.read_text(), what="the refusal")
+        assert f"retained writes bounded to {32 * MiB} bytes" in log.read_text()
 
         data = os.urandom(64 * 1024)
 
         def use_the_mount() -> dict[str, Any]:
             path = os.path.join(sup.vm_mount, "d0.raw")
-            assert os.listdir(sup.vm_mount) == ["d0.raw"]
+            assert sorted(os.listdir(sup.vm_mount)) == ["d0.raw", "imp.raw"]
+            with open(os.path.join(sup.vm_mount, "imp.raw"), "rb") as imp:
+                assert imp.read() == b"I" * 3000 + bytes(72)
             assert os.path.getsize(path) == MiB
             fd = os.open(path, os.O_RDWR)
             try:
@@ -173,7 +188,8 @@ async def test_worker_creates_its_vm_serves_it_and_stops_cleanly(tmp_path: Path)
                 pass
             os.truncate(new, 2 * MiB)
             os.setxattr(sup.vm_mount, XATTR + "snapshot", b"s1")
-            assert sorted(os.listdir(sup.vm_mount)) == ["d0.raw", "d0@s1.raw", "d1.raw", "d1@s1.raw"]
+            assert sorted(os.listdir(sup.vm_mount)) == ["d0.raw", "d0@s1.raw", "d1.raw", "d1@s1.raw",
+                                                        "imp.raw", "imp@s1.raw"]
             with open(os.path.join(sup.vm_mount, "d0@s1.raw"), "rb") as snap:
                 snap.seek(8192)
                 assert snap.read(len(data)) == data
@@ -182,7 +198,7 @@ async def test_worker_creates_its_vm_serves_it_and_stops_cleanly(tmp_path: Path)
         st = await trio.to_thread.run_sync(use_the_mount)
         assert st["kind"] == "vm" and st["role"] == "primary"
         assert st["worker"] == {"state": "serving", "pid": sup.proc.pid, "restarts": 2}
-        assert sorted(st["disks"]) == ["d0", "d1"] and st["disks"]["d1"]["size"] == 2 * MiB
+        assert sorted(st["disks"]) == ["d0", "d1", "imp"] and st["disks"]["d1"]["size"] == 2 * MiB
         event = await wait_until(lambda: [m for m in sup.got("event") if m["kind"] == "checkpoint"],
                                  what="the checkpoint event")
         assert event[0]["fields"]["vm"] == "vm0"
