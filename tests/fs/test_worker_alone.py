@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import trio
 
-from colofs.core import Store
+from colofs.core import PrimaryWrite, Store
 from colofs.fs.mountpoint import fuse_unmount, mount_type
 from colofs.workers.channel import Channel, RemoteError, WorkerArgs, channel_pair
 from tests.waiting import wait_until
@@ -429,3 +429,49 @@ async def test_worker_whose_supervisor_stops_reading_stops_cleanly(tmp_path: Pat
         await trio.to_thread.run_sync(os.setxattr, sup.vm_mount, XATTR + "checkpoint", b"")  # an event
         assert await sup.exit_status() == 0
         assert not sup.mounted()
+
+
+async def test_worker_runs_its_vms_crash_recovery_and_reports_it(tmp_path: Path) -> None:
+    """A secondary VM left mid-stream by a crash is rolled back to its checkpoint by the worker that opens it."""
+    async with supervising(tmp_path, "secondary", create_store=False) as (sup, nursery):
+        store = await Store.open(sup.store, role="secondary", create=True)
+        await store.create_disk("vm0", "d0", MiB)
+        vm = store.vm("vm0")
+        await vm.apply_primary(1, [PrimaryWrite("d0", 0, b"A" * 4096)])
+        await vm.checkpoint(1)
+        await vm.apply_primary(2, [PrimaryWrite("d0", 0, b"B" * 4096)])
+        store.abandon()  # as a killed worker leaves it
+        os.mkdir(sup.vm_mount)
+        await sup.start(nursery, restarts=1)
+        opened = await sup.wait_for("opened")
+        assert opened["damaged"] is False
+        assert any("recovered after a crash" in note and "checkpoint seq 1" in note for note in opened["notes"])
+        await sup.wait_for("ready")
+
+        def read_back() -> tuple[bytes, dict[str, Any]]:
+            with open(os.path.join(sup.vm_mount, "d0.raw"), "rb") as f:
+                return f.read(4096), _status(sup.vm_mount)
+
+        data, st = await trio.to_thread.run_sync(read_back)
+        assert data == b"A" * 4096
+        assert st["recovery"]["action"] == "rolled-back" and st["worker"]["restarts"] == 1
+        assert sup.channel is not None
+        await sup.channel.notify("stop", lazy=False)
+        assert await sup.exit_status() == 0
+
+
+async def test_worker_serves_a_damaged_vm_quarantined(tmp_path: Path) -> None:
+    async with supervising(tmp_path, "secondary", create_store=False) as (sup, nursery):
+        store = await Store.open(sup.store, role="secondary", create=True)
+        await store.create_disk("vm0", "d0", MiB)
+        await store.close()
+        Path(sup.store, "vm0", "state").write_bytes(b"not a state file")
+        os.mkdir(sup.vm_mount)
+        await sup.start(nursery)
+        assert (await sup.wait_for("opened"))["damaged"] is True
+        await sup.wait_for("ready")
+        st = await trio.to_thread.run_sync(_status, sup.vm_mount)
+        assert st["damage"] is not None and st["worker"]["state"] == "serving"
+        assert sup.channel is not None
+        await sup.channel.notify("stop", lazy=False)
+        assert await sup.exit_status() == 0
