@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 BENCH_APT := fuse3 qemu-utils qemu-system-common fio libnbd-bin
 
-.PHONY: all demo test lint bench bench-quick bench-core bench-deps deps apt venv clean constraints
+.PHONY: all demo test lint bench bench-quick bench-qemu10 bench-core bench-deps deps apt venv clean constraints
 
 all: test
 
@@ -52,12 +52,19 @@ bench-deps: deps
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# colofs beside QEMU's replication chain and a raw file: table + bench/results/latest.json
-bench: bench-deps
-	$(PY) -m bench.compare $(BENCH_ARGS)
+# QEMU 10.0.2 (bookworm-backports) unpacked beside the system's QEMU: the QEMU the comparison anchors on
+QEMU10_DIR ?= /var/tmp/colofs-qemu-10.0.2
+QEMU10_ARG = $$([ -x $(QEMU10_DIR)/usr/bin/qemu-storage-daemon ] && echo --qemu-bin $(QEMU10_DIR)/usr/bin)
 
-bench-quick: bench-deps
-	$(PY) -m bench.compare --quick $(BENCH_ARGS)
+bench-qemu10:
+	@sh bench/get_qemu10.sh $(QEMU10_DIR)
+
+# colofs (FUSE and NBD) beside the pyfuse3 floor, QEMU 10.0.2 and a raw file: table + bench/results/latest.json
+bench: bench-deps bench-qemu10
+	$(PY) -m bench.compare $(QEMU10_ARG) $(BENCH_ARGS)
+
+bench-quick: bench-deps bench-qemu10
+	$(PY) -m bench.compare --quick $(QEMU10_ARG) $(BENCH_ARGS)
 
 # the core alone beside raw file I/O
 bench-core: deps
