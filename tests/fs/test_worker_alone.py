@@ -1,25 +1,15 @@
 """One VM's worker process on its own, the test playing its supervisor over the channel.
 
-No supervisor runs: the "root mount" is a plain directory MOUNTPOINT, the
-worker mounts its VM-rooted filesystem on MOUNTPOINT/VM, and the test speaks
-the channel's protocol (docs/processes.md): it waits for ``opened`` and
-``ready``, sends ``ping``, ``create_disk``, ``stop``, and reads the files and
-attributes through the mount. Each worker is a subprocess running
-``colofs.workers.worker.main``; whatever happens, the test kills it and
-detaches its mount.
+The test waits for ``opened`` and ``ready``, sends ``ping``, ``create_disk``,
+``import_disk``, ``budget``, ``connection`` and ``stop``, and reads the files
+and attributes through the worker's VM-rooted mount (tests/fs/workerstub.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import json
 import os
-import signal
 import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,96 +17,9 @@ import pytest
 import trio
 
 from colofs.core import PrimaryWrite, Store
-from colofs.fs.mountpoint import fuse_unmount, mount_type
-from colofs.workers.channel import Channel, RemoteError, WorkerArgs, channel_pair
+from colofs.workers.channel import RemoteError
+from tests.fs.workerstub import XATTR, MiB, Supervisor, status, supervising
 from tests.waiting import wait_until
-
-XATTR = "user.colofs."
-MiB = 1 << 20
-ENTRY = ("import json, signal, sys\n"
-         "signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as the zygote leaves a worker\n"
-         "from colofs.workers.channel import WorkerArgs\n"
-         "from colofs.workers.worker import main\n"
-         "sys.exit(main(WorkerArgs.from_json(json.loads(sys.argv[1]))))\n")
-
-
-class Supervisor:
-    """The test's stand-in for a supervisor: one worker subprocess and its channel."""
-
-    def __init__(self, base: Path, role: str, vm: str = "vm0", options: tuple[str, ...] = ()) -> None:
-        self.store = str(base / "store")
-        self.mnt = base / "mnt"
-        self.mnt.mkdir(parents=True)
-        self.options = options
-        self.vm = vm
-        self.role = role
-        self.vm_mount = str(self.mnt / vm)
-        self.messages: list[dict[str, Any]] = []
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.channel: Channel | None = None
-
-    def argv(self) -> list[str]:
-        return ["--role", self.role, "--store", self.store, *self.options, "--workers", str(self.mnt)]
-
-    async def start(self, nursery: trio.Nursery, *, create_vm: str | None = None, restarts: int = 0,
-                    env: dict[str, str] | None = None) -> None:
-        ours, theirs = channel_pair()
-        args = WorkerArgs(vm=self.vm, argv=self.argv(), restarts=restarts, create_vm=create_vm,
-                          channel_fd=theirs.fileno())
-        self.proc = subprocess.Popen([sys.executable, "-c", ENTRY, json.dumps(args.to_json())],
-                                     pass_fds=[theirs.fileno()], env=env)
-        theirs.close()
-        self.channel = Channel(ours, label="test supervisor")
-        nursery.start_soon(self.channel.run, self._handle)
-
-    async def _handle(self, msg: dict[str, Any], fds: list[int]) -> None:
-        for fd in fds:
-            os.close(fd)
-        self.messages.append(msg)
-
-    def got(self, op: str) -> list[dict[str, Any]]:
-        return [m for m in self.messages if m.get("op") == op]
-
-    async def wait_for(self, op: str) -> dict[str, Any]:
-        found = await wait_until(lambda: self.got(op) or self.got("failed"), what=f"the worker's {op}")
-        assert found[0]["op"] == op, f"the worker failed: {found[0]}"
-        return found[0]
-
-    async def exit_status(self) -> int:
-        assert self.proc is not None
-        return await trio.to_thread.run_sync(lambda: self.proc.wait(timeout=60))
-
-    def mounted(self) -> bool:
-        return mount_type(self.vm_mount) is not None
-
-    def cleanup(self) -> None:
-        """Kill the worker if it still runs and detach its mount: a failed test leaves nothing behind."""
-        if self.channel is not None:
-            self.channel.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=60)
-        if self.mounted():
-            fuse_unmount(self.vm_mount, lazy=True)
-
-
-@contextlib.asynccontextmanager
-async def supervising(base: Path, role: str, *, create_store: bool = True,
-                      options: tuple[str, ...] = ()) -> AsyncIterator[tuple[Supervisor, trio.Nursery]]:
-    sup = Supervisor(base, role, options=options)
-    if create_store:
-        store = await Store.open(sup.store, role=role, create=True)
-        await store.close()
-    try:
-        async with trio.open_nursery() as nursery:
-            yield sup, nursery
-            nursery.cancel_scope.cancel()
-    finally:
-        sup.cleanup()
-
-
-def _status(path: str) -> dict[str, Any]:
-    return json.loads(os.getxattr(path, XATTR + "status"))
 
 
 async def test_worker_creates_its_vm_serves_it_and_stops_cleanly(tmp_path: Path) -> None:
@@ -193,7 +96,7 @@ async def test_worker_creates_its_vm_serves_it_and_stops_cleanly(tmp_path: Path)
             with open(os.path.join(sup.vm_mount, "d0@s1.raw"), "rb") as snap:
                 snap.seek(8192)
                 assert snap.read(len(data)) == data
-            return _status(sup.vm_mount)
+            return status(sup.vm_mount)
 
         st = await trio.to_thread.run_sync(use_the_mount)
         assert st["kind"] == "vm" and st["role"] == "primary"
@@ -215,54 +118,6 @@ async def test_worker_creates_its_vm_serves_it_and_stops_cleanly(tmp_path: Path)
         assert vm.recovery.action not in ("rolled-back", "failover-completed")
     finally:
         await store.close()
-
-
-async def test_worker_gone_supervisor_unmounts_lazily_and_closes_the_vm(tmp_path: Path) -> None:
-    """The end of the channel (a dead supervisor) detaches the mount at once, even busy; the VM closes cleanly."""
-    async with supervising(tmp_path, "secondary", create_store=False) as (sup, nursery):
-        store = await Store.open(sup.store, role="secondary", create=True)
-        await store.create_disk("vm0", "d0", MiB)
-        await store.close()
-        os.mkdir(sup.vm_mount)
-        await sup.start(nursery)
-        assert (await sup.wait_for("opened"))["role"] == "secondary"
-        await sup.wait_for("ready")
-        fd = await trio.to_thread.run_sync(os.open, os.path.join(sup.vm_mount, "d0.raw"), os.O_RDONLY)
-        try:
-            assert sup.channel is not None
-            sup.channel.close()
-            await wait_until(lambda: not sup.mounted(), what="the lazy unmount")
-            assert sup.proc is not None and sup.proc.poll() is None  # a file is still open
-        finally:
-            os.close(fd)
-        assert await sup.exit_status() == 0
-    store = await Store.open(sup.store, role="secondary")
-    try:
-        assert store.vm("vm0").recovery.action != "rolled-back"
-    finally:
-        await store.close()
-
-
-async def test_worker_without_its_vm_reports_failed(tmp_path: Path) -> None:
-    async with supervising(tmp_path, "secondary") as (sup, nursery):
-        os.mkdir(sup.vm_mount)
-        await sup.start(nursery)  # no create_vm: the VM must exist
-        failed = await wait_until(lambda: sup.got("failed"), what="failed")
-        assert "has no VM vm0" in failed[0]["error"]
-        assert await sup.exit_status() == 1
-        assert not sup.got("ready") and not sup.mounted()
-        assert not os.path.exists(os.path.join(sup.store, "vm0"))
-
-
-async def test_worker_refuses_options_it_cannot_serve(tmp_path: Path) -> None:
-    """The supervisor's arguments are re-parsed: an option refused with --workers fails the start."""
-    async with supervising(tmp_path, "secondary") as (sup, nursery):
-        sup.argv = lambda: ["--role", "secondary", "--store", sup.store, "--workers",  # type: ignore[method-assign]
-                            "--nbd-socket", str(tmp_path / "nbd.sock"), str(sup.mnt)]
-        await sup.start(nursery, create_vm="secondary")
-        failed = await wait_until(lambda: sup.got("failed"), what="failed")
-        assert "--nbd-socket is not available with --workers" in failed[0]["error"]
-        assert await sup.exit_status() == 1
 
 
 async def _route(listener: trio.socket.SocketType, secondary: Supervisor, routed: list[str]) -> None:
@@ -327,7 +182,7 @@ async def test_secondary_worker_serves_connections_handed_to_it(tmp_path: Path) 
                     return f.read(len(data))
 
             assert await trio.to_thread.run_sync(read_secondary) == data
-            st = await trio.to_thread.run_sync(_status, sec.vm_mount)
+            st = await trio.to_thread.run_sync(status, sec.vm_mount)
             assert st["peer"]["state"] == "connected", st["peer"]
             assert pri.got("summary")[-1]["link"] == "connected"
             if routed:  # a primary that sends the route preamble names its VM in it
@@ -337,98 +192,6 @@ async def test_secondary_worker_serves_connections_handed_to_it(tmp_path: Path) 
                 await sup.channel.notify("stop", lazy=False)
                 assert await sup.exit_status() == 0
                 assert not sup.mounted()
-
-
-async def test_sigterm_unmounts_the_worker_and_closes_its_vm(tmp_path: Path) -> None:
-    async with supervising(tmp_path, "secondary") as (sup, nursery):
-        os.mkdir(sup.vm_mount)
-        await sup.start(nursery, create_vm="secondary")
-        await sup.wait_for("ready")
-        assert sup.proc is not None
-        sup.proc.send_signal(signal.SIGTERM)
-        assert await sup.exit_status() == 0
-        assert not sup.mounted()
-    store = await Store.open(sup.store, role="secondary")
-    try:
-        assert store.vm("vm0").recovery.action != "rolled-back"
-    finally:
-        await store.close()
-
-
-async def test_worker_under_a_dead_root_still_closes_its_vm(tmp_path: Path, mounts) -> None:
-    """The root mount above the VM's dies with its supervisor; the worker, told by its channel's end, still
-    detaches its mount (the path to it is cached) and closes its VM cleanly.
-    """
-    root = mounts("secondary", name="root")  # a real FUSE root: a one-process colofs mount
-    root.path("vm0").mkdir()  # its VM directory is where the worker mounts
-    sup = Supervisor(tmp_path / "w", "secondary")
-    sup.mnt = root.mnt
-    sup.vm_mount = str(root.path("vm0"))
-    store = await Store.open(sup.store, role="secondary", create=True)
-    await store.create_disk("vm0", "d0", MiB)
-    await store.close()
-    try:
-        async with trio.open_nursery() as nursery:
-            await sup.start(nursery)
-            await sup.wait_for("ready")
-            assert await trio.to_thread.run_sync(os.listdir, sup.vm_mount) == ["d0.raw"]
-            await trio.to_thread.run_sync(root.kill9)  # the supervisor (and its root mount) die
-            assert sup.channel is not None
-            sup.channel.close()
-            assert await sup.exit_status() == 0
-            nursery.cancel_scope.cancel()
-    finally:
-        sup.cleanup()
-    reopened = await Store.open(sup.store, role="secondary")
-    try:
-        assert reopened.vm("vm0").recovery.action != "rolled-back"
-    finally:
-        await reopened.close()
-
-
-async def test_worker_that_cannot_unmount_ends_its_session_and_closes_its_vm(tmp_path: Path) -> None:
-    """Both unmounts fail (here: a fusermount3 that always fails): the worker must not stay behind.
-
-    An orphan worker after its supervisor died would keep the VM's files open
-    while a new supervisor starts another worker for the same VM.
-    """
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "fusermount3").write_text("#!/bin/sh\necho 'fusermount3: refused by the test' >&2\nexit 1\n")
-    (fake / "fusermount3").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
-    async with supervising(tmp_path, "secondary") as (sup, nursery):
-        os.mkdir(sup.vm_mount)
-        await sup.start(nursery, create_vm="secondary", env=env)
-        await sup.wait_for("ready")
-        assert sup.channel is not None
-        sup.channel.close()
-        assert await sup.exit_status() == 0
-    store = await Store.open(sup.store, role="secondary")
-    try:
-        assert store.vm("vm0").recovery.action != "rolled-back"
-    finally:
-        await store.close()
-
-
-async def test_worker_whose_supervisor_stops_reading_stops_cleanly(tmp_path: Path) -> None:
-    """An event sent into a channel nobody reads any more fails (EPIPE); the worker takes the supervisor
-    for gone and stops cleanly. And SIGPIPE, which the zygote leaves at its default (death), is ignored:
-    a write to a peer's reset TCP connection must fail with EPIPE, not kill the worker.
-    """
-    async with supervising(tmp_path, "secondary") as (sup, nursery):
-        os.mkdir(sup.vm_mount)
-        await sup.start(nursery, create_vm="secondary")
-        await sup.wait_for("ready")
-        assert sup.proc is not None
-        with open(f"/proc/{sup.proc.pid}/status") as f:
-            ignored = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
-        assert ignored & (1 << (signal.SIGPIPE - 1)), "the worker dies of SIGPIPE on a reset connection"
-        assert sup.channel is not None
-        sup.channel._sock.shutdown(socket.SHUT_RD)  # the worker's next send gets EPIPE
-        await trio.to_thread.run_sync(os.setxattr, sup.vm_mount, XATTR + "checkpoint", b"")  # an event
-        assert await sup.exit_status() == 0
-        assert not sup.mounted()
 
 
 async def test_worker_runs_its_vms_crash_recovery_and_reports_it(tmp_path: Path) -> None:
@@ -450,7 +213,7 @@ async def test_worker_runs_its_vms_crash_recovery_and_reports_it(tmp_path: Path)
 
         def read_back() -> tuple[bytes, dict[str, Any]]:
             with open(os.path.join(sup.vm_mount, "d0.raw"), "rb") as f:
-                return f.read(4096), _status(sup.vm_mount)
+                return f.read(4096), status(sup.vm_mount)
 
         data, st = await trio.to_thread.run_sync(read_back)
         assert data == b"A" * 4096
@@ -470,7 +233,7 @@ async def test_worker_serves_a_damaged_vm_quarantined(tmp_path: Path) -> None:
         await sup.start(nursery)
         assert (await sup.wait_for("opened"))["damaged"] is True
         await sup.wait_for("ready")
-        st = await trio.to_thread.run_sync(_status, sup.vm_mount)
+        st = await trio.to_thread.run_sync(status, sup.vm_mount)
         assert st["damage"] is not None and st["worker"]["state"] == "serving"
         assert sup.channel is not None
         await sup.channel.notify("stop", lazy=False)
