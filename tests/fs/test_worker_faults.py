@@ -154,3 +154,28 @@ async def test_worker_whose_supervisor_stops_reading_stops_cleanly(tmp_path: Pat
         await trio.to_thread.run_sync(os.setxattr, sup.vm_mount, XATTR + "checkpoint", b"")  # an event
         assert await sup.exit_status() == 0
         assert not sup.mounted()
+
+
+async def test_stop_while_waiting_for_the_vm_directory_ends_the_start_cleanly(tmp_path: Path) -> None:
+    async with supervising(tmp_path, "secondary") as (sup, nursery):
+        await sup.start(nursery, create_vm="secondary")  # MOUNTPOINT/vm0 never appears
+        await sup.wait_for("opened")
+        assert sup.channel is not None
+        await sup.channel.notify("stop", lazy=False)
+        assert await sup.exit_status() == 0
+        assert not sup.got("failed") and not sup.got("ready")
+    store = await Store.open(sup.store, role="secondary")
+    try:
+        assert store.vm("vm0").recovery.action != "rolled-back"
+    finally:
+        await store.close()
+
+
+async def test_a_vm_directory_that_never_appears_fails_the_start(tmp_path: Path) -> None:
+    async with supervising(tmp_path, "secondary") as (sup, nursery):
+        (sup.mnt / "vm0").write_text("a file, not a directory")
+        await sup.start(nursery, create_vm="secondary")
+        failed = await wait_until(lambda: sup.got("failed"), what="failed")
+        assert "cannot mount on" in failed[0]["error"] and "not a directory" in failed[0]["error"]
+        assert await sup.exit_status() == 1
+        assert not sup.mounted()
