@@ -38,7 +38,7 @@ from colofs.repl import (
     load_mode,
     save_mode,
 )
-from colofs.repl.config import check_mode
+from colofs.repl.config import check_mode, require_key_or_loopback
 from colofs.repl.linkstate import SHOWN, LinkState
 from colofs.repl.verifier import Verifications, VerifyRun
 from colofs.repl.verify import VerifyError, VerifyOptions
@@ -100,8 +100,12 @@ class Replication:
             task_status.started()
 
     async def _serve_handoffs(self, task_status: trio.TaskStatus[None]) -> None:
-        """Serve the connections :meth:`accept` is handed, until cancelled."""
-        assert self.server is not None
+        """Serve the connections :meth:`accept` is handed, until cancelled.
+
+        The same rule as a listener of its own: without a key, only a loopback ``--listen``.
+        """
+        assert self.server is not None and self.cfg.listen is not None
+        await require_key_or_loopback(self.cfg.listen.host, self.key, "--listen")
         try:
             async with trio.open_nursery() as nursery:
                 self._handoff_nursery = nursery

@@ -179,3 +179,14 @@ async def test_a_vm_directory_that_never_appears_fails_the_start(tmp_path: Path)
         assert "cannot mount on" in failed[0]["error"] and "not a directory" in failed[0]["error"]
         assert await sup.exit_status() == 1
         assert not sup.mounted()
+
+
+async def test_keyless_secondary_worker_checks_its_listen_address_like_a_listener(tmp_path: Path) -> None:
+    """The supervisor owns the port, but a keyless --listen that may not be loopback still fails the start."""
+    async with supervising(tmp_path, "secondary", options=("--listen", "no-such-host.invalid:7000")) as (sup, nursery):
+        os.mkdir(sup.vm_mount)
+        await sup.start(nursery, create_vm="secondary")
+        failed = await wait_until(lambda: sup.got("failed"), what="failed")
+        assert "--listen no-such-host.invalid" in failed[0]["error"]
+        assert await sup.exit_status() == 1
+        assert not sup.mounted()
