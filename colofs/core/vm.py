@@ -260,22 +260,28 @@ class VM(VMOpening, VMSnapshots):
         await apply_to_disks([(self.disks[n], ext) for n, ext in sorted(by_disk.items())])
 
     async def checkpoint(self, seq: int | None = None) -> int:
-        """This host's checkpoint at ``seq`` (default: the last applied); returns ``seq``.
+        """This host's checkpoint after ``seq`` (default: the last applied): a secondary's; returns ``seq``.
 
-        On a secondary it empties hidden and active of all disks. A primary
-        buffers nothing, so its checkpoint is only the record of one
-        (:meth:`record_confirmed_checkpoint`); an unreplicated primary asks
-        for it here. The role is read under the apply lock, which a
-        failover's switch also holds.
+        It empties hidden and active of all disks. A primary buffers nothing
+        and takes no checkpoint of its own: it records the one its secondary
+        (or, unreplicated, whoever replicates it) holds, with
+        :meth:`record_confirmed_checkpoint`. The role is read under the apply
+        lock, which a failover's switch also holds.
         """
         async with self._apply_lock:
             st = self._checkpointable()
             if st.role == PRIMARY:
-                return await self._record_checkpoint(st, seq)
+                raise RoleError(f"VM {self.name}: a primary takes no checkpoint of its own; it records the one "
+                                "its secondary holds (record_confirmed_checkpoint)")
             return await self._take_checkpoint(st, seq)
 
-    async def record_confirmed_checkpoint(self, seq: int) -> int:
-        """A primary: record that its image at ``seq`` is a checkpoint, the one its secondary confirmed."""
+    async def record_confirmed_checkpoint(self, seq: int | None = None) -> int:
+        """A primary: record that its image at ``seq`` is a checkpoint, the one its secondary holds.
+
+        ``seq`` may lie anywhere from the last checkpoint to the last write
+        (writes went on while the secondary took it); ``None`` is the last
+        write (an unreplicated primary whose peer checkpoints now).
+        """
         async with self._apply_lock:
             st = self._checkpointable()
             if st.role != PRIMARY:

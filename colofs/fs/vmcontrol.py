@@ -20,7 +20,7 @@ import time
 from typing import Any, cast
 
 from colofs.core.errors import NotFound
-from colofs.core.state import SECONDARY
+from colofs.core.state import PRIMARY, SECONDARY
 from colofs.core.store import Store
 from colofs.core.vm import VM
 from colofs.fs.inodes import DISK_SUFFIX, InodeTable, Node
@@ -98,7 +98,10 @@ class VMControl:
         await self.cache.write_back(nodes)
         t1 = time.monotonic()
         before = buffered(vm)
-        done = await vm.checkpoint(seq)
+        if vm.state.role == PRIMARY:  # nothing buffered here: the checkpoint is the record of the peer's
+            done = await vm.record_confirmed_checkpoint(seq)
+        else:
+            done = await vm.checkpoint(seq)
         t2 = time.monotonic()
         # No reader may see pages cached from before the checkpoint.
         await self.cache.drop(nodes)

@@ -96,7 +96,7 @@ async def test_no_seq_is_lost_while_the_state_file_is_written(open_store) -> Non
 
     async def checkpointer() -> None:
         while not done.is_set():
-            await vm.checkpoint(vm.state.last_applied)
+            await vm.record_confirmed_checkpoint(vm.state.last_applied)
             await trio.sleep(0)
 
     async with trio.open_nursery() as n:

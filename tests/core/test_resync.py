@@ -55,9 +55,14 @@ async def test_primary_records_confirmed_checkpoints(open_store) -> None:
     vm = store.vm("vm")
     for i in range(5):
         await disk.write(i, b"x")
-    assert await vm.checkpoint(3) == 3
+    assert await vm.record_confirmed_checkpoint(3) == 3
     assert vm.state.last_checkpoint == 3
     with pytest.raises(SequenceError, match=r"outside \[3, 5\]"):
-        await vm.checkpoint(2)
+        await vm.record_confirmed_checkpoint(2)
     with pytest.raises(SequenceError, match=r"outside \[3, 5\]"):
-        await vm.checkpoint(6)
+        await vm.record_confirmed_checkpoint(6)
+    # A primary takes no checkpoint of its own: the two meanings have two names.
+    with pytest.raises(RoleError, match="records the one its secondary holds"):
+        await vm.checkpoint(5)
+    assert vm.state.last_checkpoint == 3
+    assert await vm.record_confirmed_checkpoint() == 5  # an unreplicated primary's: up to the last write

@@ -125,3 +125,15 @@ def test_checkpoint_and_failover_xattrs(sec):
     assert "failover of a primary" in last_error(vm)
     status = json.loads(os.getxattr(sec.path("vm1", "d0.raw"), P + "status"))
     assert (status["kind"], status["role"], status["epoch"], status["size"]) == ("disk", "primary", 2, 4 << 20)
+    # Unreplicated, the new primary's checkpoint is the record of one its peer holds: up to its last write.
+    with open(sec.path("vm1", "d0.raw"), "r+b") as f:
+        f.write(b"primary data")
+        f.flush()
+        os.fsync(f.fileno())
+    applied = json.loads(os.getxattr(vm, P + "status"))["last_applied"]
+    assert applied > 0
+    os.setxattr(vm, P + "checkpoint", b"")
+    result = json.loads(os.getxattr(vm, P + "last_result"))
+    assert result["ok"] and result["seq"] == applied and result["replicated"] is False, result
+    assert json.loads(os.getxattr(vm, P + "status"))["last_checkpoint"] == applied
+    assert errno_of(os.setxattr, vm, P + "checkpoint", str(applied + 1).encode()) != 0  # beyond the last write
