@@ -228,6 +228,12 @@ def parse_go(data: bytes) -> tuple[str, list[int]]:
     return name, infos
 
 
+def pack_go(name: str, infos: tuple[int, ...] | list[int] = ()) -> bytes:
+    """``NBD_OPT_GO``/``INFO`` data (what :func:`parse_go` reads)."""
+    raw = name.encode()
+    return _U32.pack(len(raw)) + raw + _U16.pack(len(infos)) + b"".join(_U16.pack(i) for i in infos)
+
+
 def parse_meta_context(data: bytes) -> tuple[str, list[str]]:
     """``NBD_OPT_SET/LIST_META_CONTEXT`` data: the export name and the queries."""
     r = Reader(data)

@@ -17,6 +17,10 @@ a range past the end, or a zero or oversized length gets an error reply and
 is not applied; a write whose payload exceeds the maximum, a wrong magic or a
 malformed handshake closes the connection (its framing can no longer be
 trusted).
+
+The handshake's option loop is :mod:`colofs.nbd.handshake`'s, shared with a
+supervisor that negotiates for the VMs' workers: :meth:`Connection.resume`
+takes over at the option where the supervisor handed the socket on.
 """
 
 from __future__ import annotations
@@ -25,24 +29,29 @@ import errno
 import logging
 import ssl
 import struct
+from dataclasses import dataclass
 
 import trio
 
 from colofs.core.errors import BadRange, ColofsError, DiskIOError, RoleError
 from colofs.nbd import protocol as p
 from colofs.nbd.exports import Export, ExportError, Exports
+from colofs.nbd.handshake import (
+    META_CONTEXT_ID,
+    ConnectionClosed,
+    Handshake,
+    info_replies,
+    meta_match,
+    meta_replies,
+    transmission_flags,
+)
 
 log = logging.getLogger(__name__)
 
-RECV_SIZE = 1 << 20
+__all__ = ["Connection", "ConnectionClosed", "Resume", "nbd_errno"]
+
 REPLY_BATCH_BYTES = 4 << 20  # replies gathered past this are sent before serving more
 MAX_BATCH_REQUESTS = 256
-MAX_OPTIONS = 64  # options one handshake may send
-META_CONTEXT_ID = 1
-
-
-class ConnectionClosed(Exception):
-    """The client went away (between requests: a normal end)."""
 
 
 _KNOWN_FLAGS = {
@@ -69,98 +78,41 @@ def nbd_errno(exc: BaseException) -> int:
     return p.EIO
 
 
-class Connection:
+@dataclass(frozen=True)
+class Resume:
+    """Where another process left a handshake: at the option that chose an export, not yet answered."""
+
+    option: int  # NBD_OPT_GO or NBD_OPT_EXPORT_NAME
+    export: str
+    infos: tuple[int, ...] = ()
+    client_flags: int = p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES
+    structured: bool = False
+    meta: str | None = None  # the export base:allocation was set for
+
+
+class Connection(Handshake[Export]):
     """One client: the handshake, then the transmission phase on the export it chose."""
 
     def __init__(self, stream: trio.abc.Stream, exports: Exports, label: str,
                  tls: ssl.SSLContext | None = None) -> None:
-        self.stream = stream
-        self.tls = tls  # TLS required first (the TCP listener of a node with certificates)
-        self.secure = False
+        super().__init__(stream, label, tls)
         self.exports = exports
-        self.label = label
         self.shield: trio.CancelScope | None = None  # around the request being served, if any
-        self.buf = bytearray()
-        self.structured = False
-        self.meta: str | None = None  # the export base:allocation was set for
-        self.no_zeroes = False
 
-    # -- bytes in and out ------------------------------------------------------------
-
-    async def _recv(self) -> None:
-        data = await self.stream.receive_some(RECV_SIZE)
-        if not data:
-            raise ConnectionClosed
-        self.buf += data
-
-    async def _read_exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            await self._recv()
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
+    async def resume(self, at: Resume) -> Export | None:
+        """Take over a handshake another process ran up to ``at``: answer that option, then go on as usual."""
+        self.client_flags = at.client_flags
+        self.no_zeroes = bool(at.client_flags & p.FLAG_NO_ZEROES)
+        self.structured = at.structured
+        self.meta = at.meta
+        if at.option == p.OPT_EXPORT_NAME:
+            return await self._export_name(at.export.encode())
+        if at.option != p.OPT_GO:
+            raise p.ProtocolError(f"a handshake cannot be resumed at option {at.option}")
+        export = await self._option(at.option, p.pack_go(at.export, at.infos))
+        return export if export is not None else await self.options()
 
     # -- handshake ---------------------------------------------------------------------
-
-    async def handshake(self) -> Export | None:
-        """Negotiate; the export to serve, or None when the client aborted."""
-        await self.stream.send_all(p.GREETING.pack(p.NBDMAGIC, p.IHAVEOPT,
-                                                   p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES))
-        (cflags,) = struct.unpack(">I", await self._read_exact(4))
-        if cflags & ~p.CLIENT_FLAGS_KNOWN or not cflags & p.FLAG_FIXED_NEWSTYLE:
-            raise p.ProtocolError(f"client flags {cflags:#x}: only the fixed newstyle handshake is served")
-        self.no_zeroes = bool(cflags & p.FLAG_NO_ZEROES)
-        for _ in range(MAX_OPTIONS):
-            magic, opt, length = p.OPTION_HEADER.unpack(await self._read_exact(p.OPTION_HEADER.size))
-            if magic != p.IHAVEOPT:
-                raise p.ProtocolError(f"bad option magic {magic:#x}")
-            if length > p.MAX_OPTION_LEN:
-                raise p.ProtocolError(f"option {opt} with {length} bytes of data")
-            data = await self._read_exact(length)
-            if opt == p.OPT_STARTTLS:
-                await self._starttls(data)
-                continue
-            if self.tls is not None and not self.secure and opt != p.OPT_ABORT:
-                if opt == p.OPT_EXPORT_NAME:
-                    raise p.ProtocolError("NBD_OPT_EXPORT_NAME before TLS: this port requires TLS")
-                await self._reply_error(opt, p.REP_ERR_TLS_REQD, "this port requires TLS (NBD_OPT_STARTTLS) first")
-                continue
-            if opt == p.OPT_ABORT:
-                await self._send_quietly(p.option_reply(opt, p.REP_ACK))
-                return None
-            if opt == p.OPT_EXPORT_NAME:
-                return await self._export_name(data)
-            export = await self._option(opt, data)
-            if export is not None:
-                return export
-        raise p.ProtocolError(f"more than {MAX_OPTIONS} options")
-
-    async def _starttls(self, data: bytes) -> None:
-        opt = p.OPT_STARTTLS
-        if self.tls is None:
-            await self._reply_error(opt, p.REP_ERR_POLICY, "TLS is offered on the TCP port of a node with "
-                                    "certificates only")
-        elif self.secure or data:
-            await self._reply_error(opt, p.REP_ERR_INVALID, "TLS is on already" if self.secure
-                                    else "NBD_OPT_STARTTLS takes no data")
-        else:
-            if self.buf:
-                raise p.ProtocolError("bytes sent after NBD_OPT_STARTTLS before the TLS handshake")
-            await self.stream.send_all(p.option_reply(opt, p.REP_ACK))
-            tls = trio.SSLStream(self.stream, self.tls, server_side=True, https_compatible=False)
-            try:
-                await tls.do_handshake()
-            except trio.BrokenResourceError as e:
-                raise p.ProtocolError(f"TLS handshake failed: {e.__cause__ or e}") from None
-            self.stream = tls
-            self.secure = True
-            log.info("nbd %s: TLS on, client certificate verified", self.label)
-
-    async def _send_quietly(self, data: bytes) -> None:
-        try:
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
 
     async def _export_name(self, data: bytes) -> Export:
         try:
@@ -169,21 +121,9 @@ class Connection:
             raise p.ProtocolError(f"NBD_OPT_EXPORT_NAME: {e}") from None  # the old option can only hang up
         await self.exports.cache.opened(export)
         tail = b"" if self.no_zeroes else bytes(124)
-        await self.stream.send_all(struct.pack(">QH", export.size, self._tflags(export)) + tail)
+        await self.stream.send_all(struct.pack(">QH", export.size, transmission_flags(export.writable)) + tail)
         self.meta = None  # meta contexts need NBD_OPT_GO
         return export
-
-    def _tflags(self, export: Export) -> int:
-        flags = p.TF_HAS_FLAGS | p.TF_SEND_FLUSH | p.TF_SEND_FUA | p.TF_CAN_MULTI_CONN
-        if export.writable:
-            flags |= p.TF_SEND_TRIM | p.TF_SEND_WRITE_ZEROES
-        else:
-            flags |= p.TF_READ_ONLY
-        return flags
-
-    async def _reply_error(self, opt: int, code: int, message: str) -> None:
-        log.info("nbd %s: option %d refused: %s", self.label, opt, message)
-        await self.stream.send_all(p.option_reply(opt, code, message.encode()[:1024]))
 
     async def _option(self, opt: int, data: bytes) -> Export | None:
         if opt in (p.OPT_GO, p.OPT_INFO):
@@ -194,12 +134,6 @@ class Connection:
                 return None
             out = [p.option_reply(opt, p.REP_SERVER, p.server_entry(n, d)) for n, d in self.exports.names()]
             await self.stream.send_all(b"".join(out) + p.option_reply(opt, p.REP_ACK))
-        elif opt == p.OPT_STRUCTURED_REPLY:
-            if data:
-                await self._reply_error(opt, p.REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
-                return None
-            self.structured = True
-            await self.stream.send_all(p.option_reply(opt, p.REP_ACK))
         elif opt in (p.OPT_SET_META_CONTEXT, p.OPT_LIST_META_CONTEXT):
             await self._meta_context(opt, data)
         else:
@@ -217,12 +151,8 @@ class Connection:
         except ExportError as e:
             await self._reply_error(opt, p.REP_ERR_UNKNOWN, str(e))
             return None
-        out = [p.option_reply(opt, p.REP_INFO, p.info_export(export.size, self._tflags(export))),
-               p.option_reply(opt, p.REP_INFO, p.info_block_size(1, export.block_size, p.MAX_PAYLOAD))]
-        if p.INFO_NAME in infos:
-            out.append(p.option_reply(opt, p.REP_INFO, p.info_name(export.name)))
-        if p.INFO_DESCRIPTION in infos:
-            out.append(p.option_reply(opt, p.REP_INFO, p.info_description(export.description)))
+        out = info_replies(opt, name=export.name, size=export.size, tflags=transmission_flags(export.writable),
+                           block_size=export.block_size, description=export.description, infos=infos)
         if opt == p.OPT_INFO:
             await self.stream.send_all(b"".join(out) + p.option_reply(opt, p.REP_ACK))
             return None
@@ -233,27 +163,19 @@ class Connection:
         return export
 
     async def _meta_context(self, opt: int, data: bytes) -> None:
-        if not self.structured:
-            await self._reply_error(opt, p.REP_ERR_INVALID, "meta contexts need structured replies first")
+        request = await self._meta_request(opt, data)
+        if request is None:
             return
-        try:
-            name, queries = p.parse_meta_context(data)
-        except ValueError as e:
-            await self._reply_error(opt, p.REP_ERR_INVALID, str(e))
-            return
+        name, queries = request
         try:
             export = self.exports.resolve(name)
         except ExportError as e:
             await self._reply_error(opt, p.REP_ERR_UNKNOWN, str(e))
             return
-        if opt == p.OPT_LIST_META_CONTEXT:
-            match = not queries or any(q in ("base:", p.META_BASE_ALLOCATION) for q in queries)
-        else:
-            match = p.META_BASE_ALLOCATION in queries
+        match = meta_match(opt, queries)
+        if opt == p.OPT_SET_META_CONTEXT:
             self.meta = export.name if match else None
-        out = [p.option_reply(opt, p.REP_META_CONTEXT, p.meta_context(META_CONTEXT_ID, p.META_BASE_ALLOCATION))
-               ] if match else []
-        await self.stream.send_all(b"".join(out) + p.option_reply(opt, p.REP_ACK))
+        await self.stream.send_all(meta_replies(opt, match))
 
     # -- transmission ------------------------------------------------------------------
 
