@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from colofs.fs.config import LOCK_NAME, LOG_NAME, add_mount_arguments
 from colofs.fs.lock import holder, last_state
-from mountctl.mounthelper import OptionError, main, mount_args
+from mountctl.mounthelper import OptionError, main, mount_args, mount_options
 from mountctl.pair import free_port, write_key
 from tests.fs.mounts import Mount, mountctl, run
 from tests.mountable import mount_skip_reason
@@ -63,6 +63,15 @@ def test_every_option_the_daemon_takes_is_an_o_option_of_the_same_name():
         opt = name if action.nargs == 0 else f"{name}=x"
         got = mount_args(f"role=secondary,{opt}")
         assert got[2:] == ([flag] if action.nargs == 0 else [flag, "x"]), (opt, got)
+
+
+def test_the_readme_lists_every_option_the_helper_takes():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    start = readme.index("The options are `mountctl mount`'s")
+    listed = readme[start : readme.index("Options that mean", start)]
+    valued, flags = mount_options()
+    missing = [f"{n}=" for n in valued if f"`{n}=`" not in listed] + [n for n in flags if f"`{n}`" not in listed]
+    assert not missing, f"README's mount helper section does not list {missing}"
 
 
 def test_metrics_and_the_other_daemon_options_map_in_either_spelling():
