@@ -12,6 +12,11 @@ non-loopback address, only with the node's TLS certificates
 to TLS (``NBD_OPT_STARTTLS``) and present a certificate from that CA before
 it can name an export. The handshake is bounded in time and the connections
 in number (:class:`Limits`); :class:`Server` runs one task per connection.
+
+With a process per VM the supervisor binds the socket and runs the
+handshake up to the export's choice (:mod:`colofs.nbd.handoff`, another
+:class:`Listening`); each worker runs a :class:`Server` without listeners
+that serves the connections handed to it (:meth:`Server.adopt`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import trio
 from colofs.core.store import Store
 from colofs.nbd import protocol as p
 from colofs.nbd.exports import CacheLink, Exports
-from colofs.nbd.server import Connection, ConnectionClosed
+from colofs.nbd.server import Connection, ConnectionClosed, Resume
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +50,30 @@ class Limits:
     max_connections: int = 32
 
 
-class Server:
-    """Accepts connections on listeners and serves each in a task of its own, up to a cap."""
+class Listening:
+    """Accepts connections on listeners and handles each in a task of its own, up to a cap."""
 
-    def __init__(self, exports: Exports, limits: Limits | None = None) -> None:
-        self.exports = exports
+    def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self.active = 0
         self._seq = 0
-        self.connections: set[Connection] = set()
+        self._nursery: trio.Nursery | None = None
 
     async def serve(self, listeners: list[tuple[trio.abc.Listener[trio.abc.Stream], ssl.SSLContext | None]],
                     *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled, each listener with TLS required or not; listeners are closed at the end."""
+        """Serve until cancelled, each listener with TLS required or not; listeners are closed at the end.
+
+        With no listeners it serves only connections handed in (:meth:`Server.adopt`).
+        """
         async with trio.open_nursery() as nursery:
             for listener, tls in listeners:
                 nursery.start_soon(self._accept, listener, tls, nursery)
+            self._nursery = nursery
             task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
 
     async def _accept(self, listener: trio.abc.Listener[trio.abc.Stream], tls: ssl.SSLContext | None,
                       nursery: trio.Nursery) -> None:
@@ -77,13 +89,51 @@ class Server:
                 nursery.start_soon(self.handle, stream, f"#{self._seq}", tls)
 
     async def handle(self, stream: trio.abc.Stream, label: str, tls: ssl.SSLContext | None = None) -> None:
-        """One connection from handshake to close (counted in :attr:`active` by the caller)."""
+        """One connection to its close (counted in :attr:`active` by the caller, uncounted here)."""
+        raise NotImplementedError
+
+    def cancel_requests(self) -> None:
+        """Cancel the requests still under way (a stop's grace is over)."""
+
+
+class Server(Listening):
+    """Serves the exports of one store to the connections it accepts or is handed."""
+
+    def __init__(self, exports: Exports, limits: Limits | None = None) -> None:
+        super().__init__(limits)
+        self.exports = exports
+        self.connections: set[Connection] = set()
+
+    def adopt(self, stream: trio.abc.Stream, label: str, at: Resume) -> bool:
+        """Serve a connection whose handshake another process ran up to ``at``; False if refused (not taken)."""
+        if self._nursery is None:
+            log.warning("nbd %s: handed-over connection refused: not serving", label)
+            return False
+        if self.active >= self.limits.max_connections:
+            log.warning("nbd %s: handed-over connection refused: %d connections already (the cap)",
+                        label, self.active)
+            return False
+        self.active += 1
+        self._nursery.start_soon(self.handle, stream, label, None, at)
+        return True
+
+    def cancel_requests(self) -> None:
+        for conn in list(self.connections):
+            if conn.shield is not None:
+                conn.shield.cancel()
+
+    async def handle(self, stream: trio.abc.Stream, label: str, tls: ssl.SSLContext | None = None,
+                     at: Resume | None = None) -> None:
+        """One connection from handshake (or from ``at``, where another process left it) to close.
+
+        Counted in :attr:`active` by the caller.
+        """
         conn = Connection(stream, self.exports, label, tls)
         self.connections.add(conn)
         try:
             export = None
             with trio.move_on_after(self.limits.handshake_timeout) as scope:
-                export = await conn.handshake()
+                export = await (conn.handshake() if at is None else conn.resume(at))
             if scope.cancelled_caught:
                 log.warning("nbd %s: handshake not done within %.0f s: disconnected", label,
                             self.limits.handshake_timeout)
@@ -167,7 +217,7 @@ def bind_unix(path: str) -> stdsocket.socket:
 class NbdService:
     """The daemon's NBD server: started before the mount serves, stopped before replication drains."""
 
-    def __init__(self, server: Server, socket_path: str | None) -> None:
+    def __init__(self, server: Listening, socket_path: str | None) -> None:
         self.server = server
         self.socket_path = socket_path
         self._scope = trio.CancelScope()
@@ -181,7 +231,16 @@ class NbdService:
         """Bind every listener (a failure is :class:`NbdStartError`), then serve in ``nursery``.
 
         ``tls``, if given, is required of every TCP client (the unix socket is guarded by its mode).
+        With neither ``socket_path`` nor ``tcp`` it serves only connections handed in
+        (:meth:`Server.adopt`: a worker's, whose supervisor owns the socket).
         """
+        return await cls.start_serving(nursery, Server(Exports(store, cache), limits),
+                                       socket_path=socket_path, tcp=tcp, tls=tls)
+
+    @classmethod
+    async def start_serving(cls, nursery: trio.Nursery, server: Listening, *, socket_path: str | None,
+                            tcp: tuple[str, int] | None, tls: ssl.SSLContext | None = None) -> NbdService:
+        """:meth:`start` with any :class:`Listening` behind the listeners."""
         listeners: list[trio.SocketListener] = []
         unix = 0
         try:
@@ -202,14 +261,15 @@ class NbdService:
                 with contextlib.suppress(OSError):
                     os.unlink(socket_path)
             raise
-        svc = cls(Server(Exports(store, cache), limits), os.path.abspath(socket_path) if socket_path else None)
+        svc = cls(server, os.path.abspath(socket_path) if socket_path else None)
         if socket_path is not None:
             svc.addresses.append(f"unix:{svc.socket_path}")
         for listener in listeners[unix:]:
             name = listener.socket.getsockname()
             svc.addresses.append(f"tcp:{name[0]}:{name[1]}" + (" (TLS)" if tls is not None else ""))
         await nursery.start(svc._run, [(lst, tls if i >= unix else None) for i, lst in enumerate(listeners)])
-        log.info("nbd: serving on %s", ", ".join(svc.addresses))
+        if svc.addresses:
+            log.info("nbd: serving on %s", ", ".join(svc.addresses))
         return svc
 
     async def _run(self, listeners: list[tuple[trio.SocketListener, ssl.SSLContext | None]],
@@ -231,7 +291,5 @@ class NbdService:
             return
         # A request still waits (say a primary's write for its secondary's acknowledgement): cancel it.
         log.warning("nbd: requests still under way %.0f s after the stop: cancelled", grace)
-        for conn in list(self.server.connections):
-            if conn.shield is not None:
-                conn.shield.cancel()
+        self.server.cancel_requests()
         await self._stopped.wait()
