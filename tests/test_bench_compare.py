@@ -99,7 +99,7 @@ def test_quick_run_one_row(tmp_path: Path):
         assert [r["id"] for r in doc["rows"]] == ["direct-seq-write"]
         row = doc["rows"][0]
         assert row["unit"] == "MB/s" and row["better"] == "higher" and row["group"] == "svm"
-        expected = ["colofs", "raw"] + (["qemu"] if HAVE_QEMU else [])
+        expected = ["colofs", "nbd", "floor", "raw"] + (["qemu"] if HAVE_QEMU else [])
         for name in expected:
             cell = row["systems"][name]
             assert cell["status"] == "ok", cell
@@ -107,9 +107,9 @@ def test_quick_run_one_row(tmp_path: Path):
             assert all(x > 0 for x in cell["samples"])
         if not HAVE_QEMU:
             assert row["systems"]["qemu"]["status"] == "skipped" and row["systems"]["qemu"]["reason"]
-        assert row["ratios"]["vs_raw"] > 0
+        assert row["ratios"]["vs_raw"] > 0 and row["ratios"]["vs_floor"] > 0
         if HAVE_QEMU:
-            assert row["ratios"]["vs_qemu"] > 0
+            assert row["ratios"]["vs_qemu"] > 0 and row["ratios"]["nbd_vs_qemu"] > 0
         assert "direct-seq-write" in res.stderr  # a progress line per measurement
         assert "| O_DIRECT psync seq write 1M | MB/s |" in res.stdout
     finally:
