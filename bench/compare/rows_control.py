@@ -139,7 +139,7 @@ class ControlRows(BenchState):
             return f"skipped: {why}"
         per_process = peaks.rss if kind == "rss" else peaks.pss
         cell.add(kib / 1024, processes={k: round(v / 1024, 1) for k, v in per_process.items()})
-        return f"{kind.upper()} {kib / 1024:.1f} MiB ({len(per_process)} process(es))"
+        return f"{kind.upper()} {kib / 1024:.1f} MiB (the highest of {len(per_process)} process(es) seen)"
 
     def _sparse(self, row: Row, cell: Cell) -> str:
         """RSS of a fresh colofs daemon serving a 1 TiB sparse disk, after random 4 KiB writes all over it."""

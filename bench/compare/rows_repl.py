@@ -33,7 +33,10 @@ class ReplicationRows(BenchState):
                         self.measure(row, system, rep, partial(self._primary_once, row, system))
         finally:
             if self.pvm_mode != "async" and self.pair is not None and self.pair.has_primary:
-                self._set_mode("async")  # the later rows replicate in the default mode
+                try:
+                    self._set_mode("async")  # the later rows replicate in the default mode
+                except StepError as e:
+                    self.notes.append(f"the replicated VM stayed in {self.pvm_mode} mode after the primary rows: {e}")
 
     def _set_mode(self, mode: str) -> None:
         assert self.pair is not None
