@@ -10,7 +10,7 @@ read, and its permissions checked, by the daemon. ``--tls-cert``,
 ``--nbd-socket`` serves NBD on a unix socket; ``--nbd-listen`` on TCP needs
 ``--key-file``, and off loopback the TLS files too (clients must use TLS).
 ``--workers`` serves each VM from its own process (:mod:`colofs.workers`);
-NBD and ``--metrics`` are not available with it yet.
+NBD is not available with it yet (``--metrics`` is: the supervisor serves it).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def make_config(
 ) -> MountConfig:
     """Validate the options of a mount; raises :class:`ConfigError`."""
     if workers:
-        for given, option in ((nbd_socket, "--nbd-socket"), (nbd_listen, "--nbd-listen"), (metrics, "--metrics")):
+        for given, option in ((nbd_socket, "--nbd-socket"), (nbd_listen, "--nbd-listen")):
             if given is not None:
                 raise ConfigError(f"{option} is not available with --workers yet "
                                   "(mount without --workers to use it)")

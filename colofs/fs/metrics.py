@@ -9,12 +9,15 @@ the event bus), then lets ``prometheus_client`` render it through
 value, so it would be just as safe in another thread; nothing on the request
 path of a VM's I/O touches a Prometheus object.
 
-Process model: today one daemon serves a whole store. Every series carries
-the VM (and disk) it belongs to, and each VM is served by exactly one
-process, so figures from several processes (a supervisor gathering its
-workers' snapshots) combine with :func:`merge` without counting anything
-twice: series with equal labels are summed, which only happens for the
-store-wide series, and those a supervisor reports from one place only.
+Process model: every series carries the VM (and disk) it belongs to, and
+each VM is served by exactly one process, so figures from several processes
+(with ``--workers``, the supervisor gathering its workers' snapshots,
+:mod:`colofs.workers.metrics`) combine with :func:`merge` without counting
+anything twice: series with equal labels are summed, which only happens for
+the store-wide series (refused connections: each connection is refused by
+exactly one process). The families and label sets are the same in both
+models; the supervisor adds its own :data:`WORKER_SPEC` families.
+Snapshots travel between processes as :func:`to_rows` / :func:`from_rows`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from prometheus_client.core import (
@@ -75,6 +78,15 @@ SPEC: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "colofs_refused_connections": (COUNTER, "Connections the secondary refused, by reason", ("reason",)),
 }
 
+WORKER_SPEC: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "colofs_worker_up": (GAUGE, "1 if the VM's worker answered this scrape (its VM's series are absent if 0)",
+                         VM_),
+    "colofs_worker_state": (GAUGE, "1 for the VM's worker's current state, 0 for the others", (*VM_, "state")),
+    "colofs_worker_restarts": (COUNTER, "Times the supervisor restarted the VM's worker", VM_),
+    "colofs_worker_memory_bytes": (GAUGE, "Memory of the VM's worker process (rss, pss, uss)", (*VM_, "kind")),
+}
+"""The supervisor's own families (``--workers``): rendered only by a supervisor, never by a worker."""
+
 
 @dataclass(frozen=True)
 class Hist:
@@ -116,14 +128,62 @@ def merge(parts: Iterable[Figures]) -> Figures:
     return Figures({name: tuple(rows.items()) for name, rows in acc.items()})
 
 
+def to_rows(figures: Figures) -> list[list[Any]]:
+    """A snapshot as JSON-ready rows ``[name, [labels], value]`` sorted by name and labels (see :func:`from_rows`)."""
+    out: list[list[Any]] = []
+    for name in sorted(figures.series):
+        for labels, value in sorted(figures.series[name], key=lambda row: row[0]):
+            v: Any = {"h": list(value.counts), "s": value.sum} if isinstance(value, Hist) else value
+            out.append([name, list(labels), v])
+    return out
+
+
+def from_rows(rows: Iterable[Any], *, spec: dict[str, tuple[str, str, tuple[str, ...]]] = SPEC) -> tuple[Figures, int]:
+    """Rows another process sent, checked against ``spec``: the figures and how many malformed rows were dropped."""
+    acc: dict[str, dict[tuple[str, ...], Value]] = {}
+    bad = 0
+    for row in rows:
+        value = _row_value(row, spec)
+        if value is None:
+            bad += 1
+            continue
+        acc.setdefault(row[0], {})[tuple(row[1])] = value
+    return Figures({name: tuple(r.items()) for name, r in acc.items()}), bad
+
+
+def _row_value(row: Any, spec: dict[str, tuple[str, str, tuple[str, ...]]]) -> Value | None:
+    """The value of one well-formed row, or None: a known name, its number of string labels, a value of its kind."""
+    if not isinstance(row, list) or len(row) != 3 or row[0] not in spec:
+        return None
+    name, labels, v = row
+    kind, _, names = spec[name]
+    if not isinstance(labels, list) or len(labels) != len(names) or not all(isinstance(x, str) for x in labels):
+        return None
+    if kind != HISTOGRAM:
+        return _num(v)
+    if not isinstance(v, dict):
+        return None
+    counts, total = v.get("h"), _num(v.get("s"))
+    if (not isinstance(counts, list) or len(counts) != len(LATENCY_BOUNDS) + 1 or total is None
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts)):
+        return None
+    return Hist(tuple(counts), total)
+
+
 class FiguresCollector:
-    """A ``prometheus_client`` collector over one :class:`Figures` snapshot; every metric is always listed."""
+    """A ``prometheus_client`` collector over one :class:`Figures` snapshot.
+
+    Every :data:`SPEC` metric is always listed (empty if no series), so a
+    dashboard sees each family from the first scrape; the supervisor's
+    :data:`WORKER_SPEC` families only where the snapshot has them.
+    """
 
     def __init__(self, figures: Figures) -> None:
         self.figures = figures
 
     def collect(self) -> Iterator[Metric]:
-        for name, (kind, text, labels) in SPEC.items():
+        extra = {name: v for name, v in WORKER_SPEC.items() if name in self.figures.series}
+        for name, (kind, text, labels) in {**SPEC, **extra}.items():
             rows = self.figures.series.get(name, ())
             if kind == HISTOGRAM:
                 h = HistogramMetricFamily(name, text, labels=list(labels))
@@ -163,12 +223,21 @@ def _num(v: object) -> float | None:
     return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
 
 
+class Source(Protocol):
+    """What :func:`serve_metrics` scrapes: one mount's :class:`FigureSource`, or a supervisor's gathering."""
+
+    async def gather(self) -> Figures: ...
+
+
 class FigureSource:
     """Takes :class:`Figures` snapshots of one mount (called in the trio loop only)."""
 
     def __init__(self, ops: Any, counts: VMCounts) -> None:
         self.ops = ops  # colofs.fs.operations.Operations (not imported: it imports this package's peers)
         self.counts = counts
+
+    async def gather(self) -> Figures:
+        return self.snapshot()
 
     def snapshot(self) -> Figures:
         ops = self.ops
@@ -241,7 +310,7 @@ MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 10.0
 
 
-async def serve_metrics(source: FigureSource, host: str, port: int,
+async def serve_metrics(source: Source, host: str, port: int,
                         *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Answer ``GET /metrics`` on ``host:port`` until cancelled; reports the bound port once listening."""
     listeners = await trio.open_tcp_listeners(port, host=host)
@@ -251,7 +320,7 @@ async def serve_metrics(source: FigureSource, host: str, port: int,
     await trio.serve_listeners(lambda s: _answer(s, source), listeners)
 
 
-async def _answer(stream: trio.SocketStream, source: FigureSource) -> None:
+async def _answer(stream: trio.SocketStream, source: Source) -> None:
     try:
         head = b""
         with trio.move_on_after(REQUEST_TIMEOUT):
@@ -266,7 +335,7 @@ async def _answer(stream: trio.SocketStream, source: FigureSource) -> None:
         elif parts[1].split(b"?", 1)[0] != b"/metrics":
             await _reply(stream, 404, b"text/plain", b"not found: the metrics are at /metrics\n")
         else:
-            body = render(source.snapshot())
+            body = render(await source.gather())
             await _reply(stream, 200, CONTENT_TYPE_LATEST.encode(), body if parts[0] == b"GET" else b"",
                          length=len(body))
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

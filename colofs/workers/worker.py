@@ -7,7 +7,8 @@ VM's crash recovery runs here, as at a remount), starts that VM's replication
 accepted), and mounts a VM-rooted filesystem on the VM's directory of the
 supervisor's root mount. It then serves the supervisor's channel
 (:mod:`colofs.workers.channel`): ``ping``, ``stop``, ``connection``,
-``create_disk``, ``import_disk``, ``budget``; and reports ``opened``,
+``create_disk``, ``import_disk``, ``budget``, ``metrics`` (its VM's figures,
+gathered by the supervisor: :mod:`colofs.workers.metrics`); and reports ``opened``,
 ``ready``, every event, a ``summary`` of its VM, or ``failed``.
 
 Shutdown keeps the daemon's order (:mod:`colofs.fs.daemon`): unmount (the
@@ -58,12 +59,14 @@ from colofs.fs.daemon import (
 )
 from colofs.fs.errnos import errno_for
 from colofs.fs.fusedevice import queued_requests_probe
+from colofs.fs.metrics import FigureSource, VMCounts
 from colofs.fs.operations import Operations
 from colofs.fs.replication import Replication
 from colofs.fs.values import Refused
 from colofs.repl import ReplConfig, ReplConfigError
 from colofs.wire import NonceRegistry
 from colofs.workers.channel import Channel, RemoteError, WorkerArgs, encode
+from colofs.workers.metrics import page
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,7 @@ class Worker:
         self.store: Store | None = None
         self.ops: Operations | None = None
         self.repl: Replication | None = None
+        self.counts: VMCounts | None = None  # checkpoints and failovers seen on the VM's bus, for metrics
         self.opened = trio.Event()  # the store is open and Operations exist: commands can run
         self.mounted = False
         self.stopping = False
@@ -215,6 +219,7 @@ class Worker:
             log.warning("%s", note)
         await self.channel.notify("opened", role=vm.state.role, notes=notes, damaged=vm.damage is not None)
         bus = EventBus()
+        counts = VMCounts(bus)  # from the first event on
         try:
             settings = ReplConfig(tls=cfg.tls())
         except ReplConfigError as e:
@@ -225,7 +230,7 @@ class Worker:
         worker = {"state": "serving", "pid": os.getpid(), "restarts": args.restarts}
         ops = Operations(store, MountInfo(cfg, os.getpid(), time.time(), worker=worker), repl, root_vm=self.vm)
         wire_hooks(ops, repl)
-        self.store, self.ops, self.repl = store, ops, repl
+        self.store, self.ops, self.repl, self.counts = store, ops, repl, counts
         bus.watch(self._queue_event)
         self.opened.set()
         failure: StartupError | None = None
@@ -323,6 +328,8 @@ class Worker:
         if op == "budget":
             self._budget(msg.get(BUDGET))
             return None
+        if op == "metrics":
+            return self._metrics(msg.get("after"))
         raise RemoteError(f"worker for VM {self.vm}: unknown operation {op!r}", errno.EINVAL)
 
     def _connection(self, fds: list[int], peer: str) -> None:
@@ -369,6 +376,12 @@ class Worker:
             primary.budget.limit = value
             primary.budget.relieve()
         log.info("VM %s: retained writes bounded to %d bytes", self.vm, value)
+
+    def _metrics(self, after: object) -> dict[str, Any]:
+        """A page of the VM's figures now; not waiting for the VM to open (a scrape must not wait)."""
+        if self.ops is None or self.counts is None or self.stopping:
+            raise RemoteError(f"VM {self.vm}: {'stopping' if self.stopping else 'not open yet'}", errno.EAGAIN)
+        return {**page(FigureSource(self.ops, self.counts).snapshot(), after), "pid": os.getpid()}
 
     # -- reporting ------------------------------------------------------------------------------
 

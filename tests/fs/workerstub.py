@@ -43,7 +43,7 @@ class Supervisor:
     def __init__(self, base: Path, role: str, vm: str = "vm0", options: tuple[str, ...] = ()) -> None:
         self.store = str(base / "store")
         self.mnt = base / "mnt"
-        self.mnt.mkdir(parents=True)
+        self.mnt.mkdir(parents=True, exist_ok=True)  # several stand-ins may share one root
         self.options = options
         self.vm = vm
         self.role = role
