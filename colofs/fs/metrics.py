@@ -23,7 +23,7 @@ Snapshots travel between processes as :func:`to_rows` / :func:`from_rows`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -265,10 +265,8 @@ class FigureSource:
             self._vm(vm_name, vm, put)
         srv = ops.repl.server
         if srv is not None:
-            for reason, n in sorted(srv.admission.status()["refused_by_reason"].items()):
-                put("colofs_refused_connections", (str(reason),), n)
-            other = srv.stats["refused"] - sum(srv.admission.status()["refused_by_reason"].values())
-            put("colofs_refused_connections", ("other",), max(0, other))
+            for reason, n in refusals({**srv.admission.status(), "refused": srv.stats["refused"]}).items():
+                put("colofs_refused_connections", (reason,), n)
         return Figures({name: tuple(r) for name, r in rows.items()})
 
     def _vm(self, name: str, vm: Any, put: Callable[[str, tuple[str, ...], Value | None], None]) -> None:
@@ -299,6 +297,17 @@ class FigureSource:
             put("colofs_verify_blocks_done", lab, _num(v.get("blocks_done")) or 0.0)
             put("colofs_verify_blocks_differing", lab, _num(v.get("blocks_differing")) or 0.0)
         put("colofs_damaged", lab, 1.0 if vm.damage is not None else 0.0)
+
+
+def refusals(status: Mapping[str, Any]) -> dict[str, int]:
+    """Refused connections by reason from a listener's status (``refused``, ``refused_by_reason``).
+
+    Those refused for a reason admission does not count are ``other``. A
+    secondary's server gives this status, and so does a supervisor's router.
+    """
+    by_reason = {str(k): int(v) for k, v in dict(status.get("refused_by_reason") or {}).items()}
+    other = int(status.get("refused") or 0) - sum(by_reason.values())
+    return {**dict(sorted(by_reason.items())), "other": max(0, other)}
 
 
 def render(figures: Figures) -> bytes:
