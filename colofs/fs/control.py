@@ -297,7 +297,7 @@ class Control:
         return {
             CREATE: self._create,
             IMPORT: self._import,
-            CHECKPOINT: self.vms.checkpoint,
+            CHECKPOINT: self.vms.request_checkpoint,
             FAILOVER: self.vms.failover,
             BLOCK_SIZE: self._set_block_size,
             MODE: self.vms.set_mode,

@@ -208,7 +208,7 @@ def start_watchers(nursery: trio.Nursery, ops: Operations, bus: EventBus) -> Non
 
 def wire_hooks(ops: Operations, repl: Replication) -> None:
     """Checkpoints the primary sends go through the mount exactly like local ones; new disks show up."""
-    repl.hooks.checkpoint = ops.control.vms.wire_checkpoint
+    repl.hooks.take_checkpoint = ops.control.vms.checkpoint_through_mount
     repl.hooks.on_disk_added = ops.control.vms.disk_added
 
 

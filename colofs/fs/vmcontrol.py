@@ -48,7 +48,8 @@ class VMControl:
 
     # -- checkpoint ----------------------------------------------------------------------
 
-    async def checkpoint(self, node: Node, value: bytes) -> dict[str, Any]:
+    async def request_checkpoint(self, node: Node, value: bytes) -> dict[str, Any]:
+        """The ``checkpoint`` command on a VM directory: the link's on a replicating primary, else this host's."""
         seq, timeout = checkpoint_request(value)
         vm = self.store.vm(node.vm)
         if self.repl.replicates(vm):
@@ -61,7 +62,7 @@ class VMControl:
             if peer is not None:
                 raise Refused(errno.EBUSY, f"checkpoint: VM {vm.name} is replicated from primary {peer}, "
                                            "which sends its checkpoints: run mountctl checkpoint there")
-        return await self.checkpoint_through_mount(vm, seq, "local")
+        return await self.checkpoint_through_mount(vm, seq, source="local")
 
     async def _replicated_checkpoint(self, vm: VM, timeout: float | None) -> dict[str, Any]:
         """A marker after the VM's last write, confirmed once the secondary holds it durably."""
@@ -87,10 +88,12 @@ class VMControl:
             "invalidate_seconds": 0.0, "peer": self.repl.vm_status(vm).get("peer"),
         }
 
-    async def checkpoint_through_mount(self, vm: VM, seq: int | None, source: str) -> dict[str, Any]:
+    async def checkpoint_through_mount(self, vm: VM, seq: int | None, *, source: str = "primary") -> dict[str, Any]:
         """Invariant 3 on this host: write back, checkpoint the core, drop the kernel's cache.
 
-        ``source`` says who asked (``local``: the control plane; ``primary``: the stream).
+        ``source`` says who asked (``local``: the control plane; ``primary``:
+        the stream, through the secondary's ``SecondaryHooks.take_checkpoint``,
+        which the daemon sets to this method).
         """
         nodes = self.inodes.disk_nodes(vm.name)
         t0 = time.monotonic()
@@ -120,10 +123,6 @@ class VMControl:
             "writeback_seconds": round(t1 - t0, 6), "checkpoint_seconds": round(t2 - t1, 6),
             "invalidate_seconds": round(t3 - t2, 6),
         }
-
-    async def wire_checkpoint(self, vm: VM, seq: int) -> None:
-        """The secondary's hook: a checkpoint the primary sent, taken like a local one."""
-        await self.checkpoint_through_mount(vm, seq, "primary")
 
     async def disk_added(self, vm_name: str, disk: str) -> None:
         """The primary announced a disk: make the kernel look at the VM directory again."""

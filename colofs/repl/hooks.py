@@ -12,23 +12,19 @@ from dataclasses import dataclass
 from colofs.core.vm import VM
 
 
-async def core_checkpoint(vm: VM, seq: int) -> None:
-    """The checkpoint a secondary takes without a mount: the core's alone."""
-    await vm.checkpoint(seq)
-
-
 @dataclass
 class SecondaryHooks:
     """How the daemon takes part in the stream (awaited in stream order).
 
-    ``checkpoint`` takes checkpoint ``seq`` of the VM once every write up to
-    it is applied, before CHECKPOINT_DONE goes out. It defaults to the core's
-    checkpoint; a mount replaces it to write back the SVM's dirty pages first
-    and drop the kernel's page cache after (docs/design.md invariant 3). It runs
-    shielded: once started, a checkpoint is finished. ``on_disk_added`` runs
-    after a disk was created for the primary.
+    ``take_checkpoint`` takes checkpoint ``seq`` of the VM once every write
+    up to it is applied, before CHECKPOINT_DONE goes out. It defaults to the
+    core's (:meth:`VM.checkpoint`); a mount sets its own
+    (``VMControl.checkpoint_through_mount``), which writes the SVM's dirty
+    pages back first and drops the kernel's page cache after (docs/design.md
+    invariant 3). It runs shielded: once started, a checkpoint is finished.
+    ``on_disk_added`` runs after a disk was created for the primary.
     """
 
-    checkpoint: Callable[[VM, int], Awaitable[None]] = core_checkpoint
+    take_checkpoint: Callable[[VM, int], Awaitable[object]] = VM.checkpoint
     on_disk_added: Callable[[str, str], Awaitable[None]] | None = None
     event: Callable[..., None] = lambda kind, **fields: None  # the daemon's EventBus.emit

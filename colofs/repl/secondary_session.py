@@ -228,7 +228,7 @@ class Session:
                 pending = await self._apply_batches(msg)
                 size = 0  # accounted for there
             elif isinstance(msg, Checkpoint):
-                await self._checkpoint(msg)
+                await self._on_checkpoint(msg)
             elif isinstance(msg, DiskAdd):
                 await self._disk_add(msg)
             elif isinstance(msg, ResyncQuery):
@@ -307,12 +307,12 @@ class Session:
             raise refused
         return pending
 
-    async def _checkpoint(self, msg: Checkpoint) -> None:
+    async def _on_checkpoint(self, msg: Checkpoint) -> None:
         self._require_stream("CHECKPOINT")
         vm = self.vm
         self.seq.check_checkpoint(msg.seq, vm.state.last_applied)
         with trio.CancelScope(shield=True):
-            await self.hooks.checkpoint(vm, msg.seq)
+            await self.hooks.take_checkpoint(vm, msg.seq)
             if self.full_done:
                 await save_needs_full_sync(vm, False)
                 self.full_done = False

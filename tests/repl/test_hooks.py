@@ -24,7 +24,7 @@ async def test_the_checkpoint_hook_runs_the_whole_checkpoint(pair) -> None:
 
     await pair.open_stores()
     await pair.primary.create_disk("vm", "d0", SIZE)
-    await pair.start_secondary(hooks=SecondaryHooks(checkpoint=checkpoint, on_disk_added=disk_added))
+    await pair.start_secondary(hooks=SecondaryHooks(take_checkpoint=checkpoint, on_disk_added=disk_added))
     await pair.start_primary()
     pvm = pair.primary.vm("vm")
     await pvm.disk("d0").write(0, b"a" * 5000)

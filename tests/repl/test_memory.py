@@ -87,7 +87,7 @@ async def test_a_busy_secondary_stops_reading_at_its_byte_budget(pair, repl_erro
 
     await pair.open_stores()
     await pair.primary.create_disk("vm", "d0", SIZE)
-    await pair.start_secondary(hooks=SecondaryHooks(checkpoint=slow_checkpoint))
+    await pair.start_secondary(hooks=SecondaryHooks(take_checkpoint=slow_checkpoint))
     await pair.start_primary()
     await pair.caught_up()
     pvm = pair.primary.vm("vm")
