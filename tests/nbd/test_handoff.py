@@ -213,6 +213,8 @@ async def test_old_export_name_is_handed_over_with_the_clients_flags(host: Host,
         assert await c.recv_exact(124) == bytes(124)
         assert (await c.write(0, b"z" * 512)).error == 0
         assert await c.read(0, 512) == b"z" * 512
+        await c.disconnect()
+        assert await c.closed_by_server()  # the worker's close ends it: the supervisor kept no copy
 
 
 async def test_malformed_or_unknown_choices_are_refused_by_the_supervisor_unhanded(host: Host, tmp_path: Path) -> None:
