@@ -21,6 +21,11 @@ and the client's flags travel with the socket.
 TLS cannot be handed over (its session state lives in the supervisor's
 ``ssl`` objects), so with ``--workers`` NBD on TCP is served only without
 TLS; the configuration refuses ``--nbd-listen`` with certificates.
+
+Bounds: the supervisor's :class:`colofs.nbd.service.Limits` cap the
+connections it is negotiating and the time each may take; a worker's own
+``Limits`` cap the connections it serves, and the time left to finish a
+handshake it resumed (a client may go on negotiating there after an error).
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ class FrontConnection(Handshake[Chosen]):
     """The supervisor's side of one client's handshake: every option up to the choice of an export."""
 
     exact = True  # the socket goes to another process after the choice: nothing past it may be read here
+    no_tls = "TLS is not offered with a process per VM (--workers): a TLS session cannot be handed to a worker"
 
     def __init__(self, stream: trio.abc.Stream, workers: Workers, label: str,
                  call_timeout: float = CALL_TIMEOUT) -> None:
@@ -236,6 +242,12 @@ class FrontServer(Listening):
     async def handle(self, stream: trio.abc.Stream, label: str, tls: object = None) -> None:
         """One connection until it is handed over, refused or gone; the supervisor's copy is closed at the end."""
         assert isinstance(stream, trio.SocketStream)
+        if stream.socket.family != socket.AF_UNIX:
+            try:
+                host, port = stream.socket.getpeername()[:2]
+                label = f"{label} ({host}:{port})"
+            except OSError:
+                pass
         conn = FrontConnection(stream, self.workers, label, self.call_timeout)
         try:
             with trio.move_on_after(self.limits.handshake_timeout) as scope:

@@ -74,6 +74,8 @@ class Handshake(Generic[T]):
 
     exact = False
     """Read no byte past the option being handled (a process that hands the socket on must)."""
+    no_tls = "TLS is offered on the TCP port of a node with certificates only"
+    """Why ``NBD_OPT_STARTTLS`` is refused where no TLS is configured."""
 
     def __init__(self, stream: trio.abc.Stream, label: str, tls: ssl.SSLContext | None = None) -> None:
         self.stream = stream
@@ -157,8 +159,7 @@ class Handshake(Generic[T]):
     async def _starttls(self, data: bytes) -> None:
         opt = p.OPT_STARTTLS
         if self.tls is None:
-            await self._reply_error(opt, p.REP_ERR_POLICY, "TLS is offered on the TCP port of a node with "
-                                    "certificates only")
+            await self._reply_error(opt, p.REP_ERR_POLICY, self.no_tls)
         elif self.secure or data:
             await self._reply_error(opt, p.REP_ERR_INVALID, "TLS is on already" if self.secure
                                     else "NBD_OPT_STARTTLS takes no data")

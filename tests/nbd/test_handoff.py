@@ -313,3 +313,19 @@ async def test_a_worker_drops_malformed_handovers(host: Host) -> None:
     assert not serve_handed_over(w.service, [fd], good)  # not a socket: closed, nothing raised
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+async def test_tcp_is_handed_over_too_and_starttls_is_refused_with_the_reason(host: Host) -> None:
+    w = await host.add("vm1", {"d0": MiB})
+    svc = await start_front(host.nursery, host.channels, socket_path=None, tcp=("127.0.0.1", 0))
+    port = int(svc.addresses[0].rsplit(":", 1)[1])
+    c = RawClient(await trio.open_tcp_stream("127.0.0.1", port))
+    await c.greet()
+    with trio.fail_after(DEADLINE):
+        refused = await c.option(p.OPT_STARTTLS)
+        assert refused[-1][0] == p.REP_ERR_POLICY and b"cannot be handed to a worker" in refused[-1][1]
+        assert (await c.option(p.OPT_GO, c.go_data("vm1/d0")))[-1][0] == p.REP_ACK
+        assert (await c.write(512, b"t" * 512)).error == 0
+    assert bytes(await w.store.disk("vm1", "d0").read(512, 512)) == b"t" * 512
+    assert w.handed[0]["peer"].startswith("#1 (127.0.0.1:")
+    await svc.stop()
