@@ -5,8 +5,9 @@ Nothing here polls. A link announces each change of its state
 last, and emits the difference. The replicator announces each link it adds
 (``wait_link_added``), so a VM created later is watched from its first
 connection. A verify is followed from its ``verify-started`` event to its
-run's ``done``. Only progress is timed: while a resync or a verify runs, its
-progress is reported every :data:`PROGRESS_EVERY` seconds.
+run's ``done``. A resync pass wakes the link's waiters when it begins and
+when it ends. Only progress is timed: while a resync pass or a verify runs,
+its progress is reported every :data:`PROGRESS_EVERY` seconds.
 """
 
 from __future__ import annotations
@@ -115,9 +116,8 @@ async def _watch_link(link: WatchedLink, bus: EventBus) -> None:
             shown = None
         if state == LinkState.STOPPED:
             return
-        # A resync's passes and blocks do not wake the link's waiters: while one may run, look each period.
-        timed = progress["active"] or state == LinkState.RESYNCING
-        with trio.move_on_after(PROGRESS_EVERY if timed else float("inf")):
+        # A pass wakes the link's waiters when it begins and ends, not per block: only its progress is timed.
+        with trio.move_on_after(PROGRESS_EVERY if progress["active"] else float("inf")):
             await link.wait_changed()
 
 

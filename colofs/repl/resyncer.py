@@ -107,6 +107,7 @@ class ResyncDriver:
                 await self._changed.wait()
             self._full_pending = False
             self.progress.finish()
+            self._changed.fire()
             log.info("VM %s: resync done up to seq %d: %d of %d blocks differed (%d bytes)",
                      vm.name, s0, self.progress.blocks_sent, self.progress.blocks_total,
                      self.progress.bytes_sent)
@@ -132,6 +133,7 @@ class ResyncDriver:
             name = min(vm.disks)
             queries.append((name, conn.disk_index[name], 0, 1))
         self.progress.start(total, full, s0)
+        self._changed.fire()  # a pass begun is news: watchers need no clock to notice it
         log.info("VM %s: %s resync of %d blocks (%d dirty) up to seq %d", vm.name,
                  "full" if full else "dirty-block", total, sum(b.count() for b in bits.values()), s0)
         if not queries:

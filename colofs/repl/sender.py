@@ -183,11 +183,10 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
     def _after_session(self, refused: bool) -> None:
         if self.state not in (LinkState.IDLE, LinkState.STOPPED):
             self.stats["disconnects"] += 1
-        self._set_state(LinkState.REFUSED if refused else LinkState.DISCONNECTED)
+        self.progress.active = False  # an interrupted pass ends before the state change announces it
         for m in list(self.markers):
             m.sent = False
-        if self.progress.active:
-            self.progress.active = False
+        self._set_state(LinkState.REFUSED if refused else LinkState.DISCONNECTED)
 
     async def _connect_and_serve(self) -> None:
         self._set_state(LinkState.CONNECTING)
@@ -364,7 +363,11 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
         return conn
 
     async def wait_changed(self) -> None:
-        """Until the link's state, an acknowledgement, a checkpoint or a verify answer changes."""
+        """Until the link's state, an acknowledgement, a checkpoint, a verify answer or a resync pass changes.
+
+        A pass wakes it when it begins and when it is done (an interrupted
+        one: with the state change that ended it), not for each block.
+        """
         await self._changed.wait()
 
     def repair(self, runs: dict[str, list[tuple[int, int]]]) -> None:

@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from colofs.events import EventBus
-from colofs.fs.linkevents import PROGRESS_EVERY, watch_links, watch_verifies
+from colofs.fs.linkevents import watch_links, watch_verifies
 from colofs.repl.linkstate import CONNECTED, LinkState
 from colofs.repl.resync import ResyncProgress
 from colofs.repl.util import Signal
@@ -42,6 +42,14 @@ class FakeLink:
             else:
                 self.downs += 1
         self.state = state
+        self._changed.fire()
+
+    def start_pass(self, total: int, full: bool, upto: int) -> None:
+        self.progress.start(total, full, upto)
+        self._changed.fire()
+
+    def finish_pass(self) -> None:
+        self.progress.finish()
         self._changed.fire()
 
     async def wait_changed(self) -> None:
@@ -101,10 +109,9 @@ async def test_a_resync_pass_begun_and_ended_between_two_looks_is_reported():
         nursery.start_soon(watch_links, primary, bus)
         link.set_state(LinkState.STREAMING)
         await trio.testing.wait_all_tasks_blocked()
-        link.progress.start(8, False, 42)  # no wake-up: a pass does not announce itself
+        link.start_pass(8, False, 42)  # begun and ended before the watcher runs again
         link.progress.blocks_checked = 8
-        link.progress.finish()
-        link.set_state(LinkState.STREAMING)  # what wakes the watcher is the next change of the link
+        link.finish_pass()
         await trio.testing.wait_all_tasks_blocked()
         assert seen.kinds("vm1") == ["peer-connected", "resync-started", "resync-done"]
         started = seen.events[-2]
@@ -112,7 +119,8 @@ async def test_a_resync_pass_begun_and_ended_between_two_looks_is_reported():
         nursery.cancel_scope.cancel()
 
 
-async def test_a_resync_is_reported_started_and_in_progress_while_nothing_else_changes(autojump_clock):
+async def test_a_resync_pass_is_reported_when_it_starts_and_ends_with_no_clock(autojump_clock):
+    """RESYNCING without a pass arms no timer; the pass's start and end wake the watcher."""
     bus, primary = EventBus(), FakePrimary()
     seen = Recorder(bus)
     link = FakeLink("vm1")
@@ -121,17 +129,21 @@ async def test_a_resync_is_reported_started_and_in_progress_while_nothing_else_c
         nursery.start_soon(watch_links, primary, bus)
         link.set_state(LinkState.RESYNCING)
         await trio.testing.wait_all_tasks_blocked()
-        link.progress.start(100, True, 7)  # the pass starts after the state changed, without a wake-up
+        assert trio.lowlevel.current_statistics().seconds_to_next_deadline == float("inf"), \
+            "a timer while no pass runs"
         t0 = trio.current_time()
-        await wait_until(lambda: "resync-started" in seen.kinds("vm1"), what="resync-started")
-        assert trio.current_time() - t0 <= PROGRESS_EVERY + 0.01
+        link.start_pass(100, True, 7)  # the pass starts after the state changed
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen.kinds("vm1") == ["peer-connected", "resync-started"]
+        assert trio.current_time() == t0  # no clock had to pass
         link.progress.blocks_checked = 50
         await wait_until(lambda: "resync-progress" in seen.kinds("vm1"), what="resync-progress")
         assert [e["percent"] for e in seen.events if e["event"] == "resync-progress"][-1] == 50.0
-        link.progress.finish()
-        link.set_state(LinkState.STREAMING)
+        t0 = trio.current_time()
+        link.finish_pass()  # the state is still RESYNCING: the end of the pass alone wakes the watcher
         await trio.testing.wait_all_tasks_blocked()
         assert seen.kinds("vm1")[-1] == "resync-done"
+        assert trio.current_time() == t0
         nursery.cancel_scope.cancel()
 
 
