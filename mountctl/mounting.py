@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -62,6 +63,8 @@ def daemon_args(cfg: MountConfig) -> list[str]:
         args.append("--allow-other")
     if cfg.debug:
         args.append("--debug")
+    if cfg.workers:
+        args.append("--workers")
     return [*args, cfg.mountpoint]
 
 
@@ -142,6 +145,8 @@ def unmount(mountpoint: str, *, lazy: bool, timeout: float) -> str:
     lock_file = target.status["lock_file"]
     pid = target.status.get("pid")
     started = time.monotonic()
+    if target.status.get("process_model") == "workers":
+        return _stop_supervisor(mountpoint, target.status, lazy=lazy, timeout=timeout)
     ok, msg = fuse_unmount(mountpoint, lazy=lazy)
     if not ok:
         if "busy" in msg.lower():
@@ -169,6 +174,47 @@ def unmount(mountpoint: str, *, lazy: bool, timeout: float) -> str:
     raise CtlError(
         f"{mountpoint}: unmounted, but the daemon ended in state {state.get('state')!r}: "
         f"{state.get('error', 'no detail')}; see {target.status.get('log_file')}"
+    )
+
+
+def _stop_supervisor(mountpoint: str, status: dict[str, Any], *, lazy: bool, timeout: float) -> str:
+    """A ``--workers`` mount: VM mounts sit on the root, so the supervisor unmounts them all, in order.
+
+    ``SIGTERM`` has it stop every worker (each unmounts its VM, lazily if a
+    disk is still open, drains and closes it), wait for them, then unmount the
+    root. With ``lazy`` this returns at once; otherwise it waits for the
+    supervisor to let go of the store's lock and exit, and reports how it ended.
+    """
+    lock_file = status["lock_file"]
+    pid = status.get("pid")
+    if not isinstance(pid, int):
+        pid = (holder(lock_file) or {}).get("pid")
+    if not isinstance(pid, int):
+        raise CtlError(f"{mountpoint}: cannot tell which process supervises it (no pid in its status or lock)")
+    started = time.monotonic()
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        raise CtlError(f"{mountpoint}: its supervisor (pid {pid}) is gone") from None
+    if lazy:
+        return (f"{mountpoint}: stopping; the supervisor (pid {pid}) detaches busy VM mounts and closes each "
+                "VM when the last open file is closed")
+    deadline = started + timeout
+    while holder(lock_file) is not None:
+        if time.monotonic() > deadline:
+            raise CtlError(
+                f"{mountpoint}: the supervisor (pid {pid}) is still stopping its workers after {timeout:.0f} s "
+                f"(a VM whose disk is open is closed when its last user is gone); see {status.get('log_file')}"
+            )
+        time.sleep(0.05)
+    _wait_exit(pid, deadline)
+    state = last_state(lock_file)
+    took = time.monotonic() - started
+    if state.get("state") == "closed":
+        return f"{mountpoint}: unmounted; every VM and store {status['store']} closed cleanly ({took:.2f} s)"
+    raise CtlError(
+        f"{mountpoint}: unmounted, but the supervisor ended in state {state.get('state')!r}: "
+        f"{state.get('error', 'no detail')}; see {status.get('log_file')}"
     )
 
 

@@ -256,11 +256,13 @@ class Zygote:
                 if self.closed:
                     raise ZygoteError("the zygote is gone")
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [channel.fileno()]).tobytes())]
+                # Queued before the send: the reader may take the reply before sendmsg returns here.
+                self._waiting.append(send)  # replies come in request order
                 try:
                     await sock.sendmsg([data], anc)
                 except OSError as e:
+                    self._waiting.remove(send)
                     raise ZygoteError(f"the zygote is gone: {e}") from None
-                self._waiting.append(send)  # replies come in request order
         finally:
             channel.close()
         with receive:

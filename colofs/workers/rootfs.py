@@ -1,0 +1,327 @@
+"""The supervisor's FUSE filesystem: the root of the mount, a directory per VM, the store-wide control.
+
+Each VM directory is the mountpoint of that VM's worker, whose own mount
+covers it while the worker serves; what this filesystem answers inside a VM
+directory is only seen while it does not (the worker is starting, crashed or
+failed): its ``user.colofs.status`` then says the worker's state, and
+anything inside is ``EAGAIN`` (coming back) or ``ENOENT``.
+
+Handlers never wait for a worker's mount: the kernel holds the root's inode
+lock through ``mkdir`` and ``setxattr`` on the root, and a worker's mount
+looks its directory up in the root, so it would wait on that lock. ``mkdir``
+starts the worker and returns; ``create``/``import`` of a new VM start the
+worker and wait only for its answer from the store (sent before it mounts).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pyfuse3
+import trio
+import xxhash
+
+from colofs.core.errors import ColofsError
+from colofs.core.names import check_name
+from colofs.fs.control import (
+    COLOFS_VERSION,
+    CONTROL_VERSION,
+    CREATE,
+    IMPORT,
+    LAST_ERROR,
+    LAST_RESULT,
+    PREFIX,
+    STATUS,
+    VERSION,
+    Outcomes,
+)
+from colofs.fs.errnos import errno_for
+from colofs.fs.paging import compact, page, paged_name
+from colofs.fs.values import Refused, int_field, parse_json, str_field
+from colofs.workers.channel import RemoteError
+from colofs.workers.fleet import Fleet
+from colofs.workers.table import CRASHED, RESTARTING, STARTING
+from colofs.workers.zygote import ZygoteError
+
+log = logging.getLogger(__name__)
+
+ROOT_INO: int = pyfuse3.ROOT_INODE
+ENTRY_TIMEOUT = 1.0  # a VM's worker mount comes and goes: let the kernel look again soon
+ATTR_TIMEOUT = 1.0
+COMMAND_TIMEOUT = 600.0
+"""How long a create or import may take in its worker (an import copies the image)."""
+COMING = (STARTING, CRASHED, RESTARTING)
+ROOT_READABLE = (STATUS, VERSION, LAST_ERROR, LAST_RESULT)
+VM_READABLE = (STATUS, LAST_ERROR, LAST_RESULT)
+
+
+def vm_inode(name: str) -> int:
+    """A VM directory's inode number: from its name, the same in every run."""
+    return (xxhash.xxh3_64_intdigest(b"vm-dir:" + name.encode()) & ((1 << 63) - 1)) | (1 << 16)
+
+
+def _json(obj: object) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+class RootOperations(pyfuse3.Operations):
+    """The root of a ``--workers`` mount."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, fleet: Fleet, *, role: str, store: str, status: Callable[[], dict[str, Any]],
+                 nursery: trio.Nursery) -> None:
+        super().__init__()
+        self.fleet = fleet
+        self.role = role
+        self.store = store
+        self.root_info = status
+        self.nursery = nursery
+        self.outcomes = Outcomes()
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.born = time.time_ns()
+
+    # -- names and attributes ----------------------------------------------------------------
+
+    def _vm_of(self, inode: int) -> str | None:
+        for name in self.fleet.table.workers:
+            if vm_inode(name) == inode:
+                return name
+        return None
+
+    def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode
+        attr.st_mode = stat.S_IFDIR | 0o755
+        attr.st_nlink = 2 + (len(self.fleet.table.workers) if inode == ROOT_INO else 0)
+        attr.st_uid, attr.st_gid = self.uid, self.gid
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self.born
+        attr.st_blksize = 4096
+        attr.entry_timeout = ENTRY_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+        return attr
+
+    def _node(self, inode: int) -> str:
+        """``""`` for the root, the VM's name for its directory; ENOENT otherwise."""
+        if inode == ROOT_INO:
+            return ""
+        vm = self._vm_of(inode)
+        if vm is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return vm
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        vm = self._node(parent_inode)
+        text = name.decode("utf-8", "surrogateescape")
+        if text in (".", ".."):
+            return self._attr(parent_inode if text == "." or not vm else ROOT_INO)
+        if vm:  # inside a VM directory its worker does not cover
+            w = self.fleet.table.get(vm)
+            raise pyfuse3.FUSEError(errno.EAGAIN if w is not None and w.state in COMING else errno.ENOENT)
+        if text not in self.fleet.table:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(vm_inode(text))
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._node(inode)
+        return self._attr(inode)
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._node(inode)
+        if fields.update_atime or fields.update_mtime or fields.update_ctime:
+            return self._attr(inode)  # touch of a directory: accepted, nothing kept
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def forget(self, inode_list: Any) -> None:
+        return None
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        self._node(inode)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        if fh != ROOT_INO:
+            return  # a VM directory no worker covers lists nothing
+        names = self.fleet.table.names()
+        for i in range(start_id, len(names)):
+            if not pyfuse3.readdir_reply(token, names[i].encode(), self._attr(vm_inode(names[i])), i + 1):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = await trio.to_thread.run_sync(os.statvfs, self.store)
+        out = pyfuse3.StatvfsData()
+        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+            setattr(out, f, getattr(st, f))
+        out.f_namemax = 255
+        return out
+
+    # -- changes: only a new VM directory ----------------------------------------------------------
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self._node(parent_inode):
+            log.warning("mkdir %r inside a VM directory refused: its worker is not serving", name)
+            raise pyfuse3.FUSEError(errno.EAGAIN)
+        try:
+            vm = check_name("VM", name.decode("utf-8", "surrogateescape"))
+        except ColofsError as e:
+            log.warning("mkdir refused: %s", e)
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        if vm in self.fleet.table:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        self.fleet.table.add(vm)
+        self.nursery.start_soon(self._start_new, vm)  # never wait for the worker's mount here
+        log.info("VM %s created by mkdir (role %s): starting its worker", vm, self.role)
+        return self._attr(vm_inode(vm))
+
+    async def _start_new(self, vm: str) -> None:
+        try:
+            await self.fleet.start(vm, create_vm=self.role)
+        except ZygoteError:
+            pass  # logged and shown in the VM's status
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        self._node(inode)
+        raise pyfuse3.FUSEError(errno.EISDIR)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise pyfuse3.FUSEError(errno.EAGAIN if self._node(parent_inode) else errno.EPERM)
+
+    async def _refuse(self, *args: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    unlink = rmdir = rename = link = symlink = mknod = _refuse  # type: ignore[assignment]
+
+    # -- the control plane -------------------------------------------------------------------
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        names = VM_READABLE if self._node(inode) else ROOT_READABLE
+        return [PREFIX + n.encode() for n in names]
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        vm = self._node(inode)
+        if not name.startswith(PREFIX):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        key = name[len(PREFIX):].decode(errors="replace")
+        if key == STATUS:
+            return _json(self.vm_status(vm) if vm else self.root_info())
+        if key in (LAST_ERROR, LAST_RESULT):
+            outcome = self.outcomes.get(ctx.pid)
+            if key == LAST_ERROR:
+                return b"" if outcome is None or outcome["ok"] else outcome["error"].encode()
+            return _json(outcome if outcome is not None else {})
+        if not vm and key == VERSION:
+            return f"colofs {COLOFS_VERSION} control {CONTROL_VERSION}\n".encode()
+        paged = paged_name(key)
+        if not vm and paged is not None and paged[0] == "vms":
+            got = page(self.fleet.table.names(), paged[1], "vms")
+            if got is not None:
+                return compact(got)
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    def vm_status(self, vm: str) -> dict[str, Any]:
+        w = self.fleet.table.get(vm)
+        out: dict[str, Any] = {"kind": "vm", "vm": vm, "name": vm}
+        if w is not None:
+            out["worker"] = w.status()
+            if w.role:
+                out["role"] = w.role
+        return out
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._node(inode)
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        vm = self._node(inode)
+        if not name.startswith(b"user."):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        key = name[len(PREFIX):].decode(errors="replace") if name.startswith(PREFIX) else ""
+        target = vm or "root"
+        if vm:
+            w = self.fleet.table.get(vm)
+            state = w.state if w is not None else "missing"
+            self._fail(ctx.pid, key, target, errno.EAGAIN,
+                       f"VM {vm}: its worker is {state}, not serving; try again once it serves")
+            raise pyfuse3.FUSEError(errno.EAGAIN)
+        if key not in (CREATE, IMPORT):
+            msg = f"{name.decode(errors='replace')} cannot be set on the root (settable here: {CREATE}, {IMPORT})"
+            self._fail(ctx.pid, key, target, errno.EINVAL, msg)
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        started = time.monotonic()
+        try:
+            result = await self._disk_command(key, value)
+        except Exception as e:
+            if isinstance(e, Refused | RemoteError):
+                code, msg = (e.code, str(e)) if isinstance(e, Refused) else (e.errno, e.message)
+            else:
+                code, msg = errno_for(e), str(e) or type(e).__name__
+                if not isinstance(e, ColofsError):
+                    log.exception("control: %s on the root failed", key)
+            self._fail(ctx.pid, key, target, code, msg)
+            raise pyfuse3.FUSEError(code) from None
+        outcome = {"ok": True, "op": key, "target": target, "seconds": round(time.monotonic() - started, 6)}
+        outcome.update({k: v for k, v in result.items() if k not in ("reply_to", "ok", "op", "target", "seconds")})
+        self.outcomes.record(ctx.pid, outcome)
+
+    async def _disk_command(self, key: str, value: bytes) -> dict[str, Any]:
+        req = parse_json(value, key)
+        vm = check_name("VM", str_field(req, "vm", key))
+        fields: dict[str, Any] = {"vm": vm, "disk": check_name("disk", str_field(req, "disk", key))}
+        if key == CREATE:
+            fields["size"] = int_field(req, "size", key)
+            fields["block_size"] = int_field(req, "block_size", key, 4096)
+        else:
+            source = str_field(req, "source", key)
+            if not os.path.isabs(source):
+                raise Refused(errno.EINVAL, f"import: source {source!r} must be an absolute path")
+            fields["source"] = source
+            for opt in ("size", "block_size"):
+                if opt in req:
+                    fields[opt] = int_field(req, opt, key)
+        fleet = self.fleet
+        w = fleet.table.get(vm)
+        if w is None:
+            await fleet.start(vm, create_vm=self.role)  # answered from its store, before it mounts
+        elif not (w.opened and w.pid is not None) and w.state != STARTING:
+            raise RemoteError(f"{key}: VM {vm}: its worker is {w.state}, not serving; try again", errno.EAGAIN)
+        op = "create_disk" if key == CREATE else "import_disk"
+        return await fleet.call(vm, op, COMMAND_TIMEOUT, **fields)
+
+    def _fail(self, pid: int, op: str, target: str, code: int, message: str) -> None:
+        log.warning("control: %s on %s refused (%s): %s", op, target, errno.errorcode.get(code, code), message)
+        self.outcomes.record(pid, {"ok": False, "op": op, "target": target, "errno": code,
+                                   "errno_name": errno.errorcode.get(code, str(code)), "error": message})
+
+    # -- files: none here -----------------------------------------------------------------------
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        raise pyfuse3.FUSEError(errno.EBADF)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        raise pyfuse3.FUSEError(errno.EBADF)
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        return None
+

@@ -1,0 +1,141 @@
+"""A secondary supervisor's replication port: accept, read which VM, hand the socket to its worker.
+
+The supervisor binds ``--listen`` (without a key only on loopback, as the
+single-process listener does), admits each connection under the same caps as
+any unauthenticated one (:mod:`colofs.repl.admission`), and reads the route
+preamble (:mod:`colofs.wire.route`), exactly its bytes, within the handshake
+timeout. Then the socket goes to the VM's worker (``connection`` with the fd),
+which runs TLS, the key's challenge and ATTACH itself. A VM this host does
+not hold yet gets a worker started with ``create_vm="secondary"``; a VM whose
+worker is restarting is waited for up to the handshake timeout. The preamble
+grants nothing: the worker authenticates the peer as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from colofs.repl.admission import (
+    HANDSHAKE_FAILED,
+    HANDSHAKE_TIMEOUT,
+    SOURCE_LIMIT,
+    Admission,
+    Ticket,
+)
+from colofs.repl.config import ReplConfig, require_key_or_loopback
+from colofs.repl.ratelog import RateLimitedLog
+from colofs.wire.route import RouteError, read_route
+from colofs.workers.fleet import Fleet
+from colofs.workers.table import FAILED
+from colofs.workers.zygote import ZygoteError
+
+log = logging.getLogger(__name__)
+
+
+class Router:
+    """Routes a secondary's incoming connections to the VMs' workers."""
+
+    def __init__(self, fleet: Fleet, settings: ReplConfig, *, keyed: bool) -> None:
+        self.fleet = fleet
+        self.cfg = settings
+        self.keyed = keyed
+        self.port: int | None = None
+        self.admission = Admission(total=settings.max_unauthenticated,
+                                   per_source=settings.max_unauthenticated_per_source,
+                                   sessions=settings.max_sessions)
+        self.strangers = RateLimitedLog(log)
+        self.stats = {"connections": 0, "routed": 0, "refused": 0}
+        self.last_refusal: str | None = None
+
+    async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind and accept until cancelled; raises ``ReplConfigError``/``OSError`` before starting."""
+        await require_key_or_loopback(host, b"x" if self.keyed else None, "--listen")
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.port = listeners[0].socket.getsockname()[1]
+        log.info("replication: listening on %s:%d, routing each connection to its VM's worker (%s)",
+                 host, self.port, "authenticated" if self.keyed else "no key: loopback only")
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+
+    def _refused(self, kind: str, addr: str, text: str) -> None:
+        self.stats["refused"] += 1
+        self.last_refusal = f"{addr}: {text}"
+        self.fleet.bus.emit("peer-refused", peer=addr, reason=text, role="secondary")
+        self.strangers.warning(kind, "replication: refused connection from %s: %s", addr, text)
+
+    async def _handle(self, tcp: trio.SocketStream) -> None:
+        try:
+            host, port = tcp.socket.getpeername()[:2]
+            addr = f"{host}:{port}"
+        except OSError:
+            host = addr = "?"
+        self.stats["connections"] += 1
+        ticket = self.admission.admit(str(host))
+        if not isinstance(ticket, Ticket):
+            limit = (f"{self.cfg.max_unauthenticated_per_source} unauthenticated connections from this address"
+                     if ticket == SOURCE_LIMIT else f"{self.cfg.max_unauthenticated} unauthenticated connections")
+            self._refused(ticket, addr, f"closed at accept, unread: {limit} already")
+            await trio.aclose_forcefully(tcp)
+            return
+        try:
+            await self._route(tcp, addr, ticket)
+        except Exception:  # one connection never takes the port down
+            log.exception("replication: internal error routing the connection from %s", addr)
+        finally:
+            self.admission.release(ticket)
+            await trio.aclose_forcefully(tcp)  # our copy; the worker holds its own
+
+    async def _route(self, tcp: trio.SocketStream, addr: str, ticket: Ticket) -> None:
+        timeout = self.cfg.handshake_timeout
+        deadline = trio.current_time() + timeout
+        with ticket.scope:  # cancelled when another address needs the slot
+            try:
+                vm = await read_route(tcp, timeout)
+            except RouteError as e:
+                kind = HANDSHAKE_TIMEOUT if trio.current_time() >= deadline else HANDSHAKE_FAILED
+                self.admission.count(kind)
+                self._refused(kind, addr, str(e))
+                return
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                self.admission.count(HANDSHAKE_FAILED)
+                self._refused(HANDSHAKE_FAILED, addr, f"{type(e).__name__}: {e}")
+                return
+            if not await self._worker_for(vm, deadline):
+                w = self.fleet.table.get(vm)
+                state = w.state if w is not None else "missing"
+                self._refused("no-worker", addr, f"VM {vm}: its worker is {state}, not taking connections")
+                return
+        if ticket.evicted:
+            return
+        try:
+            await self.fleet.hand_over(vm, tcp.socket.fileno(), addr)
+        except Exception as e:  # the worker went away meanwhile: the primary reconnects
+            log.warning("replication: could not hand the connection from %s to VM %s's worker: %s", addr, vm, e)
+            return
+        self.stats["routed"] += 1
+        log.debug("replication: connection from %s handed to VM %s's worker", addr, vm)
+
+    async def _worker_for(self, vm: str, deadline: float) -> bool:
+        """Wait (until ``deadline``) for ``vm``'s worker to have opened its VM; start one for a new VM."""
+        fleet = self.fleet
+        if vm not in fleet.table:
+            try:
+                await fleet.start(vm, create_vm="secondary")
+            except ZygoteError:
+                return False
+
+        def ready() -> bool:
+            w = fleet.table.get(vm)
+            return w is None or w.state == FAILED or (w.opened and w.pid is not None)
+
+        left = deadline - trio.current_time()
+        if left <= 0 or not await fleet.wait_for(ready, left):
+            return False
+        w = fleet.table.get(vm)
+        return w is not None and w.opened and w.pid is not None and vm in fleet.channels
+
+    def status(self) -> dict[str, object]:
+        return {"port": self.port, **self.stats, "last_refusal": self.last_refusal, **self.admission.status()}

@@ -1,0 +1,287 @@
+"""The supervisor of a ``--workers`` mount: the store lock, the root mount, and a worker per VM.
+
+It mirrors :func:`colofs.fs.daemon.run`: detach a stale mount, check the
+mountpoint, take the store's lock, mount, report ready on the ready fd (and
+``READY=1`` to systemd), serve until told to stop. Before any of that it
+forks the zygote (:mod:`colofs.workers.zygote`), so workers are forked from a
+process that has the code imported and holds nothing else. It lists the
+store's VM directories without opening them (the workers own their files),
+mounts the root (:mod:`colofs.workers.rootfs`), starts every worker at once,
+and reports ready once each has reported ``ready`` or failed. A secondary's
+replication port is the supervisor's (:mod:`colofs.workers.router`).
+Events of every worker are re-emitted on the supervisor's event socket.
+
+``SIGTERM``/``SIGINT``/``SIGHUP``, or the root unmounted from outside:
+``stop`` to every worker (each unmounts its VM, lazily if busy, drains and
+closes it), wait for every exit, unmount the root (lazily if busy), release
+the lock.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pyfuse3
+import trio
+
+from colofs.core.state import read_store_marker, write_store_marker
+from colofs.core.store import MARKER
+from colofs.core.vmbase import STATE_FILE
+from colofs.events import EventBus, socket_path
+from colofs.fs.config import MountConfig
+from colofs.fs.control import COLOFS_VERSION, CONTROL_VERSION
+from colofs.fs.daemon import (
+    Ready,
+    StartupError,
+    key_of,
+    mount_options,
+    run_fuse,
+    setup_logging,
+    unmount,
+)
+from colofs.fs.lock import AlreadyMounted, StoreLock
+from colofs.fs.mountpoint import MountpointError, check_mountpoint, detach_stale
+from colofs.fs.paging import page
+from colofs.notify import notify
+from colofs.repl import ReplConfig, ReplConfigError
+from colofs.workers.fleet import Fleet
+from colofs.workers.rootfs import RootOperations
+from colofs.workers.router import Router
+from colofs.workers.table import Table, hang_kill_after
+from colofs.workers.worker import main as worker_main
+from colofs.workers.zygote import Zygote
+
+log = logging.getLogger(__name__)
+
+START_WAIT = 300.0
+"""How long the startup waits for every worker to report ready or failed before reporting ready anyway."""
+
+
+def _vm_dirs(store: str) -> list[str]:
+    """The VM directories of the store, without opening them (an interrupted creation's empty one skipped)."""
+    names = []
+    for entry in sorted(os.listdir(store)):
+        path = os.path.join(store, entry)
+        if entry.startswith(".") or not os.path.isdir(path):
+            continue
+        if not os.path.exists(os.path.join(path, STATE_FILE)) and \
+                not [e for e in os.listdir(path) if not e.startswith(STATE_FILE)]:
+            log.warning("store %s: ignoring %s, an empty VM directory (an interrupted creation)", store, entry)
+            continue
+        names.append(entry)
+    return names
+
+
+def _node_id(store: str) -> str:
+    """The store's node id; a new store gets its marker here (the workers open it as a store)."""
+    marker = os.path.join(store, MARKER)
+    if not os.path.exists(marker):
+        if any(not e.startswith(".") for e in os.listdir(store)):
+            raise StartupError(f"cannot open store {store}: refusing to create a store in a non-empty directory")
+        import uuid
+
+        write_store_marker(marker, uuid.uuid4().hex)
+        log.info("created store %s", store)
+    try:
+        return str(read_store_marker(marker)["node_id"])
+    except Exception as e:
+        raise StartupError(f"cannot open store {store}: {e}") from e
+
+
+class Supervisor:
+    """One ``--workers`` mount's supervisor while it runs."""
+
+    def __init__(self, cfg: MountConfig, zygote: Zygote, lock: StoreLock, argv: list[str]) -> None:
+        self.cfg = cfg
+        self.lock = lock
+        self.started = time.time()
+        self.node_id = ""
+        self.bus = EventBus()
+        try:
+            self.settings = ReplConfig(tls=cfg.tls())
+        except ReplConfigError as e:
+            raise StartupError(f"replication: {e}") from None
+        self.table = Table(kill_after=hang_kill_after())
+        self.fleet = Fleet(zygote=zygote, table=self.table, bus=self.bus, argv=argv,
+                           mountpoint=cfg.mountpoint, budget_total=self.settings.max_retained_total_bytes)
+        self.router: Router | None = None
+
+    def root_status(self) -> dict[str, Any]:
+        cfg = self.cfg
+        names = self.table.names()
+        first = page(names, 0, "vms")
+        assert first is not None
+        repl: dict[str, Any] = dict(cfg.replication())
+        if cfg.peer is not None:
+            repl.update(state="running", role="primary", authenticated=cfg.key_file is not None,
+                        vms=sum(1 for w in self.table.workers.values() if w.role == "primary"))
+        elif self.router is not None:
+            st = self.router.status()
+            repl.update(state="running", role="secondary", authenticated=cfg.key_file is not None,
+                        port=st["port"], connections=st["connections"], refused=st["refused"],
+                        last_refusal=st["last_refusal"], pending=st["pending"],
+                        refused_by_reason=st["refused_by_reason"], routed=st["routed"])
+        return {
+            "kind": "root", "version": COLOFS_VERSION, "control_version": CONTROL_VERSION,
+            "store": cfg.store, "node_id": self.node_id, "default_role": cfg.role,
+            "mountpoint": cfg.mountpoint, "pid": os.getpid(), "started": self.started,
+            "log_file": cfg.log_file, "lock_file": cfg.lock_file, "replication": repl,
+            "vm_count": len(names), "vm_roles": self.table.roles(), "vms": first["vms"],
+            "vm_pages": first["pages"], "process_model": "workers", "workers": self.table.counts(),
+        }
+
+    def greeting(self) -> list[dict[str, Any]]:
+        """What a new event listener is sent first: one ``exists`` line per VM."""
+        return [{"event": "exists", "vm": w.vm, "role": w.role, "phase": w.phase, "link": w.link,
+                 "worker": w.state} for _, w in sorted(self.table.workers.items())]
+
+    async def serve(self, ready: Ready) -> None:
+        cfg = self.cfg
+        key = key_of(cfg)
+        self.node_id = _node_id(cfg.store)
+        vms = _vm_dirs(cfg.store)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            mounted = False
+            failure: StartupError | None = None
+            try:
+                async with trio.open_nursery() as nursery:
+                    try:
+                        await self._start(nursery, key)
+                        ops = RootOperations(self.fleet, role=cfg.role, store=cfg.store,
+                                             status=self.root_status, nursery=nursery)
+                        try:
+                            pyfuse3.init(ops, cfg.mountpoint, mount_options(cfg))
+                        except RuntimeError as e:
+                            raise StartupError(f"cannot mount on {cfg.mountpoint}: {e} (see {cfg.log_file})") from e
+                        mounted = True
+                    except StartupError as e:
+                        failure = e
+                        nursery.cancel_scope.cancel()
+                    else:
+                        unmounted = trio.Event()
+                        await nursery.start(run_fuse, unmounted)
+                        await self._serve(nursery, vms, signals, unmounted, ready)
+            finally:
+                if mounted:
+                    pyfuse3.close(unmount=True)
+            if failure is not None:
+                raise failure
+
+    async def _start(self, nursery: trio.Nursery, key: bytes | None) -> None:
+        """Everything the root mount needs first: the exits watch, a secondary's port, the events."""
+        cfg = self.cfg
+        await nursery.start(self.fleet.run)
+        if cfg.listen is not None:
+            self.router = Router(self.fleet, self.settings, keyed=key is not None)
+            try:
+                await nursery.start(self.router.serve, cfg.listen.host, cfg.listen.port)
+            except ReplConfigError as e:
+                raise StartupError(f"replication: {e}") from None
+            except OSError as e:
+                raise StartupError(f"replication: cannot listen on {cfg.listen}: {e.strerror or e}") from None
+        await self._start_events(nursery)
+
+    async def _start_events(self, nursery: trio.Nursery) -> None:
+        self.bus.greeting = self.greeting
+        path = socket_path(self.cfg.store)
+        try:
+            await nursery.start(self.bus.serve, path)
+        except OSError as e:
+            log.warning("events: cannot listen on %s: %s; mountctl events will not work", path, e.strerror or e)
+
+    async def _serve(self, nursery: trio.Nursery, vms: list[str], signals: AsyncIterator[int],
+                     unmounted: trio.Event, ready: Ready) -> None:
+        cfg = self.cfg
+        for vm in vms:
+            self.table.add(vm)
+        async with trio.open_nursery() as starting:  # all at once
+            for vm in vms:
+                starting.start_soon(self._start_one, vm)
+        stop = trio.Event()
+        nursery.start_soon(self._watch_signals, signals, stop)
+        nursery.start_soon(self._watch_unmount, unmounted, stop)
+        await self.fleet.wait_for(lambda: all(self.fleet.settled(vm) for vm in vms) or stop.is_set(), START_WAIT)
+        self.lock.update(state="serving")
+        counts = self.table.counts()
+        log.info("serving %s on %s: %d VMs, workers %s", cfg.store, cfg.mountpoint, len(vms), counts)
+        ready({"ready": True, "pid": os.getpid(), "mountpoint": cfg.mountpoint, "store": cfg.store,
+               "log_file": cfg.log_file, "notes": list(self.fleet.notes), "vms": self.table.names(),
+               "nbd": [], "workers": len(vms),
+               "failed": sorted(w.vm for w in self.table.workers.values() if w.error)})
+        notify(READY=1, MAINPID=os.getpid(), STATUS=f"serving {cfg.store} on {cfg.mountpoint}")
+        await stop.wait()
+        notify(STOPPING=1, STATUS=f"stopping the workers of {cfg.store}")
+        self.lock.update(state="stopping workers")
+        await self.fleet.stop_all(lazy=False)
+        log.info("every worker ended; unmounting %s", cfg.mountpoint)
+        if not unmounted.is_set():
+            await unmount(cfg.mountpoint)
+            await unmounted.wait()
+        nursery.cancel_scope.cancel()
+
+    async def _start_one(self, vm: str) -> None:
+        try:
+            await self.fleet.start(vm)
+        except Exception as e:
+            log.error("VM %s: cannot start its worker: %s", vm, e)
+
+    async def _watch_signals(self, signals: AsyncIterator[int], stop: trio.Event) -> None:
+        async for signum in signals:
+            log.info("%s received: stopping every worker, then unmounting %s",
+                     signal.Signals(signum).name, self.cfg.mountpoint)
+            stop.set()
+
+    async def _watch_unmount(self, unmounted: trio.Event, stop: trio.Event) -> None:
+        await unmounted.wait()
+        if not stop.is_set():
+            log.warning("%s was unmounted from outside: stopping every worker", self.cfg.mountpoint)
+            stop.set()
+
+
+def run(cfg: MountConfig, *, ready: Ready, foreground: bool) -> int:
+    """The whole life of a ``--workers`` mount; returns the process exit status."""
+    from mountctl.mounting import daemon_args  # the argv form every worker re-parses
+
+    zygote = Zygote.fork(worker_main)  # first: nothing but the imported code is copied into it
+    setup_logging(cfg, to_stderr=foreground)
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1)
+    lock = StoreLock(cfg.lock_file)
+    status = 1
+    try:
+        try:
+            if detach_stale(cfg.mountpoint):
+                log.warning("%s: detached a stale mount left by a dead daemon", cfg.mountpoint)
+            check_mountpoint(cfg.mountpoint)
+            os.makedirs(cfg.store, mode=0o700, exist_ok=True)
+            lock.acquire(pid=os.getpid(), mountpoint=cfg.mountpoint, store=cfg.store, log_file=cfg.log_file,
+                         state="starting", started=time.time(), process_model="workers")
+        except (MountpointError, AlreadyMounted, OSError) as e:
+            raise StartupError(str(e)) from e
+        log.info("supervisor of %s starting (pid %d, zygote %d)", cfg.store, os.getpid(), zygote.pid)
+        supervisor = Supervisor(cfg, zygote, lock, daemon_args(cfg))
+        trio.run(supervisor.serve, ready)
+        lock.update(state="closed", clean=True, ended=time.time())
+        status = 0
+    except StartupError as e:
+        log.error("%s", e)
+        ready({"error": str(e)})
+        if lock.fd >= 0:
+            lock.update(state="failed", error=str(e), ended=time.time())
+    except BaseException as e:
+        log.exception("the supervisor failed")
+        what = f"{type(e).__name__}: {e}"
+        ready({"error": f"the supervisor failed: {what} (see {cfg.log_file})"})
+        if lock.fd >= 0:
+            lock.update(state="failed", error=what, ended=time.time())
+    finally:
+        zygote.close()
+        lock.release()
+    return status
+
