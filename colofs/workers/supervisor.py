@@ -118,13 +118,16 @@ class Supervisor:
         first = page(names, 0, "vms")
         assert first is not None
         repl: dict[str, Any] = dict(cfg.replication())
+        links = [w.link for w in self.table.workers.values() if w.link]
         if cfg.peer is not None:
             repl.update(state="running", role="primary", authenticated=cfg.key_file is not None,
-                        vms=sum(1 for w in self.table.workers.values() if w.role == "primary"))
+                        vms=sum(1 for w in self.table.workers.values() if w.role == "primary"),
+                        **{s: links.count(s) for s in ("connected", "connecting", "resyncing", "refused")})
         elif self.router is not None:
             st = self.router.status()
             repl.update(state="running", role="secondary", authenticated=cfg.key_file is not None,
                         port=st["port"], connections=st["connections"], refused=st["refused"],
+                        sessions=links.count("connected"),
                         last_refusal=st["last_refusal"], pending=st["pending"],
                         refused_by_reason=st["refused_by_reason"], routed=st["routed"])
         return {
