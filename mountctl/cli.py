@@ -56,7 +56,7 @@ def cmd_mount(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(e))
     preflight(cfg)
     if args.foreground:
-        from colofs.fs.daemon import run
+        from colofs.mountd import run
 
         def ready(msg: dict[str, Any]) -> None:
             if msg.get("ready"):

@@ -1,6 +1,6 @@
 """Starting a mount daemon in the background and stopping it again.
 
-``mount`` starts ``python -m colofs.fs.daemon`` detached (own session, output
+``mount`` starts ``python -m colofs.mountd`` detached (own session, output
 into the mount's log file) and waits on a pipe for its single readiness line.
 ``umount`` unmounts (the kernel writes back its dirty pages while the daemon
 still serves), then waits for the daemon to close the store and let go of
@@ -83,7 +83,7 @@ def start_daemon(cfg: MountConfig, timeout: float) -> dict[str, Any]:
     try:
         with open(cfg.log_file, "ab") as logf:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "colofs.fs.daemon", *daemon_args(cfg), "--ready-fd", str(w)],
+                [sys.executable, "-m", "colofs.mountd", *daemon_args(cfg), "--ready-fd", str(w)],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
                 start_new_session=True, cwd="/",
             )

@@ -1,6 +1,6 @@
 """The mount daemon: one process per store, serving it on one mountpoint until unmounted.
 
-``mountctl mount`` starts ``python -m colofs.fs.daemon`` in the background and
+``mountctl mount`` starts it (through :mod:`colofs.mountd`) in the background and
 waits on ``--ready-fd`` for one JSON line: ``{"ready": true, ...}`` once the
 mount answers requests, or ``{"error": "..."}``. With ``--foreground`` the same
 code runs in the ``mountctl`` process.
@@ -321,10 +321,9 @@ async def after_unmount(ops: Operations, repl: Replication, mountpoint: str, nbd
 
 def run(cfg: MountConfig, *, ready: Ready, foreground: bool) -> int:
     """The whole life of a mount; returns the process exit status."""
-    if cfg.workers:
-        from colofs.workers.supervisor import run as run_supervisor  # a process per VM
-
-        return run_supervisor(cfg, ready=ready, foreground=foreground)
+    if cfg.workers:  # served by colofs.mountd, which sits above this module and the supervisor
+        ready({"error": "--workers: start the mount with python -m colofs.mountd (mountctl mount does)"})
+        return 2
     setup_logging(cfg, to_stderr=foreground)
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1)  # dumps every thread's stack into the log
@@ -359,7 +358,7 @@ def run(cfg: MountConfig, *, ready: Ready, foreground: bool) -> int:
     return status
 
 
-def _ready_writer(fd: int | None) -> Ready:
+def ready_writer(fd: int | None) -> Ready:
     """Report readiness (or failure) once on ``fd``, then close it."""
     state = {"fd": fd}
 
@@ -393,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(args)
     except ConfigError as e:
         p.error(str(e))
-    return run(cfg, ready=_ready_writer(args.ready_fd), foreground=args.ready_fd is None)
+    return run(cfg, ready=ready_writer(args.ready_fd), foreground=args.ready_fd is None)
 
 
 if __name__ == "__main__":
