@@ -1,0 +1,177 @@
+"""A secondary supervisor's router: the preamble read exactly, bad or slow peers turned away, new VMs started."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import trio
+
+from colofs.events import EventBus
+from colofs.repl.config import ReplConfig
+from colofs.wire.route import encode_route
+from colofs.workers.router import Router
+from colofs.workers.table import Table
+from tests.waiting import wait_until
+
+TIMEOUT = 60.0
+
+
+class StubFleet:
+    """What the router uses of the fleet: the table, the bus, start, wait_for, hand_over."""
+
+    def __init__(self, opened: tuple[str, ...] = ()) -> None:
+        self.table = Table()
+        self.bus = EventBus()
+        self.channels: dict[str, Any] = {}
+        self.started: list[tuple[str, str | None]] = []
+        self.handed: list[tuple[str, bytes, str]] = []
+        self.handed_event = trio.Event()
+        self._changed = trio.Event()
+        for vm in opened:
+            self._open(vm)
+
+    def _open(self, vm: str) -> None:
+        w = self.table.add(vm)
+        self.table.started(w, 4242, 0.0)
+        w.opened = True
+        self.channels[vm] = object()
+
+    async def start(self, vm: str, create_vm: str | None = None) -> Any:
+        self.started.append((vm, create_vm))
+        self.table.add(vm)
+        self._open(vm)  # as if the new worker had sent `opened` at once
+        self._changed.set()
+        return self.table.get(vm)
+
+    async def wait_for(self, pred: Any, timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            while not pred():
+                await self._changed.wait()
+                self._changed = trio.Event()
+            return True
+        return False
+
+    async def hand_over(self, vm: str, sock_fd: int, peer: str) -> None:
+        # What the worker would read next on its copy of the socket: everything after the preamble.
+        dup = socket.socket(fileno=os.dup(sock_fd))
+        dup.setblocking(False)
+        tsock = trio.socket.from_stdlib_socket(dup)
+        with trio.fail_after(TIMEOUT):
+            rest = await tsock.recv(100)
+        tsock.close()
+        self.handed.append((vm, rest, peer))
+        self.handed_event.set()
+
+
+async def _with_router(fleet: StubFleet, test: Any, **settings: Any) -> Router:
+    router = Router(fleet, ReplConfig(**settings), keyed=False)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(router.serve, "127.0.0.1", 0)
+        assert router.port is not None
+        await test(router)
+        nursery.cancel_scope.cancel()
+    return router
+
+
+async def _connect(port: int) -> trio.SocketStream:
+    return await trio.open_tcp_stream("127.0.0.1", port)
+
+
+async def _closed(stream: trio.SocketStream) -> bool:
+    """The router closed the connection (EOF or reset), within the deadline."""
+    with trio.fail_after(TIMEOUT):
+        try:
+            return await stream.receive_some(10) == b""
+        except trio.BrokenResourceError:
+            return True
+
+
+def test_preamble_is_read_exactly_and_the_socket_handed_to_the_vms_worker() -> None:
+    async def main() -> None:
+        fleet = StubFleet(opened=("vm0",))
+
+        async def test(router: Router) -> None:
+            s = await _connect(router.port)  # type: ignore[arg-type]
+            await s.send_all(encode_route("vm0") + b"HELLO")
+            with trio.fail_after(TIMEOUT):
+                await fleet.handed_event.wait()
+            await s.aclose()
+
+        router = await _with_router(fleet, test)
+        assert [(vm, rest) for vm, rest, _ in fleet.handed] == [("vm0", b"HELLO")]
+        assert fleet.started == [] and router.stats["routed"] == 1
+
+    trio.run(main)
+
+
+def test_an_unknown_vm_gets_a_secondary_worker_first() -> None:
+    async def main() -> None:
+        fleet = StubFleet()
+
+        async def test(router: Router) -> None:
+            s = await _connect(router.port)  # type: ignore[arg-type]
+            await s.send_all(encode_route("newvm") + b"X")
+            with trio.fail_after(TIMEOUT):
+                await fleet.handed_event.wait()
+            await s.aclose()
+
+        await _with_router(fleet, test)
+        assert fleet.started == [("newvm", "secondary")]
+        assert [(vm, rest) for vm, rest, _ in fleet.handed] == [("newvm", b"X")]
+
+    trio.run(main)
+
+
+def test_bad_magic_is_refused_and_counted() -> None:
+    async def main() -> None:
+        fleet = StubFleet(opened=("vm0",))
+
+        async def test(router: Router) -> None:
+            s = await _connect(router.port)  # type: ignore[arg-type]
+            await s.send_all(b"GET / HTTP/1.0\r\n\r\n")
+            assert await _closed(s)
+            await s.aclose()
+
+        router = await _with_router(fleet, test)
+        assert fleet.handed == [] and fleet.started == []
+        assert router.admission.refused["handshake_failed"] == 1 and router.stats["refused"] == 1
+
+    trio.run(main)
+
+
+def test_a_silent_peer_is_closed_after_the_handshake_timeout() -> None:
+    async def main() -> None:
+        fleet = StubFleet(opened=("vm0",))
+
+        async def test(router: Router) -> None:
+            s = await _connect(router.port)  # type: ignore[arg-type]
+            await s.send_all(b"COLO")  # part of the magic, then nothing
+            assert await _closed(s)
+            await s.aclose()
+
+        router = await _with_router(fleet, test, handshake_timeout=0.5)
+        assert fleet.handed == []
+        assert router.admission.refused["handshake_timeout"] == 1
+
+    trio.run(main)
+
+
+def test_connections_past_the_per_source_cap_are_closed_unread() -> None:
+    async def main() -> None:
+        fleet = StubFleet(opened=("vm0",))
+
+        async def test(router: Router) -> None:
+            held = [await _connect(router.port) for _ in range(2)]  # type: ignore[arg-type]
+            await wait_until(lambda: router.admission.pending == 2, TIMEOUT, "two pending connections")
+            extra = await _connect(router.port)  # type: ignore[arg-type]
+            assert await _closed(extra)
+            await extra.aclose()
+            for s in held:
+                await s.aclose()
+
+        router = await _with_router(fleet, test, max_unauthenticated_per_source=2, handshake_timeout=30.0)
+        assert router.admission.refused["source_limit"] == 1
+
+    trio.run(main)
