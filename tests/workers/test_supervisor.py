@@ -1,0 +1,160 @@
+"""A single-node ``--workers`` mount, end to end: mkdir, create, I/O, a killed worker, status, umount.
+
+Real processes and FUSE mounts through ``mountctl``. Cleanup stops every
+process of the mount's tree (supervisor, zygote, workers) and detaches any
+mount left under the test's directory, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from colofs.fs.mountpoint import fuse_unmount
+from mountctl.mounting import alive
+from tests.waiting import wait_until_sync
+
+MiB = 1 << 20
+
+
+def _mountctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mountctl.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def _status(path: Path) -> dict[str, Any]:
+    return json.loads(os.getxattr(path, "user.colofs.status"))
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(") ", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _tree(pid: int) -> set[int]:
+    seen = {pid}
+    todo = [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            if child not in seen:
+                seen.add(child)
+                todo.append(child)
+    return seen
+
+
+def _mounts_under(base: Path) -> list[str]:
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1] for line in f]
+    return sorted((p for p in points if p.startswith(str(base) + "/")), key=len, reverse=True)
+
+
+class Node:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.store = base / "store"
+        self.mnt = base / "mnt"
+        self.mnt.mkdir()
+        self.pids: set[int] = set()
+
+    def remember(self) -> None:
+        try:
+            self.pids |= _tree(int(_status(self.mnt)["pid"]))
+        except (OSError, ValueError, KeyError):
+            pass
+
+    def cleanup(self) -> None:
+        self.remember()
+        if os.path.ismount(self.mnt):
+            _mountctl("umount", str(self.mnt), timeout=120)
+        for pid in self.pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for path in _mounts_under(self.base):
+            fuse_unmount(path, lazy=True)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = Node(tmp_path)
+    try:
+        yield n
+    finally:
+        n.cleanup()
+
+
+def _serving(path: Path) -> dict[str, Any] | None:
+    w = _status(path).get("worker") or {}
+    return w if w.get("state") == "serving" and _status(path).get("role") else None
+
+
+def test_a_workers_mount_from_mkdir_to_umount(node: Node) -> None:
+    res = _mountctl("mount", "--workers", "--role", "primary", "--store", str(node.store), str(node.mnt))
+    assert res.returncode == 0, res.stderr
+    node.remember()
+    root = _status(node.mnt)
+    assert root["process_model"] == "workers" and root["vm_count"] == 0
+    assert root["workers"] == {"serving": 0, "starting": 0, "crashed": 0, "hung": 0, "failed": 0}
+
+    os.mkdir(node.mnt / "vm0")  # returns before the worker mounts; the worker's mount then covers it
+    wait_until_sync(lambda: _serving(node.mnt / "vm0"), 60, "vm0's worker serving its mount", catch=(OSError,))
+
+    started = time.monotonic()
+    res = _mountctl("create", str(node.mnt), "vm1/d0", "--size", "1T")
+    took = time.monotonic() - started
+    assert res.returncode == 0, res.stderr
+    assert took < 30, took
+    disk = node.mnt / "vm1" / "d0.raw"
+    assert disk.stat().st_size == 1 << 40
+    data = os.urandom(MiB)
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 5 * MiB)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    node.remember()
+
+    root = _status(node.mnt)
+    assert root["vm_count"] == 2 and root["vms"] == ["vm0", "vm1"]
+    assert root["workers"]["serving"] == 2
+    assert json.loads(os.getxattr(node.mnt, "user.colofs.vms.0"))["vms"] == ["vm0", "vm1"]
+
+    # kill -9 of vm1's worker: vm0 keeps serving, vm1 comes back under a new worker with its data.
+    old = _serving(node.mnt / "vm1")
+    assert old is not None
+    os.kill(int(old["pid"]), signal.SIGKILL)
+
+    def restarted() -> dict[str, Any] | None:
+        w = _serving(node.mnt / "vm1")
+        return w if w and w["pid"] != old["pid"] and w["restarts"] == 1 else None
+
+    wait_until_sync(restarted, 60, "vm1 served by a restarted worker", catch=(OSError,))
+    node.remember()
+    with open(disk, "rb") as f:
+        f.seek(5 * MiB)
+        assert f.read(MiB) == data
+    assert _serving(node.mnt / "vm0")
+    assert sum(1 for p in _mounts_under(node.base) if p.endswith("/vm1")) == 1  # the dead mount was detached
+
+    res = _mountctl("umount", str(node.mnt))
+    assert res.returncode == 0, res.stderr
+    assert "closed cleanly" in res.stdout
+    assert _mounts_under(node.base) == [] and not os.path.ismount(node.mnt)
+    wait_until_sync(lambda: not [p for p in node.pids if alive(p)], 60, "every process of the mount gone")
