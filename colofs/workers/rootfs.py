@@ -78,12 +78,13 @@ class RootOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, fleet: Fleet, *, role: str, store: str, status: Callable[[], dict[str, Any]],
-                 nursery: trio.Nursery) -> None:
+                 nursery: trio.Nursery, memory: Callable[[], dict[str, Any]] | None = None) -> None:
         super().__init__()
         self.fleet = fleet
         self.role = role
         self.store = store
         self.root_info = status
+        self.memory = memory
         self.nursery = nursery
         self.outcomes = Outcomes()
         self.uid, self.gid = os.getuid(), os.getgid()
@@ -219,7 +220,12 @@ class RootOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         key = name[len(PREFIX):].decode(errors="replace")
         if key == STATUS:
-            return _json(self.vm_status(vm) if vm else self.root_info())
+            if vm:
+                return _json(self.vm_status(vm))
+            info = self.root_info()
+            if self.memory is not None:
+                info["memory"] = await trio.to_thread.run_sync(self.memory)  # /proc reads, off the loop
+            return _json(info)
         if key in (LAST_ERROR, LAST_RESULT):
             outcome = self.outcomes.get(ctx.pid)
             if key == LAST_ERROR:

@@ -51,6 +51,7 @@ from colofs.fs.paging import page
 from colofs.notify import notify
 from colofs.repl import ReplConfig, ReplConfigError
 from colofs.workers.fleet import Fleet
+from colofs.workers.memory import MEMORY_KEYS, memory_of
 from colofs.workers.rootfs import RootOperations
 from colofs.workers.router import Router
 from colofs.workers.table import Table, hang_kill_after
@@ -139,6 +140,21 @@ class Supervisor:
             "vm_pages": first["pages"], "process_model": "workers", "workers": self.table.counts(),
         }
 
+    def memory(self) -> dict[str, Any]:
+        """What the supervisor, the zygote and the workers hold (bytes; PSS/USS count shared pages fairly).
+
+        Read from /proc (a thread's work); totals only, so the root's status stays bounded.
+        """
+        def figures(pid: int) -> dict[str, int]:
+            try:
+                return memory_of(pid)
+            except OSError:
+                return dict.fromkeys(MEMORY_KEYS, 0)
+
+        workers = [figures(w.pid) for w in self.table.workers.values() if w.pid is not None]
+        return {"supervisor": figures(os.getpid()), "zygote": figures(self.fleet.zygote.pid),
+                "workers": {k: sum(f[k] for f in workers) for k in MEMORY_KEYS}, "worker_count": len(workers)}
+
     def greeting(self) -> list[dict[str, Any]]:
         """What a new event listener is sent first: one ``exists`` line per VM."""
         return [{"event": "exists", "vm": w.vm, "role": w.role, "phase": w.phase, "link": w.link,
@@ -157,7 +173,7 @@ class Supervisor:
                     try:
                         await self._start(nursery, key)
                         ops = RootOperations(self.fleet, role=cfg.role, store=cfg.store,
-                                             status=self.root_status, nursery=nursery)
+                                             status=self.root_status, memory=self.memory, nursery=nursery)
                         try:
                             pyfuse3.init(ops, cfg.mountpoint, mount_options(cfg))
                         except RuntimeError as e:
