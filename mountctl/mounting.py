@@ -191,6 +191,14 @@ def _stop_supervisor(mountpoint: str, status: dict[str, Any], *, lazy: bool, tim
         pid = (holder(lock_file) or {}).get("pid")
     if not isinstance(pid, int):
         raise CtlError(f"{mountpoint}: cannot tell which process supervises it (no pid in its status or lock)")
+    if not lazy:
+        users = _users_of(mountpoint)
+        if users:
+            raise CtlError(
+                f"{mountpoint} is busy: a disk is still open (is a VM running?) by pid "
+                f"{', '.join(map(str, users[:5]))}. Stop its users first, or use --lazy to detach now "
+                "and finish when they close"
+            )
     started = time.monotonic()
     try:
         os.kill(pid, signal.SIGTERM)
@@ -216,6 +224,34 @@ def _stop_supervisor(mountpoint: str, status: dict[str, Any], *, lazy: bool, tim
         f"{mountpoint}: unmounted, but the supervisor ended in state {state.get('state')!r}: "
         f"{state.get('error', 'no detail')}; see {status.get('log_file')}"
     )
+
+
+def _users_of(mountpoint: str) -> list[int]:
+    """Processes with a file open, or their working directory, under ``mountpoint`` (as far as /proc shows).
+
+    A ``--workers`` mount is stopped by its supervisor, which detaches a busy VM
+    mount lazily; a plain umount refuses a busy mount instead, so this looks first.
+    """
+    prefix = mountpoint.rstrip("/") + "/"
+    me = os.getpid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        links = [f"/proc/{entry}/cwd"]
+        try:
+            links += [f"/proc/{entry}/fd/{fd}" for fd in os.listdir(f"/proc/{entry}/fd")]
+        except OSError:
+            continue
+        for link in links:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                continue
+            if target.startswith(prefix) or target == mountpoint:
+                found.append(int(entry))
+                break
+    return sorted(found)
 
 
 def alive(pid: int) -> bool:

@@ -241,13 +241,18 @@ class RootOperations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     def vm_status(self, vm: str) -> dict[str, Any]:
+        """A VM whose worker does not serve: its worker's state, and what the supervisor last heard.
+
+        The VM's own figures (sequence numbers, disks) are its worker's to give; they read as
+        unknown (None) here, and ``phase`` says why (``worker-crashed``), so a reader of the usual
+        VM status keys still finds each of them.
+        """
         w = self.fleet.table.get(vm)
-        out: dict[str, Any] = {"kind": "vm", "vm": vm, "name": vm}
-        if w is not None:
-            out["worker"] = w.status()
-            if w.role:
-                out["role"] = w.role
-        return out
+        state = w.state if w is not None else "missing"
+        return {"kind": "vm", "vm": vm, "worker": w.status() if w is not None else {"state": state},
+                "role": (w.role if w is not None else None) or "unknown", "phase": f"worker-{state}",
+                "epoch": None, "last_checkpoint": None, "last_applied": None, "disks": {}, "pending": [],
+                "peer": {"state": f"unknown: the VM's worker is {state}"}}
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._node(inode)

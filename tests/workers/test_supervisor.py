@@ -158,3 +158,30 @@ def test_a_workers_mount_from_mkdir_to_umount(node: Node) -> None:
     assert "closed cleanly" in res.stdout
     assert _mounts_under(node.base) == [] and not os.path.ismount(node.mnt)
     wait_until_sync(lambda: not [p for p in node.pids if alive(p)], 60, "every process of the mount gone")
+
+
+def test_umount_refuses_a_busy_mount_and_lazy_finishes_when_the_disk_is_closed(node: Node) -> None:
+    res = _mountctl("mount", "--workers", "--role", "primary", "--store", str(node.store), str(node.mnt))
+    assert res.returncode == 0, res.stderr
+    node.remember()
+    assert _mountctl("create", str(node.mnt), "vm0/d0", "--size", "16M").returncode == 0
+    assert _mountctl("create", str(node.mnt), "vm1/d0", "--size", "16M").returncode == 0
+    node.remember()
+    supervisor = int(_status(node.mnt)["pid"])
+    disk = open(node.mnt / "vm0" / "d0.raw", "r+b")  # held open across the umounts
+    try:
+        res = _mountctl("umount", str(node.mnt))
+        assert res.returncode != 0 and "busy" in res.stderr, (res.stdout, res.stderr)
+        assert _serving(node.mnt / "vm0") and _serving(node.mnt / "vm1")  # nothing was stopped
+
+        res = _mountctl("umount", "--lazy", str(node.mnt))
+        assert res.returncode == 0, res.stderr
+        wait_until_sync(lambda: not os.path.ismount(node.mnt / "vm1"), 60, "vm1 unmounted")
+        disk.write(b"still served")  # the detached VM keeps serving its open file
+        disk.flush()
+        assert alive(supervisor)
+    finally:
+        disk.close()
+    wait_until_sync(lambda: not alive(supervisor), 60, "the supervisor to exit once the disk is closed")
+    assert _mounts_under(node.base) == []
+    wait_until_sync(lambda: not [p for p in node.pids if alive(p)], 60, "every process of the mount gone")
