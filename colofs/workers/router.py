@@ -33,6 +33,9 @@ from colofs.workers.zygote import ZygoteError
 
 log = logging.getLogger(__name__)
 
+MAX_PROVISIONAL = 8
+"""New VMs started for unauthenticated preambles that may await their first session at once."""
+
 
 class Router:
     """Routes a secondary's incoming connections to the VMs' workers."""
@@ -48,6 +51,8 @@ class Router:
         self.strangers = RateLimitedLog(log)
         self.stats = {"connections": 0, "routed": 0, "refused": 0}
         self.last_refusal: str | None = None
+        self.provisional: set[str] = set()
+        """VMs started for a preamble whose worker has not had an authenticated session yet."""
 
     async def serve(self, host: str, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind and accept until cancelled; raises ``ReplConfigError``/``OSError`` before starting."""
@@ -122,6 +127,9 @@ class Router:
         """Wait (until ``deadline``) for ``vm``'s worker to have opened its VM; start one for a new VM."""
         fleet = self.fleet
         if vm not in fleet.table:
+            if not self._room_for_new_vm():
+                return False
+            self.provisional.add(vm)
             try:
                 await fleet.start(vm, create_vm="secondary")
             except ZygoteError:
@@ -136,6 +144,24 @@ class Router:
             return False
         w = fleet.table.get(vm)
         return w is not None and w.opened and w.pid is not None and vm in fleet.channels
+
+    def _room_for_new_vm(self) -> bool:
+        """Whether one more VM may be started for a stranger's preamble.
+
+        The preamble is unauthenticated, so a VM named by one is provisional
+        until its worker reports its link connected (the peer proved the key);
+        at most :data:`MAX_PROVISIONAL` such VMs exist at once, so strangers
+        cannot make the supervisor start workers without bound.
+        """
+        for vm in list(self.provisional):
+            w = self.fleet.table.get(vm)
+            if w is None or w.link == "connected":
+                self.provisional.discard(vm)
+        if len(self.provisional) >= MAX_PROVISIONAL:
+            log.warning("replication: %d new VMs still wait for their first authenticated session; "
+                        "not starting another for an unauthenticated preamble", len(self.provisional))
+            return False
+        return True
 
     def status(self) -> dict[str, object]:
         return {"port": self.port, **self.stats, "last_refusal": self.last_refusal, **self.admission.status()}

@@ -11,7 +11,7 @@ import trio
 from colofs.events import EventBus
 from colofs.repl.config import ReplConfig
 from colofs.wire.route import encode_route
-from colofs.workers.router import Router
+from colofs.workers.router import MAX_PROVISIONAL, Router
 from colofs.workers.table import Table
 from tests.waiting import wait_until
 
@@ -173,5 +173,29 @@ def test_connections_past_the_per_source_cap_are_closed_unread() -> None:
 
         router = await _with_router(fleet, test, max_unauthenticated_per_source=2, handshake_timeout=30.0)
         assert router.admission.refused["source_limit"] == 1
+
+    trio.run(main)
+
+
+def test_strangers_cannot_make_it_start_workers_without_bound() -> None:
+    async def main() -> None:
+        fleet = StubFleet()
+
+        async def test(router: Router) -> None:
+            for i in range(MAX_PROVISIONAL + 3):
+                s = await _connect(router.port)  # type: ignore[arg-type]
+                await s.send_all(encode_route(f"junk{i}") + b"X")
+                if i >= MAX_PROVISIONAL:
+                    assert await _closed(s)  # closed unrouted past the cap
+                await s.aclose()
+            await wait_until(lambda: len(fleet.handed) == MAX_PROVISIONAL, TIMEOUT, "the first ones handed over")
+            fleet.table.get("junk0").link = "connected"  # type: ignore[union-attr]  # a peer proved the key
+            s = await _connect(router.port)  # type: ignore[arg-type]
+            await s.send_all(encode_route("real") + b"X")
+            await wait_until(lambda: len(fleet.handed) == MAX_PROVISIONAL + 1, TIMEOUT, "a new VM again")
+            await s.aclose()
+
+        await _with_router(fleet, test)
+        assert [vm for vm, _ in fleet.started] == [f"junk{i}" for i in range(MAX_PROVISIONAL)] + ["real"]
 
     trio.run(main)
