@@ -6,7 +6,9 @@ follows exactly the write it was cut after. At most ``window`` batches are
 unacknowledged; a batch that is not full may wait ``batch_delay`` for more
 writes (see :meth:`Batching._may_wait`).
 
-:class:`Batching` is a part of :class:`~colofs.repl.sender.VMLink`.
+:class:`Batching` is a part of :class:`~colofs.repl.sender.VMLink`: it reads
+the retained log of :class:`~colofs.repl.tracking.Tracking` and asks
+:class:`~colofs.repl.checkpoints.Checkpoints` which markers are due.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ from __future__ import annotations
 import trio
 
 from colofs.core.vm import VM
-from colofs.repl.checkpoints import Marker
+from colofs.repl.checkpoints import Checkpoints
 from colofs.repl.config import ASYNC, ReplConfig
-from colofs.repl.linkstate import Conn
-from colofs.repl.retained import RetainedLog
-from colofs.repl.util import Signal
+from colofs.repl.linkstate import Conn, Lifecycle
+from colofs.repl.tracking import Tracking
 from colofs.wire.messages import Batch, Checkpoint, DiskAdd, DiskInfo, Write
 from colofs.wire.messages import _trusted_write as trusted_write
 
@@ -26,15 +27,16 @@ from colofs.wire.messages import _trusted_write as trusted_write
 class Batching:
     """Sends the retained log over one connection, in order, within the window."""
 
-    vm: VM
-    cfg: ReplConfig
-    mode: str
-    markers: list[Marker]
-    retained: RetainedLog
-    stats: dict[str, int]
-    _changed: Signal
+    def __init__(self, vm: VM, cfg: ReplConfig, life: Lifecycle, tracking: Tracking,
+                 checkpoints: Checkpoints) -> None:
+        self.vm = vm
+        self.cfg = cfg
+        self.life = life
+        self.tracking = tracking
+        self.checkpoints = checkpoints
+        self.stats = {"batches": 0, "writes_sent": 0, "bytes_sent": 0}
 
-    async def _sync_disks(self, conn: Conn) -> None:
+    async def sync_disks(self, conn: Conn) -> None:
         """DISK_ADD for every disk the secondary has not been told about on this connection."""
         for name in sorted(self.vm.disks):
             if name not in conn.disk_index:
@@ -45,30 +47,30 @@ class Batching:
 
     async def _send_due_markers(self, conn: Conn) -> None:
         assert conn.next_seq is not None
-        for m in list(self.markers):
-            if not m.sent and m.seq <= conn.next_seq - 1:
-                await conn.sender.send(Checkpoint(m.seq, m.id))
-                m.sent = True
+        for m in self.checkpoints.due(conn.next_seq - 1):
+            await conn.sender.send(Checkpoint(m.seq, m.id))
+            m.sent = True
 
     async def _window(self, conn: Conn) -> None:
         while len(conn.inflight) >= self.cfg.window:
-            await self._changed.wait()
+            await self.life.wait_changed()
 
-    async def _send_ready(self, conn: Conn, upto: int | None) -> bool:
+    async def send_ready(self, conn: Conn, upto: int | None) -> bool:
         """Send queued writes (up to ``upto`` if given) and due markers; False if there was nothing."""
+        retained = self.tracking.retained
         sent = False
         delayed = False
         while True:
             assert conn.next_seq is not None
             await self._send_due_markers(conn)
-            end = self.retained.end if upto is None else min(upto, self.retained.end)
-            if conn.next_seq > end or not self.retained.covers(conn.next_seq):
+            end = retained.end if upto is None else min(upto, retained.end)
+            if conn.next_seq > end or not retained.covers(conn.next_seq):
                 return sent
-            await self._sync_disks(conn)
+            await self.sync_disks(conn)
             await self._window(conn)
-            if not self.retained.covers(conn.next_seq):
+            if not retained.covers(conn.next_seq):
                 return sent
-            end = self.retained.end if upto is None else min(upto, self.retained.end)
+            end = retained.end if upto is None else min(upto, retained.end)
             writes, size, full = self._collect(conn, end)
             if not writes:
                 return sent
@@ -98,21 +100,18 @@ class Batching:
         """
         if conn.inflight:
             return True
-        return self.mode == ASYNC and not any(not m.sent for m in self.markers)
+        return self.tracking.mode == ASYNC and not self.checkpoints.waiting()
 
     def _collect(self, conn: Conn, end: int) -> tuple[list[Write], int, bool]:
         """Writes from ``next_seq`` for one batch; ``full`` if a limit (size, marker) ended it."""
         assert conn.next_seq is not None
-        limit = end
-        for m in self.markers:
-            if not m.sent and conn.next_seq <= m.seq < limit:
-                limit = m.seq
-                break
+        marker = self.checkpoints.first_unsent(conn.next_seq, end)
+        limit = end if marker is None else marker
         writes: list[Write] = []
         size = 0
         seq = conn.next_seq
         cap = self.cfg.batch_max_bytes
-        get = self.retained.get
+        get = self.tracking.retained.get
         index = conn.disk_index
         while seq <= limit:
             fw = get(seq)

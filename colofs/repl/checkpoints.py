@@ -9,24 +9,24 @@ writes and dirty bits it makes unneeded. A marker that cannot go out (a
 resync overtook it, the connection was lost before the secondary took it,
 replication stopped) fails with the reason.
 
-:class:`Checkpoints` is a part of :class:`~colofs.repl.sender.VMLink`.
+:class:`Checkpoints` is a part of :class:`~colofs.repl.sender.VMLink`: it owns
+the markers; the stream (:mod:`~colofs.repl.batching`) sends them, a resync
+or a lost connection fails them, through the methods below.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count
-from typing import TYPE_CHECKING
 
 import trio
 
 from colofs.core.vm import VM
 from colofs.repl.config import ReplConfig
-from colofs.repl.dirty import DirtyMap
 from colofs.repl.errors import CheckpointError, CheckpointTimeout, ReplProtocolError
-from colofs.repl.linkstate import LinkState
-from colofs.repl.retained import RetainedLog
-from colofs.repl.util import Signal
+from colofs.repl.linkstate import Lifecycle, LinkState
+from colofs.repl.tracking import Tracking
 from colofs.wire.messages import CheckpointDone
 
 
@@ -54,24 +54,17 @@ class Marker:
 class Checkpoints:
     """The markers of one primary VM, from the checkpoint call to the secondary's confirmation."""
 
-    vm: VM
-    cfg: ReplConfig
-    state: LinkState
-    last_error: str | None
-    dirty: DirtyMap
-    retained: RetainedLog
-    retaining: bool
-    resync_needed: bool
-    acked: int
-    stats: dict[str, int]
-    markers: list[Marker]
-    _ids: count[int]
-    _overflow_noted: bool
-    _changed: Signal
-
-    if TYPE_CHECKING:  # provided by VMLink and its other parts
-        def _discover(self) -> None: ...
-        def _wake(self) -> None: ...
+    def __init__(self, vm: VM, cfg: ReplConfig, life: Lifecycle, tracking: Tracking,
+                 wake: Callable[[], None]) -> None:
+        self.vm = vm
+        self.cfg = cfg
+        self.life = life
+        self.tracking = tracking
+        self._wake = wake  # the link's sender has a marker to send
+        self.markers: list[Marker] = []
+        """Markers not yet confirmed, in seq order."""
+        self._ids = count(1)
+        self.stats = {"checkpoints": 0, "checkpoint_failures": 0}
 
     async def replicate_checkpoint(self, timeout: float | None = None) -> CheckpointResult:
         """The replicating primary's checkpoint: the secondary takes it, then this host records it.
@@ -80,21 +73,22 @@ class Checkpoints:
         CHECKPOINT_DONE and records it (``VM.record_confirmed_checkpoint``).
         """
         timeout = self.cfg.checkpoint_timeout if timeout is None else timeout
-        if self.state == LinkState.STOPPED:
+        life = self.life
+        if life.state == LinkState.STOPPED:
             raise CheckpointError(f"VM {self.vm.name}: replication is stopped")
         t0 = trio.current_time()
         marker: Marker | None = None
         try:
             with trio.fail_after(timeout):
                 while True:
-                    self._discover()
-                    if self.state == LinkState.STREAMING and self.retaining and not self.resync_needed:
+                    self.tracking.discover()
+                    if life.streaming and self.tracking.checkpointable:
                         break
-                    await self._changed.wait()
+                    await life.wait_changed()
                 # No await from reading the seq to queueing the marker: it sits right after write seq.
                 seq = self.vm.state.last_applied
                 marker = Marker(seq, next(self._ids))
-                self.dirty.cut(seq)
+                self.tracking.cut_at_checkpoint(seq)
                 self.markers.append(marker)
                 self._wake()
                 await marker.done.wait()
@@ -105,20 +99,78 @@ class Checkpoints:
             where = "was not acknowledged" if marker is not None else "could not start"
             raise CheckpointTimeout(
                 f"VM {self.vm.name}: checkpoint {where} within {timeout:g} s "
-                f"(secondary {self.state}; last error: {self.last_error or 'none'})"
+                f"(secondary {life.state}; last error: {life.last_error or 'none'})"
             ) from None
         if marker.error is not None:
             self.stats["checkpoint_failures"] += 1
             raise CheckpointError(f"VM {self.vm.name}: checkpoint at seq {marker.seq} failed: {marker.error}")
         return CheckpointResult(marker.seq, trio.current_time() - t0)
 
-    def _fail_marker(self, m: Marker, why: str) -> None:
+    # -- for the stream ------------------------------------------------------------------------
+
+    def due(self, upto: int) -> list[Marker]:
+        """Markers not sent yet that go out once every write up to ``upto`` went out."""
+        return [m for m in self.markers if not m.sent and m.seq <= upto]
+
+    def first_unsent(self, lo: int, hi: int) -> int | None:
+        """The seq of the first unsent marker in ``[lo, hi)``: a batch stops there."""
+        return next((m.seq for m in self.markers if not m.sent and lo <= m.seq < hi), None)
+
+    def waiting(self) -> bool:
+        """A marker waits to go out."""
+        return any(not m.sent for m in self.markers)
+
+    # -- for a resync and the connection ----------------------------------------------------------
+
+    def fail_unsent_through(self, seq: int, why: str) -> None:
+        for m in list(self.markers):
+            if not m.sent and m.seq <= seq:
+                self._fail(m, why)
+
+    def reconnected(self, held: int, stream_from: int | None) -> list[Marker]:
+        """A connection attached, the secondary holding checkpoint ``held``: the markers it confirms.
+
+        Markers past ``held`` that the stream cannot carry again (it resumes
+        at ``stream_from``, or a resync comes first) fail.
+        """
+        held_now = []
+        for m in list(self.markers):
+            if m.seq <= held:
+                held_now.append(m)
+            elif stream_from is None or m.seq < stream_from - 1:
+                self._fail(m, "the connection was lost before the secondary took it")
+        return held_now
+
+    async def confirm_held(self, markers: list[Marker]) -> None:
+        """Markers the secondary took before the last connection was lost."""
+        for m in markers:
+            await self._confirm(m.seq)
+            self._complete(m)
+
+    def connection_lost(self) -> None:
+        """Every marker is sent again on the next connection (or fails there)."""
+        for m in self.markers:
+            m.sent = False
+
+    def fail_all(self, why: str) -> None:
+        for m in list(self.markers):
+            self._fail(m, why)
+
+    async def on_checkpoint_done(self, msg: CheckpointDone) -> None:
+        m = next((m for m in self.markers if m.id == msg.id and m.sent), None)
+        if m is None or m.seq != msg.seq:
+            raise ReplProtocolError(f"CHECKPOINT_DONE for checkpoint {msg.id} at seq {msg.seq}, which was not sent")
+        await self._confirm(m.seq)
+        self._complete(m)
+        self.life.announce()  # a verify waits for the next confirmed checkpoint
+
+    def _fail(self, m: Marker, why: str) -> None:
         m.error = why
         m.done.set()
         if m in self.markers:
             self.markers.remove(m)
 
-    def _complete_marker(self, m: Marker) -> None:
+    def _complete(self, m: Marker) -> None:
         m.done.set()
         if m in self.markers:
             self.markers.remove(m)
@@ -129,15 +181,5 @@ class Checkpoints:
         with trio.CancelScope(shield=True):
             if seq > vm.state.last_checkpoint:
                 await vm.record_confirmed_checkpoint(seq)
-        self.retained.drop_through(min(seq, self.acked))
-        self.dirty.drop_through(seq)
-        self._overflow_noted = False
+        self.tracking.checkpoint_confirmed(seq)
         self.stats["checkpoints"] += 1
-
-    async def _on_checkpoint_done(self, msg: CheckpointDone) -> None:
-        m = next((m for m in self.markers if m.id == msg.id and m.sent), None)
-        if m is None or m.seq != msg.seq:
-            raise ReplProtocolError(f"CHECKPOINT_DONE for checkpoint {msg.id} at seq {msg.seq}, which was not sent")
-        await self._confirm(m.seq)
-        self._complete_marker(m)
-        self._changed.fire()  # a verify waits for the next confirmed checkpoint

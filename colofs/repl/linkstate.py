@@ -18,6 +18,7 @@ from enum import StrEnum
 import trio
 
 from colofs.repl.framing import FrameSender
+from colofs.repl.util import Signal
 from colofs.wire.messages import ResyncRequest
 from colofs.wire.stream import FrameStream
 
@@ -48,6 +49,48 @@ SHOWN: dict[LinkState, str] = {
 """What status calls each state: an operator cares whether writes flow, not how far an attempt got."""
 
 CONNECTED = frozenset({LinkState.RESYNCING, LinkState.STREAMING})
+
+
+class Lifecycle:
+    """Where one link stands, why, and a signal for whoever waits for it (or its parts) to change.
+
+    The link's parts share this object and nothing else of each other's
+    state: they move the state, announce what they changed with
+    :meth:`announce`, and wait with :meth:`wait_changed`.
+    """
+
+    def __init__(self) -> None:
+        self.state = LinkState.IDLE
+        self.last_error: str | None = None
+        self.ups = 0
+        """How often the link came up (entered a connected state) and went down again: a watcher that
+        looks late still sees every connection, even one that came and went before it looked."""
+        self.downs = 0
+        self._changed = Signal()
+
+    def move(self, state: LinkState) -> None:
+        if (state in CONNECTED) != (self.state in CONNECTED):
+            if state in CONNECTED:
+                self.ups += 1
+            else:
+                self.downs += 1
+        self.state = state
+        self._changed.fire()
+
+    def announce(self) -> None:
+        """Something a waiter may look at changed (an ACK, a checkpoint, a resync pass, ...)."""
+        self._changed.fire()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    @property
+    def connected(self) -> bool:
+        return self.state in CONNECTED
+
+    @property
+    def streaming(self) -> bool:
+        return self.state == LinkState.STREAMING
 
 
 class Conn:

@@ -88,7 +88,7 @@ class PrimaryReplicator:
         """
         link = self.links.get(name)
         if link is not None:
-            link.notice_disks()
+            link.tracking.notice_disks()
             return
         if self._nursery is None:
             return
@@ -97,7 +97,7 @@ class PrimaryReplicator:
             return
         link = VMLink(vm, self.peer, self.key, node_id=self.node_id, config=self.cfg, nonces=self.nonces,
                       budget=self.budget)
-        vm.forward = link
+        vm.forward = link.tracking
         self.links[name] = link
         self._nursery.start_soon(link.run, name=f"colofs-repl-{name}")
         self._link_added.fire()
@@ -120,7 +120,7 @@ class PrimaryReplicator:
 
     def mode(self, vm_name: str) -> str:
         link = self.links.get(vm_name)
-        return link.mode if link is not None else load_mode(self.store.vm(vm_name))
+        return link.tracking.mode if link is not None else load_mode(self.store.vm(vm_name))
 
     async def set_mode(self, vm_name: str, mode: str) -> None:
         """Switch between ``async`` and ``sync``; persisted, effective for the next write."""
@@ -129,5 +129,5 @@ class PrimaryReplicator:
         await save_mode(vm, mode)
         link = self.links.get(vm_name)
         if link is not None:
-            link.mode = mode
+            link.tracking.mode = mode
         log.info("VM %s: replication mode %s", vm_name, mode)

@@ -9,27 +9,28 @@ queries in flight). RESYNC_DONE(S0) ends it; the secondary echoes it, and
 streaming resumes at ``S0 + 1``. If the retained log overflows during a
 pass, another pass goes over what changed since the last ``S0``.
 
-:class:`ResyncDriver` is a part of :class:`~colofs.repl.sender.VMLink`.
+:class:`ResyncDriver` is a part of :class:`~colofs.repl.sender.VMLink`: it owns
+the progress of its passes, and moves the dirty map and the log of
+:class:`~colofs.repl.tracking.Tracking` only through its resync methods.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
 
 import trio
 
 from colofs.core.vm import VM
+from colofs.repl.batching import Batching
 from colofs.repl.blockset import BlockSet
-from colofs.repl.checkpoints import Marker
+from colofs.repl.checkpoints import Checkpoints
 from colofs.repl.config import ReplConfig
-from colofs.repl.dirty import DirtyMap
 from colofs.repl.errors import ReplProtocolError
-from colofs.repl.linkstate import Conn, LinkState
+from colofs.repl.linkstate import Conn, Lifecycle, LinkState
 from colofs.repl.resync import ResyncProgress, chunk_runs, read_and_digest
-from colofs.repl.retained import RetainedLog
-from colofs.repl.util import Signal, first_error
+from colofs.repl.tracking import Tracking
+from colofs.repl.util import first_error
 from colofs.wire.messages import ResyncBlock, ResyncData, ResyncDone, ResyncQuery
 
 log = logging.getLogger("colofs.repl.sender")  # one logger name per side of the link, for log filters
@@ -38,81 +39,59 @@ log = logging.getLogger("colofs.repl.sender")  # one logger name per side of the
 class ResyncDriver:
     """Drives a digest-compared resync of the dirty blocks over one connection."""
 
-    vm: VM
-    cfg: ReplConfig
-    dirty: DirtyMap
-    retained: RetainedLog
-    retaining: bool
-    resync_needed: bool
-    markers: list[Marker]
-    acked: int
-    unacked_bytes: int
-    progress: ResyncProgress
-    stats: dict[str, int]
-    _full_pending: bool
-    _changed: Signal
+    def __init__(self, vm: VM, cfg: ReplConfig, life: Lifecycle, tracking: Tracking,
+                 checkpoints: Checkpoints, batching: Batching) -> None:
+        self.vm = vm
+        self.cfg = cfg
+        self.life = life
+        self.tracking = tracking
+        self.checkpoints = checkpoints
+        self.batching = batching
+        self.progress = ResyncProgress()
+        self.stats = {"resyncs": 0}
 
-    if TYPE_CHECKING:  # provided by VMLink and its other parts
-        def _set_state(self, state: LinkState) -> None: ...
-        def _fail_marker(self, m: Marker, why: str) -> None: ...
-        async def _sync_disks(self, conn: Conn) -> None: ...
-        async def _send_ready(self, conn: Conn, upto: int | None) -> bool: ...
-
-    async def _resync(self, conn: Conn) -> None:
+    async def resync(self, conn: Conn) -> None:
         """Bring the secondary to ``S0`` (now) by comparing dirty blocks, then stream from ``S0 + 1``."""
-        self._set_state(LinkState.RESYNCING)
+        self.life.move(LinkState.RESYNCING)
         vm = self.vm
+        tracking = self.tracking
         try:
             for _ in range(3):
-                if conn.next_seq is None or not self.retaining or not self.retained.covers(conn.next_seq):
+                if not tracking.retaining or conn.next_seq is None or not tracking.retained.covers(conn.next_seq):
                     break
                 # Still in the stream: send what is queued first, markers included.
-                await self._send_ready(conn, vm.state.last_applied)
+                await self.batching.send_ready(conn, vm.state.last_applied)
                 if conn.next_seq > vm.state.last_applied:
                     break
-            # No await from reading S0 to resetting the log: the cut and the log agree on S0.
-            s0 = vm.state.last_applied
-            self.dirty.cut(s0)
-            for m in list(self.markers):
-                if not m.sent and m.seq <= s0:
-                    self._fail_marker(m, "a resync started before the secondary took it")
-            if self.retaining and self.retained.covers(s0 + 1):
-                self.retained.drop_through(s0)
-            else:
-                self.retained.reset(s0 + 1)
-                self.retaining = True
-            self.acked = min(self.acked, s0)
-            self.unacked_bytes = self.retained.bytes_after(s0)
-            full = self._full_pending
+            # One call, no await: the dirty map's cut and the log's restart agree on S0.
+            s0 = tracking.cut_for_resync()
+            self.checkpoints.fail_unsent_through(s0, "a resync started before the secondary took it")
+            full = tracking.full_pending
             since = vm.state.last_checkpoint
             self.stats["resyncs"] += 1
             while True:
-                self.resync_needed = False
-                await self._sync_disks(conn)
-                await self._resync_pass(conn, self.dirty.union_since(since), s0, full)
-                if self.retaining:
+                tracking.pass_begins()
+                await self.batching.sync_disks(conn)
+                await self._resync_pass(conn, tracking.dirty_since(since), s0, full)
+                if tracking.retaining:
                     break
                 # The retained log overflowed during the pass: go over what changed since s0.
-                since, s0 = s0, vm.state.last_applied
-                self.dirty.cut(s0)
-                self.retained.reset(s0 + 1)
-                self.retaining = True
-                self.unacked_bytes = 0
+                since, s0 = s0, tracking.restart_after_overflow()
                 full = False
             conn.resync_done = None
             await conn.sender.send(ResyncDone(s0))
             conn.next_seq = s0 + 1
             conn.sent_upto = max(conn.sent_upto, s0)
             while conn.resync_done != s0:
-                await self._changed.wait()
-            self._full_pending = False
+                await self.life.wait_changed()
+            tracking.full_sync_done()
             self.progress.finish()
-            self._changed.fire()
+            self.life.announce()
             log.info("VM %s: resync done up to seq %d: %d of %d blocks differed (%d bytes)",
                      vm.name, s0, self.progress.blocks_sent, self.progress.blocks_total,
                      self.progress.bytes_sent)
         except BaseException:
-            self.resync_needed = True
+            tracking.owe_resync()
             raise
 
     async def _resync_pass(self, conn: Conn, bits: dict[str, BlockSet], s0: int, full: bool) -> None:
@@ -133,7 +112,7 @@ class ResyncDriver:
             name = min(vm.disks)
             queries.append((name, conn.disk_index[name], 0, 1))
         self.progress.start(total, full, s0)
-        self._changed.fire()  # a pass begun is news: watchers need no clock to notice it
+        self.life.announce()  # a pass begun is news: watchers need no clock to notice it
         log.info("VM %s: %s resync of %d blocks (%d dirty) up to seq %d", vm.name,
                  "full" if full else "dirty-block", total, sum(b.count() for b in bits.values()), s0)
         if not queries:

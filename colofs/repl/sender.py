@@ -1,13 +1,17 @@
 """The primary side of one VM: the link to the secondary, and where its parts meet.
 
-:class:`VMLink` is the VM's :class:`~colofs.core.forward.WriteSink`. It is
-put together from parts that each hold one concern:
+:class:`VMLink` holds parts that each own one concern and its state:
 
-* :mod:`~colofs.repl.tracking`: dirty map, retained log, the sink calls;
-* :mod:`~colofs.repl.batching`: batches, window, markers in the stream;
-* :mod:`~colofs.repl.resyncer`: the primary's side of a resync;
-* :mod:`~colofs.repl.checkpoints`: checkpoint markers and their confirmation;
-* :mod:`~colofs.repl.linkstate`: the states the link moves through.
+* :class:`~colofs.repl.tracking.Tracking`: dirty map, retained log, and the
+  VM's :class:`~colofs.core.forward.WriteSink` (``vm.forward``);
+* :class:`~colofs.repl.batching.Batching`: batches, window, markers in the stream;
+* :class:`~colofs.repl.resyncer.ResyncDriver`: the primary's side of a resync;
+* :class:`~colofs.repl.checkpoints.Checkpoints`: checkpoint markers and their confirmation;
+* :class:`~colofs.repl.linkstate.Lifecycle`: the state the link is in, and the
+  signal every part announces its changes on.
+
+They talk through their methods; the link wires them together and keeps the
+connection itself.
 
 One task per VM keeps a connection to the secondary, reconnecting with a
 bounded, jittered backoff. On each connection:
@@ -27,7 +31,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from itertools import count as _counter
 
 import trio
 
@@ -35,7 +38,8 @@ from colofs.core.errors import ColofsError
 from colofs.core.vm import VM
 from colofs.repl.batching import Batching
 from colofs.repl.checkpoints import CheckpointResult, Checkpoints, Marker
-from colofs.repl.config import ASYNC, SYNC, ReplConfig, load_mode
+from colofs.repl.config import ASYNC, SYNC, ReplConfig
+from colofs.repl.dirty import DirtyMap
 from colofs.repl.errors import (
     PeerRefused,
     PeerTimeout,
@@ -44,13 +48,13 @@ from colofs.repl.errors import (
 )
 from colofs.repl.framing import FrameSender
 from colofs.repl.handshake import handshake, wrap_transport
-from colofs.repl.linkstate import CONNECTED, Conn, LinkState
+from colofs.repl.linkstate import Conn, Lifecycle, LinkState
 from colofs.repl.resync import ResyncProgress
 from colofs.repl.resyncer import ResyncDriver
 from colofs.repl.retained import RetainedBudget
 from colofs.repl.session import ResumePlan, plan_resume
 from colofs.repl.tracking import Tracking
-from colofs.repl.util import Signal, first_error
+from colofs.repl.util import first_error
 from colofs.wire.auth import NonceRegistry
 from colofs.wire.errors import ConnectionClosed, ProtocolError, WrongKey
 from colofs.wire.messages import (
@@ -73,14 +77,15 @@ from colofs.wire.stream import FrameStream
 log = logging.getLogger(__name__)
 
 
-class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
-    """Replication of one primary VM to its secondary (a WriteSink plus a reconnect loop).
+class VMLink:
+    """Replication of one primary VM to its secondary: its parts, and a reconnect loop.
 
-    The link's parts live in their own modules: :class:`Tracking` (the dirty
-    map, the retained log, the sink), :class:`Batching` (batches, window,
-    markers), :class:`ResyncDriver` (the primary's side of a resync) and
-    :class:`Checkpoints` (markers and their confirmation). This class holds
-    the connection loop, attach, the reader and status; its :class:`LinkState` says where the connection is.
+    The parts: :attr:`tracking` (the dirty map, the retained log, the VM's
+    write sink), :attr:`batching` (batches, window, markers),
+    :attr:`resyncer` (the primary's side of a resync), :attr:`checkpoints`
+    (markers and their confirmation) and :attr:`life` (the
+    :class:`LinkState` and its change signal). This class holds the
+    connection loop, attach, the reader and status.
     """
 
     def __init__(
@@ -95,56 +100,75 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
         budget: RetainedBudget | None = None,
     ) -> None:
         self.vm = vm
-        self.budget = budget
         self.peer = peer
         self.key = key
         self.node_id = node_id
         self.cfg = config
         self.nonces = nonces
-        self.mode = load_mode(vm)
-        self.state = LinkState.IDLE
-        self.last_error: str | None = None
-        self.acked = 0
-        self.unacked_bytes = 0
-        self.markers: list[Marker] = []
-        self._ids = _counter(1)
-        self._changed = Signal()
         self._work = trio.Event()
+        self.life = Lifecycle()
+        self.tracking = Tracking(vm, config, self.life, self._wake, budget)
+        self.checkpoints = Checkpoints(vm, config, self.life, self.tracking, self._wake)
+        self.batching = Batching(vm, config, self.life, self.tracking, self.checkpoints)
+        self.resyncer = ResyncDriver(vm, config, self.life, self.tracking, self.checkpoints, self.batching)
+        self.replicate_checkpoint = self.checkpoints.replicate_checkpoint
+        """The replicating primary's checkpoint (:meth:`Checkpoints.replicate_checkpoint`)."""
+        self.wait_changed = self.life.wait_changed
+        """Until the link's state, an acknowledgement, a checkpoint, a verify answer or a resync pass
+        changes (a pass: when it begins and when it is done, not for each block)."""
         self._conn: Conn | None = None
         self._streamed = False
-        self._full_pending = False
-        self.progress = ResyncProgress()
-        self.ups = 0
-        """How often the link came up (entered a connected state) and went down again: a watcher that
-        looks late still sees every connection, even one that came and went before it looked."""
-        self.downs = 0
         self.verify_sink: Callable[[object, VerifyDigests], None] | None = None
         """Where VERIFY_DIGESTS go while an online verify runs (:mod:`colofs.repl.verifier`)."""
-        self.stats = {
-            "connects": 0, "disconnects": 0, "batches": 0, "writes_sent": 0, "bytes_sent": 0,
-            "checkpoints": 0, "checkpoint_failures": 0, "resyncs": 0, "full_syncs": 0,
-            "stream_breaks": 0, "sync_degraded_writes": 0, "internal_errors": 0,
-        }
+        self._stats = {"connects": 0, "disconnects": 0, "internal_errors": 0}
         self._bulk = [0, 0]  # raw and wire bytes of bulk frames over all connections
-        self._overflow_noted = False
-        self._load_tracking()
 
     def _wake(self) -> None:
         if not self._work.is_set():
             self._work.set()
 
-    def _set_state(self, state: LinkState) -> None:
-        if (state in CONNECTED) != (self.state in CONNECTED):
-            if state in CONNECTED:
-                self.ups += 1
-            else:
-                self.downs += 1
-        self.state = state
-        self._changed.fire()
+    # -- what others read of the link --------------------------------------------------------
+
+    @property
+    def state(self) -> LinkState:
+        return self.life.state
+
+    @property
+    def last_error(self) -> str | None:
+        return self.life.last_error
+
+    @property
+    def ups(self) -> int:
+        return self.life.ups
+
+    @property
+    def downs(self) -> int:
+        return self.life.downs
 
     @property
     def connected(self) -> bool:
-        return self.state in CONNECTED
+        return self.life.connected
+
+    @property
+    def acked(self) -> int:
+        """The last write the secondary acknowledged."""
+        return self.tracking.acked
+
+    @property
+    def dirty(self) -> DirtyMap:
+        return self.tracking.dirty
+
+    @property
+    def progress(self) -> ResyncProgress:
+        return self.resyncer.progress
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Every part's counters, as status shows them."""
+        out = {**self._stats, **self.tracking.stats, **self.batching.stats, **self.resyncer.stats,
+               **self.checkpoints.stats}
+        out["internal_errors"] = self._stats["internal_errors"] + self.tracking.stats["internal_errors"]
+        return out
 
     # -- the connection loop ---------------------------------------------------------------
 
@@ -164,7 +188,7 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
                     ProtocolError, ColofsError) as e:
                 self._record_error(_describe(e), warn=self._streamed)
             except Exception as e:  # a bug: keep serving the VM, say so loudly
-                self.stats["internal_errors"] += 1
+                self._stats["internal_errors"] += 1
                 self._record_error(f"internal error: {e!r}", warn=True)
                 log.exception("VM %s: replication session failed", self.vm.name)
             streamed = self._streamed
@@ -178,18 +202,17 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
         if text != self.last_error or warn:
             (log.warning if warn else log.info)("VM %s: replication to %s:%d: %s",
                                                 self.vm.name, self.peer[0], self.peer[1], text)
-        self.last_error = text
+        self.life.last_error = text
 
     def _after_session(self, refused: bool) -> None:
         if self.state not in (LinkState.IDLE, LinkState.STOPPED):
-            self.stats["disconnects"] += 1
+            self._stats["disconnects"] += 1
         self.progress.active = False  # an interrupted pass ends before the state change announces it
-        for m in list(self.markers):
-            m.sent = False
-        self._set_state(LinkState.REFUSED if refused else LinkState.DISCONNECTED)
+        self.checkpoints.connection_lost()
+        self.life.move(LinkState.REFUSED if refused else LinkState.DISCONNECTED)
 
     async def _connect_and_serve(self) -> None:
-        self._set_state(LinkState.CONNECTING)
+        self.life.move(LinkState.CONNECTING)
         host, port = self.peer
         with trio.fail_after(self.cfg.connect_timeout):
             tcp = await trio.open_tcp_stream(host, port)
@@ -198,12 +221,12 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
             stream = await wrap_transport(tcp, server_side=False, tls=self.cfg.tls, peer=f"{host}:{port}")
             fs = FrameStream(stream, max_wire_len=self.cfg.max_wire_len, max_raw_len=self.cfg.max_raw_len)
             sender = FrameSender(fs)
-            self._set_state(LinkState.ATTACHING)
+            self.life.move(LinkState.ATTACHING)
             hello = await handshake(fs, self.key, self.node_id, Role.PRIMARY, initiator=True,
                                     nonces=self.nonces, timeout=self.cfg.handshake_timeout)
             conn = Conn(fs, sender, hello.node_id)
             self._conn = conn
-            self.stats["connects"] += 1
+            self._stats["connects"] += 1
             try:
                 plan, to_confirm = await self._attach(conn)
                 try:
@@ -222,7 +245,8 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
 
     async def _attach(self, conn: Conn) -> tuple[ResumePlan, list[Marker]]:
         vm = self.vm
-        self._discover()
+        tracking = self.tracking
+        tracking.discover()
         names = sorted(vm.disks)
         conn.disk_index = {n: i for i, n in enumerate(names)}
         st = vm.state
@@ -237,55 +261,43 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
         conn.last_rx = trio.current_time()
         # From here to the end of this method there is no await: the plan matches the log.
         st = vm.state
-        if msg.last_applied == 0 and msg.last_checkpoint == 0 and not self.dirty.empty():
+        if msg.last_applied == 0 and msg.last_checkpoint == 0 and not tracking.dirty.empty():
             # A secondary at seq 0 holds nothing of this VM (it made the VM empty, owing no full
             # sync): it gets every block the dirty map ever marked, imported data included.
-            self.resync_needed = True
+            tracking.owe_resync()
         plan = plan_resume(
             msg, vm=vm.name, epoch=st.epoch, last_applied=st.last_applied,
             last_checkpoint=st.last_checkpoint,
-            retained_from=self.retained.start if self.retaining else None,
-            resync_needed=self.resync_needed,
+            retained_from=tracking.retained_from,
+            resync_needed=tracking.resync_needed,
         )
         log.info("VM %s: attached to %s (%s): secondary at seq %d, checkpoint %d; %s",
                  vm.name, conn.peer, f"{self.peer[0]}:{self.peer[1]}", msg.last_applied,
                  msg.last_checkpoint, plan.reason)
-        to_confirm = []
-        for m in list(self.markers):
-            if m.seq <= msg.last_checkpoint:
-                to_confirm.append(m)
-            elif plan.stream_from is None or m.seq < plan.stream_from - 1:
-                self._fail_marker(m, "the connection was lost before the secondary took it")
+        to_confirm = self.checkpoints.reconnected(msg.last_checkpoint, plan.stream_from)
         if plan.full:
-            self.dirty.mark_all()
-            self.resync_needed = True
-            self._full_pending = True
-            self.stats["full_syncs"] += 1
-        self.acked = msg.last_applied
+            tracking.owe_full_sync()
+        tracking.placed(msg.last_applied, streaming=plan.stream_from is not None)
         if plan.stream_from is not None:
             conn.next_seq = plan.stream_from
             conn.sent_upto = msg.last_applied
-            self.unacked_bytes = self.retained.bytes_after(self.acked)
         return plan, to_confirm
 
     async def _sender_loop(self, conn: Conn, plan: ResumePlan, to_confirm: list[Marker]) -> None:
-        for m in to_confirm:
-            await self._confirm(m.seq)
-            self._complete_marker(m)
+        await self.checkpoints.confirm_held(to_confirm)
         if plan.stream_from is None:
-            await self._resync(conn)
-        self._set_state(LinkState.STREAMING)
+            await self.resyncer.resync(conn)
+        self.life.move(LinkState.STREAMING)
         self._streamed = True
         while True:
             self._work = trio.Event()
-            self._discover()
-            if (self.resync_needed or not self.retaining or conn.next_seq is None
-                    or not self.retained.covers(conn.next_seq)):
-                await self._resync(conn)
-                self._set_state(LinkState.STREAMING)
+            self.tracking.discover()
+            if not self.tracking.can_stream_from(conn.next_seq):
+                await self.resyncer.resync(conn)
+                self.life.move(LinkState.STREAMING)
                 continue
-            await self._sync_disks(conn)  # a new disk appears there even before its first write
-            if not await self._send_ready(conn, None):
+            await self.batching.sync_disks(conn)  # a new disk appears there even before its first write
+            if not await self.batching.send_ready(conn, None):
                 await self._work.wait()
 
     # -- receiving -----------------------------------------------------------------------------
@@ -300,7 +312,7 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
             if isinstance(msg, Ack):
                 self._on_ack(conn, msg.seq)
             elif isinstance(msg, CheckpointDone):
-                await self._on_checkpoint_done(msg)
+                await self.checkpoints.on_checkpoint_done(msg)
             elif isinstance(msg, ResyncRequest):
                 try:
                     conn.answers_tx.send_nowait(msg)
@@ -309,14 +321,13 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
             elif isinstance(msg, ResyncDone):
                 if msg.seq != conn.sent_upto:
                     raise ReplProtocolError(f"RESYNC_DONE echo for seq {msg.seq}, the resync was up to {conn.sent_upto}")
-                self.acked = msg.seq
                 conn.resync_done = msg.seq
-                self._changed.fire()
+                self.tracking.acknowledged(msg.seq)  # announces it
             elif isinstance(msg, VerifyDigests):
                 if self.verify_sink is None:
                     raise ReplProtocolError("VERIFY_DIGESTS, but no verify is running")
                 self.verify_sink(conn, msg)
-                self._changed.fire()
+                self.life.announce()
             elif isinstance(msg, Pong):
                 pass
             elif isinstance(msg, Ping):
@@ -332,13 +343,7 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
                 f"ACK of seq {seq} outside what was sent (acknowledged {self.acked}, sent {conn.sent_upto})")
         while conn.inflight and conn.inflight[0] <= seq:
             conn.inflight.popleft()
-        if self.retaining and seq > self.acked:
-            lo = max(self.acked + 1, self.retained.start)
-            hi = min(seq, self.retained.end)
-            get = self.retained.get
-            self.unacked_bytes -= sum(len(get(s).data) for s in range(lo, hi + 1))
-        self.acked = seq
-        self._changed.fire()
+        self.tracking.acknowledged(seq)
 
     async def _keepalive(self, conn: Conn) -> None:
         token = 0
@@ -358,44 +363,30 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
     def verify_conn(self) -> Conn | None:
         """The connection a verify may query on now: streaming, with no resync owed."""
         conn = self._conn
-        if conn is None or self.state != LinkState.STREAMING or self.resync_needed:
+        if conn is None or self.state != LinkState.STREAMING or self.tracking.resync_needed:
             return None
         return conn
 
-    async def wait_changed(self) -> None:
-        """Until the link's state, an acknowledgement, a checkpoint, a verify answer or a resync pass changes.
-
-        A pass wakes it when it begins and when it is done (an interrupted
-        one: with the state change that ended it), not for each block.
-        """
-        await self._changed.wait()
-
     def repair(self, runs: dict[str, list[tuple[int, int]]]) -> None:
         """Have the digest-compared resync go over these ``(first, stop)`` block runs now."""
-        for name, spans in runs.items():
-            if name in self.dirty.geometry:
-                for first, stop in spans:
-                    self.dirty.mark_blocks(name, first, stop)
-        self.resync_needed = True
-        if self.state == LinkState.STREAMING:
-            self._set_state(LinkState.RESYNCING)
+        self.tracking.mark_for_repair(runs)
+        if self.life.streaming:
+            self.life.move(LinkState.RESYNCING)
         self._wake()
 
     # -- shutdown and status ---------------------------------------------------------------------
 
     async def stop(self) -> None:
         """Detach from the VM and save the dirty map; pending checkpoints fail."""
-        if self.vm.forward is self:
+        if self.vm.forward is self.tracking:
             self.vm.forward = None
-        self._set_state(LinkState.STOPPED)
-        if self.budget is not None:
-            self.budget.leave(self.retained)
-        for m in list(self.markers):
-            self._fail_marker(m, "replication stopped")
+        self.life.move(LinkState.STOPPED)
+        self.tracking.leave_budget()
+        self.checkpoints.fail_all("replication stopped")
         if not self.vm.closed:
             with trio.CancelScope(shield=True):
                 try:
-                    await self.save_tracking()
+                    await self.tracking.save()
                 except OSError as e:
                     log.warning("VM %s: could not save the dirty bitmap: %s", self.vm.name, e)
 
@@ -410,22 +401,15 @@ class VMLink(Tracking, Batching, ResyncDriver, Checkpoints):
             "peer": f"{self.peer[0]}:{self.peer[1]}",
             "peer_node": conn.peer if conn else None,
             "state": self.state,
-            "mode": self.mode,
-            "degraded": self.mode == SYNC and self.state != LinkState.STREAMING,
+            "degraded": self.tracking.mode == SYNC and self.state != LinkState.STREAMING,
             "epoch": st.epoch,
             "last_seq": st.last_applied,
-            "acked_seq": self.acked,
             "sent_seq": conn.sent_upto if conn else None,
             "confirmed_checkpoint": st.last_checkpoint,
-            "backlog_bytes": self.unacked_bytes if self.retaining else None,
-            "backlog_writes": max(0, st.last_applied - self.acked),
-            "retained_bytes": self.retained.nbytes,
-            "retained_from": self.retained.start if self.retaining else None,
-            "dirty_blocks": self.dirty.count(),
-            "resync_needed": self.resync_needed,
+            **self.tracking.status(),
             "resync": self.progress.as_dict(),
             "lz4_ratio": round(wire / raw, 4) if raw else None,
-            "pending_checkpoints": len(self.markers),
+            "pending_checkpoints": len(self.checkpoints.markers),
             "last_error": self.last_error,
             **self.stats,
         }

@@ -1,7 +1,8 @@
 """What a primary VM's link keeps of its writes: the dirty map, the retained log, and the sink.
 
 Every primary write lands here, in seq order and without an await (the
-:class:`~colofs.core.forward.WriteSink` calls), in
+:class:`~colofs.core.forward.WriteSink` calls: :class:`Tracking` is the VM's
+sink), in
 
 * the dirty map (always: it is what a resync falls back on), and
 * the retained log, while retaining (the writes the secondary may still
@@ -13,24 +14,25 @@ the secondary is later caught up by a dirty-block resync: a write never
 fails because of replication. The dirty map is saved at shutdown so a
 restart resyncs only what changed.
 
-:class:`Tracking` is a part of :class:`~colofs.repl.sender.VMLink`; the
-attributes it reads from the rest of the link are declared below.
+:class:`Tracking` is a part of :class:`~colofs.repl.sender.VMLink`; it owns
+everything above and what the secondary acknowledged of it. The link's
+other parts change it only through the methods below.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from colofs.core.forward import ForwardedWrite
 from colofs.core.vm import VM
-from colofs.repl.config import SYNC, ReplConfig
+from colofs.repl.blockset import BlockSet
+from colofs.repl.config import SYNC, ReplConfig, load_mode
 from colofs.repl.dirty import DirtyMap
-from colofs.repl.linkstate import LinkState
+from colofs.repl.linkstate import Lifecycle, LinkState
 from colofs.repl.persist import PrimaryMeta, load_bitmaps, load_primary_meta, save_primary_state
 from colofs.repl.resync import data_ranges
 from colofs.repl.retained import RetainedBudget, RetainedLog
-from colofs.repl.util import Signal
 
 log = logging.getLogger("colofs.repl.sender")  # one logger name per side of the link, for log filters
 
@@ -38,46 +40,43 @@ log = logging.getLogger("colofs.repl.sender")  # one logger name per side of the
 class Tracking:
     """The dirty map, the retained log and the WriteSink calls of one primary VM."""
 
-    vm: VM
-    cfg: ReplConfig
-    budget: RetainedBudget | None
-    mode: str
-    state: LinkState
-    acked: int
-    stats: dict[str, int]
-    _changed: Signal
-    dirty: DirtyMap
-    retained: RetainedLog
-    retaining: bool
-    """Writes go to the retained log; False after a break, until the next resync."""
-    resync_needed: bool
-    """The secondary cannot be caught up from the retained log: a digest-compared resync is owed."""
-    known: set[str]
-    unacked_bytes: int
-    _full_pending: bool
-    _overflow_noted: bool
-
-    if TYPE_CHECKING:  # provided by VMLink and its other parts
-        def _wake(self) -> None: ...
-        def _set_state(self, state: LinkState) -> None: ...
-
-    def _load_tracking(self) -> None:
-        vm = self.vm
-        st = vm.state
-        self.dirty = DirtyMap(st.last_checkpoint + 1)
+    def __init__(self, vm: VM, cfg: ReplConfig, life: Lifecycle, wake: Callable[[], None],
+                 budget: RetainedBudget | None) -> None:
+        self.vm = vm
+        self.cfg = cfg
+        self.life = life
+        self._wake = wake  # the link's sender has something to do
+        self.budget = budget
+        self.mode = load_mode(vm)
+        """``async`` or ``sync``: whether a writer waits for the secondary's ACK (:meth:`wait_acked`)."""
+        self.acked = 0
+        """The last write the secondary acknowledged."""
+        self.unacked_bytes = 0
+        self.full_pending = False
+        """The resync owed is a full one (every block compared)."""
+        self._overflow_noted = False
+        self.stats = {"full_syncs": 0, "stream_breaks": 0, "sync_degraded_writes": 0, "internal_errors": 0}
+        self.dirty = DirtyMap(vm.state.last_checkpoint + 1)
         for n, d in vm.disks.items():
             self.dirty.add_disk(n, d.size, d.block_size)
-        self.retained = RetainedLog(st.last_applied + 1, self.budget)
-        if self.budget is not None:
-            self.budget.join(self.retained, self._shed_acknowledged)
+        self.retained = RetainedLog(vm.state.last_applied + 1, budget)
+        if budget is not None:
+            budget.join(self.retained, self._shed_acknowledged)
         self.retaining = True
+        """Writes go to the retained log; False after a break, until the next resync."""
+        self.resync_needed = False
+        """The secondary cannot be caught up from the retained log: a digest-compared resync is owed."""
+        self.known: set[str] = set()
+        self._load()
+
+    def _load(self) -> None:
+        vm = self.vm
+        st = vm.state
         meta = load_primary_meta(vm)
         why = None
         if meta is None:
             if st.last_applied == 0:
-                self.known: set[str] = set()  # never written: new disks are found by discovery
-                self.resync_needed = False
-                return
+                return  # never written: new disks are found by discovery
             why = "no replication state was saved"
         elif vm.recovery.action != "clean":
             why = f"the VM was recovered ({vm.recovery.action})"
@@ -93,13 +92,12 @@ class Tracking:
                      vm.name, self.dirty.count(), st.last_checkpoint)
             return
         self.known = set(vm.disks)
-        self.dirty.mark_all()
-        self.resync_needed = True
-        self._full_pending = True
-        self.stats["full_syncs"] += 1
         log.warning("VM %s: %s; the secondary gets a full (digest-compared) sync", vm.name, why)
+        self.owe_full_sync()
 
-    def _discover(self) -> None:
+    # -- disks -----------------------------------------------------------------------------------
+
+    def discover(self) -> None:
         """Disks created since we last looked: their existing data (an imported image) must be sent."""
         for name, disk in list(self.vm.disks.items()):
             if name in self.known:
@@ -120,25 +118,31 @@ class Tracking:
 
     def notice_disks(self) -> None:
         """Disks were created: announce them now (and send what they hold) instead of at the next write."""
-        self._discover()
+        self.discover()
         self._wake()
 
-    async def save_tracking(self) -> None:
+    async def save(self) -> None:
         """Make the dirty map durable, valid for a restart that finds ``last_applied`` unchanged."""
         meta = PrimaryMeta(sorted(self.known), self.vm.state.last_applied, self.vm.state.epoch,
                            self.resync_needed)
         await save_primary_state(self.vm, self.dirty, meta)
 
+    def leave_budget(self) -> None:
+        if self.budget is not None:
+            self.budget.leave(self.retained)
+
+    # -- the WriteSink -------------------------------------------------------------------------
+
     async def wait_room(self, nbytes: int) -> None:
         """While streaming, hold writers back when too much is unacknowledged (flow control)."""
         limit = self.cfg.effective_inflight
-        while (self.state == LinkState.STREAMING and self.retaining and self.unacked_bytes
+        while (self.life.streaming and self.retaining and self.unacked_bytes
                and self.unacked_bytes + nbytes > limit):
-            await self._changed.wait()
+            await self.life.wait_changed()
 
     def put_nowait(self, item: ForwardedWrite) -> None:
         if item.disk not in self.known:
-            self._discover()
+            self.discover()
         n = len(item.data)
         self.dirty.mark(item.disk, item.offset, n)
         if self.retaining:
@@ -161,8 +165,8 @@ class Tracking:
         """Sync mode: return once the secondary applied ``seq``, or at once while it cannot (degraded)."""
         if self.mode != SYNC:
             return
-        while self.acked < seq and self.state == LinkState.STREAMING and self.retaining:
-            await self._changed.wait()
+        while self.acked < seq and self.life.streaming and self.retaining:
+            await self.life.wait_changed()
         if self.acked < seq:
             self.stats["sync_degraded_writes"] += 1
 
@@ -189,6 +193,112 @@ class Tracking:
         self.unacked_bytes = 0
         self.resync_needed = True
         self.stats["stream_breaks"] += 1
-        if self.state == LinkState.STREAMING:
-            self._set_state(LinkState.RESYNCING)
+        if self.life.streaming:
+            self.life.move(LinkState.RESYNCING)
         self._wake()
+
+    # -- what the secondary holds --------------------------------------------------------------
+
+    @property
+    def retained_from(self) -> int | None:
+        """The oldest write the log still holds, or None while not retaining."""
+        return self.retained.start if self.retaining else None
+
+    def can_stream_from(self, seq: int | None) -> bool:
+        """The secondary can be caught up from write ``seq`` by the log alone, with no resync owed."""
+        return (seq is not None and self.retaining and not self.resync_needed
+                and self.retained.covers(seq))
+
+    def placed(self, acked: int, *, streaming: bool) -> None:
+        """A connection attached: the secondary holds writes up to ``acked``; streaming resumes after it."""
+        self.acked = acked
+        if streaming:
+            self.unacked_bytes = self.retained.bytes_after(acked)
+
+    def acknowledged(self, seq: int) -> None:
+        """The secondary applied every write up to ``seq`` (an ACK, or the echo of a resync's end)."""
+        if self.retaining and seq > self.acked:
+            lo = max(self.acked + 1, self.retained.start)
+            hi = min(seq, self.retained.end)
+            get = self.retained.get
+            self.unacked_bytes -= sum(len(get(s).data) for s in range(lo, hi + 1))
+        self.acked = seq
+        self.life.announce()
+
+    def owe_resync(self) -> None:
+        self.resync_needed = True
+
+    def owe_full_sync(self) -> None:
+        """Every block is compared at the next resync (the secondary's copy cannot be trusted)."""
+        self.dirty.mark_all()
+        self.resync_needed = True
+        self.full_pending = True
+        self.stats["full_syncs"] += 1
+
+    def mark_for_repair(self, runs: dict[str, list[tuple[int, int]]]) -> None:
+        """Have the next resync go over these ``(first, stop)`` block runs."""
+        for name, spans in runs.items():
+            if name in self.dirty.geometry:
+                for first, stop in spans:
+                    self.dirty.mark_blocks(name, first, stop)
+        self.resync_needed = True
+
+    # -- resync and checkpoints (no await in any of these) ----------------------------------------
+
+    def cut_for_resync(self) -> int:
+        """Start a resync at ``S0``, the last write now: the dirty map is cut and the log restarts after it."""
+        s0 = self.vm.state.last_applied
+        self.dirty.cut(s0)
+        if self.retaining and self.retained.covers(s0 + 1):
+            self.retained.drop_through(s0)
+        else:
+            self.retained.reset(s0 + 1)
+            self.retaining = True
+        self.acked = min(self.acked, s0)
+        self.unacked_bytes = self.retained.bytes_after(s0)
+        return s0
+
+    def pass_begins(self) -> None:
+        """A resync pass goes over every block dirty so far: until it ends, none is owed."""
+        self.resync_needed = False
+
+    def dirty_since(self, seq: int) -> dict[str, BlockSet]:
+        return self.dirty.union_since(seq)
+
+    def restart_after_overflow(self) -> int:
+        """The log overflowed during a pass: another goes over what changed since; returns its ``S0``."""
+        s0 = self.vm.state.last_applied
+        self.dirty.cut(s0)
+        self.retained.reset(s0 + 1)
+        self.retaining = True
+        self.unacked_bytes = 0
+        return s0
+
+    def full_sync_done(self) -> None:
+        self.full_pending = False
+
+    @property
+    def checkpointable(self) -> bool:
+        """A marker may follow the last write: the stream carries every write, no resync is owed."""
+        return self.retaining and not self.resync_needed
+
+    def cut_at_checkpoint(self, seq: int) -> None:
+        self.dirty.cut(seq)
+
+    def checkpoint_confirmed(self, seq: int) -> None:
+        """The secondary holds checkpoint ``seq``: what it makes unneeded is dropped."""
+        self.retained.drop_through(min(seq, self.acked))
+        self.dirty.drop_through(seq)
+        self._overflow_noted = False
+
+    def status(self) -> dict[str, object]:
+        return {
+            "mode": self.mode,
+            "acked_seq": self.acked,
+            "backlog_bytes": self.unacked_bytes if self.retaining else None,
+            "backlog_writes": max(0, self.vm.state.last_applied - self.acked),
+            "retained_bytes": self.retained.nbytes,
+            "retained_from": self.retained_from,
+            "dirty_blocks": self.dirty.count(),
+            "resync_needed": self.resync_needed,
+        }

@@ -40,8 +40,8 @@ async def test_unacknowledged_writes_hold_writers_back_within_the_bound(pair, re
             await pvm.disk("d0").write(off, data)
             image[off : off + WRITE] = data
             done[0] += 1
-            peak[0] = max(peak[0], link.retained.nbytes)
-            peak[1] = max(peak[1], link.unacked_bytes)
+            peak[0] = max(peak[0], link.tracking.retained.nbytes)
+            peak[1] = max(peak[1], link.tracking.unacked_bytes)
 
     proxy.hold_down = True  # the secondary applies, but its acknowledgements stop
     finished = trio.Event()
@@ -53,12 +53,12 @@ async def test_unacknowledged_writes_hold_writers_back_within_the_bound(pair, re
     pair.nursery.start_soon(run_writer)
     # The bound is reached and the writer is parked waiting for room (on the link's change signal):
     # a positive sign that it is held back, instead of watching it not move for a while.
-    await wait_until(lambda: link.unacked_bytes + WRITE > limit
-                     and waiters(link._changed) == 1, what="the writer held back at the in-flight bound")
+    await wait_until(lambda: link.tracking.unacked_bytes + WRITE > limit
+                     and waiters(link.life._changed) == 1, what="the writer held back at the in-flight bound")
     stuck_at = done[0]
     assert not finished.is_set()
     assert stuck_at * WRITE <= limit + WRITE
-    assert link.state == "streaming" and link.retaining
+    assert link.state == "streaming" and link.tracking.retaining
 
     proxy.release()
     with trio.fail_after(DEADLINE):
@@ -130,13 +130,13 @@ async def test_all_vms_together_stay_within_the_hosts_retained_budget(pair, repl
         await pair.caught_up(vm)
         for i in range(count):
             await pair.primary.vm(vm).disk("d0").write(i * WRITE, rng.randbytes(WRITE))
-            held = sum(link.retained.nbytes for link in pair.repl.links.values())
+            held = sum(link.tracking.retained.nbytes for link in pair.repl.links.values())
             assert budget.total == held
             assert held <= limit + WRITE
         await pair.caught_up(vm)
     a, b = pair.link("a"), pair.link("b")
-    assert a.retained.nbytes == 0 and b.retained.nbytes == 14 * WRITE  # the larger, acknowledged holder gave way
-    assert a.retaining and a.stats["stream_breaks"] == 0 and b.stats["stream_breaks"] == 0
+    assert a.tracking.retained.nbytes == 0 and b.tracking.retained.nbytes == 14 * WRITE  # the larger, acknowledged holder gave way
+    assert a.tracking.retaining and a.stats["stream_breaks"] == 0 and b.stats["stream_breaks"] == 0
     for vm in ("a", "b"):
         await pair.link(vm).replicate_checkpoint()
         await pair.assert_identical(vm)

@@ -69,6 +69,6 @@ async def test_mode_is_persisted_and_validated(pair) -> None:
     assert load_mode(pair.primary.vm("vm")) == "sync"
     await pair.stop_primary()
     await pair.start_primary()
-    assert pair.repl.mode("vm") == "sync" and pair.link().mode == "sync"
+    assert pair.repl.mode("vm") == "sync" and pair.link().tracking.mode == "sync"
     await pair.repl.set_mode("vm", "async")
     assert load_mode(pair.primary.vm("vm")) == "async"

@@ -37,7 +37,7 @@ async def test_a_resync_pass_fires_the_change_signal_when_it_begins_and_ends(pai
     link = pair.link()
     await pair.primary.vm("vm").disk("d0").write(0, b"x" * 8192)
     await pair.caught_up()
-    signal = link._changed = RecordingSignal(link, link._changed)
+    signal = link.life._changed = RecordingSignal(link, link.life._changed)
     before = link.progress.passes
 
     proxy.hold_down = True  # the secondary's digests, and so the end of the pass, are held back
