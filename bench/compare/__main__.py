@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
         try:
-            machine = machine_info(workdir)
+            machine = machine_info(workdir, args.qemu_bin)
         finally:
             bench.cleanup()
         signal.signal(signal.SIGINT, signal.default_int_handler)

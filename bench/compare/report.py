@@ -177,8 +177,8 @@ def render(results: list[RowResult], header: str) -> str:
     return "\n".join(lines)
 
 
-def machine_info(workdir: str) -> dict[str, Any]:
-    """What the numbers depend on, recorded beside them."""
+def machine_info(workdir: str, qemu_bin: str | None = None) -> dict[str, Any]:
+    """What the numbers depend on, recorded beside them (``qemu``: the qemu-storage-daemon compared with)."""
     model = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -211,7 +211,8 @@ def machine_info(workdir: str) -> dict[str, Any]:
         "kernel": platform.release(),
         "os": first_line(["sh", "-c", ". /etc/os-release && echo \"$PRETTY_NAME\""]),
         "python": platform.python_version(),
-        "qemu": first_line(["qemu-storage-daemon", "--version"]),
+        "qemu": first_line([os.path.join(qemu_bin, "qemu-storage-daemon") if qemu_bin else "qemu-storage-daemon",
+                            "--version"]),
         "fio": first_line(["fio", "--version"]),
         "nbdcopy": first_line(["nbdcopy", "--version"]),
         "fuse": first_line(["fusermount3", "--version"]),
