@@ -147,11 +147,10 @@ def make_config(
     workers: bool = False,
 ) -> MountConfig:
     """Validate the options of a mount; raises :class:`ConfigError`."""
-    if workers:
-        for given, option in ((nbd_socket, "--nbd-socket"), (nbd_listen, "--nbd-listen")):
-            if given is not None:
-                raise ConfigError(f"{option} is not available with --workers yet "
-                                  "(mount without --workers to use it)")
+    if workers and nbd_listen is not None and (tls_cert or tls_key or tls_ca):
+        raise ConfigError("--nbd-listen with TLS is not available with --workers: the supervisor runs the NBD "
+                          "handshake, and a TLS session cannot be handed over to a VM's worker process "
+                          "(use --nbd-socket, or mount without --workers)")
     if role not in ROLES:
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
     if listen is not None and role != SECONDARY:

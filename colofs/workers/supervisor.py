@@ -48,13 +48,16 @@ from colofs.fs.daemon import (
 from colofs.fs.lock import AlreadyMounted, StoreLock
 from colofs.fs.mountpoint import MountpointError, check_mountpoint, detach_stale
 from colofs.fs.paging import page
+from colofs.nbd.handoff import start_front
+from colofs.nbd.service import NbdService, NbdStartError
 from colofs.notify import notify
 from colofs.repl import ReplConfig, ReplConfigError
+from colofs.workers.channel import Channel
 from colofs.workers.fleet import Fleet
 from colofs.workers.memory import MEMORY_KEYS, memory_of
 from colofs.workers.rootfs import RootOperations
 from colofs.workers.router import Router
-from colofs.workers.table import Table, hang_kill_after
+from colofs.workers.table import SERVING, Table, hang_kill_after
 from colofs.workers.worker import main as worker_main
 from colofs.workers.zygote import Zygote
 
@@ -112,6 +115,7 @@ class Supervisor:
         self.fleet = Fleet(zygote=zygote, table=self.table, bus=self.bus, argv=argv,
                            mountpoint=cfg.mountpoint, budget_total=self.settings.max_retained_total_bytes)
         self.router: Router | None = None
+        self.nbd: NbdService | None = None
 
     def root_status(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -204,7 +208,18 @@ class Supervisor:
                 raise StartupError(f"replication: {e}") from None
             except OSError as e:
                 raise StartupError(f"replication: cannot listen on {cfg.listen}: {e.strerror or e}") from None
+        if cfg.nbd_socket is not None or cfg.nbd_listen is not None:
+            tcp = (cfg.nbd_listen.host, cfg.nbd_listen.port) if cfg.nbd_listen is not None else None
+            try:
+                self.nbd = await start_front(nursery, self._serving_channels, socket_path=cfg.nbd_socket, tcp=tcp)
+            except NbdStartError as e:
+                raise StartupError(f"nbd: {e}") from None
         await self._start_events(nursery)
+
+    def _serving_channels(self) -> dict[str, Channel]:
+        """The VMs whose worker serves now, and their channels (where NBD clients are handed)."""
+        return {vm: ch for vm, ch in self.fleet.channels.items()
+                if (w := self.table.get(vm)) is not None and w.state == SERVING}
 
     async def _start_events(self, nursery: trio.Nursery) -> None:
         self.bus.greeting = self.greeting
@@ -231,12 +246,14 @@ class Supervisor:
         log.info("serving %s on %s: %d VMs, workers %s", cfg.store, cfg.mountpoint, len(vms), counts)
         ready({"ready": True, "pid": os.getpid(), "mountpoint": cfg.mountpoint, "store": cfg.store,
                "log_file": cfg.log_file, "notes": list(self.fleet.notes), "vms": self.table.names(),
-               "nbd": [], "workers": len(vms),
+               "nbd": self.nbd.addresses if self.nbd is not None else [], "workers": len(vms),
                "failed": sorted(w.vm for w in self.table.workers.values() if w.error)})
         notify(READY=1, MAINPID=os.getpid(), STATUS=f"serving {cfg.store} on {cfg.mountpoint}")
         await stop.wait()
         notify(STOPPING=1, STATUS=f"stopping the workers of {cfg.store}")
         self.lock.update(state="stopping workers")
+        if self.nbd is not None:
+            await self.nbd.stop()  # no new clients; each worker ends its own at its unmount
         await self.fleet.stop_all(lazy=False)
         log.info("every worker ended; unmounting %s", cfg.mountpoint)
         if not unmounted.is_set():

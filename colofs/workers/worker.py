@@ -63,6 +63,8 @@ from colofs.fs.metrics import FigureSource, VMCounts
 from colofs.fs.operations import Operations
 from colofs.fs.replication import Replication
 from colofs.fs.values import Refused
+from colofs.nbd.handoff import answer_nbd_request, serve_handed_over, start_worker_nbd
+from colofs.nbd.service import NbdService
 from colofs.repl import ReplConfig, ReplConfigError
 from colofs.wire import NonceRegistry
 from colofs.workers.channel import Channel, RemoteError, WorkerArgs, encode
@@ -131,6 +133,7 @@ class Worker:
         self.store: Store | None = None
         self.ops: Operations | None = None
         self.repl: Replication | None = None
+        self.nbd: NbdService | None = None
         self.counts: VMCounts | None = None  # checkpoints and failovers seen on the VM's bus, for metrics
         self.opened = trio.Event()  # the store is open and Operations exist: commands can run
         self.mounted = False
@@ -241,6 +244,8 @@ class Worker:
                 try:
                     await start_replication(nursery, repl, cfg)
                     start_watchers(nursery, ops, bus)
+                    nbd_wanted = cfg.nbd_socket is not None or cfg.nbd_listen is not None
+                    self.nbd = await start_worker_nbd(nursery, ops, nbd_wanted)  # before the mount serves
                     await self._mount(ops)
                     store.io.pending = queued_requests_probe()
                 except StartupError as e:
@@ -278,7 +283,7 @@ class Worker:
         log.info("serving VM %s on %s; replication: %s", self.vm, self.mountpoint, repl.root_status()["state"])
         await self.channel.notify("ready", mountpoint=self.mountpoint, pid=os.getpid())
         await unmounted.wait()
-        await after_unmount(ops, repl, self.mountpoint)
+        await after_unmount(ops, repl, self.mountpoint, self.nbd)
         nursery.cancel_scope.cancel()
 
     # -- stopping ---------------------------------------------------------------------------
@@ -313,8 +318,13 @@ class Worker:
     async def handle(self, msg: dict[str, Any], fds: list[int]) -> dict[str, Any] | None:
         """One request or notification from the supervisor (its ops: docs/processes.md)."""
         op = msg.get("op")
-        if op != "connection":
+        if op not in ("connection", "nbd_connection"):
             _close_fds(fds)
+        if op == "nbd_connection":
+            serve_handed_over(self.nbd, fds, msg)
+            return None
+        if op in ("nbd_list", "nbd_describe"):
+            return answer_nbd_request(self.nbd, msg)
         if op == "ping":
             return {}
         if op == "stop":

@@ -89,19 +89,19 @@ async def test_one_process_status_has_no_worker(store: Store, tmp_path) -> None:
     assert "worker" not in ops.control.status_of(vm_dir)
 
 
-@pytest.mark.parametrize("option", ["--nbd-socket", "--nbd-listen"])
-def test_workers_refuses_what_it_cannot_serve_yet(tmp_path, option: str) -> None:
+def test_workers_serve_nbd_but_not_over_tls(tmp_path) -> None:
     key = tmp_path / "key"
     key.write_bytes(os.urandom(32))
     key.chmod(0o600)
-    value = str(tmp_path / "nbd.sock") if option == "--nbd-socket" else "127.0.0.1:9999"
     p = argparse.ArgumentParser()
     add_mount_arguments(p)
-    argv = ["--role", "secondary", "--store", str(tmp_path / "s"), "--listen", "127.0.0.1:7000",
-            "--key-file", str(key), option, value, str(tmp_path / "mnt")]
-    assert config_from_args(p.parse_args(argv)).workers is False
-    with pytest.raises(ConfigError, match=f"{option} is not available with --workers yet"):
-        config_from_args(p.parse_args(["--workers", *argv]))
+    base = ["--workers", "--role", "secondary", "--store", str(tmp_path / "s"), "--listen", "127.0.0.1:7000",
+            "--key-file", str(key)]
+    for option, value in (("--nbd-socket", str(tmp_path / "nbd.sock")), ("--nbd-listen", "127.0.0.1:9999")):
+        assert config_from_args(p.parse_args([*base, option, value, str(tmp_path / "mnt")])).workers
+    tls = ["--tls-cert", str(tmp_path / "c"), "--tls-key", str(tmp_path / "k"), "--tls-ca", str(tmp_path / "ca")]
+    with pytest.raises(ConfigError, match="--nbd-listen with TLS is not available with --workers"):
+        config_from_args(p.parse_args([*base, *tls, "--nbd-listen", "127.0.0.1:9999", str(tmp_path / "mnt")]))
 
 
 def test_workers_flag_reaches_the_config(tmp_path) -> None:

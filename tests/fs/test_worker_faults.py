@@ -56,11 +56,13 @@ async def test_worker_without_its_vm_reports_failed(tmp_path: Path) -> None:
 async def test_worker_refuses_options_it_cannot_serve(tmp_path: Path) -> None:
     """The supervisor's arguments are re-parsed: an option refused with --workers fails the start."""
     async with supervising(tmp_path, "secondary") as (sup, nursery):
+        tls = ["--tls-cert", str(tmp_path / "c"), "--tls-key", str(tmp_path / "k"), "--tls-ca", str(tmp_path / "ca")]
         sup.argv = lambda: ["--role", "secondary", "--store", sup.store, "--workers",  # type: ignore[method-assign]
-                            "--nbd-socket", str(tmp_path / "nbd.sock"), str(sup.mnt)]
+                            "--key-file", str(tmp_path / "key"), *tls, "--nbd-listen", "127.0.0.1:9",
+                            str(sup.mnt)]
         await sup.start(nursery, create_vm="secondary")
         failed = await wait_until(lambda: sup.got("failed"), what="failed")
-        assert "--nbd-socket is not available with --workers" in failed[0]["error"]
+        assert "--nbd-listen with TLS is not available with --workers" in failed[0]["error"]
         assert await sup.exit_status() == 1
 
 
