@@ -20,6 +20,7 @@ supervisor stops them first).
 from __future__ import annotations
 
 import array
+import gc
 import json
 import logging
 import os
@@ -225,6 +226,10 @@ class Zygote:
     def fork(cls, entry: Entry) -> Zygote:
         """Fork the zygote; call it before ``trio.run`` and before taking the store lock."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # Every object allocated so far goes to the permanent generation: the collector never
+        # writes to them again, so their pages stay shared with the zygote and every worker.
+        gc.collect()
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             parent.close()
