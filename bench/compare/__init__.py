@@ -1,6 +1,9 @@
-"""Side-by-side comparison of colofs with QEMU's block-replication chain and a raw file, in one run.
+"""Side-by-side comparison of colofs with the pyfuse3 floor, QEMU's block replication and a raw file, in one run.
 
-``python -m bench.compare`` (see ``__main__``); modules: ``runner`` (the run),
-``colofs_pair`` and ``qemu_chain`` (the systems), ``fio``, ``workloads``
-(the rows), ``report`` (table and JSON), ``qmp`` and ``proc`` (helpers).
+``python -m bench.compare`` (see ``__main__``); modules: ``runner`` (setup,
+the SVM rows, cleanup), ``rows_repl`` (the primary and ingest rows),
+``rows_control`` (checkpoint, failover, memory), ``state`` (what a run
+holds), ``colofs_pair``, ``qemu_chain``, ``qemu_quorum`` and ``floor`` (the
+systems), ``memory`` (peak RSS and PSS), ``fio``, ``workloads`` (the rows),
+``report`` (table and JSON), ``qmp`` and ``proc`` (helpers).
 """
