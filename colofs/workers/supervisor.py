@@ -63,6 +63,8 @@ from colofs.workers.zygote import Zygote
 
 log = logging.getLogger(__name__)
 
+LEFTOVER_WAIT = 10.0
+"""How long a new supervisor waits for the workers of a killed one to close their VMs."""
 START_WAIT = 300.0
 """How long the startup waits for every worker to report ready or failed before reporting ready anyway."""
 
@@ -96,6 +98,50 @@ def _node_id(store: str) -> str:
         return str(read_store_marker(marker)["node_id"])
     except Exception as e:
         raise StartupError(f"cannot open store {store}: {e}") from e
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def leftover_workers(store: str, exclude: set[int]) -> list[int]:
+    """Processes of an earlier supervisor of ``store`` still running (its workers, forked: same command line).
+
+    A supervisor killed with ``SIGKILL`` leaves its workers; one whose VM's
+    disk is still open serves it until the disk is closed. A new worker for
+    that VM must not open its files meanwhile.
+    """
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in exclude:
+            continue
+        argv = _cmdline(int(entry))
+        if "--workers" in argv and any(
+                a == "--store" and i + 1 < len(argv) and os.path.abspath(argv[i + 1]) == store
+                for i, a in enumerate(argv)):
+            found.append(int(entry))
+    return sorted(found)
+
+
+def wait_for_leftovers(store: str, exclude: set[int], timeout: float) -> None:
+    """Wait (blocking, before trio runs) for an earlier supervisor's processes to end; StartupError if they do not."""
+    deadline = time.monotonic() + timeout
+    left = leftover_workers(store, exclude)
+    if left:
+        log.warning("processes of an earlier supervisor of %s still run (pids %s): waiting up to %.0f s for them "
+                    "to close their VMs", store, ", ".join(map(str, left)), timeout)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = [p for p in left if _cmdline(p)]
+    if left:
+        raise StartupError(
+            f"store {store}: workers of an earlier supervisor still serve its VMs (pids "
+            f"{', '.join(map(str, left))}); each ends when its VM's disks are closed. Stop their users "
+            "(or kill them), then mount again")
 
 
 class Supervisor:
@@ -300,6 +346,8 @@ def run(cfg: MountConfig, *, ready: Ready, foreground: bool) -> int:
                          state="starting", started=time.time(), process_model="workers")
         except (MountpointError, AlreadyMounted, OSError) as e:
             raise StartupError(str(e)) from e
+        # (the parent: a mountctl mount waiting for readiness, with the same options)
+        wait_for_leftovers(cfg.store, {os.getpid(), os.getppid(), zygote.pid}, LEFTOVER_WAIT)
         log.info("supervisor of %s starting (pid %d, zygote %d)", cfg.store, os.getpid(), zygote.pid)
         supervisor = Supervisor(cfg, zygote, lock, daemon_args(cfg))
         trio.run(supervisor.serve, ready)

@@ -185,3 +185,30 @@ def test_umount_refuses_a_busy_mount_and_lazy_finishes_when_the_disk_is_closed(n
     wait_until_sync(lambda: not alive(supervisor), 60, "the supervisor to exit once the disk is closed")
     assert _mounts_under(node.base) == []
     wait_until_sync(lambda: not [p for p in node.pids if alive(p)], 60, "every process of the mount gone")
+
+
+def test_a_new_supervisor_waits_for_the_workers_a_killed_one_left(node: Node) -> None:
+    res = _mountctl("mount", "--workers", "--role", "primary", "--store", str(node.store), str(node.mnt))
+    assert res.returncode == 0, res.stderr
+    assert _mountctl("create", str(node.mnt), "vm0/d0", "--size", "16M").returncode == 0
+    node.remember()
+    supervisor = int(_status(node.mnt)["pid"])
+    # Stands for a worker of the killed supervisor still serving an open disk: same command line.
+    old = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "-m", "colofs.fs.daemon",
+                            "--store", str(node.store), "--workers"])
+    node.pids.add(old.pid)
+    try:
+        os.kill(supervisor, signal.SIGKILL)
+        wait_until_sync(lambda: not alive(supervisor), 60, "the supervisor killed")
+        wait_until_sync(lambda: not [p for p in node.pids if alive(p) and p != old.pid], 60,
+                        "the killed supervisor's own workers to end")
+        res = _mountctl("mount", "--workers", "--role", "primary", "--store", str(node.store), str(node.mnt))
+        assert res.returncode != 0
+        assert "workers of an earlier supervisor" in res.stderr and str(old.pid) in res.stderr, res.stderr
+    finally:
+        old.kill()
+        old.wait()
+    res = _mountctl("mount", "--workers", "--role", "primary", "--store", str(node.store), str(node.mnt))
+    assert res.returncode == 0, res.stderr
+    node.remember()
+    wait_until_sync(lambda: _serving(node.mnt / "vm0"), 60, "vm0 served again", catch=(OSError,))
