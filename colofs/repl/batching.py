@@ -49,7 +49,7 @@ class Batching:
         assert conn.next_seq is not None
         for m in self.checkpoints.due(conn.next_seq - 1):
             await conn.sender.send(Checkpoint(m.seq, m.id))
-            m.sent = True
+            self.checkpoints.sent(m)
 
     async def _window(self, conn: Conn) -> None:
         while len(conn.inflight) >= self.cfg.window:

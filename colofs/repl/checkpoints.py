@@ -112,6 +112,10 @@ class Checkpoints:
         """Markers not sent yet that go out once every write up to ``upto`` went out."""
         return [m for m in self.markers if not m.sent and m.seq <= upto]
 
+    def sent(self, m: Marker) -> None:
+        """``m`` went out behind its write: the secondary's CHECKPOINT_DONE may now confirm it."""
+        m.sent = True
+
     def first_unsent(self, lo: int, hi: int) -> int | None:
         """The seq of the first unsent marker in ``[lo, hi)``: a batch stops there."""
         return next((m.seq for m in self.markers if not m.sent and lo <= m.seq < hi), None)
