@@ -223,6 +223,7 @@ def test_memory_sampler_follows_a_process_and_its_children(tmp_path: Path):
         sampler.sample()
         peaks = sampler.peaks("tree")
         assert {k.rsplit("[", 1)[1].rstrip("]") for k in peaks.rss} == {str(proc.pid), str(child)}
+        assert sorted(k.split()[0] for k in peaks.rss) == ["child", "daemon"]
         assert set(peaks.pss) == set(peaks.rss) and peaks.highest("pss") > 0
         assert peaks.highest("rss") >= peaks.highest("pss")
         assert sampler.peaks("absent").highest("rss") == 0

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qemu-bin", metavar="DIR",
                    help="directory of qemu-storage-daemon and qemu-img to compare with (e.g. QEMU 10.0.2 unpacked "
                         "by `make bench-qemu10`); default: the ones on PATH")
+    p.add_argument("--workers", action="store_true",
+                   help="mount colofs with --workers (a process per VM); the memory rows then show the highest "
+                        "process and the JSON each one")
     p.add_argument("--list", action="store_true", help="list the row ids and exit")
     return p
 
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         sparse_writes=args.sparse_writes if args.sparse_writes is not None else (128 * MiB if quick else GiB),
         quick=quick,
         qemu_bin=args.qemu_bin,
+        workers=args.workers,
     )
     if settings.reps < 1 or settings.runtime <= 0:
         parser.error("--reps must be at least 1 and --runtime positive")
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, bench.results, machine, {
         "size": settings.size, "runtime_s": settings.runtime, "reps": settings.reps,
         "sparse_writes": settings.sparse_writes, "quick": quick, "only": args.only,
-        "seconds": round(took, 1), "interrupted": interrupted, "qemu_bin": args.qemu_bin,
+        "seconds": round(took, 1), "interrupted": interrupted, "qemu_bin": args.qemu_bin, "workers": args.workers,
         "qemu_version": qemu_chain.version(args.qemu_bin),
     }, bench.notes)
     print(f"results: {args.json}")

@@ -22,7 +22,7 @@ INTERVAL = 0.5  # seconds between samples: light on 2 cores, and no fio run is s
 
 @dataclass
 class Peaks:
-    """Per process (``COMM[PID]``): the highest RSS high-water mark and the highest PSS seen, in KiB."""
+    """Per process (see :func:`label`): the highest RSS high-water mark and the highest PSS seen, in KiB."""
 
     rss: dict[str, int] = field(default_factory=dict)
     pss: dict[str, int] = field(default_factory=dict)
@@ -58,12 +58,14 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def _comm(pid: int) -> str:
+def label(pid: int, root: int) -> str:
+    """``daemon|child COMM[PID]``: which process of a daemon's tree (forked workers share the daemon's argv)."""
     try:
         with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
+            comm = f.read().strip()
     except OSError:
-        return "?"
+        comm = "?"
+    return f"{'daemon' if pid == root else 'child'} {comm}[{pid}]"
 
 
 class MemorySampler:
@@ -92,13 +94,9 @@ class MemorySampler:
                 continue
             for p in descendants(pid):
                 rss, pss = proc_status_kib(p, "VmHWM"), pss_kib(p)
+                key = label(p, pid)
                 with self._lock:
-                    self._peaks[name].add(f"{_comm(p)}[{p}]", rss, pss)
-
-    def record(self, name: str, key: str, rss_kib: int, pss_kib_: int) -> None:
-        """A peak measured elsewhere (a daemon's own reading at its exit)."""
-        with self._lock:
-            self._peaks.setdefault(name, Peaks()).add(key, rss_kib, pss_kib_)
+                    self._peaks[name].add(key, rss, pss)
 
     def peaks(self, name: str) -> Peaks:
         with self._lock:

@@ -146,7 +146,7 @@ class ControlRows(BenchState):
         assert row.job is not None
         m = ColofsMount(self.dir, "sparse", "secondary")
         self.extra_mounts.append(m)
-        m.mount()
+        m.mount(*self.s.mount_options)
         path = str(m.create("big", row.job.size))
         before = m.rss_kib()
         r = run_fio(row.job, filename=path)

@@ -123,7 +123,8 @@ class Bench(ReplicationRows, ControlRows):
         try:
             progress("colofs: mounting the secondary and importing the seed as its base")
             self.pair = ColofsPair(self.dir, free_port())
-            self.pair.mount_secondary(*(("--nbd-socket", self.nbd_sock) if self.uses("nbd") else ()))
+            nbd = ("--nbd-socket", self.nbd_sock) if self.uses("nbd") else ()
+            self.pair.mount_secondary(*self.s.mount_options, *nbd)
             self.svm_file = str(self.pair.secondary.import_(SVM, self.seed))
         except (StepError, OSError) as e:
             self.set_down("colofs", "failed", f"setup: {e}")
@@ -156,7 +157,7 @@ class Bench(ReplicationRows, ControlRows):
         assert self.pair is not None
         try:
             progress("colofs: mounting a primary with --peer and probing replication")
-            self.pair.mount_primary()
+            self.pair.mount_primary(*self.s.mount_options)
             why = self.pair.probe(PVM, self.seed, timeout=60 + 60 * self.s.size / GiB)
         except (StepError, OSError) as e:
             why = f"primary setup failed: {e}"

@@ -40,6 +40,12 @@ class Settings:
     sparse_writes: int
     quick: bool
     qemu_bin: str | None = None  # directory of the QEMU programs (an unpacked newer QEMU); None: PATH
+    workers: bool = False  # mount colofs with --workers (a process per VM under a supervisor)
+
+    @property
+    def mount_options(self) -> tuple[str, ...]:
+        """Options every colofs mount of the run gets."""
+        return ("--workers",) if self.workers else ()
 
 
 class BenchState:
