@@ -108,6 +108,19 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
+def _ancestors() -> set[int]:
+    """This process and every process above it."""
+    out, pid = set(), os.getpid()
+    while pid > 1 and pid not in out:
+        out.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return out
+
+
 def leftover_workers(store: str, exclude: set[int]) -> list[int]:
     """Processes of an earlier supervisor of ``store`` still running (its workers, forked: same command line).
 
@@ -346,8 +359,8 @@ def run(cfg: MountConfig, *, ready: Ready, foreground: bool) -> int:
                          state="starting", started=time.time(), process_model="workers")
         except (MountpointError, AlreadyMounted, OSError) as e:
             raise StartupError(str(e)) from e
-        # (the parent: a mountctl mount waiting for readiness, with the same options)
-        wait_for_leftovers(cfg.store, {os.getpid(), os.getppid(), zygote.pid}, LEFTOVER_WAIT)
+        # (not the ancestors: the mountctl mount waiting for readiness has the same options)
+        wait_for_leftovers(cfg.store, {*_ancestors(), zygote.pid}, LEFTOVER_WAIT)
         log.info("supervisor of %s starting (pid %d, zygote %d)", cfg.store, os.getpid(), zygote.pid)
         supervisor = Supervisor(cfg, zygote, lock, daemon_args(cfg))
         trio.run(supervisor.serve, ready)
