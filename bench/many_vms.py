@@ -182,11 +182,15 @@ def mounts_under(base: Path) -> list[str]:
 
 
 def detach_all(base: Path) -> list[str]:
-    """Lazily detach every mount left under ``base``; those it found."""
-    left = mounts_under(base)
-    for where in left:
-        detach(where)
-    return left
+    """Lazily detach every mount left under ``base``, outermost first (that takes the VM mounts on a root
+    with it: a dead root cannot be entered to detach what sits on it); those it found."""
+    found = mounts_under(base)
+    for _ in range(len(found)):
+        left = mounts_under(base)
+        if not left:
+            break
+        detach(min(left, key=len))
+    return found
 
 
 def start(pair: Pair, *options: str) -> None:
@@ -220,7 +224,7 @@ def run(pair: Pair, names: list[str], size: int, *, wait: Callable[[Callable[[],
         fig.create_s.append(time.monotonic() - t0)
     for vm in names:
         f = pair.secondary.file(vm, DISK)
-        wait(lambda f=f: f.exists() and f.stat().st_size == size, 120, f"{vm}/{DISK} on the secondary")
+        wait(lambda f=f: _has_size(f, size), 120, f"{vm}/{DISK} on the secondary")
     spots = offsets(size)
     for vm in names:
         fd = os.open(pair.primary.file(vm, DISK), os.O_WRONLY)
@@ -242,6 +246,14 @@ def run(pair: Pair, names: list[str], size: int, *, wait: Callable[[Callable[[],
     for side, node in (("primary", pair.primary), ("secondary", pair.secondary)):
         fig.memory[side] = memory_table(node, names)
     return fig
+
+
+def _has_size(path: Path, size: int) -> bool:
+    """The file is there with that size (a VM whose worker is still starting answers EAGAIN: not yet)."""
+    try:
+        return path.stat().st_size == size
+    except OSError:
+        return False
 
 
 def check_same(pair: Pair, vm: str, size: int) -> None:
