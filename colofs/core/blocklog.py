@@ -75,6 +75,7 @@ from colofs.core.logformat import (
     DROP_BIT,
     F_BLOCK_DIGESTS,
     F_DATA_DIGEST,
+    F_ZERO_RECORDS,
     MAGIC,
     MAGIC_V1,
     MAX_RECORDS,
@@ -82,6 +83,8 @@ from colofs.core.logformat import (
     PUT,
     SEG_HDR,
     SLOT_OFFSETS,
+    ZERO_AT,
+    ZERO_BIT,
     block_digest,
     block_digests,
     empty_log,
@@ -305,20 +308,36 @@ class BlockLog(LogReplay):
 
     # -- updates ----------------------------------------------------------
 
-    def append(self, blocks: Sequence[int], bufs: Sequence[Buffer]) -> None:
-        """Add ``blocks`` whose contents are ``bufs`` concatenated; one ``pwritev``.
+    @property
+    def takes_zeros(self) -> bool:
+        """Whether ZERO records (a block reading as zeros, no data) can be appended: write-once, format 2."""
+        return not self.mutable and not self.legacy
 
-        The map is updated only once the write succeeded, so a failed append
-        (ENOSPC, EIO) leaves the log as it was.
+    def append(self, blocks: Sequence[int], bufs: Sequence[Buffer], zeros: Sequence[int] = ()) -> None:
+        """Add ``blocks`` whose contents are ``bufs`` concatenated, and ``zeros`` reading as zeros; one ``pwritev``.
+
+        ``zeros`` cost a record each and no data where :attr:`takes_zeros`
+        (else blocks of zeros are written). The map is updated only once the
+        write succeeded, so a failed append (ENOSPC, EIO) leaves the log as it was.
         """
         n = len(blocks)
-        if n == 0:
-            return
         bs = self.block_size
+        if zeros and not self.takes_zeros:
+            step = max(1, (8 << 20) // bs)
+            self.append(blocks, bufs)
+            for i in range(0, len(zeros), step):
+                part = zeros[i : i + step]
+                self.append(part, [bytes(len(part) * bs)])
+            return
+        if n + len(zeros) <= MAX_RECORDS:
+            if n or zeros:
+                self._append_segment(blocks, bufs, zeros)
+            return
         for start in range(0, n, MAX_RECORDS):
             chunk = blocks[start : start + MAX_RECORDS]
-            chunk_bufs = bufs if n <= MAX_RECORDS else _slice_bufs(bufs, start * bs, len(chunk) * bs)
-            self._append_segment(chunk, chunk_bufs)
+            self._append_segment(chunk, _slice_bufs(bufs, start * bs, len(chunk) * bs))
+        for start in range(0, len(zeros), MAX_RECORDS):
+            self._append_segment([], [], zeros[start : start + MAX_RECORDS])
 
     def _lead(self) -> list[Buffer]:
         """The file header, if this is the log's first write (its length moves ``end``)."""
@@ -327,7 +346,7 @@ class BlockLog(LogReplay):
         self.end = file_header_len(self.block_size)
         return [encode_file_header(self.block_size, self.mutable).ljust(self.end, b"\0")]
 
-    def _append_segment(self, blocks: Sequence[int], bufs: Sequence[Buffer]) -> None:
+    def _append_segment(self, blocks: Sequence[int], bufs: Sequence[Buffer], zeros: Sequence[int] = ()) -> None:
         n = len(blocks)
         bs = self.block_size
         total = sum(len(b) for b in bufs)
@@ -349,9 +368,14 @@ class BlockLog(LogReplay):
             sums = block_digests(bufs, bs)
             records[1::2] = array("Q", sums)
             flags = F_BLOCK_DIGESTS
+        if zeros:  # records (block | ZERO_BIT, 0) after the PUT records; no data
+            zrec = array("Q", bytes(16 * len(zeros)))
+            zrec[0::2] = array("Q", [b | ZERO_BIT for b in zeros])
+            records += zrec
+            flags |= F_ZERO_RECORDS
         old_end = self.end
         lead = self._lead()
-        header = self._header(records, n, flags, data_digest)
+        header = self._header(records, len(records) // 2, flags, data_digest)
         seg_off = self.end
         try:
             write_all(self.fd, [*lead, header, *bufs], old_end)
@@ -368,6 +392,9 @@ class BlockLog(LogReplay):
             else:
                 for b in blocks:
                     self.sums.pop(b, None)
+            for b in zeros:
+                self.sums.pop(b, None)
+        self.map.update(dict.fromkeys(zeros, ZERO_AT))
         self.end = data_off + n * bs
 
     def drop(self, blocks: Iterable[int]) -> None:

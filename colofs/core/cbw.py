@@ -3,7 +3,8 @@
 Every change to a disk's base goes through :meth:`CopyBeforeWrite.write`.
 Before a block of base changes for the first time, its old content is saved
 into every attached *target* (a write-once :class:`BlockLog`) that does not
-hold it yet, and the targets are made durable -- synced, then their commit
+hold it yet (a block that reads as zeros, such as a hole of a fresh base, as a
+ZERO record without data), and the targets are made durable -- synced, then their commit
 records written (``blocklog.make_durable``) -- before base is touched. The
 hidden buffer of a secondary is one target (emptied at each checkpoint); a
 snapshot is another (kept until deleted). A target's image is therefore
@@ -114,12 +115,19 @@ class CopyBeforeWrite:
             for i in range(count):
                 index[first + i] = pos + i * bs
             pos += count * bs
+        # Blocks of base that read as zeros (holes of a fresh disk, mostly) are saved as a record, not 4 KiB.
+        zero = bytes(bs)
+        zeros = {b for b, at in index.items() if buf.startswith(zero, at)}
         grown: list[BlockLog] = []
         for t in self.targets:
             missing = wanted[id(t)]
             if not missing:
                 continue
-            if len(missing) == len(union):
+            if zeros and t.takes_zeros:
+                data = [b for b in missing if b not in zeros]
+                t.append(data, _gather(mv, [index[b] for b in data], bs) if data else [],
+                         [b for b in missing if b in zeros])
+            elif len(missing) == len(union):
                 t.append(missing, [mv])
             else:
                 t.append(missing, _gather(mv, [index[b] for b in missing], bs))

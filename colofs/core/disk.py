@@ -32,6 +32,7 @@ from colofs.core.fileio import Buffer
 from colofs.core.forward import WriteSink
 from colofs.core.ioctx import IOContext
 from colofs.core.layers import patch_edges, read_layers, write_overlay
+from colofs.core.logformat import ZERO_AT
 from colofs.core.rangelock import RangeLock, holding
 from colofs.core.snapshot import Snapshot
 from colofs.core.state import FAILOVER, PRIMARY, VMState
@@ -265,7 +266,8 @@ class Disk:
         shift = self.shift
         for layer, skip in ((self.active, None), (self.hidden, self.active)):
             # Log data is block aligned: file offsets in block units form runs like blocks do.
-            slots = sorted(layer.map[b] >> shift for b in blocks if b in layer.map and (skip is None or b not in skip.map))
+            slots = sorted(layer.map[b] >> shift for b in blocks
+                           if layer.map.get(b, ZERO_AT) != ZERO_AT and (skip is None or b not in skip.map))
             for first, count in block_runs(slots):
                 try:
                     os.posix_fadvise(layer.fd, first << shift, count << shift, os.POSIX_FADV_WILLNEED)

@@ -16,8 +16,11 @@ from colofs.core.blocks import block_span
 from colofs.core.errors import DiskIOError
 from colofs.core.fileio import Buffer
 from colofs.core.ioctx import IOContext
+from colofs.core.logformat import ZERO_AT
 
 ReadView = Callable[[int, memoryview], Awaitable[None]]
+
+_ZEROS_FD = -2  # the "file" of blocks a layer records as zeros (ZERO_AT): runs of them are filled, not read
 
 
 async def _read_file(io: IOContext, fd: int, mv: memoryview, file_off: int, label: str, what: str = "") -> None:
@@ -79,6 +82,7 @@ async def read_layers(
         start = m.get(first)
         if (
             start is not None
+            and start != ZERO_AT
             and m.get(last) == start + ((last - first) << shift)
             and list(map(m.get, span)) == list(range(start, start + (len(span) << shift), 1 << shift))
         ):  # the whole range sits contiguously in one layer (compared in C, not per block in Python)
@@ -94,7 +98,9 @@ async def read_layers(
     async def flush(stop: int) -> None:
         lo = max(offset, run_block << shift)
         hi = min(end, stop << shift)
-        if run_layer is not None and run_layer.sums:
+        if run_fd == _ZEROS_FD:  # blocks recorded as zeros: nothing to read
+            mv[lo - offset : hi - offset] = bytes(hi - lo)
+        elif run_layer is not None and run_layer.sums:
             await _read_checked(io, run_layer, mv[lo - offset : hi - offset], run_block, run_off, lo, shift, label)
         else:
             await _read_file(io, run_fd, mv[lo - offset : hi - offset], run_off + lo - (run_block << shift), label)
@@ -107,6 +113,8 @@ async def read_layers(
             o = layer.map.get(b)
             if o is not None:
                 fd = layer.fd
+                if o == ZERO_AT:  # consecutive zero blocks make one run
+                    fd, o = _ZEROS_FD, b << shift
                 src = layer
                 break
         if o is None:
@@ -114,7 +122,7 @@ async def read_layers(
         if fd == run_fd and o == run_next:
             run_next += bs
             continue
-        if run_fd >= 0:
+        if run_fd != -1:  # a run has begun (the zeros "file" is -2)
             await flush(b)
         run_layer, run_fd, run_block, run_off, run_next = src, fd, b, o, o + bs
     await flush(last + 1)

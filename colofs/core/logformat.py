@@ -7,7 +7,11 @@
     then         segments: a header padded to whole blocks
                    (magic COLFSEG2, generation, record count, flags, -, xxh3 of header and records;
                     records of 16 bytes: block number (top bit set: DROP), xxh3 of the block's data)
-                 followed by the data of its PUT records, one block each
+                 followed by the data of its PUT records, one block each;
+                 a segment with flag F_ZERO_RECORDS may also hold ZERO records
+                   (bit 62 of the block number set, digest 0): the block reads as
+                   zeros and has no data in the file (a copy-before-write of a
+                   block of base that was a hole or zero costs a record, not 4 KiB)
 
 The file header is written when the file is created, so even an empty log
 is one header block long: a format-2 log that is empty or missing lost what
@@ -39,10 +43,14 @@ SEG_HDR = struct.Struct("<8sQIIQQ")  # magic, gen, nrec, flags, data digest (v1)
 HDR_SIZE = SEG_HDR.size
 REC_SIZE = 16  # v2: block u64 (top bit: DROP), digest u64; v1: block u64, kind u64
 DROP_BIT = 1 << 63
+ZERO_BIT = 1 << 62
+ZERO_AT = -1
+"""The map's file offset of a ZERO record's block: no data in the file, it reads as zeros."""
 PUT = 1
 DROP = 2
 F_DATA_DIGEST = 1  # v1: one digest over the segment's data
 F_BLOCK_DIGESTS = 2  # v2: each PUT record holds its block's digest
+F_ZERO_RECORDS = 4  # v2: some records are ZERO records (readers without it refuse the segment)
 MAX_RECORDS = 1 << 20
 NEW_SUFFIX = ".new"  # a fresh log file before it is renamed over the old one
 

@@ -22,6 +22,7 @@ from colofs.core.logformat import (
     DROP_BIT,
     F_BLOCK_DIGESTS,
     F_DATA_DIGEST,
+    F_ZERO_RECORDS,
     FILE_HDR,
     FILE_MAGIC,
     HDR_SIZE,
@@ -35,6 +36,8 @@ from colofs.core.logformat import (
     SLOT,
     SLOT_MAGIC,
     SLOT_OFFSETS,
+    ZERO_AT,
+    ZERO_BIT,
     block_digest,
     file_header_len,
     records_digest,
@@ -148,6 +151,11 @@ class LogReplay:
                 b, put = word, records[rec + 1] == PUT
             else:
                 b, put = word & ~DROP_BIT, not word & DROP_BIT
+                if put and b & ZERO_BIT:  # no data: the block reads as zeros
+                    m[b & ~ZERO_BIT] = ZERO_AT
+                    if own is not None:
+                        own.pop(b & ~ZERO_BIT, None)
+                    continue
             if put:
                 m[b] = data_off + i * bs
                 if own is not None:
@@ -182,7 +190,7 @@ class LogReplay:
         v1 = magic == MAGIC_V1
         if magic != (MAGIC_V1 if self.legacy else MAGIC):
             return "no segment header"
-        allowed = F_DATA_DIGEST if v1 else F_BLOCK_DIGESTS
+        allowed = F_DATA_DIGEST if v1 else F_BLOCK_DIGESTS | F_ZERO_RECORDS
         if nrec > MAX_RECORDS or flags & ~allowed:
             return "an impossible segment header"
         hlen = segment_header_len(nrec, bs)
@@ -201,7 +209,9 @@ class LogReplay:
                 elif kind != DROP:
                     return "an unknown record kind"
         else:
-            nput = sum(1 for w in records[0::2] if not w & DROP_BIT)
+            nput = sum(1 for w in records[0::2] if not w & (DROP_BIT | ZERO_BIT))
+            if not flags & F_ZERO_RECORDS and any(w & ZERO_BIT for w in records[0::2]):
+                return "a zero record in a segment not flagged for them"
         data_off = off + hlen
         end = data_off + nput * bs
         if end > limit:
@@ -217,7 +227,7 @@ class LogReplay:
                 if h.intdigest() != data_digest:
                     return "data that fails its checksum"
             return gen, records, data_off, end, None
-        sums = [w for r, w in zip(records[0::2], records[1::2], strict=True) if not r & DROP_BIT]
+        sums = [w for r, w in zip(records[0::2], records[1::2], strict=True) if not r & (DROP_BIT | ZERO_BIT)]
         if flags & F_BLOCK_DIGESTS:
             if verify_data:
                 bad = self._check_data(data_off, sums)

@@ -24,6 +24,7 @@ from colofs.core.disk import Disk
 from colofs.core.errors import StoreError
 from colofs.core.fileio import Buffer, fsync_dir
 from colofs.core.ioctx import IOContext
+from colofs.core.logformat import ZERO_AT
 from colofs.core.snapshot import Snapshot, overlay_path, target_path
 from colofs.core.state import CLONE, FAILOVER, NORMAL, SECONDARY, DiskState, VMState, load_vm_state
 from colofs.core.vmbase import STATE_FILE, VMBase
@@ -234,8 +235,9 @@ class VMOpening(VMBase):
             extents: list[tuple[int, Buffer]] = []
             for j, b in enumerate(chunk):
                 view = mv[j * bs : (j + 1) * bs]
-                await disk.io.read_into(disk.hidden.fd, view, hmap[b])
-                disk.hidden.verify(b, view)
+                if hmap[b] != ZERO_AT:  # a ZERO record: the block was zeros (buf is)
+                    await disk.io.read_into(disk.hidden.fd, view, hmap[b])
+                    disk.hidden.verify(b, view)
                 start = b * bs
                 extents.append((start, view[: min(bs, disk.size - start)]))
             await disk.cbw.write(extents)

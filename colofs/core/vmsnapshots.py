@@ -21,6 +21,7 @@ from colofs.core.disk import Disk, whole_disks
 from colofs.core.errors import AlreadyExists, BadArgument, InUse, NotFound
 from colofs.core.fileio import fsync_dir
 from colofs.core.ioctx import IOContext
+from colofs.core.logformat import ZERO_AT
 from colofs.core.names import check_name
 from colofs.core.rangelock import holding
 from colofs.core.snapshot import Snapshot, overlay_path, target_path
@@ -175,10 +176,13 @@ async def _copy_blocks(io: IOContext, src: BlockLog, dst: BlockLog) -> None:
     step = max(1, (8 << 20) // bs)
     for i in range(0, len(blocks), step):
         chunk = blocks[i : i + step]
+        zeros = [b for b in chunk if src.map[b] == ZERO_AT]  # ZERO records stay records
+        if zeros:
+            chunk = [b for b in chunk if src.map[b] != ZERO_AT]
         buf = bytearray(len(chunk) * bs)
         mv = memoryview(buf)
         for j, b in enumerate(chunk):
             await io.read_into(src.fd, mv[j * bs : (j + 1) * bs], src.map[b])
             src.verify(b, mv[j * bs : (j + 1) * bs])
-        dst.append(chunk, [mv])
+        dst.append(chunk, [mv] if chunk else [], zeros)
 

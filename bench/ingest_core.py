@@ -1,0 +1,199 @@
+"""What a secondary's ingest and failover cost in the core: rate, bytes written per byte ingested, syncs.
+
+Applies primary writes to a fresh secondary disk through ``VM.apply_primary``
+(what a replication session calls, in groups of ``--group`` MiB), 4 KiB
+random and 1 MiB sequential, each into a fresh disk (base all holes) and
+again over a disk whose base holds data (every block written once and
+checkpointed). For each it prints MB/s, the bytes written to base,
+hidden.log and other files per byte ingested (counted at the core's
+``write_all``) and the ``fdatasync`` calls. Then a failover commit with
+``--failover`` MiB buffered, half in hidden (over data) and half in active.
+
+Usage: ``python bench/ingest_core.py [--dir DIR] [--mib N] [--group MiB] [--failover MiB]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+import trio
+
+import colofs.core.blocklog
+import colofs.core.cbw
+import colofs.core.fileio
+from colofs.core import PrimaryWrite, Store
+from colofs.core.fileio import Buffer
+
+MiB = 1 << 20
+DISK = 2 << 30
+
+
+class Meter:
+    """Counts bytes the core writes per file (by name) and ``fdatasync`` calls, while installed."""
+
+    def __init__(self) -> None:
+        self.bytes: Counter[str] = Counter()
+        self.syncs = 0
+        self.counting = True
+        self._lock = threading.Lock()
+        self._orig_write = colofs.core.fileio.write_all
+        self._orig_sync = os.fdatasync
+
+    def install(self) -> None:
+        orig_write, orig_sync = self._orig_write, self._orig_sync
+
+        def write_all(fd: int, bufs: Sequence[Buffer], offset: int) -> None:
+            orig_write(fd, bufs, offset)
+            try:
+                name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+            except OSError:
+                name = "?"
+            kind = name if name in ("base.raw", "hidden.log", "active.log") else "other"
+            with self._lock:
+                if self.counting:
+                    self.bytes[kind] += sum(len(b) for b in bufs)
+
+        def fdatasync(fd: int) -> None:
+            orig_sync(fd)
+            with self._lock:
+                if self.counting:
+                    self.syncs += 1
+
+        colofs.core.cbw.write_all = write_all
+        colofs.core.blocklog.write_all = write_all
+        os.fdatasync = fdatasync
+
+    def uninstall(self) -> None:
+        colofs.core.cbw.write_all = self._orig_write
+        colofs.core.blocklog.write_all = self._orig_write
+        os.fdatasync = self._orig_sync
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.syncs = 0
+        self.counting = True
+
+    def freeze(self) -> None:
+        """Stop counting until the next :meth:`reset`."""
+        self.counting = False
+
+
+def report(name: str, total: int, seconds: list[float], meter: Meter) -> None:
+    """One row: median [min-max] MB/s over the repetitions, and the last repetition's writes and syncs."""
+    b = meter.bytes
+    rates = sorted(total / s / 1e6 for s in seconds)
+    print(
+        f"{name:<30} {rates[len(rates) // 2]:7.1f} [{rates[0]:.0f}-{rates[-1]:.0f}] MB/s  "
+        f"base {b['base.raw'] / total:5.2f}  "
+        f"hidden {b['hidden.log'] / total:5.3f}  other {(b['active.log'] + b['other']) / total:5.3f}  "
+        f"fdatasync {meter.syncs:6d} ({meter.syncs / (total / MiB):5.2f}/MiB)",
+        flush=True,
+    )
+
+
+async def ingest(vm: object, seq: int, writes: list[tuple[int, bytes]], group: int) -> int:
+    """Apply ``writes`` in groups of ``group`` bytes, as a session's merged batches; returns the last seq."""
+    batch: list[PrimaryWrite] = []
+    size = 0
+    for off, data in writes:
+        batch.append(PrimaryWrite("d", off, data))
+        size += len(data)
+        if size >= group:
+            seq = await vm.apply_primary(seq + 1, batch)  # type: ignore[attr-defined]
+            batch, size = [], 0
+    if batch:
+        seq = await vm.apply_primary(seq + 1, batch)  # type: ignore[attr-defined]
+    return seq
+
+
+async def run(workdir: str, mib: int, group_mib: int, failover_mib: int, repeat: int) -> None:
+    rng = random.Random(13)
+    total = mib * MiB
+    group = group_mib * MiB
+    big = rng.randbytes(MiB)
+    small = rng.randbytes(4096)
+    patterns = {
+        "1 MiB sequential": [(i * MiB, big) for i in range(mib)],
+        "4 KiB random": [(rng.randrange(0, DISK // 4096) * 4096, small) for _ in range(total // 4096)],
+    }
+    meter = Meter()
+    meter.install()
+    try:
+        n = 0
+        for label, writes in patterns.items():
+            for over in ("fresh disk", "data in base"):
+                times: list[float] = []
+                for _ in range(repeat):
+                    n += 1
+                    store = await Store.open(os.path.join(workdir, f"s{n}"), role="secondary", create=True)
+                    await store.create_disk("vm", "d", DISK)
+                    vm = store.vm("vm")
+                    seq = 0
+                    if over == "data in base":
+                        seq = await ingest(vm, seq, writes, group)
+                        await vm.checkpoint(seq)
+                    meter.reset()
+                    t = time.perf_counter()
+                    seq = await ingest(vm, seq, writes, group)
+                    times.append(time.perf_counter() - t)
+                    meter.freeze()  # the store's close (its syncs) is not part of the row
+                    await store.close()
+                    shutil.rmtree(os.path.join(workdir, f"s{n}"))
+                report(f"{label}, {over}", total, times, meter)
+
+        spent: list[float] = []
+        for r in range(repeat):
+            store = await Store.open(os.path.join(workdir, f"f{r}"), role="secondary", create=True)
+            disk = await store.create_disk("vm", "d", DISK)
+            vm = store.vm("vm")
+            half = failover_mib // 2
+            fill = [(i * MiB, big) for i in range(half)]
+            seq = await ingest(vm, 0, fill, group)
+            await vm.checkpoint(seq)
+            seq = await ingest(vm, seq, [(off, small * 256) for off, _ in fill], group)  # hidden: half, over data
+            for i in range(half):
+                await disk.write(DISK // 2 + i * MiB, big)  # active: the other half
+            meter.reset()
+            t = time.perf_counter()
+            moved = await vm.failover()
+            spent.append(time.perf_counter() - t)
+            meter.freeze()
+            await store.close()
+            shutil.rmtree(os.path.join(workdir, f"f{r}"))
+        spent.sort()
+        b = meter.bytes
+        print(
+            f"failover, {failover_mib} MiB buffered    {spent[len(spent) // 2] * 1000:7.1f} "
+            f"[{spent[0] * 1000:.0f}-{spent[-1] * 1000:.0f}] ms  {moved} blocks  "
+            f"base {b['base.raw'] / MiB:.0f} MiB  fdatasync {meter.syncs}",
+            flush=True,
+        )
+    finally:
+        meter.uninstall()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dir", help="directory on the file system to measure (default: a temporary one)")
+    p.add_argument("--mib", type=int, default=128, help="MiB ingested per row")
+    p.add_argument("--group", type=int, default=4, help="MiB per apply_primary call (a session's merged group)")
+    p.add_argument("--failover", type=int, default=256, help="MiB buffered before the failover")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each row (median [min-max] shown)")
+    a = p.parse_args()
+    work = tempfile.mkdtemp(prefix="colofs-ingest-", dir=a.dir)
+    try:
+        trio.run(run, work, a.mib, a.group, a.failover, a.repeat)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
