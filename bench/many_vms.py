@@ -211,6 +211,7 @@ class Figures:
     status_s: float = 0.0
     status: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # side -> process -> figures
+    memory_idle: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # the same, before any write
     kill: dict[str, float] = field(default_factory=dict)
 
 
@@ -225,6 +226,10 @@ def run(pair: Pair, names: list[str], size: int, *, wait: Callable[[Callable[[],
     for vm in names:
         f = pair.secondary.file(vm, DISK)
         wait(lambda f=f: _has_size(f, size), 120, f"{vm}/{DISK} on the secondary")
+    for vm in names:
+        wait(lambda vm=vm: _connected(pair.primary, vm), 120, f"{vm}'s link to the secondary")
+    for side, node in (("primary", pair.primary), ("secondary", pair.secondary)):
+        fig.memory_idle[side] = memory_table(node, names)
     spots = offsets(size)
     for vm in names:
         fd = os.open(pair.primary.file(vm, DISK), os.O_WRONLY)
@@ -253,6 +258,13 @@ def _has_size(path: Path, size: int) -> bool:
     try:
         return path.stat().st_size == size
     except OSError:
+        return False
+
+
+def _connected(node: Node, vm: str) -> bool:
+    try:
+        return ((node.read_status(vm) or {}).get("peer") or {}).get("state") == "connected"
+    except (PairError, OSError):
         return False
 
 
@@ -338,6 +350,11 @@ def describe(fig: Figures) -> str:
         lines.append(f"{'':{len(side) + 1}} total: RSS {_mib(t['rss']).strip()} PSS {_mib(t['pss']).strip()} "
                      f"USS {_mib(t['uss']).strip()} MiB over {len(table)} processes "
                      f"(bound for USS: {_mib(uss_bound(fig.vms)).strip()} MiB)")
+    for side, table in fig.memory_idle.items():
+        t = totals(table)
+        med = statistics.median(w["pss"] for w in worker_rows(table)) if worker_rows(table) else 0
+        lines.append(f"{side} before any write: total RSS {_mib(t['rss']).strip()} PSS {_mib(t['pss']).strip()} "
+                     f"USS {_mib(t['uss']).strip()} MiB, worker PSS median {_mib(med).strip()} MiB")
     if fig.kill:
         lines.append(f"kill -9 of a primary worker: detected after {fig.kill['detected_s']:.2f} s, "
                      f"serving again after {fig.kill['serving_s']:.2f} s")
