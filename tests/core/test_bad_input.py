@@ -256,8 +256,10 @@ async def test_corrupt_map_header(open_store, layer: str) -> None:
 async def test_corrupt_map_after_crash_is_not_mistaken_for_a_torn_tail(open_store) -> None:
     store = await make(open_store)
     vm = store.vm("vm")
-    await vm.apply_primary(1, [PrimaryWrite("disk0", 0, b"p" * 100)])
-    await vm.apply_primary(2, [PrimaryWrite("disk0", 8192, b"q" * 100)])
+    await vm.apply_primary(1, [PrimaryWrite("disk0", 0, b"o" * 12288)])  # data, so hidden saves data, not records
+    await vm.checkpoint(1)
+    await vm.apply_primary(2, [PrimaryWrite("disk0", 0, b"p" * 100)])
+    await vm.apply_primary(3, [PrimaryWrite("disk0", 8192, b"q" * 100)])
     store.abandon()  # crash: the next open must roll back from hidden
     hidden = os.path.join(store.path, "vm", "disk0", "hidden.log")
     with open(hidden, "r+b") as f:
