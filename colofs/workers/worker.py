@@ -68,6 +68,7 @@ from colofs.nbd.service import NbdService
 from colofs.repl import ReplConfig, ReplConfigError
 from colofs.wire import NonceRegistry
 from colofs.workers.channel import Channel, RemoteError, WorkerArgs, encode
+from colofs.workers.malloc import Trimmer
 from colofs.workers.metrics import page
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class Worker:
         self._nursery: trio.Nursery | None = None
         self._events_send, self._events_receive = trio.open_memory_channel[dict[str, Any]](EVENT_QUEUE)
         self.events_dropped = 0
+        self.trimmer = Trimmer()  # free heap pages go back to the kernel after a checkpoint
         budget = args.extra.get(BUDGET)
         self.budget: int | None = int(budget) if budget is not None else None
         """The retained-writes budget the supervisor gives this VM (None: the engine's default)."""
@@ -240,6 +242,7 @@ class Worker:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward_events)
+                nursery.start_soon(self.trimmer.run)
                 await self._send_summary()
                 try:
                     await start_replication(nursery, repl, cfg)
@@ -413,6 +416,8 @@ class Worker:
                 await self._send_summary()
             except Exception as e:  # the supervisor is gone, or an event too large: keep serving
                 log.warning("events: cannot forward %s: %s", kind, e)
+            if kind in ("checkpoint", "resync-done"):  # retained writes were dropped
+                self.trimmer.request()
 
     def summary(self) -> dict[str, Any]:
         """What the supervisor's root status counts for this VM."""

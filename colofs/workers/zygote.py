@@ -36,6 +36,7 @@ from typing import Any
 import trio
 
 from colofs.workers.channel import WorkerArgs
+from colofs.workers.malloc import limit_arenas
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ def _zygote_main(sock: socket.socket, entry: Entry) -> None:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         _close_all_but({0, 1, 2, sock.fileno()})
         _log_to_stderr()
+        limit_arenas()  # inherited by every worker: its threads share an arena instead of one each
         _serve(sock, entry)
     except BrokenPipeError:
         pass  # the supervisor is gone

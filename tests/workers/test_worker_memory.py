@@ -1,0 +1,37 @@
+"""A few VMs on a pair with a worker per VM: after 8 MiB written and a checkpoint in each, the
+primary's processes hold at most the issue's 64 MiB + 16 MiB per VM of private memory.
+
+The figures are printed (each worker's USS), so a run shows what one VM's worker costs.
+"""
+
+from __future__ import annotations
+
+from bench.many_vms import describe, run, totals, uss_bound, vm_names, worker_rows
+from colofs.workers.malloc import limit_arenas, trim
+from tests.waiting import wait_until_sync
+from tests.workers.conftest import WorkersPair, nothing_left
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def test_glibc_calls_apply_here() -> None:
+    """The calls the zygote and the workers make work on this C library (glibc: the test machine's)."""
+    assert limit_arenas(8)  # this test process's own setting; 8 is glibc's usual cap on 2 cores
+    trim()
+
+
+def test_a_few_vms_stay_within_the_bound(wpair: WorkersPair) -> None:
+    vms = 4
+    wpair.start()
+    names = vm_names(vms)
+    fig = run(wpair, names, GiB, wait=wait_until_sync)
+    wpair.tracker.remember()
+    print(describe(fig))
+    primary = fig.memory["primary"]
+    assert len(worker_rows(primary)) == vms, sorted(primary)
+    print("primary workers' USS (MiB):", " ".join(f"{w['uss'] / MiB:.1f}" for w in worker_rows(primary)))
+    assert totals(primary)["uss"] <= uss_bound(vms), totals(primary)
+    wpair.pri.umount()
+    wpair.sec.umount()
+    nothing_left(wpair)
