@@ -231,9 +231,12 @@ class Fleet:
                         self._touch()
             action = self.table.check(w, trio.current_time())
             if action == "hung":
-                log.error("VM %s: worker %s has not answered for %.0f s: hung", w.vm, w.pid,
-                          self.table.liveness_timeout)
-                self.bus.emit("worker-hung", vm=w.vm, pid=w.pid)
+                if w.stuck_starting:
+                    log.error("VM %s: worker %s %s (it opens its VM and mounts it): hung", w.vm, w.pid, w.error)
+                else:
+                    log.error("VM %s: worker %s has not answered for %.0f s: hung", w.vm, w.pid,
+                              self.table.liveness_timeout)
+                self.bus.emit("worker-hung", vm=w.vm, pid=w.pid, starting=w.stuck_starting)
                 self._touch()
             elif action == "kill" and w.pid is not None:
                 log.error("VM %s: worker %s hung for %.0f s: killing it (SIGKILL) to restart it",

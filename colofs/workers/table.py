@@ -7,7 +7,10 @@ States: ``starting`` → ``serving`` → (``stopping`` → ``stopped``) | ``cras
 → ``restarting`` → ``starting`` ... A serving worker that leaves pings
 unanswered for :data:`LIVENESS_TIMEOUT` is ``hung``; it is ``serving`` again
 once it answers, or it is killed (``SIGKILL``) and restarted after
-``hang_kill_after`` seconds (0: never). A crash is restarted at once; crashes
+``hang_kill_after`` seconds (0: never). A worker still ``starting`` after
+:data:`START_TIMEOUT` (opening a damaged VM, a mount that does not come) is
+``hung`` too, with an ``error`` saying so; answering pings does not end that,
+only its ``ready`` does (or the kill). A crash is restarted at once; crashes
 within :data:`QUICK_CRASH` seconds of starting back off 1, 2, 4 … 60 s, and
 after :data:`MAX_QUICK_CRASHES` of those in a row the VM is ``failed``.
 """
@@ -33,6 +36,8 @@ COUNTED = (SERVING, STARTING, CRASHED, HUNG, FAILED)
 PING_INTERVAL = 5.0
 LIVENESS_TIMEOUT = 15.0
 HANG_KILL_AFTER = 120.0
+START_TIMEOUT = 60.0
+"""How long a worker may take from its fork to ``ready`` before it is reported hung."""
 QUICK_CRASH = 60.0
 MAX_QUICK_CRASHES = 5
 MAX_BACKOFF = 60.0
@@ -82,6 +87,7 @@ class Worker:
     error: str | None = None
     budget_sent: int | None = None
     opened: bool = False
+    stuck_starting: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def status(self) -> dict[str, Any]:
@@ -96,10 +102,12 @@ class Worker:
 class Table:
     """The workers by VM name, with the decisions the supervisor acts on."""
 
-    def __init__(self, *, kill_after: float = HANG_KILL_AFTER, liveness_timeout: float = LIVENESS_TIMEOUT) -> None:
+    def __init__(self, *, kill_after: float = HANG_KILL_AFTER, liveness_timeout: float = LIVENESS_TIMEOUT,
+                 start_timeout: float = START_TIMEOUT) -> None:
         self.workers: dict[str, Worker] = {}
         self.kill_after = kill_after
         self.liveness_timeout = liveness_timeout
+        self.start_timeout = start_timeout
 
     def __contains__(self, vm: str) -> bool:
         return vm in self.workers
@@ -128,12 +136,16 @@ class Table:
         w.state, w.pid, w.started_at, w.last_answer = STARTING, pid, now, now
         w.hung_since = w.restart_at = None
         w.opened = False
+        w.stuck_starting = False
         w.error = None
         w.budget_sent = None
 
     def ready(self, w: Worker, now: float) -> None:
         if w.state in (STARTING, HUNG):
             w.state = SERVING
+            w.hung_since = None
+        if w.stuck_starting:
+            w.stuck_starting, w.error = False, None
         w.last_answer = now
 
     def exited(self, w: Worker, returncode: int, now: float) -> float | None:
@@ -177,7 +189,7 @@ class Table:
     def answered(self, w: Worker, now: float) -> bool:
         """A ping was answered; True if the worker was hung until now."""
         w.last_answer = now
-        if w.state == HUNG:
+        if w.state == HUNG and not w.stuck_starting:
             w.state = SERVING
             w.hung_since = None
             return True
@@ -185,6 +197,10 @@ class Table:
 
     def check(self, w: Worker, now: float) -> str | None:
         """What a liveness tick calls for: ``"hung"`` (report it), ``"kill"``, or None."""
+        if w.state == STARTING and self.start_timeout > 0 and now - w.started_at > self.start_timeout:
+            w.state, w.hung_since, w.stuck_starting = HUNG, now, True
+            w.error = f"still starting after {self.start_timeout:.0f} s"
+            return "hung"
         if w.state == SERVING and now - w.last_answer > self.liveness_timeout:
             w.state = HUNG
             w.hung_since = now

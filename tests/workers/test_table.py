@@ -120,3 +120,22 @@ def test_counts_per_state() -> None:
     _serving(t, "c", 0.0)
     t.exited(t.workers["c"], 1, 1.0)
     assert t.counts() == {"serving": 1, "starting": 1, "crashed": 1, "hung": 0, "failed": 0}
+
+
+def test_a_worker_still_starting_past_the_deadline_is_hung_until_ready() -> None:
+    t = Table(kill_after=120, start_timeout=60)
+    w = t.add("vm0")
+    t.started(w, 100, 0.0)
+    assert t.check(w, 59.0) is None
+    assert t.check(w, 61.0) == "hung"
+    assert w.state == HUNG and w.error == "still starting after 60 s"
+    assert not t.answered(w, 62.0)  # its channel answers, but it still does not serve
+    assert w.state == HUNG
+    assert t.check(w, 181.0) == "kill"
+    t.ready(w, 100.0)
+    assert w.state == SERVING and w.error is None
+    w2 = t.add("vm1")
+    t.started(w2, 101, 0.0)
+    t.ready(w2, 1.0)
+    t.answered(w2, 55.0)
+    assert t.check(w2, 61.0) is None  # ready in time: only the pings count
