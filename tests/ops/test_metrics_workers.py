@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import inspect
 import os
 import signal
+import socket
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ from colofs.fs.metrics import Figures, Hist, render, serve_metrics, to_rows
 from colofs.workers.channel import Channel, RemoteError, channel_pair, encode
 from colofs.workers.metrics import WorkerFigures, page
 from colofs.workers.table import Table
+from mountctl.pair import free_port
 from tests.e2e.pair import direct_pwrite
 from tests.fs.mounts import mountctl
 from tests.fs.workerstub import MiB, Supervisor
@@ -307,3 +311,95 @@ async def test_a_vm_with_many_disks_travels_in_pages_each_row_once() -> None:
     no_sample_twice(s)
     assert len(s.samples["colofs_writes_total"]) == 300
     assert bad.value.errno == errno.EINVAL
+
+
+def _supervisor_serves_metrics() -> bool:
+    """Whether the supervisor starts the metrics server (the lines it needs: colofs/workers/metrics.py's doc)."""
+    try:
+        from colofs.workers import supervisor
+    except ImportError:
+        return False
+    return "WorkerFigures" in inspect.getsource(supervisor)
+
+
+@pytest.fixture
+def wpair(tmp_path: Path) -> Iterator[Any]:
+    from tests.workers.conftest import WorkersPair
+
+    p = WorkersPair(tmp_path)
+    try:
+        yield p
+    finally:
+        p.cleanup()
+
+
+@pytest.mark.skipif(REASON is not None, reason=f"mount test {REASON}")
+@pytest.mark.skipif(not _supervisor_serves_metrics(), reason="the supervisor does not start WorkerFigures yet")
+def test_a_workers_pair_serves_each_hosts_metrics_from_its_supervisor(wpair: Any) -> None:
+    sport, pport = free_port(), free_port()
+    wpair.mount_secondary("--workers", "--metrics", f"127.0.0.1:{sport}")
+    wpair.mount_primary("--workers", "--metrics", f"127.0.0.1:{pport}")
+    wpair.tracker.remember()
+    for vm, writes in (("vm1", 4), ("vm2", 2)):
+        mountctl("create", str(wpair.pri.mnt), f"{vm}/d0", "--size", "4M")
+        wpair.wait_disk(vm, "d0", 4 * MiB)
+        write(wpair.pfile(vm), writes)
+    assert wpair.checkpoint("vm1")["replicated"] is True
+    wpair.wait_caught_up("vm1")
+    wpair.tracker.remember()
+    # A stranger without the route preamble is refused by the secondary's supervisor, never by a worker.
+    with socket.create_connection(("127.0.0.1", wpair.port), timeout=30) as stranger:
+        try:  # the router reads the 8 bytes of a preamble, refuses, and closes with the rest unread (a reset)
+            stranger.sendall(b"GET / HTTP/1.0\r\n\r\n" * 8)
+            while stranger.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    p = scrape_sync(pport)
+    check_all_listed(p)
+    assert {n: p.types.get(n) for n in WORKER_FAMILIES} == WORKER_FAMILIES
+    no_sample_twice(p)
+    for vm, writes in (("vm1", 4), ("vm2", 2)):
+        assert p.value("colofs_writes_total", vm=vm, disk="d0") == writes
+        assert p.value("colofs_replication_state", vm=vm, state="connected") == 1
+        assert p.value("colofs_worker_up", vm=vm) == 1
+        assert p.value("colofs_worker_state", vm=vm, state="serving") == 1
+        assert p.value("colofs_worker_memory_bytes", vm=vm, kind="pss") > 0
+    assert p.value("colofs_checkpoints_total", vm="vm1") == 1 and p.value("colofs_checkpoints_total", vm="vm2") == 0
+
+    s = wait_until_sync(lambda: (lambda x: x if sum(v for _, v in x.samples.get(
+        "colofs_refused_connections_total", [])) >= 1 else None)(scrape_sync(sport)),
+        what="the secondary's metrics to count the refused stranger")
+    check_all_listed(s)
+    no_sample_twice(s)
+    assert sum(v for _, v in s.samples["colofs_refused_connections_total"]) == 1
+    assert s.value("colofs_checkpoints_total", vm="vm1") == 1  # counted once: by vm1's worker, not its supervisor
+    assert s.value("colofs_worker_up", vm="vm1") == 1 and s.value("colofs_worker_up", vm="vm2") == 1
+
+    # The primary's vm2 worker stopped: the scrape answers without vm2, which is marked down.
+    victim = wpair.worker_pid(wpair.pri, "vm2")
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        p = scrape_sync(pport)
+        no_sample_twice(p)
+        assert p.value("colofs_worker_up", vm="vm2") == 0 and p.value("colofs_worker_up", vm="vm1") == 1
+        assert series_of(p, "vm2") == set()
+        assert p.value("colofs_writes_total", vm="vm1", disk="d0") == 4
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    wait_until_sync(lambda: scrape_sync(pport).value("colofs_worker_up", vm="vm2") == 1, what="vm2's worker up again")
+
+    # Killed: the scrape goes on; once restarted, vm2 is back with its restart counted.
+    os.kill(victim, signal.SIGKILL)
+    p = scrape_sync(pport)
+    no_sample_twice(p)
+    assert p.value("colofs_writes_total", vm="vm1", disk="d0") == 4
+    p = wait_until_sync(lambda: (lambda x: x if x.value("colofs_worker_restarts_total", vm="vm2") == 1
+                                 and x.value("colofs_worker_state", vm="vm2", state="serving") == 1
+                                 and x.value("colofs_worker_up", vm="vm2") == 1 else None)(scrape_sync(pport)),
+                        what="vm2's restarted worker serving, in the metrics")
+    check_all_listed(p)
+    no_sample_twice(p)
+    assert p.value("colofs_writes_total", vm="vm2", disk="d0") == 0  # counted anew by the new worker
+    wpair.tracker.remember()
