@@ -19,6 +19,14 @@ counters (refused connections); for those the supervisor keeps each
 worker's last answer while it is silent, and carries a dead worker's last
 answer over its restart, so the sum never goes backwards (what a worker
 counted after its last scrape and before it died is lost).
+
+The supervisor starts it once its fleet and (on a secondary) its router exist::
+
+    source = WorkerFigures(fleet, refused=None if router is None else lambda: refusals(router.status()))
+    await nursery.start(serve_metrics, source, cfg.metrics.host, cfg.metrics.port)
+
+(``refusals`` and ``serve_metrics`` from :mod:`colofs.fs.metrics`; an
+``OSError`` from the start is the ``--metrics`` startup error, as in the daemon.)
 """
 
 from __future__ import annotations
