@@ -32,7 +32,7 @@ from colofs.core.errors import ColofsError, NotFound
 from colofs.core.snapshot import Snapshot
 from colofs.core.state import SECONDARY
 from colofs.core.store import Store
-from colofs.nbd.ingest import INGEST_SUFFIX, IngestImage
+from colofs.nbd.ingest import INGEST_SUFFIX, IngestImage, WriteGroup
 from colofs.nbd.protocol import STATE_HOLE, STATE_ZERO
 
 SNAP_SEP = "@"
@@ -115,6 +115,10 @@ class Export:
 
     async def flush(self) -> None:
         await self.image.flush()
+
+    def write_group(self) -> WriteGroup | None:
+        """For an ingest export, where a connection gathers its pipelined writes; None: each is served alone."""
+        return WriteGroup(self.image) if isinstance(self.image, IngestImage) else None
 
     def layers(self) -> list[BlockLog]:
         """The block-map layers over base, first match wins (as the core reads them)."""

@@ -8,6 +8,13 @@ sequence number, so it goes through copy-before-write into base exactly as
 a write from a colofs primary does, and the secondary VM's view is not
 changed by it. Reads return the primary's image (base).
 
+The NBD server applies the writes a client has pipelined, as far as they
+were received together, as one :class:`WriteGroup`: one forwarded batch
+under consecutive sequence numbers, so one hidden save and one
+``fdatasync`` cover them all, and it replies to each only once the group is
+durable (the same rule as the replication wire's ACK). Order within a group
+is the order received: a later write to the same block wins.
+
 A checkpoint of such a VM is a local ``mountctl checkpoint`` on the
 secondary, taken while the primary VM is paused and its quorum drained
 (every write it issued acknowledged): the checkpoint then holds exactly the
@@ -17,16 +24,22 @@ by ingest, never both.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import trio
 
 from colofs.core.blocks import block_span
 from colofs.core.disk import Disk
 from colofs.core.errors import RoleError
+from colofs.core.fileio import Buffer
 from colofs.core.layers import read_layers
 from colofs.core.state import NORMAL, SECONDARY
 from colofs.core.vm import PrimaryWrite
 
 INGEST_SUFFIX = ":ingest"
+GROUP_BYTES = 16 << 20
+"""Bytes one group applies at most: copy-before-write reads the old blocks of a whole group into memory."""
+ZERO_PIECE = 1 << 20
 
 
 class IngestImage:
@@ -57,11 +70,64 @@ class IngestImage:
         return out
 
     async def write(self, offset: int, data: bytes) -> None:
+        await self.apply([(offset, data)])
+
+    async def apply(self, extents: Sequence[tuple[int, Buffer]]) -> None:
+        """Apply ``(offset, data)`` in order as one forwarded batch: durable in hidden when this returns."""
         vm = self.disk.vm
+        writes = [PrimaryWrite(self.disk.name, off, data) for off, data in extents]
         async with self._lock:
-            await vm.apply_primary(vm.state.last_applied + 1, [PrimaryWrite(self.disk.name, offset, data)])
+            await vm.apply_primary(vm.state.last_applied + 1, writes)
 
     async def flush(self) -> None:
         """Applied writes are crash-safe already (hidden durable); this makes base durable too."""
         self.disk.vm.check_usable()
         await self.disk.io.syncs.datasync_all([self.disk.base_fd])
+
+
+class WriteGroup:
+    """NBD writes received together, gathered to be applied as one batch (one hidden save, one sync).
+
+    The server adds each write it takes from what the client has already
+    sent, and calls :meth:`apply` before it replies to any of them, before it
+    serves any other request (a read sees them, a flush covers them) and
+    before the group would pass :data:`GROUP_BYTES`.
+    """
+
+    def __init__(self, image: IngestImage) -> None:
+        self.image = image
+        self.extents: list[tuple[int, Buffer]] = []
+        self.bytes = 0
+        self.sync_base = False  # a write with FUA: base durable too before the replies
+        self._zeros = b""
+
+    def __bool__(self) -> bool:
+        return bool(self.extents)
+
+    def fits(self, length: int) -> bool:
+        """Whether ``length`` more bytes may join (a group always takes its first write, however large)."""
+        return not self.extents or self.bytes + length <= GROUP_BYTES
+
+    def add(self, offset: int, data: Buffer) -> None:
+        self.extents.append((offset, data))
+        self.bytes += len(data)
+
+    def zero_pieces(self, offset: int, length: int) -> Iterator[tuple[int, Buffer]]:
+        """``WRITE_ZEROES`` as data pieces (the core keeps no holes in a layer), all views of one buffer."""
+        if not self._zeros:
+            self._zeros = bytes(ZERO_PIECE)
+        zeros = memoryview(self._zeros)
+        end = offset + length
+        while offset < end:
+            n = min(ZERO_PIECE, end - offset)
+            yield offset, zeros[:n]
+            offset += n
+
+    async def apply(self) -> None:
+        """Apply what was gathered and empty the group (also when applying fails: those writes failed)."""
+        extents, self.extents, self.bytes = self.extents, [], 0
+        sync_base, self.sync_base = self.sync_base, False
+        if extents:
+            await self.image.apply(extents)
+        if sync_base:
+            await self.image.flush()

@@ -29,11 +29,13 @@ import errno
 import logging
 import ssl
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import trio
 
 from colofs.core.errors import BadRange, ColofsError, DiskIOError, RoleError
+from colofs.core.fileio import Buffer
 from colofs.nbd import protocol as p
 from colofs.nbd.exports import Export, ExportError, Exports
 from colofs.nbd.handshake import (
@@ -45,6 +47,7 @@ from colofs.nbd.handshake import (
     meta_replies,
     transmission_flags,
 )
+from colofs.nbd.ingest import WriteGroup
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,34 @@ class Resume:
     client_flags: int = p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES
     structured: bool = False
     meta: str | None = None  # the export base:allocation was set for
+
+
+class _Replies:
+    """The replies of one round, sent together."""
+
+    __slots__ = ("count", "parts", "size", "written")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.parts: list[bytes | bytearray] = []
+        self.size = 0
+        self.count = 0
+        self.written = False  # some reply answers a write: the kernel's cached pages are stale
+
+    def add(self, reply: bytes, data: bytearray | None, wrote: bool) -> None:
+        self.parts.append(reply)
+        self.size += len(reply)
+        if data:
+            self.parts.append(data)
+            self.size += len(data)
+        self.written |= wrote
+        self.count += 1
+
+    @property
+    def full(self) -> bool:
+        return self.size >= REPLY_BATCH_BYTES or self.count >= MAX_BATCH_REQUESTS
 
 
 class Connection(Handshake[Export]):
@@ -180,16 +211,19 @@ class Connection(Handshake[Export]):
     # -- transmission ------------------------------------------------------------------
 
     async def transmit(self, export: Export) -> None:
-        """Serve requests until the client disconnects; each round's replies go out in one send."""
+        """Serve requests until the client disconnects; each round's replies go out in one send.
+
+        On an ingest export the writes among them are gathered into a
+        :class:`WriteGroup` and answered once it is applied (see :meth:`_gather`).
+        """
         cache = self.exports.cache
-        out: list[bytes | bytearray] = []
-        size = 0
-        written = False
+        group = export.write_group()
+        held: list[p.Request] = []  # the requests in ``group``, answered once it is applied
+        out = _Replies()
         try:
             while True:
                 pos = 0
                 buf = self.buf
-                count = 0
                 done = False
                 while len(buf) - pos >= p.REQUEST.size:
                     req = p.parse_request(buf, pos)
@@ -209,34 +243,80 @@ class Connection(Handshake[Export]):
                     if req.type == p.CMD_DISC:
                         done = True
                         break
-                    # A stop lets the request under way finish (no write half applied); see NbdService.stop.
-                    with trio.CancelScope(shield=True) as self.shield:
-                        reply, data, wrote = await self._serve(export, req, payload)
-                    self.shield = None
-                    out.append(reply)
-                    size += len(reply)
-                    if data:
-                        out.append(data)
-                        size += len(data)
-                    written |= wrote
-                    count += 1
-                    if size >= REPLY_BATCH_BYTES or count >= MAX_BATCH_REQUESTS:
-                        await self._send_replies(export, out, written)
-                        out, size, written, count = [], 0, False, 0
+                    if group is not None and req.type in (p.CMD_WRITE, p.CMD_WRITE_ZEROES) \
+                            and self._check(export, req) is None:
+                        await self._gather(export, group, held, req, payload, out)
+                    else:
+                        await self._settle(export, group, held, out)
+                        # A stop lets the request under way finish (no write half applied); see NbdService.stop.
+                        with trio.CancelScope(shield=True) as self.shield:
+                            reply, data, wrote = await self._serve(export, req, payload)
+                        self.shield = None
+                        out.add(reply, data, wrote)
+                    if out.full:
+                        await self._settle(export, group, held, out)
+                        await self._send_replies(export, out)
                 del buf[:pos]
-                if out:
-                    await self._send_replies(export, out, written)
-                    out, size, written = [], 0, False
+                await self._settle(export, group, held, out)
+                if out.parts:
+                    await self._send_replies(export, out)
                 if done:
                     return
                 await self._recv()
         finally:
             cache.closed(export)
 
-    async def _send_replies(self, export: Export, out: list[bytes | bytearray], written: bool) -> None:
-        if written:  # the kernel's cached pages must not be seen once a write is acknowledged
+    async def _gather(self, export: Export, group: WriteGroup, held: list[p.Request], req: p.Request,
+                      payload: bytes, out: _Replies) -> None:
+        """Add one checked write to ``group``; a full group is applied first, so it stays bounded.
+
+        ``WRITE_ZEROES`` joins as pieces of zeros; a long one fills several
+        groups and is answered with the group holding its last piece (or
+        with the error of the first that failed, its remaining pieces left out).
+        """
+        if req.type == p.CMD_WRITE:
+            pieces: Iterable[tuple[int, Buffer]] = ((req.offset, payload),)
+        else:
+            pieces = group.zero_pieces(req.offset, req.length)
+        started = False
+        for offset, data in pieces:
+            if not group.fits(len(data)):
+                failed = await self._settle(export, group, held, out)
+                if failed is not None and started:
+                    out.add(self._error(req, nbd_errno(failed), str(failed)), None, True)
+                    return
+            group.add(offset, data)
+            started = True
+        held.append(req)
+        if req.flags & p.CMD_FLAG_FUA:
+            group.sync_base = True
+
+    async def _settle(self, export: Export, group: WriteGroup | None, held: list[p.Request],
+                      out: _Replies) -> BaseException | None:
+        """Apply the gathered writes (one hidden sync), then answer each; the error they failed with, if any."""
+        if group is None or not (group or held):
+            return None
+        reqs = held[:]
+        held.clear()
+        failed: BaseException | None = None
+        try:
+            with trio.CancelScope(shield=True) as self.shield:  # a stop lets the group finish, as a request
+                await group.apply()
+        except (ColofsError, OSError) as e:
+            failed = e
+            log.warning("nbd %s: %s: a group of %d writes failed: %s", self.label, export.name, len(reqs), e)
+        finally:
+            self.shield = None
+        for req in reqs:
+            out.add(self._ok(req) if failed is None else self._error(req, nbd_errno(failed), str(failed)), None, True)
+        return failed
+
+    async def _send_replies(self, export: Export, out: _Replies) -> None:
+        if out.written:  # the kernel's cached pages must not be seen once a write is acknowledged
             await self.exports.cache.written(export)
-        await self.stream.send_all(b"".join(out))
+        data = b"".join(out.parts)
+        out.clear()
+        await self.stream.send_all(data)
 
     def _error(self, req: p.Request, code: int, message: str) -> bytes:
         log.debug("nbd %s: request %d at %d+%d: error %d: %s", self.label, req.type, req.offset,
