@@ -403,3 +403,23 @@ def test_a_workers_pair_serves_each_hosts_metrics_from_its_supervisor(wpair: Any
     no_sample_twice(p)
     assert p.value("colofs_writes_total", vm="vm2", disk="d0") == 0  # counted anew by the new worker
     wpair.tracker.remember()
+
+
+@pytest.mark.skipif(REASON is not None, reason=f"mount test {REASON}")
+@pytest.mark.skipif(not _supervisor_serves_metrics(), reason="the supervisor does not start WorkerFigures yet")
+def test_a_busy_metrics_port_stops_a_workers_mount_with_the_reason(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        res = mountctl("mount", "--workers", "--role", "primary", "--store", str(tmp_path / "store"), "--metrics",
+                       f"127.0.0.1:{port}", str(mnt), check=False)
+    try:
+        assert res.returncode != 0
+        assert f"--metrics: cannot listen on 127.0.0.1:{port}" in res.stderr
+        assert not os.path.ismount(mnt)
+    finally:
+        if os.path.ismount(mnt):
+            mountctl("umount", str(mnt), check=False)
