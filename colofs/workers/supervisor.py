@@ -46,6 +46,7 @@ from colofs.fs.daemon import (
     unmount,
 )
 from colofs.fs.lock import AlreadyMounted, StoreLock
+from colofs.fs.metrics import refusals, serve_metrics
 from colofs.fs.mountpoint import MountpointError, check_mountpoint, detach_stale
 from colofs.fs.paging import page
 from colofs.nbd.handoff import start_front
@@ -55,6 +56,7 @@ from colofs.repl import ReplConfig, ReplConfigError
 from colofs.workers.channel import Channel
 from colofs.workers.fleet import Fleet
 from colofs.workers.memory import MEMORY_KEYS, memory_of
+from colofs.workers.metrics import WorkerFigures
 from colofs.workers.rootfs import RootOperations
 from colofs.workers.router import Router
 from colofs.workers.table import SERVING, Table, hang_kill_after
@@ -274,6 +276,13 @@ class Supervisor:
             except NbdStartError as e:
                 raise StartupError(f"nbd: {e}") from None
         await self._start_events(nursery)
+        if cfg.metrics is not None:
+            router = self.router
+            source = WorkerFigures(self.fleet, refused=None if router is None else lambda: refusals(router.status()))
+            try:
+                await nursery.start(serve_metrics, source, cfg.metrics.host, cfg.metrics.port)
+            except OSError as e:
+                raise StartupError(f"--metrics: cannot listen on {cfg.metrics}: {e.strerror or e}") from None
 
     def _serving_channels(self) -> dict[str, Channel]:
         """The VMs whose worker serves now, and their channels (where NBD clients are handed)."""
