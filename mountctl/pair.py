@@ -39,11 +39,29 @@ MOUNTCTL = [sys.executable, "-m", "mountctl.cli"]
 LOOPBACK = "127.0.0.1"
 STATUS = PREFIX + "status"
 T = TypeVar("T")
-__all__ = ["Node", "Pair", "PairError", "alive", "detach", "free_port", "poll", "write_key"]
+WORKERS_SWITCH = "COLOFS_TEST_WORKERS"
+__all__ = ["Node", "Pair", "PairError", "alive", "detach", "free_port", "poll", "with_workers", "workers_forced",
+           "write_key"]
 
 
 class PairError(Exception):
     """A step of driving a mount failed; the message says which step and what the daemon or tool said."""
+
+
+def workers_forced() -> bool:
+    """Whether ``COLOFS_TEST_WORKERS=1`` asks every mount the harness starts to serve with ``--workers``.
+
+    So the same tests and benchmarks check that a process per VM behaves as one process does.
+    """
+    return os.environ.get(WORKERS_SWITCH, "") == "1"
+
+
+def with_workers(options: tuple[str, ...] | list[str]) -> list[str]:
+    """``options`` of ``mountctl mount``, with ``--workers`` added when :func:`workers_forced` (once)."""
+    out = list(options)
+    if workers_forced() and "--workers" not in out:
+        out.append("--workers")
+    return out
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -123,7 +141,8 @@ class Node:
             pass  # a stale mount of a killed daemon (ENOTCONN): mountctl detaches it
         other = self.lock_pid()  # a daemon already serving this store is not ours, whatever happens next
         try:
-            res = self.mountctl("mount", "--role", role or self.role, "--store", str(self.store), *options,
+            res = self.mountctl("mount", "--role", role or self.role, "--store", str(self.store),
+                                *with_workers(options),
                                 "--timeout", str(timeout), str(self.mnt), timeout=timeout + 30)
             self.mounted = True
             return res

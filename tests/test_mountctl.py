@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from colofs.fs.config import LOCK_NAME, LOG_NAME
+from mountctl.pair import with_workers
 from tests.fs.mounts import MOUNTCTL, Mount, mountctl
 from tests.mountable import mount_skip_reason
 from tests.waiting import wait_until_sync
@@ -229,8 +230,8 @@ def test_umount_busy_lazy_and_sigterm(mounts):
 
 def test_foreground_mount_stops_on_sigint(mounts):
     m = mounts(mount=False)
-    proc = subprocess.Popen([*MOUNTCTL, "mount", "--foreground", "--role", "primary", "--store", str(m.store),
-                             str(m.mnt)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*MOUNTCTL, "mount", *with_workers(["--foreground", "--role", "primary", "--store",
+                                                                 str(m.store), str(m.mnt)])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

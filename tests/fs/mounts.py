@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from mountctl.pair import Node, alive
+from mountctl.pair import Node, alive, with_workers
 from tests.waiting import DEADLINE, wait_until_sync
 
 MOUNTCTL = [sys.executable, "-m", "mountctl.cli"]
@@ -37,7 +37,11 @@ def last_error(path) -> str:
 
 
 def mountctl(*args: str, check: bool = True, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([*MOUNTCTL, *map(str, args)], capture_output=True, text=True, timeout=timeout,
+    """``mountctl ARGS``; a ``mount`` gains ``--workers`` under ``COLOFS_TEST_WORKERS=1`` (mountctl.pair)."""
+    argv = list(map(str, args))
+    if argv[:1] == ["mount"]:
+        argv = ["mount", *with_workers(argv[1:])]
+    res = subprocess.run([*MOUNTCTL, *argv], capture_output=True, text=True, timeout=timeout,
                          check=False)
     if check and res.returncode != 0:
         raise AssertionError(f"mountctl {' '.join(map(str, args))} failed ({res.returncode}):\n"

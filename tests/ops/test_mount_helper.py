@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from colofs.fs.config import LOCK_NAME, LOG_NAME, add_mount_arguments
 from colofs.fs.lock import holder, last_state
 from mountctl.mounthelper import OptionError, main, mount_args, mount_options
-from mountctl.pair import free_port, write_key
+from mountctl.pair import free_port, workers_forced, write_key
 from tests.fs.mounts import Mount, mountctl, run
 from tests.mountable import mount_skip_reason
 from tests.ops.sysfiles import BIN, Reaped, linked, system_lock
@@ -134,9 +134,14 @@ def mounts(tmp_path: Path) -> Iterator[dict[str, Mount]]:
             m.cleanup()
 
 
+def _o(options: str) -> str:
+    """``-o`` options, with ``workers`` under ``COLOFS_TEST_WORKERS=1`` (as every harness mount gets ``--workers``)."""
+    return f"{options},workers" if workers_forced() else options
+
+
 def _mount_t(m: Mount, options: str) -> Reaped:
     """``mount -t fuse.colofs STORE MNT -o OPTIONS`` under a subreaper; the mount is then served."""
-    r = Reaped("mount", "-t", "fuse.colofs", str(m.store), str(m.mnt), "-o", options)
+    r = Reaped("mount", "-t", "fuse.colofs", str(m.store), str(m.mnt), "-o", _o(options))
     assert r.rc == 0, r.out
     _adopt(m)
     return r
@@ -208,10 +213,10 @@ def test_fstab_lines_mount_with_mount_a_and_a_second_mount_a_leaves_them(tmp_pat
     fstab = tmp_path / "fstab"
     fstab.write_text(
         "# colofs: the secondary listens, the primary sends to it\n"
-        f"{sec.store} {sec.mnt} fuse.colofs role=secondary,listen=127.0.0.1:{port},key_file={key},"
-        "allow_other,_netdev,nofail 0 0\n"
-        f"{pri.store} {pri.mnt} fuse.colofs role=primary,peer=127.0.0.1:{port},key_file={key},"
-        "_netdev,nofail 0 0\n"
+        f"{sec.store} {sec.mnt} fuse.colofs "
+        + _o(f"role=secondary,listen=127.0.0.1:{port},key_file={key},allow_other,_netdev,nofail") + " 0 0\n"
+        f"{pri.store} {pri.mnt} fuse.colofs " + _o(f"role=primary,peer=127.0.0.1:{port},key_file={key},_netdev,nofail")
+        + " 0 0\n"
     )
     r = Reaped("mount", "-T", str(fstab), "-a")
     assert r.rc == 0, r.out
@@ -278,8 +283,9 @@ def test_metrics_option_from_mount_t_and_from_fstab_serves_prometheus(tmp_path, 
     _umount_cleanly(sec, r, log=log)
 
     fstab = tmp_path / "fstab"
-    fstab.write_text(f"{pri.store} {pri.mnt} fuse.colofs role=primary,metrics=127.0.0.1:{pport},"
-                     "_netdev,nofail,x-systemd.after=network-online.target 0 0\n")
+    fstab.write_text(f"{pri.store} {pri.mnt} fuse.colofs "
+                     + _o(f"role=primary,metrics=127.0.0.1:{pport},_netdev,nofail,x-systemd.after=network-online.target")
+                     + " 0 0\n")
     rf = Reaped("mount", "-T", str(fstab), "-a")
     assert rf.rc == 0, rf.out
     _adopt(pri)
