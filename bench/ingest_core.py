@@ -9,7 +9,8 @@ hidden.log and other files per byte ingested (counted at the core's
 ``write_all``) and the ``fdatasync`` calls. Then a failover commit with
 ``--failover`` MiB buffered, half in hidden (over data) and half in active.
 
-Usage: ``python bench/ingest_core.py [--dir DIR] [--mib N] [--group MiB] [--failover MiB]``.
+Usage: ``python bench/ingest_core.py [--dir DIR] [--mib N] [--group MiB] [--failover MiB] [--repeat N]
+[--only ingest|failover]``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import shutil
 import tempfile
 import threading
@@ -86,12 +88,19 @@ class Meter:
         self.counting = False
 
 
-def report(name: str, total: int, seconds: list[float], meter: Meter) -> None:
-    """One row: median [min-max] MB/s over the repetitions, and the last repetition's writes and syncs."""
+def cpu() -> float:
+    """CPU seconds of this process, its threads included (user + system): a figure load does not inflate."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def report(name: str, total: int, seconds: list[float], cpus: list[float], meter: Meter) -> None:
+    """One row: median [min-max] MB/s and median CPU ms per MiB, the last repetition's writes and syncs."""
     b = meter.bytes
     rates = sorted(total / s / 1e6 for s in seconds)
     print(
         f"{name:<30} {rates[len(rates) // 2]:7.1f} [{rates[0]:.0f}-{rates[-1]:.0f}] MB/s  "
+        f"cpu {sorted(cpus)[len(cpus) // 2] * 1000 / (total / MiB):5.2f} ms/MiB  "
         f"base {b['base.raw'] / total:5.2f}  "
         f"hidden {b['hidden.log'] / total:5.3f}  other {(b['active.log'] + b['other']) / total:5.3f}  "
         f"fdatasync {meter.syncs:6d} ({meter.syncs / (total / MiB):5.2f}/MiB)",
@@ -114,7 +123,7 @@ async def ingest(vm: object, seq: int, writes: list[tuple[int, bytes]], group: i
     return seq
 
 
-async def run(workdir: str, mib: int, group_mib: int, failover_mib: int, repeat: int) -> None:
+async def run(workdir: str, mib: int, group_mib: int, failover_mib: int, repeat: int, only: str) -> None:
     rng = random.Random(13)
     total = mib * MiB
     group = group_mib * MiB
@@ -128,9 +137,10 @@ async def run(workdir: str, mib: int, group_mib: int, failover_mib: int, repeat:
     meter.install()
     try:
         n = 0
-        for label, writes in patterns.items():
+        for label, writes in (patterns.items() if only != "failover" else []):
             for over in ("fresh disk", "data in base"):
                 times: list[float] = []
+                cpus: list[float] = []
                 for _ in range(repeat):
                     n += 1
                     store = await Store.open(os.path.join(workdir, f"s{n}"), role="secondary", create=True)
@@ -141,16 +151,18 @@ async def run(workdir: str, mib: int, group_mib: int, failover_mib: int, repeat:
                         seq = await ingest(vm, seq, writes, group)
                         await vm.checkpoint(seq)
                     meter.reset()
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), cpu()
                     seq = await ingest(vm, seq, writes, group)
                     times.append(time.perf_counter() - t)
+                    cpus.append(cpu() - c)
                     meter.freeze()  # the store's close (its syncs) is not part of the row
                     await store.close()
                     shutil.rmtree(os.path.join(workdir, f"s{n}"))
-                report(f"{label}, {over}", total, times, meter)
+                report(f"{label}, {over}", total, times, cpus, meter)
 
         spent: list[float] = []
-        for r in range(repeat):
+        cpus = []
+        for r in range(repeat if only != "ingest" else 0):
             store = await Store.open(os.path.join(workdir, f"f{r}"), role="secondary", create=True)
             disk = await store.create_disk("vm", "d", DISK)
             vm = store.vm("vm")
@@ -162,17 +174,21 @@ async def run(workdir: str, mib: int, group_mib: int, failover_mib: int, repeat:
             for i in range(half):
                 await disk.write(DISK // 2 + i * MiB, big)  # active: the other half
             meter.reset()
-            t = time.perf_counter()
+            t, c = time.perf_counter(), cpu()
             moved = await vm.failover()
             spent.append(time.perf_counter() - t)
+            cpus.append(cpu() - c)
             meter.freeze()
             await store.close()
             shutil.rmtree(os.path.join(workdir, f"f{r}"))
+        if not spent:
+            return
         spent.sort()
         b = meter.bytes
         print(
             f"failover, {failover_mib} MiB buffered    {spent[len(spent) // 2] * 1000:7.1f} "
-            f"[{spent[0] * 1000:.0f}-{spent[-1] * 1000:.0f}] ms  {moved} blocks  "
+            f"[{spent[0] * 1000:.0f}-{spent[-1] * 1000:.0f}] ms  cpu {sorted(cpus)[len(cpus) // 2] * 1000:.0f} ms  "
+            f"{moved} blocks  "
             f"base {b['base.raw'] / MiB:.0f} MiB  fdatasync {meter.syncs}",
             flush=True,
         )
@@ -187,10 +203,11 @@ def main() -> None:
     p.add_argument("--group", type=int, default=4, help="MiB per apply_primary call (a session's merged group)")
     p.add_argument("--failover", type=int, default=256, help="MiB buffered before the failover")
     p.add_argument("--repeat", type=int, default=3, help="runs of each row (median [min-max] shown)")
+    p.add_argument("--only", choices=("all", "ingest", "failover"), default="all", help="which rows to run")
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="colofs-ingest-", dir=a.dir)
     try:
-        trio.run(run, work, a.mib, a.group, a.failover, a.repeat)
+        trio.run(run, work, a.mib, a.group, a.failover, a.repeat, a.only)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
