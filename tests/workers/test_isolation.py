@@ -161,6 +161,7 @@ def test_a_killed_or_hung_worker_leaves_the_other_vms_writing(wpair: WorkersPair
         times["primary kill -> serving"] = got["serving_s"]
         w = pair.worker(pri, "vm0")
         assert w["state"] == "serving" and w["restarts"] == 1 and int(w["pid"]) != old, w
+        assert pri.status("vm0")["worker"]["restarts"] == 1  # what `mountctl status P vm0 --json` prints
         assert _mounts_at(pri.path("vm0")) == 1, "the dead worker's mount was not detached"
         assert f"worker {old} died (killed by SIGKILL)" in pri.log(), "the supervisor did not log the death"
         assert read_file(pair.pfile("vm0")) == image, "the primary lost a write it had acknowledged"

@@ -37,6 +37,8 @@ def _run_pair(pair: WorkersPair, vms: int, size: int) -> Figures:
         detail: dict[str, Any] = fig.status["vms"][vm]
         assert detail["disks"]["d0"]["size"] == size, detail["disks"]
         assert detail["worker"]["state"] == "serving" and detail["worker"]["restarts"] == 0, detail["worker"]
+    human = pair.pri.mountctl("status", str(pair.pri.mnt)).stdout
+    assert all(f"{vm} role:primary" in human for vm in names), human[:2000]
     for node in (pair.pri, pair.sec):
         root = node.read_status()
         assert root["process_model"] == "workers" and root["workers"]["serving"] == vms, root
