@@ -40,7 +40,7 @@ LOOPBACK = "127.0.0.1"
 STATUS = PREFIX + "status"
 T = TypeVar("T")
 WORKERS_SWITCH = "COLOFS_TEST_WORKERS"
-__all__ = ["Node", "Pair", "PairError", "alive", "detach", "free_port", "poll", "with_workers", "workers_forced",
+__all__ = ["Node", "Pair", "PairError", "alive", "detach", "free_port", "kill_tree", "poll", "with_workers", "workers_forced",
            "write_key"]
 
 
@@ -62,6 +62,44 @@ def with_workers(options: tuple[str, ...] | list[str]) -> list[str]:
     if workers_forced() and "--workers" not in out:
         out.append("--workers")
     return out
+
+
+def _children() -> dict[int, list[int]]:
+    """Every running process's children, from /proc."""
+    out: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(") ", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        out.setdefault(ppid, []).append(int(entry))
+    return out
+
+
+def kill_tree(pid: int) -> list[int]:
+    """SIGKILL ``pid`` and every process below it, all at the same moment; the PIDs signalled.
+
+    A ``--workers`` daemon is a supervisor, its zygote and a worker per VM: a
+    crash of the host's daemon is all of them at once. Each is stopped first,
+    so that none sees another die (a worker whose supervisor is gone would
+    close its VM cleanly) before it is killed itself.
+    """
+    children = _children()
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for p in tree:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+    return tree
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -172,12 +210,8 @@ class Node:
 
     def kill(self, timeout: float = 30) -> None:
         """SIGKILL the daemons this node started, as a crash would; the mount is left stale."""
-        for pid in self.pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        poll(lambda: not any(alive(p) for p in self.pids), timeout, f"daemons {self.pids} to exit")
+        killed = [p for pid in self.pids for p in kill_tree(pid)]  # with --workers: its zygote and workers too
+        poll(lambda: not any(alive(p) for p in killed), timeout, f"daemons {killed} to exit")
         self.pids = []
 
     def cleanup(self) -> None:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from mountctl.pair import Node, alive, with_workers
+from mountctl.pair import Node, alive, kill_tree, with_workers
 from tests.waiting import DEADLINE, wait_until_sync
 
 MOUNTCTL = [sys.executable, "-m", "mountctl.cli"]
@@ -87,9 +86,9 @@ class Mount(Node):
         self.mount()
 
     def kill9(self) -> None:
-        """Kill the daemon as a crash would; the mount goes stale."""
-        os.kill(self.pid, signal.SIGKILL)
-        self._wait_gone(self.pid)
+        """Kill the daemon as a crash would (with ``--workers``, its zygote and workers with it); the mount goes stale."""
+        for pid in kill_tree(self.pid):
+            self._wait_gone(pid)
 
     @staticmethod
     def _wait_gone(pid: int, timeout: float = DEADLINE) -> None:
