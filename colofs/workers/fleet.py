@@ -21,8 +21,18 @@ import trio
 
 from colofs.events import EventBus
 from colofs.fs.mountpoint import MountpointError, detach_stale
+from colofs.workers.attach import EXIT_UNCLAIMED, ON_ATTACH
 from colofs.workers.channel import Channel, ChannelClosed, RemoteError, WorkerArgs, channel_pair
-from colofs.workers.table import FAILED, PING_INTERVAL, SERVING, STARTING, STOPPED, Table, Worker
+from colofs.workers.table import (
+    FAILED,
+    PING_INTERVAL,
+    SERVING,
+    STARTING,
+    STOPPED,
+    Table,
+    Worker,
+    describe_exit,
+)
 from colofs.workers.zygote import Zygote, ZygoteError
 
 log = logging.getLogger(__name__)
@@ -85,13 +95,21 @@ class Fleet:
             log.error("the zygote is gone: no worker can be started any more")
             await trio.sleep_forever()
 
-    async def start(self, vm: str, create_vm: str | None = None) -> Worker:
-        """Spawn ``vm``'s worker (returns once it runs; it opens its VM and mounts on its own)."""
+    async def start(self, vm: str, create_vm: str | None = None, *, on_attach: bool = False) -> Worker:
+        """Spawn ``vm``'s worker (returns once it runs; it opens its VM and mounts on its own).
+
+        ``on_attach``: a secondary's VM named by an unauthenticated preamble; the
+        worker creates it only when an authenticated primary attaches it, else
+        exits with ``EXIT_UNCLAIMED`` and the VM is forgotten (:mod:`colofs.workers.attach`).
+        """
         assert self._nursery is not None
         w = self.table.add(vm)
         mine, theirs = channel_pair()
-        args = WorkerArgs(vm=vm, argv=self.argv, restarts=w.restarts, create_vm=create_vm,
-                          extra=self._extra())
+        extra = self._extra()
+        if on_attach:
+            extra[ON_ATTACH] = True
+        w.extra["pending"] = on_attach
+        args = WorkerArgs(vm=vm, argv=self.argv, restarts=w.restarts, create_vm=create_vm, extra=extra)
         try:
             with trio.fail_after(SPAWN_TIMEOUT):
                 pid = await self.zygote.spawn(args, theirs)
@@ -138,6 +156,7 @@ class Fleet:
             self._send_budgets()
         elif op == "opened":
             w.opened, w.role = True, msg.get("role", w.role)
+            w.extra["pending"] = bool(msg.get("pending"))
             for note in msg.get("notes") or []:
                 log.warning("%s", note)
                 self.notes.append(str(note))
@@ -178,6 +197,9 @@ class Fleet:
             self._early_exits[pid] = code  # its spawn has not recorded it yet
             return
         assert self._nursery is not None
+        if w.extra.get("pending"):
+            self._forget(w, pid, code)
+            return
         delay = self.table.exited(w, code, trio.current_time())
         if w.state == STOPPED:
             log.info("VM %s: worker %d ended (%s)", w.vm, pid, w.last_exit)
@@ -188,6 +210,17 @@ class Fleet:
                       "too many quick crashes: not restarting it (failed)")
             self.bus.emit("worker-crashed", vm=w.vm, pid=pid, exit=w.last_exit, state=w.state)
             self._nursery.start_soon(self._restart, w, delay)
+        self._touch()
+
+    def _forget(self, w: Worker, pid: int, code: int) -> None:
+        """A worker whose VM no authenticated primary attached ended: no VM, nothing to restart."""
+        if code == EXIT_UNCLAIMED:
+            log.info("VM %s: no authenticated primary attached it; its worker %d ended and it is forgotten", w.vm, pid)
+        else:
+            log.warning("VM %s: its worker %d ended (%s) before a primary attached it; forgotten",
+                        w.vm, pid, describe_exit(code))
+        self.table.workers.pop(w.vm, None)
+        self.channels.pop(w.vm, None)
         self._touch()
 
     async def _detach(self, vm: str) -> None:

@@ -8,7 +8,9 @@ timeout. Then the socket goes to the VM's worker (``connection`` with the fd),
 which runs TLS, the key's challenge and ATTACH itself. A VM this host does
 not hold yet gets a worker started with ``create_vm="secondary"``; a VM whose
 worker is restarting is waited for up to the handshake timeout. The preamble
-grants nothing: the worker authenticates the peer as usual.
+grants nothing: the worker authenticates the peer as usual, and creates the
+new VM only when an authenticated primary attaches it (:mod:`colofs.workers.attach`);
+if none does, the worker ends and the VM is forgotten.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ class Router:
                 return False
             self.provisional.add(vm)
             try:
-                await fleet.start(vm, create_vm="secondary")
+                await fleet.start(vm, create_vm="secondary", on_attach=True)  # created only by an authenticated ATTACH
             except ZygoteError:
                 return False
 

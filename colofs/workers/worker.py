@@ -37,7 +37,7 @@ import pyfuse3
 import trio
 
 from colofs.core.errors import ColofsError
-from colofs.core.state import ROLES
+from colofs.core.state import ROLES, SECONDARY
 from colofs.core.store import Store
 from colofs.events import EventBus
 from colofs.fs.config import ConfigError, MountConfig, config_from_args
@@ -67,6 +67,7 @@ from colofs.nbd.handoff import answer_nbd_request, serve_handed_over, start_work
 from colofs.nbd.service import NbdService
 from colofs.repl import ReplConfig, ReplConfigError
 from colofs.wire import NonceRegistry
+from colofs.workers.attach import EXIT_UNCLAIMED, ON_ATTACH, PendingVM, Unclaimed
 from colofs.workers.channel import Channel, RemoteError, WorkerArgs, encode
 from colofs.workers.malloc import Trimmer
 from colofs.workers.metrics import page
@@ -136,11 +137,13 @@ class Worker:
         self.repl: Replication | None = None
         self.nbd: NbdService | None = None
         self.counts: VMCounts | None = None  # checkpoints and failovers seen on the VM's bus, for metrics
+        self.pending: PendingVM | None = None  # a VM to be created by an authenticated ATTACH only
         self.opened = trio.Event()  # the store is open and Operations exist: commands can run
         self.mounted = False
         self.stopping = False
         self._startup = trio.CancelScope()  # cancelled by a stop that comes before the mount
         self._nursery: trio.Nursery | None = None
+        self._vm_nursery: trio.Nursery | None = None
         self._events_send, self._events_receive = trio.open_memory_channel[dict[str, Any]](EVENT_QUEUE)
         self.events_dropped = 0
         self.trimmer = Trimmer()  # free heap pages go back to the kernel after a checkpoint
@@ -161,6 +164,9 @@ class Worker:
                     await self._serve()
                 except StartupError as e:
                     status = await self._failed(str(e))
+                except Unclaimed as e:
+                    log.info("worker for VM %s: %s; ending without creating it", self.vm, e)
+                    status = EXIT_UNCLAIMED
                 except Exception as e:
                     log.exception("worker for VM %s failed", self.vm)
                     status = await self._failed(f"{type(e).__name__}: {e} (see {self.cfg.log_file})")
@@ -207,6 +213,10 @@ class Worker:
             if self.vm not in store.vms:
                 if args.create_vm is None:
                     raise StartupError(f"store {cfg.store} has no VM {self.vm}")
+                if args.extra.get(ON_ATTACH):
+                    self.pending = PendingVM(store, self.vm)
+                    log.info("VM %s is not in the store: waiting for an authenticated primary to attach it", self.vm)
+                    return store
                 vm = await store.create_vm(self.vm, args.create_vm)
                 log.info("VM %s created (role %s)", self.vm, vm.state.role)
         except BaseException as e:
@@ -217,12 +227,10 @@ class Worker:
         return store
 
     async def _serve_store(self, store: Store, key: bytes | None, signals: Any) -> None:
-        cfg, args = self.cfg, self.args
-        vm = store.vm(self.vm)
+        cfg = self.cfg
         notes = recovery_notes(store)
         for note in notes:
             log.warning("%s", note)
-        await self.channel.notify("opened", role=vm.state.role, notes=notes, damaged=vm.damage is not None)
         bus = EventBus()
         counts = VMCounts(bus)  # from the first event on
         try:
@@ -232,36 +240,58 @@ class Worker:
         if self.budget is not None:
             settings = dataclasses.replace(settings, max_retained_total_bytes=self.budget)
         repl = Replication(cfg, store, key, settings=settings, events=bus, nonces=NonceRegistry(), handoff=True)
-        worker = {"state": "serving", "pid": os.getpid(), "restarts": args.restarts}
-        ops = Operations(store, MountInfo(cfg, os.getpid(), time.time(), worker=worker), repl, root_vm=self.vm)
-        wire_hooks(ops, repl)
-        self.store, self.ops, self.repl, self.counts = store, ops, repl, counts
+        self.store, self.repl, self.counts = store, repl, counts
         bus.watch(self._queue_event)
-        self.opened.set()
-        failure: StartupError | None = None
+        if self.pending is not None:
+            bus.watch(self.pending.on_event)
+            await self.channel.notify("opened", role=SECONDARY, notes=notes, damaged=False, pending=True)
+        else:
+            await self._opened(store, notes)
+        failure: StartupError | Unclaimed | None = None
         try:
             async with trio.open_nursery() as nursery:
+                self._vm_nursery = nursery  # a pending VM's sessions run here, ended before the store closes
                 nursery.start_soon(self._forward_events)
                 nursery.start_soon(self.trimmer.run)
-                await self._send_summary()
                 try:
-                    await start_replication(nursery, repl, cfg)
+                    if self.pending is not None:  # the VM exists once an authenticated primary attached it
+                        await start_replication(nursery, repl, cfg)
+                        await self.pending.wait(settings.handshake_timeout * 2)
+                        await self._opened(store, [])
+                    ops = self._operations(store, repl)
+                    await self._send_summary()
+                    if self.pending is None:
+                        await start_replication(nursery, repl, cfg)
                     start_watchers(nursery, ops, bus)
                     nbd_wanted = cfg.nbd_socket is not None or cfg.nbd_listen is not None
                     self.nbd = await start_worker_nbd(nursery, ops, nbd_wanted)  # before the mount serves
                     await self._mount(ops)
                     store.io.pending = queued_requests_probe()
-                except StartupError as e:
+                except (StartupError, Unclaimed) as e:
                     failure = e
                     nursery.cancel_scope.cancel()
                 else:
                     await self._serve_mount(nursery, ops, repl, signals)
         finally:
+            self._vm_nursery = None
             if self.mounted:
                 pyfuse3.close(unmount=True)  # a no-op after a clean unmount
         if failure is not None:
             raise failure
         log.info("%s unmounted, replication stopped; closing VM %s", self.mountpoint, self.vm)
+
+    async def _opened(self, store: Store, notes: list[str]) -> None:
+        vm = store.vm(self.vm)
+        await self.channel.notify("opened", role=vm.state.role, notes=notes, damaged=vm.damage is not None)
+
+    def _operations(self, store: Store, repl: Replication) -> Operations:
+        """The VM-rooted filesystem; commands from the supervisor can run from now on."""
+        worker = {"state": "serving", "pid": os.getpid(), "restarts": self.args.restarts}
+        ops = Operations(store, MountInfo(self.cfg, os.getpid(), time.time(), worker=worker), repl, root_vm=self.vm)
+        wire_hooks(ops, repl)
+        self.ops = ops
+        self.opened.set()
+        return ops
 
     async def _mount(self, ops: Operations) -> None:
         """Mount on ``MOUNTPOINT/VM``, waiting (with backoff) for the root mount to show that directory."""
@@ -358,6 +388,11 @@ class Worker:
             return
         sock.setblocking(False)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        server = self.repl.server
+        if self.pending is not None and self.store is not None and self.vm not in self.store.vms \
+                and server is not None and self._vm_nursery is not None:
+            self.pending.serve(self._vm_nursery, server, stream, peer)
+            return
         if not self.repl.accept(stream, peer, self.vm):
             log.warning("connection from %s for VM %s closed: this worker does not serve secondary "
                         "connections (no --listen)", peer, self.vm)
@@ -427,6 +462,8 @@ class Worker:
                 "link": str(self.repl.vm_status(vm).get("state"))}
 
     async def _send_summary(self) -> None:
+        if self.store is None or self.repl is None or self.vm not in self.store.vms:
+            return  # not created yet (waiting for an authenticated ATTACH)
         await self.channel.notify("summary", **self.summary())
 
 

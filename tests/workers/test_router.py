@@ -38,7 +38,8 @@ class StubFleet:
         w.opened = True
         self.channels[vm] = object()
 
-    async def start(self, vm: str, create_vm: str | None = None) -> Any:
+    async def start(self, vm: str, create_vm: str | None = None, *, on_attach: bool = False) -> Any:
+        assert on_attach == (create_vm is not None)  # a VM started for a preamble is created only by an ATTACH
         self.started.append((vm, create_vm))
         self.table.add(vm)
         self._open(vm)  # as if the new worker had sent `opened` at once
