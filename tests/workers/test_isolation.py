@@ -35,6 +35,9 @@ SIZE = 64 * MiB
 VMS = ["vm0", "vm1", "vm2"]
 LIVENESS = {"COLOFS_HANG_KILL_AFTER": "0"}  # a stopped worker is reported, never killed here (15 s to report it)
 
+# fio (its jobs as threads) dies with the thread that started it, even when the test run is killed outright.
+ORPHAN_KILLED = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
+
 pytestmark = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
 
 
@@ -50,7 +53,7 @@ class FioLoop:
     """fio with crc32c verification on one file, run after run until :meth:`stop`; each run writes, then reads
     back and checks, 16 MiB. The run in progress when stop is called finishes (with its verification)."""
 
-    ARGS = ["--ioengine=libaio", "--direct=1", "--iodepth=8", "--rw=randwrite", "--bs=16k", "--size=16M",
+    ARGS = ["--thread", "--ioengine=libaio", "--direct=1", "--iodepth=8", "--rw=randwrite", "--bs=16k", "--size=16M",
             "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--randrepeat=0", "--fallocate=none",
             "--allow_file_create=0", "--verify_state_save=0", "--output-format=terse"]
 
@@ -65,7 +68,7 @@ class FioLoop:
         while not self._stop.is_set():
             run = Run(time.monotonic())
             self.runs.append(run)
-            self._proc = subprocess.Popen(["fio", "--name=w", f"--filename={self.path}", *self.ARGS],
+            self._proc = subprocess.Popen([*ORPHAN_KILLED, "fio", "--name=w", f"--filename={self.path}", *self.ARGS],
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             try:
                 run.output, _ = self._proc.communicate(timeout=240)
