@@ -228,6 +228,11 @@ class Zygote:
     def fork(cls, entry: Entry) -> Zygote:
         """Fork the zygote; call it before ``trio.run`` and before taking the store lock."""
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # The only modules a worker was seen importing after the fork (a primary's connect resolves
+        # its peer's name through the idna codec): imported here, their pages are shared too.
+        import encodings.idna  # noqa: F401
+        import stringprep  # noqa: F401
+
         # Every object allocated so far goes to the permanent generation: the collector never
         # writes to them again, so their pages stay shared with the zygote and every worker.
         gc.collect()
