@@ -9,7 +9,11 @@ supervisor's root mount. It then serves the supervisor's channel
 (:mod:`colofs.workers.channel`): ``ping``, ``stop``, ``connection``,
 ``create_disk``, ``import_disk``, ``budget``, ``metrics`` (its VM's figures,
 gathered by the supervisor: :mod:`colofs.workers.metrics`); and reports ``opened``,
-``ready``, every event, a ``summary`` of its VM, or ``failed``.
+``ready``, every event, a ``summary`` of its VM, or ``failed`` (also when
+closing the VM fails at the end, with ``mounted: true``). A worker started for
+a VM the store does not hold yet creates it only when an authenticated primary
+attaches it (:mod:`colofs.workers.attach`) or, started for a root ``create`` or
+``import``, only when that command succeeds (:mod:`colofs.workers.oncommand`).
 
 Shutdown keeps the daemon's order (:mod:`colofs.fs.daemon`): unmount (the
 kernel writes dirty pages back first), drain replication, close the store.
@@ -41,7 +45,7 @@ from colofs.core.state import ROLES, SECONDARY
 from colofs.core.store import Store
 from colofs.events import EventBus
 from colofs.fs.config import ConfigError, MountConfig, config_from_args
-from colofs.fs.control import CREATE, IMPORT, MountInfo
+from colofs.fs.control import CREATE, IMPORT, Control, MountInfo
 from colofs.fs.daemon import (
     StartupError,
     after_unmount,
@@ -71,6 +75,7 @@ from colofs.workers.attach import EXIT_UNCLAIMED, ON_ATTACH, PendingVM, Unclaime
 from colofs.workers.channel import Channel, RemoteError, WorkerArgs, encode
 from colofs.workers.malloc import Trimmer
 from colofs.workers.metrics import page
+from colofs.workers.oncommand import ON_COMMAND, PendingCommand
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +142,7 @@ class Worker:
         self.repl: Replication | None = None
         self.nbd: NbdService | None = None
         self.counts: VMCounts | None = None  # checkpoints and failovers seen on the VM's bus, for metrics
-        self.pending: PendingVM | None = None  # a VM to be created by an authenticated ATTACH only
+        self.pending: PendingVM | PendingCommand | None = None  # a VM created by an ATTACH, or a disk command, only
         self.opened = trio.Event()  # the store is open and Operations exist: commands can run
         self.mounted = False
         self.stopping = False
@@ -179,11 +184,10 @@ class Worker:
 
     async def _failed(self, error: str) -> int:
         log.error("worker for VM %s: %s", self.vm, error)
-        if not self.mounted:
-            try:
-                await self.channel.notify("failed", error=error)
-            except Exception as e:  # the supervisor may be gone
-                log.debug("cannot report the failure: %s", e)
+        try:  # also after the mount (closing the VM failed, say): the supervisor's exit status says so
+            await self.channel.notify("failed", error=error, mounted=self.mounted)
+        except Exception as e:  # the supervisor may be gone
+            log.debug("cannot report the failure: %s", e)
         return 1
 
     async def _serve(self) -> None:
@@ -217,6 +221,10 @@ class Worker:
                     self.pending = PendingVM(store, self.vm)
                     log.info("VM %s is not in the store: waiting for an authenticated primary to attach it", self.vm)
                     return store
+                if args.extra.get(ON_COMMAND):
+                    self.pending = PendingCommand(store, self.vm)
+                    log.info("VM %s is not in the store: it is made by its first disk's create or import", self.vm)
+                    return store
                 vm = await store.create_vm(self.vm, args.create_vm)
                 log.info("VM %s created (role %s)", self.vm, vm.state.role)
         except BaseException as e:
@@ -244,7 +252,8 @@ class Worker:
         bus.watch(self._queue_event)
         if self.pending is not None:
             bus.watch(self.pending.on_event)
-            await self.channel.notify("opened", role=SECONDARY, notes=notes, damaged=False, pending=True)
+            await self.channel.notify("opened", role=self.args.create_vm or SECONDARY, notes=notes, damaged=False,
+                                      pending=True)
         else:
             await self._opened(store, notes)
         failure: StartupError | Unclaimed | None = None
@@ -401,14 +410,27 @@ class Worker:
     async def _disk_command(self, key: str, msg: dict[str, Any]) -> dict[str, Any]:
         if self.stopping:
             raise RemoteError(f"VM {self.vm}: the worker is stopping", errno.ESHUTDOWN)
-        await self.opened.wait()
-        assert self.ops is not None
         req = {k: v for k, v in msg.items() if k not in ("op", "id")}
         req.setdefault("vm", self.vm)
         if req["vm"] != self.vm:
             raise RemoteError(f"{key}: VM {req['vm']} is not served by the worker of VM {self.vm}", errno.EINVAL)
+        if isinstance(self.pending, PendingCommand) and not self.opened.is_set():
+            result = await self.pending.run(lambda: self._root_command(self._store_control(), key, req))
+            if result is not None:
+                return result
+        await self.opened.wait()
+        assert self.ops is not None
+        return await self._root_command(self.ops.control, key, req)
+
+    def _store_control(self) -> Control:
+        """A store-rooted control for a VM not made yet: its create or import makes the VM with the disk, or nothing."""
+        assert self.store is not None and self.repl is not None
+        return Operations(self.store, MountInfo(self.cfg, os.getpid(), time.time()), self.repl).control
+
+    @staticmethod
+    async def _root_command(control: Control, key: str, req: dict[str, Any]) -> dict[str, Any]:
         try:
-            return await self.ops.control.root_command(key, req)
+            return await control.root_command(key, req)
         except Refused as e:
             raise RemoteError(str(e), e.code) from None
         except ColofsError as e:
@@ -458,7 +480,8 @@ class Worker:
         """What the supervisor's root status counts for this VM."""
         assert self.store is not None and self.repl is not None
         vm = self.store.vm(self.vm)
-        return {"role": vm.state.role, "phase": vm.status()["phase"],
+        st = vm.status()
+        return {"role": vm.state.role, "phase": st["phase"], "epoch": st["epoch"], "last_seq": st["last_applied"],
                 "link": str(self.repl.vm_status(vm).get("state"))}
 
     async def _send_summary(self) -> None:

@@ -56,10 +56,10 @@ class Supervisor:
         return ["--role", self.role, "--store", self.store, *self.options, "--workers", str(self.mnt)]
 
     async def start(self, nursery: trio.Nursery, *, create_vm: str | None = None, restarts: int = 0,
-                    env: dict[str, str] | None = None) -> None:
+                    env: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
         ours, theirs = channel_pair()
         args = WorkerArgs(vm=self.vm, argv=self.argv(), restarts=restarts, create_vm=create_vm,
-                          channel_fd=theirs.fileno())
+                          channel_fd=theirs.fileno(), extra=dict(extra or {}))
         self.proc = subprocess.Popen([sys.executable, "-c", ENTRY, json.dumps(args.to_json())],
                                      pass_fds=[theirs.fileno()], env=env)
         theirs.close()
