@@ -165,8 +165,11 @@ class Channel:
     async def run(self, handler: Handler) -> None:
         """Read until the other end closes; replies resolve :meth:`call`, the rest go to ``handler``.
 
-        Each message is handled in a task of its own, so a slow request does
-        not hold up a ``ping``. The handler owns the descriptors it is given.
+        Each request (a message with ``id``) is handled in a task of its own,
+        so a slow request does not hold up a ``ping``. Notifications are
+        handled by the reader itself, one after the other, so they are seen in
+        the order they were sent (``opened`` before ``ready``); their handler
+        must not block. The handler owns the descriptors it is given.
         Handlers still running when the channel closes are cancelled.
         """
         try:
@@ -201,7 +204,10 @@ class Channel:
                         if waiter is not None:
                             waiter.send_nowait(msg)
                         continue
-                    nursery.start_soon(self._dispatch, handler, msg, fds)
+                    if "id" in msg:
+                        nursery.start_soon(self._dispatch, handler, msg, fds)
+                    else:
+                        await self._dispatch(handler, msg, fds)  # notifications keep their order
                 nursery.cancel_scope.cancel()
         finally:
             self._mark_closed()
