@@ -225,86 +225,41 @@ class Disk:
         Runs while the SVM keeps reading and writing: each step locks only
         the span of the blocks it moves. A moved block is dropped from the
         layers with a tombstone, so writes to it then go straight to base.
-        The caller syncs base (once, at the end) before declaring the
-        failover complete.
+        The caller syncs base before declaring the failover complete.
         """
+        bs = self.block_size
+        shift = self.shift
+        per_step = max(1, self.commit_chunk // bs)
         moved = 0
         while True:
             pending = sorted(self.active.map.keys() | self.hidden.map.keys())
             if not pending:
                 return moved
-            moved += await self._commit_pass(pending)
-
-    async def _commit_pass(self, pending: list[int]) -> int:
-        """One streamed pass over ``pending``: step k+1 is read while step k is written to base.
-
-        Two tasks hand each step over with its range lock still held (an
-        unbuffered channel, so at most two steps are locked and in memory);
-        whoever holds a step when something fails releases its lock.
-        """
-        per_step = max(1, self.commit_chunk // self.block_size)
-        ahead = COMMIT_PREFETCH_STEPS * per_step
-        self._prefetch(pending[:ahead])
-        moved = 0
-        send, recv = trio.open_memory_channel[tuple[object, list[int], list[tuple[int, Buffer]]]](0)
-
-        async def read_steps() -> None:
-            async with send:
-                for i in range(0, len(pending), per_step):
-                    # The device reads the coming steps' blocks while these are carried.
-                    self._prefetch(pending[i + ahead : i + ahead + per_step])
-                    step = await self._read_step(pending[i : i + per_step])
-                    if step is None:
+            ahead = COMMIT_PREFETCH_STEPS * per_step
+            self._prefetch(pending[:ahead])
+            for i in range(0, len(pending), per_step):
+                chunk = pending[i : i + per_step]
+                # The device reads the coming steps' blocks while this one is written to base.
+                self._prefetch(pending[i + ahead : i + ahead + per_step])
+                async with self.lock.range(chunk[0], chunk[-1] + 1, exclusive=True):
+                    chunk = [b for b in chunk if b in self.active.map or b in self.hidden.map]
+                    if not chunk:
                         continue
-                    try:
-                        await send.send(step)
-                    except BaseException:
-                        self.lock.release(step[0])
-                        raise
-
-        async def write_steps() -> None:
-            nonlocal moved
-            async with recv:
-                async for req, chunk, extents in recv:
-                    try:
-                        # Megabytes into base can wait on dirty-page throttling: not on the loop.
-                        await self.cbw.write(extents, store_in_thread=True)
-                        self.active.drop(chunk)
-                        self.hidden.drop(chunk)
-                        moved += len(chunk)
-                    finally:
-                        self.lock.release(req)  # type: ignore[arg-type]
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(read_steps)
-                nursery.start_soon(write_steps)
-        except BaseExceptionGroup as group:  # the callers expect the step's own error (DiskIOError, ...)
-            raise _first_leaf(group) from None
-        return moved
-
-    async def _read_step(self, chunk: list[int]) -> tuple[object, list[int], list[tuple[int, Buffer]]] | None:
-        """Lock ``chunk``'s span and read V of its still-buffered blocks; None (unlocked) if none is left."""
-        bs = self.block_size
-        shift = self.shift
-        req = await self.lock.acquire(chunk[0], chunk[-1] + 1, True)
-        try:
-            chunk = [b for b in chunk if b in self.active.map or b in self.hidden.map]
-            if not chunk:
-                self.lock.release(req)
-                return None
-            mv = memoryview(bytearray(len(chunk) * bs))
-            extents: list[tuple[int, Buffer]] = []
-            pos = 0
-            for first, count in block_runs(chunk):
-                await self.read_view(first << shift, mv[pos : pos + count * bs])
-                start = first << shift
-                extents.append((start, mv[pos : pos + min(count * bs, self.size - start)]))
-                pos += count * bs
-        except BaseException:
-            self.lock.release(req)
-            raise
-        return req, chunk, extents
+                    buf = bytearray(len(chunk) * bs)
+                    mv = memoryview(buf)
+                    extents: list[tuple[int, Buffer]] = []
+                    pos = 0
+                    for first, count in block_runs(chunk):
+                        await self.read_view(first << shift, mv[pos : pos + count * bs])
+                        start = first << shift
+                        length = min(count * bs, self.size - start)
+                        extents.append((start, mv[pos : pos + length]))
+                        pos += count * bs
+                    # Megabytes into base can wait on dirty-page throttling: not on the loop, SVM I/O goes on.
+                    await self.cbw.write(extents, store_in_thread=True)
+                    self.active.drop(chunk)
+                    self.hidden.drop(chunk)
+                    moved += len(chunk)
 
     def _prefetch(self, blocks: Sequence[int]) -> None:
         """Ask the kernel to read the layer data of ``blocks`` ahead (a hint; errors are ignored)."""
@@ -329,20 +284,6 @@ class Disk:
             "active_bytes": self.active.data_bytes,
             "snapshots": [snap.info() for _, snap in sorted(self.snapshots.items())],
         }
-
-
-def _first_leaf(group: BaseExceptionGroup) -> BaseException:
-    """The first error of a group that is not a cancellation (else its first leaf)."""
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        e = stack.pop(0)
-        if isinstance(e, BaseExceptionGroup):
-            stack[:0] = e.exceptions
-        else:
-            leaves.append(e)
-    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    return (real or leaves)[0]
 
 
 def extents_blocks(disk: Disk, extents: Sequence[tuple[int, Buffer]]) -> list[tuple[int, int]]:
