@@ -10,7 +10,7 @@ hidden.log and other files per byte ingested (counted at the core's
 ``--failover`` MiB buffered, half in hidden (over data) and half in active.
 
 Usage: ``python bench/ingest_core.py [--dir DIR] [--mib N] [--group MiB] [--failover MiB] [--repeat N]
-[--only ingest|failover]``.
+[--only ingest|failover] [--cold] [--chunk MiB]``.
 """
 
 from __future__ import annotations
@@ -123,7 +123,9 @@ async def ingest(vm: object, seq: int, writes: list[tuple[int, bytes]], group: i
     return seq
 
 
-async def run(workdir: str, mib: int, group_mib: int, failover_mib: int, repeat: int, only: str) -> None:
+async def run(
+    workdir: str, mib: int, group_mib: int, failover_mib: int, repeat: int, only: str, cold: bool, chunk: int
+) -> None:
     rng = random.Random(13)
     total = mib * MiB
     group = group_mib * MiB
@@ -173,6 +175,12 @@ async def run(workdir: str, mib: int, group_mib: int, failover_mib: int, repeat:
             seq = await ingest(vm, seq, [(off, small * 256) for off, _ in fill], group)  # hidden: half, over data
             for i in range(half):
                 await disk.write(DISK // 2 + i * MiB, big)  # active: the other half
+            if chunk:
+                disk.commit_chunk = chunk << 20
+            if cold:  # the layers' data no longer in the page cache, as long after it was buffered
+                for layer in (disk.hidden, disk.active):
+                    os.fsync(layer.fd)
+                    os.posix_fadvise(layer.fd, 0, 0, os.POSIX_FADV_DONTNEED)
             meter.reset()
             t, c = time.perf_counter(), cpu()
             moved = await vm.failover()
@@ -186,7 +194,7 @@ async def run(workdir: str, mib: int, group_mib: int, failover_mib: int, repeat:
         spent.sort()
         b = meter.bytes
         print(
-            f"failover, {failover_mib} MiB buffered    {spent[len(spent) // 2] * 1000:7.1f} "
+            f"failover, {failover_mib} MiB buffered{' (cold)' if cold else '       '} {spent[len(spent) // 2] * 1000:7.1f} "
             f"[{spent[0] * 1000:.0f}-{spent[-1] * 1000:.0f}] ms  cpu {sorted(cpus)[len(cpus) // 2] * 1000:.0f} ms  "
             f"{moved} blocks  "
             f"base {b['base.raw'] / MiB:.0f} MiB  fdatasync {meter.syncs}",
@@ -203,11 +211,13 @@ def main() -> None:
     p.add_argument("--group", type=int, default=4, help="MiB per apply_primary call (a session's merged group)")
     p.add_argument("--failover", type=int, default=256, help="MiB buffered before the failover")
     p.add_argument("--repeat", type=int, default=3, help="runs of each row (median [min-max] shown)")
+    p.add_argument("--cold", action="store_true", help="evict hidden and active from the page cache before the failover")
+    p.add_argument("--chunk", type=int, default=0, help="MiB per failover step (default: the disk's)")
     p.add_argument("--only", choices=("all", "ingest", "failover"), default="all", help="which rows to run")
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="colofs-ingest-", dir=a.dir)
     try:
-        trio.run(run, work, a.mib, a.group, a.failover, a.repeat, a.only)
+        trio.run(run, work, a.mib, a.group, a.failover, a.repeat, a.only, a.cold, a.chunk)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
