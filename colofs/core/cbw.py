@@ -16,6 +16,7 @@ no read of base can interleave with the save and the overwrite.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Sequence
 
@@ -97,21 +98,25 @@ class CopyBeforeWrite:
         index: dict[int, int] = {}
         pos = 0
         runs = block_runs(union)
-        if len(runs) > 1:
+        holes = self._holes(runs)
+        if len(runs) - len(holes) > 1:
             # Scattered blocks: let the device fetch them all at once instead of one read at a time.
-            for first, count in runs:
+            for n, (first, count) in enumerate(runs):
+                if n in holes:
+                    continue
                 try:
                     os.posix_fadvise(self.fd, first * bs, count * bs, os.POSIX_FADV_WILLNEED)
                 except OSError:
                     break  # only a hint
-        for first, count in runs:
-            try:
-                await self.io.read_into(self.fd, mv[pos : pos + count * bs], first * bs)
-            except OSError as e:
-                raise DiskIOError(
-                    f"{self.label}: reading base at {first * bs} for copy-before-write failed: {e.strerror}",
-                    e.errno,
-                ) from e
+        for n, (first, count) in enumerate(runs):
+            if n not in holes:  # a hole reads as zeros: buf already is
+                try:
+                    await self.io.read_into(self.fd, mv[pos : pos + count * bs], first * bs)
+                except OSError as e:
+                    raise DiskIOError(
+                        f"{self.label}: reading base at {first * bs} for copy-before-write failed: {e.strerror}",
+                        e.errno,
+                    ) from e
             for i in range(count):
                 index[first + i] = pos + i * bs
             pos += count * bs
@@ -133,6 +138,34 @@ class CopyBeforeWrite:
                 t.append(missing, _gather(mv, [index[b] for b in missing], bs))
             grown.append(t)
         return grown
+
+    def _holes(self, runs: list[tuple[int, int]]) -> set[int]:
+        """Indexes of the ``(first, count)`` runs that lie wholly in holes of base (known zeros, nothing to read).
+
+        Asks the file system where data begins (``SEEK_DATA``, which counts
+        written pages not yet allocated as data) only while it answers a
+        hole: on a fresh disk one call covers the batch, and once data is
+        found the remaining runs are simply read (their zero blocks are
+        still recognised by content). Where ``SEEK_DATA`` is not supported
+        everything is data.
+        """
+        bs = self.block_size
+        holes: set[int] = set()
+        next_data = -1
+        for n, (first, count) in enumerate(runs):
+            start, end = first * bs, (first + count) * bs
+            if next_data < start:
+                try:
+                    next_data = os.lseek(self.fd, start, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno != errno.ENXIO:
+                        return holes
+                    next_data = 1 << 63  # no data from here to the end of the file
+            if next_data >= end:
+                holes.add(n)
+            elif next_data <= start:
+                return holes  # data here: read the rest
+        return holes
 
     def store(self, extents: Sequence[tuple[int, Buffer]]) -> None:
         """Overwrite base; only after :meth:`save` and ``make_durable`` of the targets it returned.

@@ -16,7 +16,9 @@ import pytest
 
 from colofs.core import PrimaryWrite, Store
 from colofs.core.blocklog import BlockLog, file_header_len
+from colofs.core.cbw import CopyBeforeWrite
 from colofs.core.errors import DiskIOError, MapCorrupt
+from colofs.core.ioctx import IOContext
 from colofs.core.logformat import SEG_HDR, ZERO_AT, ZERO_BIT, records_digest, segment_header_len
 
 BS = 4096
@@ -174,3 +176,43 @@ async def test_a_failover_step_that_fails_releases_its_locks_and_resumes(open_st
     assert await vm.failover() > 0
     expected = expected[: 12 * BS] + b"T" * BS + expected[13 * BS :]
     assert read_base(store, 0, 24 * BS) == expected
+
+
+async def test_holes_of_base_are_not_read_and_fresh_data_is_never_taken_for_a_hole(tmp_path) -> None:
+    """A hole is known zeros (no read); data just written, still only in the page cache, is data."""
+    path = str(tmp_path / "base.raw")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    io = IOContext()
+    try:
+        os.ftruncate(fd, 64 * BS)
+        os.pwrite(fd, b"D" * BS, 20 * BS)  # not synced: delayed allocation, if the file system has it
+        os.pwrite(fd, bytes(BS), 40 * BS)  # zeros written as data
+        reads: list[int] = []
+
+        class Counting:
+            """The store's I/O context, counting reads."""
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(io, name)
+
+            async def read_into(self, rfd: int, mv: memoryview, off: int) -> None:
+                reads.append(off // BS)
+                await io.read_into(rfd, mv, off)
+
+        cbw = CopyBeforeWrite(fd, BS, "t", Counting())  # type: ignore[arg-type]
+        target = BlockLog.create(str(tmp_path / "t.log"), BS, 1, mutable=False, label="t")
+        cbw.attach(target)
+        await cbw.save([1, 2, 3, 9, 10])
+        assert reads == []  # all holes: nothing read from base
+        assert all(target.map[b] == ZERO_AT for b in (1, 2, 3, 9, 10))
+        await cbw.save([5, 20, 30, 40])
+        assert 20 in reads
+        assert target.map[40] == ZERO_AT and target.map[5] == ZERO_AT and target.map[30] == ZERO_AT
+        assert target.map[20] != ZERO_AT
+        buf = bytearray(BS)
+        os.preadv(target.fd, [buf], target.map[20])
+        assert bytes(buf) == b"D" * BS
+        target.close()
+    finally:
+        io.close()
+        os.close(fd)
