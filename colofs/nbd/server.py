@@ -5,7 +5,10 @@ serves one export. Each round takes whatever the client has sent, serves every
 complete request in it in order, and sends all their replies with one
 ``send_all``; only then does it receive again. So what is in flight per
 connection is bounded by one receive plus one maximal write payload, and a
-burst of small requests costs one receive and one send, not one each.
+burst of small requests costs one receive and one send, not one each. On an
+ingest export the writes of a round are applied together, as one group of
+forwarded primary writes with one hidden ``fdatasync``, and answered once
+it is durable (:class:`colofs.nbd.ingest.WriteGroup`).
 
 On TCP with TLS configured, every option but ``NBD_OPT_STARTTLS`` and
 ``NBD_OPT_ABORT`` is refused until the client has switched to TLS and shown
