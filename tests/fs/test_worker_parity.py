@@ -75,7 +75,7 @@ async def test_a_vm_that_cannot_be_closed_is_reported_with_the_reason(tmp_path: 
             os.mkdir(sup.vm_mount)
             await sup.start(nursery)
             await sup.wait_for("ready")
-            await trio.to_thread.run_sync(_fill, os.path.join(sup.vm_mount, "d0.raw"))
+            await trio.to_thread.run_sync(fill, os.path.join(sup.vm_mount, "d0.raw"))
             assert sup.channel is not None
             await sup.channel.notify("stop")
             assert await sup.exit_status() == 1
@@ -86,7 +86,7 @@ async def test_a_vm_that_cannot_be_closed_is_reported_with_the_reason(tmp_path: 
         subprocess.run(["umount", "-l", str(small)], check=False, timeout=30)
 
 
-def _fill(path: str) -> None:
+def fill(path: str) -> None:
     """Write through the mount until the store's file system is full (ENOSPC)."""
     fd = os.open(path, os.O_RDWR | os.O_DIRECT)
     try:
