@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -61,6 +63,8 @@ def main() -> None:
                 print(f"rep {rep} {kind:6s} {r.iops:9.0f} IOPS {r.mb_s:8.1f} MB/s", flush=True)
     finally:
         node.cleanup()
+        if not os.path.ismount(node.mnt):
+            shutil.rmtree(work, ignore_errors=True)
     for kind, rows in results.items():
         if rows:
             print(f"median {kind:6s} {statistics.median(r['iops'] for r in rows):9.0f} IOPS "
