@@ -1,15 +1,17 @@
-"""glibc's allocator, tuned for a process that serves one VM: few arenas, free pages given back.
+"""glibc's allocator, tuned for a process that serves one VM: one arena, free pages given back.
 
-Each thread that allocates (the I/O pool's, ``trio.to_thread``'s) gets a
-malloc arena of its own by default, and an arena keeps the high-water mark of
-what its thread ever held: a worker that wrote a few MiB through its threads
-kept each of them resident, privately, long after they were freed (12 MiB of
-one arena after an 8 MiB write and a checkpoint, where the issue allows 16 MiB
-per VM in all). :func:`limit_arenas` caps the arenas (set in the zygote before
-it forks, the setting is inherited by every worker); :func:`trim` gives the
-free pages of every arena back to the kernel, called by a worker after a
-checkpoint and when its retained writes have drained. Both are no-ops where
-the C library is not glibc.
+Each thread that allocates (the I/O pool's, ``trio.to_thread``'s, the frame
+encoder's) gets a malloc arena of its own by default, and a thread's arena
+keeps its top resident once freed: glibc raises its trim threshold to twice
+the largest buffer it ever mmapped (a 4 MiB batch: 8 MiB), and
+``malloc_trim`` trims only the main arena's top. A worker that streamed a few
+MiB kept 8 to 12 MiB of free, resident, private memory in such an arena, where
+the issue allows 16 MiB per VM in all. With one arena (:func:`limit_arenas`,
+set in the zygote before it forks and inherited by every worker) everything
+is in the main arena, and :func:`trim`, which a worker calls after a
+checkpoint and a resync's end, gives all of its free pages back. Small
+allocations do not contend for the one arena: each thread has its own cache.
+Both are no-ops where the C library is not glibc.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ M_ARENA_MAX = -8
 """mallopt's parameter number for the arena cap (malloc.h)."""
 TRIM_INTERVAL = 1.0
 """At most one trim a second: each costs page faults when the memory is used again."""
-WORKER_ARENAS = 2
-"""The main thread's arena and one the worker's threads share: lock contention stays low at one VM's rate."""
+WORKER_ARENAS = 1
+"""Only the main arena, the one ``malloc_trim`` empties whole (one VM's rate of large allocations is low)."""
 
 
 @cache
