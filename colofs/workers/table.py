@@ -10,7 +10,8 @@ once it answers, or it is killed (``SIGKILL``) and restarted after
 ``hang_kill_after`` seconds (0: never). A worker still ``starting`` after
 :data:`START_TIMEOUT` (opening a damaged VM, a mount that does not come) is
 ``hung`` too, with an ``error`` saying so; answering pings does not end that,
-only its ``ready`` does (or the kill). A crash is restarted at once; crashes
+only its ``ready`` does; it is killed only if it also leaves pings unanswered
+(a long crash recovery is slow, not hung). A crash is restarted at once; crashes
 within :data:`QUICK_CRASH` seconds of starting back off 1, 2, 4 … 60 s, and
 after :data:`MAX_QUICK_CRASHES` of those in a row the VM is ``failed``.
 """
@@ -207,6 +208,8 @@ class Table:
             return "hung"
         if w.state == HUNG and w.hung_since is not None and self.kill_after > 0 \
                 and now - w.hung_since >= self.kill_after:
+            if w.stuck_starting and now - w.last_answer <= self.liveness_timeout:
+                return None  # slow (a long recovery), not hung: it answers its pings
             return "kill"
         return None
 

@@ -131,7 +131,9 @@ def test_a_worker_still_starting_past_the_deadline_is_hung_until_ready() -> None
     assert w.state == HUNG and w.error == "still starting after 60 s"
     assert not t.answered(w, 62.0)  # its channel answers, but it still does not serve
     assert w.state == HUNG
-    assert t.check(w, 181.0) == "kill"
+    t.answered(w, 175.0)
+    assert t.check(w, 181.0) is None  # past kill_after, but it answers: slow, not hung
+    assert t.check(w, 191.0) == "kill"  # silent for more than the liveness timeout as well
     t.ready(w, 100.0)
     assert w.state == SERVING and w.error is None
     w2 = t.add("vm1")
