@@ -44,28 +44,8 @@ def preflight(cfg: MountConfig) -> None:
 
 
 def daemon_args(cfg: MountConfig) -> list[str]:
-    args = ["--role", cfg.role, "--store", cfg.store, "--log-file", cfg.log_file]
-    if cfg.listen:
-        args += ["--listen", str(cfg.listen)]
-    if cfg.peer:
-        args += ["--peer", str(cfg.peer)]
-    if cfg.key_file:
-        args += ["--key-file", cfg.key_file]
-    if cfg.tls_cert and cfg.tls_key and cfg.tls_ca:
-        args += ["--tls-cert", cfg.tls_cert, "--tls-key", cfg.tls_key, "--tls-ca", cfg.tls_ca]
-    if cfg.nbd_socket:
-        args += ["--nbd-socket", cfg.nbd_socket]
-    if cfg.nbd_listen:
-        args += ["--nbd-listen", str(cfg.nbd_listen)]
-    if cfg.metrics:
-        args += ["--metrics", str(cfg.metrics)]
-    if cfg.allow_other:
-        args.append("--allow-other")
-    if cfg.debug:
-        args.append("--debug")
-    if cfg.workers:
-        args.append("--workers")
-    return [*args, cfg.mountpoint]
+    """The daemon's command line for ``cfg`` (the same one every worker of a supervisor re-parses)."""
+    return cfg.argv()
 
 
 def _tail(path: str, lines: int = 5) -> str:

@@ -114,6 +114,21 @@ class MountConfig:
     def lock_file(self) -> str:
         return os.path.join(self.store, LOCK_NAME)
 
+    def argv(self) -> list[str]:
+        """These options as the daemon's command line (``add_mount_arguments`` parses it back)."""
+        args = ["--role", self.role, "--store", self.store, "--log-file", self.log_file]
+        for flag, value in (("--listen", self.listen), ("--peer", self.peer), ("--key-file", self.key_file),
+                            ("--nbd-socket", self.nbd_socket), ("--nbd-listen", self.nbd_listen),
+                            ("--metrics", self.metrics)):
+            if value:
+                args += [flag, str(value)]
+        if self.tls_cert and self.tls_key and self.tls_ca:
+            args += ["--tls-cert", self.tls_cert, "--tls-key", self.tls_key, "--tls-ca", self.tls_ca]
+        for flag, on in (("--allow-other", self.allow_other), ("--debug", self.debug), ("--workers", self.workers)):
+            if on:
+                args.append(flag)
+        return [*args, self.mountpoint]
+
     def replication(self) -> dict[str, object]:
         """What status reports about the peer's configuration (the daemon adds what is running)."""
         if self.listen is None and self.peer is None:

@@ -328,6 +328,18 @@ def run(cfg: MountConfig, *, ready: Ready, foreground: bool) -> int:
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1)  # dumps every thread's stack into the log
     lock = StoreLock(cfg.lock_file)
+    return run_locked(cfg, lock, ready, "the mount daemon", lambda: trio.run(serve, cfg, lock, ready))
+
+
+def run_locked(cfg: MountConfig, lock: StoreLock, ready: Ready, what: str,
+               serve_store: Callable[[], None], **lock_info: Any) -> int:
+    """Check the mountpoint, take the store's lock, run ``serve_store``; say how it ended.
+
+    The single-process daemon and the supervisor share it: a failure to start
+    goes to ``ready`` (``mountctl mount`` prints it) and into the lock file
+    (``mountctl`` reads it after the process is gone), as does a crash;
+    ``lock_info`` is recorded in the lock file beside the usual fields.
+    """
     status = 1
     try:
         try:
@@ -336,10 +348,10 @@ def run(cfg: MountConfig, *, ready: Ready, foreground: bool) -> int:
             check_mountpoint(cfg.mountpoint)
             os.makedirs(cfg.store, mode=0o700, exist_ok=True)
             lock.acquire(pid=os.getpid(), mountpoint=cfg.mountpoint, store=cfg.store,
-                         log_file=cfg.log_file, state="starting", started=time.time())
+                         log_file=cfg.log_file, state="starting", started=time.time(), **lock_info)
         except (MountpointError, AlreadyMounted, OSError) as e:
             raise StartupError(str(e)) from e
-        trio.run(serve, cfg, lock, ready)
+        serve_store()
         lock.update(state="closed", clean=True, ended=time.time())
         status = 0
     except StartupError as e:
@@ -348,11 +360,11 @@ def run(cfg: MountConfig, *, ready: Ready, foreground: bool) -> int:
         if lock.fd >= 0:
             lock.update(state="failed", error=str(e), ended=time.time())
     except BaseException as e:
-        log.exception("the mount daemon failed")
-        what = f"{type(e).__name__}: {e}"
-        ready({"error": f"the mount daemon failed: {what} (see {cfg.log_file})"})
+        log.exception("%s failed", what)
+        failure = f"{type(e).__name__}: {e}"
+        ready({"error": f"{what} failed: {failure} (see {cfg.log_file})"})
         if lock.fd >= 0:
-            lock.update(state="failed", error=what, ended=time.time())
+            lock.update(state="failed", error=failure, ended=time.time())
     finally:
         lock.release()
     return status

@@ -42,12 +42,12 @@ from colofs.fs.daemon import (
     key_of,
     mount_options,
     run_fuse,
+    run_locked,
     setup_logging,
     unmount,
 )
-from colofs.fs.lock import AlreadyMounted, StoreLock
+from colofs.fs.lock import StoreLock
 from colofs.fs.metrics import refusals, serve_metrics
-from colofs.fs.mountpoint import MountpointError, check_mountpoint, detach_stale
 from colofs.fs.paging import page
 from colofs.nbd.handoff import start_front
 from colofs.nbd.service import NbdService, NbdStartError
@@ -350,44 +350,19 @@ class Supervisor:
 
 def run(cfg: MountConfig, *, ready: Ready, foreground: bool) -> int:
     """The whole life of a ``--workers`` mount; returns the process exit status."""
-    from mountctl.mounting import daemon_args  # the argv form every worker re-parses
-
     zygote = Zygote.fork(worker_main)  # first: nothing but the imported code is copied into it
     setup_logging(cfg, to_stderr=foreground)
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1)
     lock = StoreLock(cfg.lock_file)
-    status = 1
-    try:
-        try:
-            if detach_stale(cfg.mountpoint):
-                log.warning("%s: detached a stale mount left by a dead daemon", cfg.mountpoint)
-            check_mountpoint(cfg.mountpoint)
-            os.makedirs(cfg.store, mode=0o700, exist_ok=True)
-            lock.acquire(pid=os.getpid(), mountpoint=cfg.mountpoint, store=cfg.store, log_file=cfg.log_file,
-                         state="starting", started=time.time(), process_model="workers")
-        except (MountpointError, AlreadyMounted, OSError) as e:
-            raise StartupError(str(e)) from e
+
+    def serve_store() -> None:
         # (not the ancestors: the mountctl mount waiting for readiness has the same options)
         wait_for_leftovers(cfg.store, {*_ancestors(), zygote.pid}, LEFTOVER_WAIT)
         log.info("supervisor of %s starting (pid %d, zygote %d)", cfg.store, os.getpid(), zygote.pid)
-        supervisor = Supervisor(cfg, zygote, lock, daemon_args(cfg))
-        trio.run(supervisor.serve, ready)
-        lock.update(state="closed", clean=True, ended=time.time())
-        status = 0
-    except StartupError as e:
-        log.error("%s", e)
-        ready({"error": str(e)})
-        if lock.fd >= 0:
-            lock.update(state="failed", error=str(e), ended=time.time())
-    except BaseException as e:
-        log.exception("the supervisor failed")
-        what = f"{type(e).__name__}: {e}"
-        ready({"error": f"the supervisor failed: {what} (see {cfg.log_file})"})
-        if lock.fd >= 0:
-            lock.update(state="failed", error=what, ended=time.time())
+        trio.run(Supervisor(cfg, zygote, lock, cfg.argv()).serve, ready)
+
+    try:
+        return run_locked(cfg, lock, ready, "the supervisor", serve_store, process_model="workers")
     finally:
         zygote.close()
-        lock.release()
-    return status
-
