@@ -328,17 +328,21 @@ def run(cfg: MountConfig, *, ready: Ready, foreground: bool) -> int:
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1)  # dumps every thread's stack into the log
     lock = StoreLock(cfg.lock_file)
-    return run_locked(cfg, lock, ready, "the mount daemon", lambda: trio.run(serve, cfg, lock, ready))
+    def serve_store() -> None:
+        trio.run(serve, cfg, lock, ready)
+
+    return run_locked(cfg, lock, ready, "the mount daemon", serve_store)
 
 
 def run_locked(cfg: MountConfig, lock: StoreLock, ready: Ready, what: str,
-               serve_store: Callable[[], None], **lock_info: Any) -> int:
+               serve_store: Callable[[], str | None], **lock_info: Any) -> int:
     """Check the mountpoint, take the store's lock, run ``serve_store``; say how it ended.
 
     The single-process daemon and the supervisor share it: a failure to start
     goes to ``ready`` (``mountctl mount`` prints it) and into the lock file
     (``mountctl`` reads it after the process is gone), as does a crash;
     ``lock_info`` is recorded in the lock file beside the usual fields.
+    ``serve_store`` returns None once everything was closed cleanly, or why not.
     """
     status = 1
     try:
@@ -351,9 +355,13 @@ def run_locked(cfg: MountConfig, lock: StoreLock, ready: Ready, what: str,
                          log_file=cfg.log_file, state="starting", started=time.time(), **lock_info)
         except (MountpointError, AlreadyMounted, OSError) as e:
             raise StartupError(str(e)) from e
-        serve_store()
-        lock.update(state="closed", clean=True, ended=time.time())
-        status = 0
+        unclean = serve_store()
+        if unclean is None:
+            lock.update(state="closed", clean=True, ended=time.time())
+            status = 0
+        else:
+            log.error("%s", unclean)
+            lock.update(state="failed", error=unclean, ended=time.time())
     except StartupError as e:
         log.error("%s", e)
         ready({"error": str(e)})

@@ -23,6 +23,7 @@ from colofs.events import EventBus
 from colofs.fs.mountpoint import MountpointError, detach_stale
 from colofs.workers.attach import EXIT_UNCLAIMED, ON_ATTACH
 from colofs.workers.channel import Channel, ChannelClosed, RemoteError, WorkerArgs, channel_pair
+from colofs.workers.oncommand import ON_COMMAND
 from colofs.workers.table import (
     FAILED,
     PING_INTERVAL,
@@ -58,6 +59,9 @@ class Fleet:
         self.notes: list[str] = []
         self._changed = trio.Event()
         self._early_exits: dict[int, int] = {}
+        self.refused = 0  # connections the workers refused after the router handed them over
+        self.last_refusal: str | None = None
+        self._forgotten: set[int] = set()  # workers of forgotten VMs, still ending
         self._nursery: trio.Nursery | None = None
 
     # -- waiting on the table ----------------------------------------------------------------
@@ -95,7 +99,8 @@ class Fleet:
             log.error("the zygote is gone: no worker can be started any more")
             await trio.sleep_forever()
 
-    async def start(self, vm: str, create_vm: str | None = None, *, on_attach: bool = False) -> Worker:
+    async def start(self, vm: str, create_vm: str | None = None, *, on_attach: bool = False,
+                    on_command: bool = False) -> Worker:
         """Spawn ``vm``'s worker (returns once it runs; it opens its VM and mounts on its own).
 
         ``on_attach``: a secondary's VM named by an unauthenticated preamble; the
@@ -108,7 +113,9 @@ class Fleet:
         extra = self._extra()
         if on_attach:
             extra[ON_ATTACH] = True
-        w.extra["pending"] = on_attach
+        if on_command:
+            extra[ON_COMMAND] = True
+        w.extra["pending"] = on_attach or on_command
         args = WorkerArgs(vm=vm, argv=self.argv, restarts=w.restarts, create_vm=create_vm, extra=extra)
         try:
             with trio.fail_after(SPAWN_TIMEOUT):
@@ -150,9 +157,14 @@ class Fleet:
         now = trio.current_time()
         if op == "event":
             fields = {k: v for k, v in dict(msg.get("fields") or {}).items() if k not in ("event", "time")}
-            self.bus.emit(str(msg.get("kind", "unknown")), **fields)
+            kind = str(msg.get("kind", "unknown"))
+            if kind == "peer-refused":  # a worker's secondary refused a handed connection (TLS, key, ATTACH)
+                self.refused += 1
+                self.last_refusal = f"{fields.get('peer')}: {fields.get('reason')}"
+            self.bus.emit(kind, **fields)
         elif op == "summary":
             w.role, w.phase, w.link = msg.get("role"), msg.get("phase"), msg.get("link")
+            w.extra["epoch"], w.extra["last_seq"] = msg.get("epoch"), msg.get("last_seq")
             self._send_budgets()
         elif op == "opened":
             w.opened, w.role = True, msg.get("role", w.role)
@@ -192,6 +204,9 @@ class Fleet:
             pass
 
     def _exited(self, pid: int, code: int) -> None:
+        if pid in self._forgotten:
+            self._forgotten.discard(pid)
+            return
         w = self.table.by_pid(pid)
         if w is None:
             self._early_exits[pid] = code  # its spawn has not recorded it yet
@@ -221,6 +236,20 @@ class Fleet:
                         w.vm, pid, describe_exit(code))
         self.table.workers.pop(w.vm, None)
         self.channels.pop(w.vm, None)
+        self._touch()
+
+    def forget_pending(self, vm: str) -> None:
+        """A VM whose worker was started for a command that failed, and never made it: forget it, stop the worker."""
+        w = self.table.get(vm)
+        if w is None or not w.extra.get("pending"):
+            return
+        log.info("VM %s: the command it was started for failed; forgotten", vm)
+        self.table.workers.pop(vm, None)
+        channel = self.channels.pop(vm, None)
+        if w.pid is not None:
+            self._forgotten.add(w.pid)
+        if channel is not None and self._nursery is not None:
+            self._nursery.start_soon(self._notify, channel, "stop", {"lazy": False})
         self._touch()
 
     async def _detach(self, vm: str) -> None:

@@ -34,6 +34,7 @@ from colofs.fs.control import (
     COLOFS_VERSION,
     CONTROL_VERSION,
     CREATE,
+    HINTS,
     IMPORT,
     LAST_ERROR,
     LAST_RESULT,
@@ -43,6 +44,7 @@ from colofs.fs.control import (
     Outcomes,
 )
 from colofs.fs.errnos import errno_for
+from colofs.fs.inodes import Kind
 from colofs.fs.paging import compact, page, paged_name
 from colofs.fs.values import Refused, int_field, parse_json, str_field
 from colofs.workers.channel import RemoteError
@@ -89,6 +91,7 @@ class RootOperations(pyfuse3.Operations):
         self.outcomes = Outcomes()
         self.uid, self.gid = os.getuid(), os.getgid()
         self.born = time.time_ns()
+        self._commands: dict[str, int] = {}  # create/import requests under way, per VM
 
     # -- names and attributes ----------------------------------------------------------------
 
@@ -271,7 +274,9 @@ class RootOperations(pyfuse3.Operations):
                        f"VM {vm}: its worker is {state}, not serving; try again once it serves")
             raise pyfuse3.FUSEError(errno.EAGAIN)
         if key not in (CREATE, IMPORT):
-            msg = f"{name.decode(errors='replace')} cannot be set on the root (settable here: {CREATE}, {IMPORT})"
+            hint = HINTS.get((Kind.ROOT, key))  # the same words as one process's root
+            msg = (f"{name.decode(errors='replace')} cannot be set on the root" + (f": {hint}" if hint else "")
+                   + f" (settable here: {CREATE}, {IMPORT})")
             self._fail(ctx.pid, key, target, errno.EINVAL, msg)
             raise pyfuse3.FUSEError(errno.EINVAL)
         started = time.monotonic()
@@ -308,11 +313,21 @@ class RootOperations(pyfuse3.Operations):
         fleet = self.fleet
         w = fleet.table.get(vm)
         if w is None:
-            await fleet.start(vm, create_vm=self.role)  # answered from its store, before it mounts
+            await fleet.start(vm, create_vm=self.role, on_command=True)  # made only if the command succeeds
         elif not (w.opened and w.pid is not None) and w.state != STARTING:
             raise RemoteError(f"{key}: VM {vm}: its worker is {w.state}, not serving; try again", errno.EAGAIN)
         op = "create_disk" if key == CREATE else "import_disk"
-        return await fleet.call(vm, op, COMMAND_TIMEOUT, **fields)
+        self._commands[vm] = self._commands.get(vm, 0) + 1
+        try:
+            return await fleet.call(vm, op, COMMAND_TIMEOUT, **fields)
+        except BaseException:
+            if self._commands[vm] == 1:
+                fleet.forget_pending(vm)  # a VM no command made: gone from the root at once, as in one process
+            raise
+        finally:
+            self._commands[vm] -= 1
+            if not self._commands[vm]:
+                del self._commands[vm]
 
     def _fail(self, pid: int, op: str, target: str, code: int, message: str) -> None:
         log.warning("control: %s on %s refused (%s): %s", op, target, errno.errorcode.get(code, code), message)

@@ -59,7 +59,7 @@ from colofs.workers.memory import MEMORY_KEYS, memory_of
 from colofs.workers.metrics import WorkerFigures
 from colofs.workers.rootfs import RootOperations
 from colofs.workers.router import Router
-from colofs.workers.table import SERVING, Table, hang_kill_after
+from colofs.workers.table import SERVING, STOPPED, Table, describe_exit, hang_kill_after
 from colofs.workers.worker import main as worker_main
 from colofs.workers.zygote import Zygote
 
@@ -192,9 +192,9 @@ class Supervisor:
         elif self.router is not None:
             st = self.router.status()
             repl.update(state="running", role="secondary", authenticated=cfg.key_file is not None,
-                        port=st["port"], connections=st["connections"], refused=st["refused"],
-                        sessions=links.count("connected"),
-                        last_refusal=st["last_refusal"], pending=st["pending"],
+                        port=st["port"], connections=st["connections"],
+                        refused=st["refused"] + self.fleet.refused, sessions=links.count("connected"),
+                        last_refusal=self.fleet.last_refusal or st["last_refusal"], pending=st["pending"],
                         refused_by_reason=st["refused_by_reason"], routed=st["routed"])
         return {
             "kind": "root", "version": COLOFS_VERSION, "control_version": CONTROL_VERSION,
@@ -220,10 +220,17 @@ class Supervisor:
         return {"supervisor": figures(os.getpid()), "zygote": figures(self.fleet.zygote.pid),
                 "workers": {k: sum(f[k] for f in workers) for k in MEMORY_KEYS}, "worker_count": len(workers)}
 
+    def unclean(self) -> str | None:
+        """Why VMs were not closed cleanly at the end (their workers' errors), or None: as one process's umount says."""
+        bad = [f"VM {w.vm}: {w.error or w.last_exit}" for _, w in sorted(self.table.workers.items())
+               if w.state == STOPPED and w.last_exit not in (None, describe_exit(0))]
+        return "; ".join(bad) or None
+
     def greeting(self) -> list[dict[str, Any]]:
         """What a new event listener is sent first: one ``exists`` line per VM."""
-        return [{"event": "exists", "vm": w.vm, "role": w.role, "phase": w.phase, "link": w.link,
-                 "worker": w.state} for _, w in sorted(self.table.workers.items())]
+        return [{"event": "exists", "vm": w.vm, "role": w.role, "phase": w.phase, "epoch": w.extra.get("epoch"),
+                 "last_seq": w.extra.get("last_seq"), "peer": w.link, "link": w.link, "worker": w.state}
+                for _, w in sorted(self.table.workers.items())]
 
     async def serve(self, ready: Ready) -> None:
         cfg = self.cfg
@@ -356,11 +363,13 @@ def run(cfg: MountConfig, *, ready: Ready, foreground: bool) -> int:
     faulthandler.register(signal.SIGUSR1)
     lock = StoreLock(cfg.lock_file)
 
-    def serve_store() -> None:
+    def serve_store() -> str | None:
         # (not the ancestors: the mountctl mount waiting for readiness has the same options)
         wait_for_leftovers(cfg.store, {*_ancestors(), zygote.pid}, LEFTOVER_WAIT)
         log.info("supervisor of %s starting (pid %d, zygote %d)", cfg.store, os.getpid(), zygote.pid)
-        trio.run(Supervisor(cfg, zygote, lock, cfg.argv()).serve, ready)
+        supervisor = Supervisor(cfg, zygote, lock, cfg.argv())
+        trio.run(supervisor.serve, ready)
+        return supervisor.unclean()  # a VM its worker could not close: as one process's umount says
 
     try:
         return run_locked(cfg, lock, ready, "the supervisor", serve_store, process_model="workers")

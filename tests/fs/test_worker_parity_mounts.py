@@ -1,9 +1,8 @@
 """A ``--workers`` mount answers as a single-process one where the supervisor has to carry what a worker says.
 
 Each test is one place where running the suite with ``COLOFS_TEST_WORKERS=1``
-found the two models apart. The workers' side is in (tests/fs/test_worker_parity.py);
-the supervisor's side is not yet, so each is marked ``xfail(strict=True)``: once
-it lands, a passing test fails as XPASS and its marker is to be removed.
+found the two models apart; the workers' side of each is tested on its own in
+tests/fs/test_worker_parity.py.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ from tests.waiting import wait_until_sync
 
 P = "user.colofs."
 MiB = 1 << 20
-SUPERVISOR = pytest.mark.xfail(strict=True, reason="the supervisor's side (fleet, rootfs, supervisor) is not in yet")
 
 
 @pytest.fixture
@@ -40,7 +38,6 @@ def _store_entries(m: Mount) -> set[str]:
     return {e for e in os.listdir(m.store) if not e.startswith(".") and e != "colofs-store"}
 
 
-@SUPERVISOR
 def test_a_refused_import_of_a_new_vm_leaves_neither_store_nor_root_entry(wsec: Mount, tmp_path: Path) -> None:
     req = json.dumps({"vm": "vm1", "disk": "d0", "source": str(tmp_path)}).encode()  # a directory
     assert errno_of(os.setxattr, wsec.mnt, P + "import", req) == errno.EINVAL
@@ -53,7 +50,6 @@ def test_a_refused_import_of_a_new_vm_leaves_neither_store_nor_root_entry(wsec: 
     assert _store_entries(wsec) == {"vm1"}
 
 
-@SUPERVISOR
 def test_umount_says_why_a_vm_could_not_be_closed(mounts, tmp_path: Path) -> None:
     small = tmp_path / "small"
     small.mkdir()
@@ -74,7 +70,6 @@ def test_umount_says_why_a_vm_could_not_be_closed(mounts, tmp_path: Path) -> Non
         subprocess.run(["umount", "-l", str(small)], check=False, timeout=30)
 
 
-@SUPERVISOR
 def test_a_new_listener_is_greeted_with_each_vms_peer_and_sequence(wsec: Mount) -> None:
     mountctl("create", wsec.mnt, "vm1/d0", "--size", "1M")
     wait_until_sync(lambda: wsec.path("vm1", "d0.raw").exists(), 60, "vm1/d0 served", catch=(OSError,))
@@ -88,13 +83,11 @@ def test_a_new_listener_is_greeted_with_each_vms_peer_and_sequence(wsec: Mount) 
     assert exists["epoch"] == 1 and exists["last_seq"] is not None and exists["peer"], exists
 
 
-@SUPERVISOR
 def test_setting_a_vm_command_on_the_root_says_where_it_goes(wsec: Mount) -> None:
     assert errno_of(os.setxattr, wsec.mnt, P + "snapshot", b"s") == errno.EINVAL
     assert "snapshot a disk file" in last_error(wsec.mnt)
 
 
-@SUPERVISOR
 def test_a_connection_a_worker_refuses_shows_in_the_roots_status(mounts, tmp_path: Path) -> None:
     key = write_key(tmp_path / "key")
     m = mounts(mount=False)
