@@ -1,7 +1,8 @@
 """Persistent block maps: the one on-disk structure behind hidden, active and snapshot layers.
 
-It runs a little past 400 lines because appending, the commit record and emptying share one
-file's invariants (what is synced, what is acknowledged) and are easier to check side by side.
+It runs past 450 lines because appending (data and zero records), the commit record and
+emptying share one file's invariants (what is synced, what is acknowledged) and are easier
+to check side by side.
 
 A log file (format 2, see ``colofs.core.logformat``; replayed at open by
 ``colofs.core.logreplay``) starts with a *file header* block, followed by a

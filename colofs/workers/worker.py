@@ -1,5 +1,11 @@
 """One VM's worker process: its store, its replication and its FUSE mount at ``MOUNTPOINT/VM``.
 
+It runs past 450 lines because startup, the channel's operations and shutdown
+share one state (what is open, mounted, stopping) whose order is the point:
+read together, the startup and shutdown orders can be checked against each
+other. The two start modes for a VM not yet in the store are modules of their
+own (:mod:`colofs.workers.attach`, :mod:`colofs.workers.oncommand`).
+
 The zygote calls :func:`main` in a freshly forked child. The worker re-parses
 the supervisor's daemon arguments, opens the store scoped to its one VM (the
 VM's crash recovery runs here, as at a remount), starts that VM's replication
