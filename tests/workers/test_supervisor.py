@@ -212,3 +212,26 @@ def test_a_new_supervisor_waits_for_the_workers_a_killed_one_left(node: Node) ->
     assert res.returncode == 0, res.stderr
     node.remember()
     wait_until_sync(lambda: _serving(node.mnt / "vm0"), 60, "vm0 served again", catch=(OSError,))
+
+
+def test_mountctl_events_report_a_worker_crash_and_its_restart(node: Node) -> None:
+    """``mountctl events`` (the supervisor's socket) says when a VM's worker died and when it serves again."""
+    from tests.ops.test_events import Follower
+
+    res = _mountctl("mount", "--workers", "--role", "primary", "--store", str(node.store), str(node.mnt))
+    assert res.returncode == 0, res.stderr
+    node.remember()
+    assert _mountctl("create", str(node.mnt), "vm0/d0", "--size", "4M").returncode == 0
+    wait_until_sync(lambda: _serving(node.mnt / "vm0"), 60, "vm0's worker serving", catch=(OSError,))
+    follower = Follower(node.mnt)
+    try:
+        follower.wait("exists", vm="vm0")  # the greeting: the listener is in
+        pid = int(_serving(node.mnt / "vm0")["pid"])  # type: ignore[index]
+        os.kill(pid, signal.SIGKILL)
+        crashed = follower.wait("worker-crashed", vm="vm0")
+        assert crashed.get("pid") == pid, crashed
+        restarted = follower.wait("worker-restarted", vm="vm0")
+        assert restarted.get("restarts") == 1 and restarted.get("pid") != pid, restarted
+    finally:
+        follower.stop()
+    node.remember()
