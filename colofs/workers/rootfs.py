@@ -190,6 +190,7 @@ class RootOperations(pyfuse3.Operations):
         self.fleet.table.add(vm)
         self.nursery.start_soon(self._start_new, vm)  # never wait for the worker's mount here
         log.info("VM %s created by mkdir (role %s): starting its worker", vm, self.role)
+        self.fleet.bus.emit("vm-created", vm=vm, role=self.role)  # as one process's mkdir says
         return self._attr(vm_inode(vm))
 
     async def _start_new(self, vm: str) -> None:

@@ -214,8 +214,8 @@ def test_a_new_supervisor_waits_for_the_workers_a_killed_one_left(node: Node) ->
     wait_until_sync(lambda: _serving(node.mnt / "vm0"), 60, "vm0 served again", catch=(OSError,))
 
 
-def test_mountctl_events_report_a_worker_crash_and_its_restart(node: Node) -> None:
-    """``mountctl events`` (the supervisor's socket) says when a VM's worker died and when it serves again."""
+def test_mountctl_events_report_a_new_vm_a_worker_crash_and_its_restart(node: Node) -> None:
+    """``mountctl events`` (the supervisor's socket) says when a VM was made, its worker died, and serves again."""
     from tests.ops.test_events import Follower
 
     res = _mountctl("mount", "--workers", "--role", "primary", "--store", str(node.store), str(node.mnt))
@@ -226,6 +226,8 @@ def test_mountctl_events_report_a_worker_crash_and_its_restart(node: Node) -> No
     follower = Follower(node.mnt)
     try:
         follower.wait("exists", vm="vm0")  # the greeting: the listener is in
+        os.mkdir(node.mnt / "vm9")
+        assert follower.wait("vm-created", vm="vm9")["role"] == "primary"
         pid = int(_serving(node.mnt / "vm0")["pid"])  # type: ignore[index]
         os.kill(pid, signal.SIGKILL)
         crashed = follower.wait("worker-crashed", vm="vm0")
