@@ -108,7 +108,7 @@ class VMLink:
         self._work = trio.Event()
         self.life = Lifecycle()
         self.tracking = Tracking(vm, config, self.life, self._wake, budget)
-        self.checkpoints = Checkpoints(vm, config, self.life, self.tracking, self._wake)
+        self.checkpoints = Checkpoints(vm, config, self.life, self.tracking, self._wake_now)
         self.batching = Batching(vm, config, self.life, self.tracking, self.checkpoints)
         self.resyncer = ResyncDriver(vm, config, self.life, self.tracking, self.checkpoints, self.batching)
         self.replicate_checkpoint = self.checkpoints.replicate_checkpoint
@@ -126,6 +126,11 @@ class VMLink:
     def _wake(self) -> None:
         if not self._work.is_set():
             self._work.set()
+
+    def _wake_now(self) -> None:
+        """A checkpoint marker is queued: wake the sender, and end a small batch's wait for company."""
+        self._wake()
+        self.batching.hurry()
 
     # -- what others read of the link --------------------------------------------------------
 
