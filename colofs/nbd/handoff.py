@@ -47,7 +47,6 @@ from colofs.nbd import protocol as p
 from colofs.nbd.exports import ExportError
 from colofs.nbd.fusecache import FuseCacheLink
 from colofs.nbd.handshake import (
-    ConnectionClosed,
     Handshake,
     info_replies,
     meta_match,
@@ -55,7 +54,7 @@ from colofs.nbd.handshake import (
     transmission_flags,
 )
 from colofs.nbd.server import Resume
-from colofs.nbd.service import Limits, Listening, NbdService, Server
+from colofs.nbd.service import Limits, Listening, NbdService, Server, connection_ending
 from colofs.workers.channel import Channel, ChannelClosed, RemoteError
 
 log = logging.getLogger(__name__)
@@ -250,21 +249,14 @@ class FrontServer(Listening):
                 pass
         conn = FrontConnection(stream, self.workers, label, self.call_timeout)
         try:
-            with trio.move_on_after(self.limits.handshake_timeout) as scope:
-                chosen = await conn.handshake()
-                while chosen is not None and not await self._pass_on(conn, stream, chosen, label):
-                    chosen = await conn.options()  # the client may choose again
-            if scope.cancelled_caught:
-                log.warning("nbd %s: handshake not done within %.0f s: disconnected", label,
-                            self.limits.handshake_timeout)
-        except ConnectionClosed:
-            pass
-        except p.ProtocolError as e:
-            log.warning("nbd %s: disconnected: %s", label, e)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            log.info("nbd %s: connection lost: %s", label, e)
-        except Exception:
-            log.exception("nbd %s: connection failed", label)
+            with connection_ending(label, log):
+                with trio.move_on_after(self.limits.handshake_timeout) as scope:
+                    chosen = await conn.handshake()
+                    while chosen is not None and not await self._pass_on(conn, stream, chosen, label):
+                        chosen = await conn.options()  # the client may choose again
+                if scope.cancelled_caught:
+                    log.warning("nbd %s: handshake not done within %.0f s: disconnected", label,
+                                self.limits.handshake_timeout)
         finally:
             self.active -= 1
             await trio.aclose_forcefully(stream)

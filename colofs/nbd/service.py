@@ -28,6 +28,7 @@ import socket as stdsocket
 import ssl
 import stat
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import trio
@@ -40,6 +41,22 @@ from colofs.nbd.server import Connection, ConnectionClosed, Resume
 log = logging.getLogger(__name__)
 
 STOP_GRACE = 10.0  # seconds a stop waits for the requests under way before cancelling them
+
+
+@contextlib.contextmanager
+def connection_ending(label: str, logger: logging.Logger) -> Iterator[None]:
+    """How an NBD connection's end is logged: a clean close not at all, a protocol error or a
+    lost peer in one line, anything unexpected with its traceback (never raised further)."""
+    try:
+        yield
+    except ConnectionClosed:
+        pass
+    except p.ProtocolError as e:
+        logger.warning("nbd %s: disconnected: %s", label, e)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+        logger.info("nbd %s: connection lost: %s", label, e)
+    except Exception:
+        logger.exception("nbd %s: connection failed", label)
 
 
 @dataclass(frozen=True)
@@ -131,27 +148,20 @@ class Server(Listening):
         conn = Connection(stream, self.exports, label, tls)
         self.connections.add(conn)
         try:
-            export = None
-            with trio.move_on_after(self.limits.handshake_timeout) as scope:
-                export = await (conn.handshake() if at is None else conn.resume(at))
-            if scope.cancelled_caught:
-                log.warning("nbd %s: handshake not done within %.0f s: disconnected", label,
-                            self.limits.handshake_timeout)
-                return
-            if export is None:
-                return
-            log.info("nbd %s: serving %s (%s, %s replies)", label, export.name,
-                     "read-write" if export.writable else "read-only",
-                     "structured" if conn.structured else "simple")
-            await conn.transmit(export)
-        except ConnectionClosed:
-            pass
-        except p.ProtocolError as e:
-            log.warning("nbd %s: disconnected: %s", label, e)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            log.info("nbd %s: connection lost: %s", label, e)
-        except Exception:
-            log.exception("nbd %s: connection failed", label)
+            with connection_ending(label, log):
+                export = None
+                with trio.move_on_after(self.limits.handshake_timeout) as scope:
+                    export = await (conn.handshake() if at is None else conn.resume(at))
+                if scope.cancelled_caught:
+                    log.warning("nbd %s: handshake not done within %.0f s: disconnected", label,
+                                self.limits.handshake_timeout)
+                    return
+                if export is None:
+                    return
+                log.info("nbd %s: serving %s (%s, %s replies)", label, export.name,
+                         "read-write" if export.writable else "read-only",
+                         "structured" if conn.structured else "simple")
+                await conn.transmit(export)
         finally:
             self.connections.discard(conn)
             self.active -= 1
