@@ -137,17 +137,9 @@ def unmount(mountpoint: str, *, lazy: bool, timeout: float) -> str:
         raise CtlError(f"unmounting {mountpoint} failed: {msg}")
     if lazy:
         return f"{mountpoint}: detached; the daemon (pid {pid}) closes the store when the last open file is closed"
-    deadline = started + timeout
-    while holder(lock_file) is not None:
-        if time.monotonic() > deadline:
-            raise CtlError(
-                f"{mountpoint} is unmounted but the daemon (pid {pid}) is still closing the store after "
-                f"{timeout:.0f} s; see {target.status.get('log_file')}"
-            )
-        time.sleep(0.05)
-    if isinstance(pid, int):
-        _wait_exit(pid, deadline)
-    state = last_state(lock_file)
+    state = _wait_closed(lock_file, pid, started + timeout,
+                         f"{mountpoint} is unmounted but the daemon (pid {pid}) is still closing the store after "
+                         f"{timeout:.0f} s; see {target.status.get('log_file')}")
     took = time.monotonic() - started
     if state.get("state") == "closed":
         return f"{mountpoint}: unmounted; store {target.status['store']} closed cleanly ({took:.2f} s)"
@@ -155,6 +147,20 @@ def unmount(mountpoint: str, *, lazy: bool, timeout: float) -> str:
         f"{mountpoint}: unmounted, but the daemon ended in state {state.get('state')!r}: "
         f"{state.get('error', 'no detail')}; see {target.status.get('log_file')}"
     )
+
+
+def _wait_closed(lock_file: str, pid: object, deadline: float, late: str) -> dict[str, Any]:
+    """Wait until the daemon let go of the store's lock and exited; its last recorded state.
+
+    ``late`` is the error if that has not happened by ``deadline``.
+    """
+    while holder(lock_file) is not None:
+        if time.monotonic() > deadline:
+            raise CtlError(late)
+        time.sleep(0.05)
+    if isinstance(pid, int):
+        _wait_exit(pid, deadline)
+    return last_state(lock_file)
 
 
 def _stop_supervisor(mountpoint: str, status: dict[str, Any], *, lazy: bool, timeout: float) -> str:
@@ -187,16 +193,10 @@ def _stop_supervisor(mountpoint: str, status: dict[str, Any], *, lazy: bool, tim
     if lazy:
         return (f"{mountpoint}: stopping; the supervisor (pid {pid}) detaches busy VM mounts and closes each "
                 "VM when the last open file is closed")
-    deadline = started + timeout
-    while holder(lock_file) is not None:
-        if time.monotonic() > deadline:
-            raise CtlError(
-                f"{mountpoint}: the supervisor (pid {pid}) is still stopping its workers after {timeout:.0f} s "
-                f"(a VM whose disk is open is closed when its last user is gone); see {status.get('log_file')}"
-            )
-        time.sleep(0.05)
-    _wait_exit(pid, deadline)
-    state = last_state(lock_file)
+    state = _wait_closed(lock_file, pid, started + timeout,
+                         f"{mountpoint}: the supervisor (pid {pid}) is still stopping its workers after "
+                         f"{timeout:.0f} s (a VM whose disk is open is closed when its last user is gone); "
+                         f"see {status.get('log_file')}")
     took = time.monotonic() - started
     if state.get("state") == "closed":
         return f"{mountpoint}: unmounted; every VM and store {status['store']} closed cleanly ({took:.2f} s)"

@@ -113,8 +113,7 @@ class Replication:
                 await trio.sleep_forever()
         finally:
             self._handoff_nursery = None
-            for session in list(self.server.sessions.values()):
-                session.replace("the secondary is shutting down")
+            self.server.close_sessions("the secondary is shutting down")
 
     def accept(self, stream: trio.SocketStream, peer: str, vm: str) -> bool:
         """Serve a connection the supervisor accepted for ``vm``; False (the stream is not taken) if not running."""

@@ -194,8 +194,8 @@ def test_a_new_supervisor_waits_for_the_workers_a_killed_one_left(node: Node) ->
     node.remember()
     supervisor = int(_status(node.mnt)["pid"])
     # Stands for a worker of the killed supervisor still serving an open disk: same command line.
-    old = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "-m", "colofs.fs.daemon",
-                            "--store", str(node.store), "--workers"])
+    old = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", "-m", "colofs.fs.daemon",
+                            "--store", str(node.store), "--workers"], stdin=subprocess.PIPE)  # lives until killed
     node.pids.add(old.pid)
     try:
         os.kill(supervisor, signal.SIGKILL)
