@@ -27,6 +27,7 @@ from mountctl.client import (
     resolve,
     snapshots,
     vm_detail,
+    wait_served,
 )
 from mountctl.events import add_parser as add_events_parser
 from mountctl.mounting import preflight, start_daemon, unmount
@@ -94,6 +95,7 @@ def cmd_create(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     size = _size(args.size, parser, "--size")
     root = _root(args.mountpoint)
     res = command(root, "create", json.dumps({"vm": vm, "disk": disk, "size": size, "block_size": args.block_size}))
+    wait_served(root, vm)
     print(f"created {res.get('file')}: {human_bytes(int(res.get('size', size)))}, "
           f"{res.get('block_size')}-byte blocks")
     return 0
@@ -108,6 +110,7 @@ def cmd_import(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     check_image(req["source"])
     root = _root(args.mountpoint)
     res = command(root, "import", json.dumps(req))
+    wait_served(root, vm)
     print(f"imported {req['source']} into {res.get('file')}: {human_bytes(int(res.get('size', 0)))} "
           f"in {human_seconds(float(res.get('seconds', 0)))}")
     return 0

@@ -111,6 +111,20 @@ def command(path: str, name: str, value: bytes | str) -> dict[str, Any]:
     return _last_result(path)
 
 
+def wait_served(root: str, vm: str) -> None:
+    """Return once ``vm`` is served, so its files open at once after this command.
+
+    With a worker per VM a new VM's directory is mounted by its worker just
+    after the command that made it returns; reading the directory's status
+    waits for that mount (one process answers at once). A failure here is
+    not the command's: the status says it later.
+    """
+    try:
+        os.getxattr(os.path.join(root, vm), PREFIX + "status")
+    except OSError:
+        pass
+
+
 def remove(path: str, name: str) -> dict[str, Any]:
     """Remove a control attribute (deletes a snapshot); returns the outcome or raises :class:`CtlError`."""
     try:

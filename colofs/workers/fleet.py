@@ -181,6 +181,10 @@ class Fleet:
             if w.restarts:
                 self.bus.emit("worker-restarted", vm=w.vm, pid=w.pid, restarts=w.restarts)
             self._send_budgets()
+        elif op == "unmounted":  # its mount was taken away from outside: the VM stops, no restart
+            if self.table.stopping(w):
+                log.info("VM %s: %s was unmounted from outside; its worker %s closes the VM", w.vm,
+                         os.path.join(self.mountpoint, w.vm), w.pid)
         elif op == "failed":
             w.error = str(msg.get("error"))
             log.error("VM %s: its worker failed to start: %s", w.vm, w.error)
@@ -238,12 +242,14 @@ class Fleet:
         self.channels.pop(w.vm, None)
         self._touch()
 
-    def forget_pending(self, vm: str) -> None:
+    def forget_pending(self, vm: str, *, why: str = "the command it was started for failed",
+                       pending_only: bool = True) -> None:
         """A VM whose worker was started for a command that failed, and never made it: forget it, stop the worker."""
         w = self.table.get(vm)
-        if w is None or not w.extra.get("pending"):
+        if w is None or (pending_only and not w.extra.get("pending")):
             return
-        log.info("VM %s: the command it was started for failed; forgotten", vm)
+        log.info("VM %s: %s; forgotten", vm, why)
+        w.state = STOPPED  # a restart already scheduled for it does not run
         self.table.workers.pop(vm, None)
         channel = self.channels.pop(vm, None)
         if w.pid is not None:
@@ -314,7 +320,7 @@ class Fleet:
 
     async def call(self, vm: str, op: str, timeout: float, /, **fields: Any) -> dict[str, Any]:
         """A request to ``vm``'s worker once it opened its VM; RemoteError(EAGAIN) if it is not there."""
-        if not await self.wait_for(lambda: self._opened_or_gone(vm), OPEN_TIMEOUT):
+        if not await self.wait_for(lambda: self.opened_or_gone(vm), OPEN_TIMEOUT):
             raise RemoteError(f"VM {vm}: its worker did not open the VM within {OPEN_TIMEOUT:.0f} s", errno.EAGAIN)
         w = self.table.get(vm)
         channel = self.channels.get(vm)
@@ -330,7 +336,7 @@ class Fleet:
             raise RemoteError(f"VM {vm}: its worker did not answer {op} within {timeout:.0f} s",
                               errno.ETIMEDOUT) from None
 
-    def _opened_or_gone(self, vm: str) -> bool:
+    def opened_or_gone(self, vm: str) -> bool:
         w = self.table.get(vm)
         return w is None or w.opened or w.state not in (STARTING, "restarting", "crashed")
 

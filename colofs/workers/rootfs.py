@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 ROOT_INO: int = pyfuse3.ROOT_INODE
 ENTRY_TIMEOUT = 1.0  # a VM's worker mount comes and goes: let the kernel look again soon
 ATTR_TIMEOUT = 1.0
+OPEN_WAIT = 60.0
+"""How long ``mkdir`` waits for the new VM's worker to make it in the store, and a status read for its mount."""
 COMMAND_TIMEOUT = 600.0
 """How long a create or import may take in its worker (an import copies the image)."""
 COMING = (STARTING, CRASHED, RESTARTING)
@@ -187,17 +189,25 @@ class RootOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         if vm in self.fleet.table:
             raise pyfuse3.FUSEError(errno.EEXIST)
-        self.fleet.table.add(vm)
-        self.nursery.start_soon(self._start_new, vm)  # never wait for the worker's mount here
+        fleet = self.fleet
         log.info("VM %s created by mkdir (role %s): starting its worker", vm, self.role)
-        self.fleet.bus.emit("vm-created", vm=vm, role=self.role)  # as one process's mkdir says
-        return self._attr(vm_inode(vm))
-
-    async def _start_new(self, vm: str) -> None:
         try:
-            await self.fleet.start(vm, create_vm=self.role)
-        except ZygoteError:
-            pass  # logged and shown in the VM's status
+            started = await fleet.start(vm, create_vm=self.role)
+        except ZygoteError as e:
+            fleet.table.workers.pop(vm, None)  # nothing was made: no directory is left behind
+            log.error("mkdir %s: %s", vm, e)
+            raise pyfuse3.FUSEError(errno.EAGAIN) from None
+        # The VM exists in the store once its worker opened it; the mount follows within moments (it
+        # cannot come before this mkdir returns: the kernel holds the root's lock until then).
+        await fleet.wait_for(lambda: fleet.opened_or_gone(vm) or started.error is not None, OPEN_WAIT)
+        w = fleet.table.get(vm)
+        if w is not None and not w.opened:
+            why = w.error or f"its worker is {w.state}"
+            log.error("mkdir %s: the VM was not made: %s", vm, why)
+            fleet.forget_pending(vm, why="mkdir could not make it", pending_only=False)
+            raise pyfuse3.FUSEError(errno.EIO)
+        fleet.bus.emit("vm-created", vm=vm, role=self.role)  # as one process's mkdir says
+        return self._attr(vm_inode(vm))
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         self._node(inode)
@@ -225,6 +235,11 @@ class RootOperations(pyfuse3.Operations):
         key = name[len(PREFIX):].decode(errors="replace")
         if key == STATUS:
             if vm:
+                w = self.fleet.table.get(vm)
+                if w is not None and w.state == STARTING and w.opened:
+                    # Its mount is moments away: answer once it is there (or the worker gave up), so a
+                    # reader right after ``mkdir`` or ``create`` learns when the VM serves.
+                    await self.fleet.wait_for(lambda: self.fleet.settled(vm), OPEN_WAIT)
                 return _json(self.vm_status(vm))
             info = self.root_info()
             if self.memory is not None:

@@ -32,6 +32,7 @@ worker keeps its files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import faulthandler
@@ -78,7 +79,7 @@ from colofs.nbd.service import NbdService
 from colofs.repl import ReplConfig, ReplConfigError
 from colofs.wire import NonceRegistry
 from colofs.workers.attach import EXIT_UNCLAIMED, ON_ATTACH, PendingVM, Unclaimed
-from colofs.workers.channel import Channel, RemoteError, WorkerArgs, encode
+from colofs.workers.channel import Channel, ChannelClosed, RemoteError, WorkerArgs, encode
 from colofs.workers.malloc import Trimmer
 from colofs.workers.metrics import page
 from colofs.workers.oncommand import ON_COMMAND, PendingCommand
@@ -331,6 +332,11 @@ class Worker:
         log.info("serving VM %s on %s; replication: %s", self.vm, self.mountpoint, repl.root_status()["state"])
         await self.channel.notify("ready", mountpoint=self.mountpoint, pid=os.getpid())
         await unmounted.wait()
+        if not self.stopping:  # unmounted from outside (``umount -R``, systemd): a stop, not a crash
+            self.stopping = True
+            log.info("VM %s: %s was unmounted from outside; closing the VM", self.vm, self.mountpoint)
+            with contextlib.suppress(ChannelClosed, OSError):
+                await self.channel.notify("unmounted")
         await after_unmount(ops, repl, self.mountpoint, self.nbd)
         nursery.cancel_scope.cancel()
 
