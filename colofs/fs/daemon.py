@@ -283,7 +283,6 @@ async def serve(cfg: MountConfig, lock: StoreLock, ready: Ready) -> None:
             lock.update(state="closing")
             with trio.CancelScope(shield=True):
                 await store.close()
-        log.info("store %s closed cleanly", cfg.store)
 
 
 async def _serve_mount(nursery: trio.Nursery, ops: Operations, repl: Replication, cfg: MountConfig,
@@ -357,6 +356,7 @@ def run_locked(cfg: MountConfig, lock: StoreLock, ready: Ready, what: str,
             raise StartupError(str(e)) from e
         unclean = serve_store()
         if unclean is None:
+            log.info("store %s closed cleanly", cfg.store)  # both process models say it the same way
             lock.update(state="closed", clean=True, ended=time.time())
             status = 0
         else:

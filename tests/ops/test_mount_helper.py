@@ -30,6 +30,7 @@ from tests.ops.sysfiles import BIN, Reaped, linked, system_lock
 from tests.waiting import wait_until_sync
 
 SBIN_HELPER = "/sbin/mount.fuse.colofs"
+SBIN_UMOUNT = "/sbin/umount.fuse.colofs"  # umount(8)'s helper: a mount with a worker per VM needs it
 PATH_PROGRAM = "/usr/local/bin/colofs"  # mount.fuse3 runs `colofs` from the default PATH
 MiB = 1 << 20
 
@@ -117,10 +118,11 @@ def test_sloppy_mount_skips_unknown_options():
 
 @pytest.fixture
 def helper() -> Iterator[str]:
-    """``/sbin/mount.fuse.colofs`` present for the test (linked to this venv's script if absent)."""
-    if not (BIN / "mount.fuse.colofs").exists():
+    """``/sbin/mount.fuse.colofs`` and ``/sbin/umount.fuse.colofs`` present for the test (linked to this venv's)."""
+    if not (BIN / "mount.fuse.colofs").exists() or not (BIN / "umount.fuse.colofs").exists():
         pytest.skip(f"the console scripts are not installed in {BIN} (make venv, or pip install -e .)")
-    with system_lock(), linked(SBIN_HELPER, BIN / "mount.fuse.colofs") as link:
+    with system_lock(), linked(SBIN_HELPER, BIN / "mount.fuse.colofs") as link, \
+            linked(SBIN_UMOUNT, BIN / "umount.fuse.colofs"):
         yield link
 
 
@@ -247,7 +249,7 @@ def test_without_the_sbin_helper_mount_fuse3_runs_colofs(tmp_path, mounts):
             pytest.skip(f"{SBIN_HELPER} is installed here, so mount(8) never falls back to mount.fuse3")
         if not (BIN / "colofs").exists():
             pytest.skip(f"the console scripts are not installed in {BIN} (make venv, or pip install -e .)")
-        with linked(PATH_PROGRAM, BIN / "colofs"):
+        with linked(PATH_PROGRAM, BIN / "colofs"), linked(SBIN_UMOUNT, BIN / "umount.fuse.colofs"):
             r = _mount_t(sec, "role=secondary,_netdev,nofail,allow_other")
             assert _findmnt(sec)["fstype"] == "fuse.colofs"
             assert _status(sec)["replication"]["state"] == "not configured"
@@ -291,3 +293,39 @@ def test_metrics_option_from_mount_t_and_from_fstab_serves_prometheus(tmp_path, 
     _adopt(pri)
     assert _scrape(pport).get("colofs_reads") == "counter"
     _umount_cleanly(pri, rf)
+
+
+@needs_mount
+def test_plain_umount_of_a_mount_with_a_worker_per_vm_closes_every_vm(tmp_path, helper, mounts):
+    """The VM directories are mounts of their own: without the umount helper this is EBUSY.
+
+    umount(8) looks for the helper by the type mountinfo gives (``fuse.colofs``) when
+    the mount has an entry in utab, as an fstab line with ``_netdev`` gives it.
+    """
+    sec = mounts["s"]
+    r = _mount_t(sec, "role=secondary,workers,_netdev")
+    for n in range(2):
+        mountctl("create", sec.mnt, f"vm{n}/d0", "--size", "1M")
+    assert os.path.ismount(sec.mnt / "vm0") and os.path.ismount(sec.mnt / "vm1")
+    _umount_cleanly(sec, r)
+    assert not os.path.ismount(sec.mnt / "vm0") and not os.path.ismount(sec.mnt)
+    log = (sec.store / LOG_NAME).read_text()
+    assert "worker for VM vm0 stopped cleanly" in log and "worker for VM vm1 stopped cleanly" in log, log[-3000:]
+
+
+@needs_mount
+def test_umount_of_one_vm_stops_that_vm_alone_and_the_helper_refuses_a_plain_directory(tmp_path, helper, mounts):
+    sec = mounts["s"]
+    r = _mount_t(sec, "role=secondary,workers,_netdev")
+    for n in range(2):
+        mountctl("create", sec.mnt, f"vm{n}/d0", "--size", "1M")
+    run("umount", str(sec.mnt / "vm0"))
+    wait_until_sync(lambda: _vm_status(sec, "vm0")["worker"]["state"] == "stopped", 60, "vm0's worker stopped",
+                    catch=(OSError, KeyError, ValueError))
+    assert not os.path.ismount(sec.mnt / "vm0")
+    with open(sec.mnt / "vm1" / "d0.raw", "r+b") as f:  # the other VM still serves
+        f.write(b"\x11" * 4096)
+    assert "restarting it" not in (sec.store / LOG_NAME).read_text()
+    res = subprocess.run([SBIN_UMOUNT, str(sec.mnt / "vm0")], capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 32 and "not a colofs mountpoint" in res.stderr, res
+    _umount_cleanly(sec, r)
