@@ -29,6 +29,7 @@ from colofs.core.blocklog import BlockLog
 from colofs.core.blocks import block_span
 from colofs.core.disk import Disk
 from colofs.core.errors import ColofsError, NotFound
+from colofs.core.layers import prefetch_layers
 from colofs.core.snapshot import Snapshot
 from colofs.core.state import SECONDARY
 from colofs.core.store import Store
@@ -99,6 +100,13 @@ class Export:
 
     async def read(self, offset: int, length: int) -> bytearray:
         return await self.image.read(offset, length)
+
+    def prefetch(self, offset: int, length: int) -> int:
+        """Start the device reads a coming read of this range needs (a hint; see ``prefetch_layers``)."""
+        if offset < 0 or length <= 0 or offset + length > self.size:
+            return 0
+        d = self.disk_obj
+        return prefetch_layers(self.layers(), d.base_fd, d.shift, offset, length)
 
     async def write(self, offset: int, data: bytes) -> None:
         await self.image.write(offset, data)
