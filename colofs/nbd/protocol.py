@@ -131,6 +131,30 @@ def parse_request(buf: bytes | bytearray | memoryview, pos: int = 0) -> Request:
     return Request(flags, typ, cookie, offset, length)
 
 
+def read_requests(buf: bytes | bytearray | memoryview, limit: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` of the read requests among the complete headers in ``buf``, at most ``limit``.
+
+    Write payloads are skipped; the scan stops at a wrong magic. Nothing is
+    checked or answered: a look ahead, the requests themselves are parsed
+    and checked when they are served.
+    """
+    size = REQUEST.size
+    unpack = REQUEST.unpack_from
+    end = len(buf)
+    pos = 0
+    reads: list[tuple[int, int]] = []
+    while end - pos >= size and len(reads) < limit:
+        magic, _, typ, _, offset, length = unpack(buf, pos)
+        if magic != REQUEST_MAGIC:
+            break
+        pos += size
+        if typ == CMD_WRITE:
+            pos += length
+        elif typ == CMD_READ:
+            reads.append((offset, length))
+    return reads
+
+
 def pack_request(typ: int, cookie: int, offset: int, length: int, flags: int = 0) -> bytes:
     return REQUEST.pack(REQUEST_MAGIC, flags, typ, cookie, offset, length)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import ssl
 import struct
 from collections.abc import Iterable
@@ -125,28 +126,11 @@ class _Replies:
 
 
 def _prefetch_reads(export: Export, buf: bytearray) -> int:
-    """Hint the device reads of every read request in ``buf`` when there are several; hints given.
+    """Hint the device reads of the reads in ``buf`` when there are several, so that misses overlap; hints given.
 
-    The round then serves them one after another, as before, but the ones
-    the page cache misses were all started here, so they overlap on the
-    device instead of each waiting for the one before (a client at queue
-    depth 16 sends 16 reads in one round). Only complete headers are looked
-    at and nothing is checked or answered here: the round's parse does that.
+    The round still serves them one after another (at queue depth 16, 16 reads a round).
     """
-    size = p.REQUEST.size
-    unpack = p.REQUEST.unpack_from
-    end = len(buf)
-    pos = 0
-    reads: list[tuple[int, int]] = []
-    while end - pos >= size and len(reads) < MAX_BATCH_REQUESTS:
-        magic, _, typ, _, offset, length = unpack(buf, pos)
-        if magic != p.REQUEST_MAGIC:
-            break
-        pos += size
-        if typ == p.CMD_WRITE:
-            pos += length
-        elif typ == p.CMD_READ:
-            reads.append((offset, length))
+    reads = p.read_requests(buf, MAX_BATCH_REQUESTS)
     if len(reads) < 2:
         return 0
     return sum(export.prefetch(offset, length) for offset, length in reads)
@@ -160,6 +144,7 @@ class Connection(Handshake[Export]):
         super().__init__(stream, label, tls)
         self.exports = exports
         self.shield: trio.CancelScope | None = None  # around the request being served, if any
+        self._fd = -1  # the plain socket _send_replies writes directly, once transmission starts
 
     async def resume(self, at: Resume) -> Export | None:
         """Take over a handshake another process ran up to ``at``: answer that option, then go on as usual."""
@@ -249,6 +234,9 @@ class Connection(Handshake[Export]):
         """
         cache = self.exports.cache
         group = export.write_group()
+        # Decided here, after any STARTTLS swapped the stream: TLS and test memory streams keep send_all.
+        stream = self.stream
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         held: list[p.Request] = []  # the requests in ``group``, answered once it is applied
         out = _Replies()
         try:
@@ -344,10 +332,24 @@ class Connection(Handshake[Export]):
         return failed
 
     async def _send_replies(self, export: Export, out: _Replies) -> None:
+        """Send a round's replies; on a plain socket written directly, without ``send_all``'s pass of the loop.
+
+        The round yields when it receives anyway. What the socket does not
+        take now (or an error, raised as the stream's own) goes through the stream.
+        """
         if out.written:  # the kernel's cached pages must not be seen once a write is acknowledged
             await self.exports.cache.written(export)
         data = b"".join(out.parts)
         out.clear()
+        fd = self._fd
+        if fd >= 0:
+            try:
+                sent = os.write(fd, data)
+            except OSError:
+                sent = 0  # full, or broken: the stream waits, or says how it broke
+            if sent == len(data):
+                return
+            data = data[sent:]
         await self.stream.send_all(data)
 
     def _error(self, req: p.Request, code: int, message: str) -> bytes:

@@ -132,3 +132,43 @@ def test_the_round_scan_skips_write_payloads_and_stops_at_a_bad_magic() -> None:
     r2 = Recorder()
     bad = bytearray(p.pack_request(p.CMD_READ, 1, 0, 4096) + b"\0" * 28 + p.pack_request(p.CMD_READ, 3, 0, 4096))
     assert nbd_server._prefetch_reads(r2, bad) == 0 and r2.calls == []  # one read before the bad magic
+
+
+async def test_replies_on_a_unix_socket_are_written_directly_and_a_large_one_finishes_through_the_stream(
+        serve, tmp_path, monkeypatch) -> None:
+    """Small replies skip ``send_all``; one larger than the socket takes at once sends its rest through it, intact."""
+    import trio
+
+    from colofs.nbd.service import NbdService
+    from tests.nbd.rawclient import RawClient
+
+    streamed: list[int] = []
+    real = trio.SocketStream.send_all
+
+    clients: list[trio.abc.Stream] = []
+
+    async def counting(self: trio.SocketStream, data) -> None:
+        if self not in clients:  # the server's end only
+            streamed.append(len(data))
+        await real(self, data)
+
+    monkeypatch.setattr(trio.SocketStream, "send_all", counting)
+    s = await serve("secondary")
+    disk = s.store.disk("vm", "d")
+    pattern = bytes(range(256)) * (SIZE // 256)
+    await disk.write(0, pattern)
+    path = str(tmp_path / "nbd.sock")
+    svc = await NbdService.start(s.nursery, s.store, None, socket_path=path, tcp=None)
+    c = await RawClient.connect_unix(path)
+    clients.append(c.stream)
+    assert (await c.go("vm/d"))[-1][0] == p.REP_ACK
+    sent_before = len(streamed)  # the handshake's sends go through the stream
+    with trio.fail_after(60):
+        for i in range(4):
+            assert await c.read(i * 4096, 4096) == pattern[i * 4096 : (i + 1) * 4096]
+        assert len(streamed) == sent_before  # written directly
+        assert await c.read(0, SIZE) == pattern  # 4 MiB: more than the socket takes at once
+    assert len(streamed) == sent_before + 1 and 0 < streamed[-1] < SIZE  # only the rest went through the stream
+    await c.disconnect()
+    await c.close()
+    await svc.stop()
