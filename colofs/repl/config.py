@@ -82,11 +82,20 @@ class ReplConfig:
     """How often the dirty bitmap is made durable while it is what catching up relies on."""
     scan_interval: float = 0.5
     """How often the primary looks for VMs and disks created since it started."""
-    apply_merge_bytes: int = 16 << 20
-    """The secondary applies queued batches together (one group commit) up to this size."""
+    apply_merge_bytes: int = 4 << 20
+    """The secondary applies queued batches together (one group commit) up to this size.
+
+    A group's decoded writes and its copy-before-write buffer (the old
+    blocks of base it saves into hidden) are held at once, so this bounds
+    the secondary's memory per group. At 16 MiB a busy secondary peaked at
+    95-121 MiB RSS in ``bench/secondary_memory.py``; at 4 MiB (with
+    ``receive_bytes`` at 8) at 65-85, and neither the rate nor the core's
+    CPU per MiB moved beyond the machine's noise (``bench/ingest_core.py
+    --group``); the cost is more ``fdatasync`` of hidden (one per 4 MiB
+    instead of one per 10-14 MiB under load)."""
     receive_queue: int = 64
     """Decoded frames a secondary session holds before it stops reading the socket."""
-    receive_bytes: int = 40 << 20
+    receive_bytes: int = 8 << 20
     """Write data a secondary session holds decoded (queued or being applied) before it stops reading.
 
     With 4 MiB batches the frame count alone would let 256 MiB pile up;
