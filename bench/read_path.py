@@ -15,7 +15,7 @@ and the runs alternate between the trees within every repetition:
   from the page cache with ``POSIX_FADV_DONTNEED`` (only this store's pages,
   not the whole machine's as ``drop_caches`` would);
 * each run reports IOPS and the daemon's CPU per read (user + system, all
-  its threads), which is less noisy than IOPS under load.
+  its threads and child processes), which is less noisy than IOPS under load.
 
 With ``--profile DIR`` one more run of each workload per tree is sampled
 with ``py-spy record`` (``--idle`` off) and its top functions are printed.
@@ -99,6 +99,27 @@ def fio_args(side: Side, workload: str, size: int, runtime: float) -> list[str]:
             f"--filename={side.node.file(VM)}", "--allow_file_create=0", "--fallocate=none", "--invalidate=1"]
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and its descendants (with a process per VM, the reads are a worker's)."""
+    parent: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    parent[int(name)] = int(f.read().rsplit(") ", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            total += cpu_seconds(p)
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        todo += [c for c, pp in parent.items() if pp == p]
+    return total
+
+
 def run_once(side: Side, workload: str, size: int, runtime: float, warm: bool) -> tuple[float, float]:
     """(IOPS, daemon CPU µs per read) of one fio run."""
     side.node.control(VM, "checkpoint")
@@ -106,9 +127,9 @@ def run_once(side: Side, workload: str, size: int, runtime: float, warm: bool) -
         uncache(side.node.store)
     pid = side.node.pid
     assert pid is not None
-    c0 = cpu_seconds(pid)
+    c0 = tree_cpu(pid)
     out = sh(*fio_args(side, workload, size, runtime))
-    cpu = cpu_seconds(pid) - c0
+    cpu = tree_cpu(pid) - c0
     read = fio_job(out)["read"]
     iops, n = float(read["iops"]), int(read["total_ios"])
     return iops, cpu * 1e6 / max(n, 1)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import ssl
 import struct
 from collections.abc import Iterable
@@ -144,7 +143,6 @@ class Connection(Handshake[Export]):
         super().__init__(stream, label, tls)
         self.exports = exports
         self.shield: trio.CancelScope | None = None  # around the request being served, if any
-        self._fd = -1  # the plain socket _send_replies writes directly, once transmission starts
 
     async def resume(self, at: Resume) -> Export | None:
         """Take over a handshake another process ran up to ``at``: answer that option, then go on as usual."""
@@ -234,9 +232,6 @@ class Connection(Handshake[Export]):
         """
         cache = self.exports.cache
         group = export.write_group()
-        # Decided here, after any STARTTLS swapped the stream: TLS and test memory streams keep send_all.
-        stream = self.stream
-        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         held: list[p.Request] = []  # the requests in ``group``, answered once it is applied
         out = _Replies()
         try:
@@ -268,10 +263,12 @@ class Connection(Handshake[Export]):
                         await self._gather(export, group, held, req, payload, out)
                     else:
                         await self._settle(export, group, held, out)
-                        # A stop lets the request under way finish (no write half applied); see NbdService.stop.
-                        with trio.CancelScope(shield=True) as self.shield:
+                        if req.type == p.CMD_READ:  # nothing to leave half done: a stop may cancel it
                             reply, data, wrote = await self._serve(export, req, payload)
-                        self.shield = None
+                        else:  # a stop lets the request under way finish (no write half applied); see NbdService.stop
+                            with trio.CancelScope(shield=True) as self.shield:
+                                reply, data, wrote = await self._serve(export, req, payload)
+                            self.shield = None
                         out.add(reply, data, wrote)
                     if out.full:
                         await self._settle(export, group, held, out)
@@ -332,24 +329,10 @@ class Connection(Handshake[Export]):
         return failed
 
     async def _send_replies(self, export: Export, out: _Replies) -> None:
-        """Send a round's replies; on a plain socket written directly, without ``send_all``'s pass of the loop.
-
-        The round yields when it receives anyway. What the socket does not
-        take now (or an error, raised as the stream's own) goes through the stream.
-        """
         if out.written:  # the kernel's cached pages must not be seen once a write is acknowledged
             await self.exports.cache.written(export)
         data = b"".join(out.parts)
         out.clear()
-        fd = self._fd
-        if fd >= 0:
-            try:
-                sent = os.write(fd, data)
-            except OSError:
-                sent = 0  # full, or broken: the stream waits, or says how it broke
-            if sent == len(data):
-                return
-            data = data[sent:]
         await self.stream.send_all(data)
 
     def _error(self, req: p.Request, code: int, message: str) -> bytes:
