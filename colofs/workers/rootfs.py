@@ -6,11 +6,21 @@ directory is only seen while it does not (the worker is starting, crashed or
 failed): its ``user.colofs.status`` then says the worker's state, and
 anything inside is ``EAGAIN`` (coming back) or ``ENOENT``.
 
-Handlers never wait for a worker's mount: the kernel holds the root's inode
-lock through ``mkdir`` and ``setxattr`` on the root, and a worker's mount
-looks its directory up in the root, so it would wait on that lock. ``mkdir``
-starts the worker and returns; ``create``/``import`` of a new VM start the
-worker and wait only for its answer from the store (sent before it mounts).
+A new VM's worker mounts once the ``mkdir`` or root ``create`` that made the
+VM has returned: the kernel holds the root's lock through both, and the
+mount looks the VM's directory up in the root. What a caller does next must
+not fail in that moment, nor wait where it would hold up the mount:
+
+- ``mkdir`` returns once the worker has made the VM in the store; a root
+  ``create``/``import`` once the worker ran it there.
+- Inside a VM directory whose worker is about to mount, the answer is
+  ``ESTALE``: the kernel then walks the path again, revalidating each name,
+  and the revalidation of the VM's directory (a lookup in the root while
+  the kernel already holds that directory, which takes no lock the mount
+  needs) waits here for the worker's mount, so the walk goes on into it.
+- A lookup that may be a first one (the kernel does not hold the directory
+  yet, so another lookup of that name would wait on it, the mount's
+  included), and any request from the worker itself, never waits.
 """
 
 from __future__ import annotations
@@ -59,6 +69,8 @@ ENTRY_TIMEOUT = 1.0  # a VM's worker mount comes and goes: let the kernel look a
 ATTR_TIMEOUT = 1.0
 OPEN_WAIT = 60.0
 """How long ``mkdir`` waits for the new VM's worker to make it in the store, and a status read for its mount."""
+REVALIDATE_WAIT = 20.0
+"""How long a revalidation of a VM's directory waits for its worker's mount (normally a few milliseconds)."""
 COMMAND_TIMEOUT = 600.0
 """How long a create or import may take in its worker (an import copies the image)."""
 COMING = (STARTING, CRASHED, RESTARTING)
@@ -69,6 +81,18 @@ VM_READABLE = (STATUS, LAST_ERROR, LAST_RESULT)
 def vm_inode(name: str) -> int:
     """A VM directory's inode number: from its name, the same in every run."""
     return (xxhash.xxh3_64_intdigest(b"vm-dir:" + name.encode()) & ((1 << 63) - 1)) | (1 << 16)
+
+
+def _thread_group(pid: int) -> int | None:
+    """The process a request's thread belongs to (FUSE gives the thread's id), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _json(obj: object) -> bytes:
@@ -94,6 +118,7 @@ class RootOperations(pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self.born = time.time_ns()
         self._commands: dict[str, int] = {}  # create/import requests under way, per VM
+        self._known: dict[int, int] = {}  # the kernel's lookup count of each VM directory
 
     # -- names and attributes ----------------------------------------------------------------
 
@@ -124,17 +149,46 @@ class RootOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return vm
 
+    def _entry(self, inode: int) -> pyfuse3.EntryAttributes:
+        """An entry handed to the kernel, which counts it until it forgets it."""
+        if inode != ROOT_INO:
+            self._known[inode] = self._known.get(inode, 0) + 1
+        return self._attr(inode)
+
+    def _mounting(self, vm: str) -> bool:
+        """The VM's worker has opened it and is about to mount (or mounting) its directory."""
+        w = self.fleet.table.get(vm)
+        return w is not None and w.state == STARTING and w.opened and w.pid is not None
+
+    def _uncovered(self, vm: str) -> int:
+        """The errno for a request inside a VM directory its worker does not cover (see the module's doc)."""
+        if self._mounting(vm):
+            return errno.ESTALE  # walk again: the revalidation of the directory waits for the mount
+        w = self.fleet.table.get(vm)
+        return errno.EAGAIN if w is not None and w.state in COMING else errno.ENOENT
+
+    async def _await_mount(self, vm: str, pid: int) -> None:
+        """Wait for ``vm``'s worker to serve, unless the request may hold up its mount (see the module's doc)."""
+        w = self.fleet.table.get(vm)
+        if w is None or not self._mounting(vm) or not self._known.get(vm_inode(vm)) or w.pid is None:
+            return
+        if await trio.to_thread.run_sync(_thread_group, pid) == w.pid:
+            return  # the worker itself, finding its mountpoint
+        await self.fleet.wait_for(lambda: self.fleet.settled(vm), REVALIDATE_WAIT)
+
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         vm = self._node(parent_inode)
         text = name.decode("utf-8", "surrogateescape")
         if text in (".", ".."):
-            return self._attr(parent_inode if text == "." or not vm else ROOT_INO)
+            return self._entry(parent_inode if text == "." or not vm else ROOT_INO)
         if vm:  # inside a VM directory its worker does not cover
-            w = self.fleet.table.get(vm)
-            raise pyfuse3.FUSEError(errno.EAGAIN if w is not None and w.state in COMING else errno.ENOENT)
+            raise pyfuse3.FUSEError(self._uncovered(vm))
         if text not in self.fleet.table:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attr(vm_inode(text))
+        await self._await_mount(text, ctx.pid)
+        if text not in self.fleet.table:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._entry(vm_inode(text))
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._node(inode)
@@ -148,10 +202,17 @@ class RootOperations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.EPERM)
 
     async def forget(self, inode_list: Any) -> None:
-        return None
+        for inode, count in inode_list:
+            left = self._known.get(inode, 0) - count
+            if left > 0:
+                self._known[inode] = left
+            else:
+                self._known.pop(inode, None)
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        self._node(inode)
+        vm = self._node(inode)
+        if vm and self._mounting(vm):
+            raise pyfuse3.FUSEError(errno.ESTALE)  # its listing is the worker's, moments away
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
@@ -161,6 +222,7 @@ class RootOperations(pyfuse3.Operations):
         for i in range(start_id, len(names)):
             if not pyfuse3.readdir_reply(token, names[i].encode(), self._attr(vm_inode(names[i])), i + 1):
                 return
+            self._entry(vm_inode(names[i]))  # counted once the kernel took it
 
     async def releasedir(self, fh: int) -> None:
         return None
@@ -179,9 +241,10 @@ class RootOperations(pyfuse3.Operations):
     # -- changes: only a new VM directory ----------------------------------------------------------
 
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        if self._node(parent_inode):
-            log.warning("mkdir %r inside a VM directory refused: its worker is not serving", name)
-            raise pyfuse3.FUSEError(errno.EAGAIN)
+        inside = self._node(parent_inode)
+        if inside:
+            log.warning("mkdir %r inside VM %s refused: its worker is not serving", name, inside)
+            raise pyfuse3.FUSEError(self._uncovered(inside))
         try:
             vm = check_name("VM", name.decode("utf-8", "surrogateescape"))
         except ColofsError as e:
@@ -207,7 +270,7 @@ class RootOperations(pyfuse3.Operations):
             fleet.forget_pending(vm, why="mkdir could not make it", pending_only=False)
             raise pyfuse3.FUSEError(errno.EIO)
         fleet.bus.emit("vm-created", vm=vm, role=self.role)  # as one process's mkdir says
-        return self._attr(vm_inode(vm))
+        return self._entry(vm_inode(vm))
 
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         self._node(inode)
@@ -215,7 +278,8 @@ class RootOperations(pyfuse3.Operations):
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        raise pyfuse3.FUSEError(errno.EAGAIN if self._node(parent_inode) else errno.EPERM)
+        inside = self._node(parent_inode)
+        raise pyfuse3.FUSEError(self._uncovered(inside) if inside else errno.EPERM)
 
     async def _refuse(self, *args: Any) -> Any:
         raise pyfuse3.FUSEError(errno.EPERM)
@@ -286,6 +350,9 @@ class RootOperations(pyfuse3.Operations):
         if vm:
             w = self.fleet.table.get(vm)
             state = w.state if w is not None else "missing"
+            code = self._uncovered(vm)
+            if code == errno.ESTALE:
+                raise pyfuse3.FUSEError(code)  # the kernel asks again, and then reaches the worker
             self._fail(ctx.pid, key, target, errno.EAGAIN,
                        f"VM {vm}: its worker is {state}, not serving; try again once it serves")
             raise pyfuse3.FUSEError(errno.EAGAIN)

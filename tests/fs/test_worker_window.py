@@ -54,6 +54,24 @@ def test_after_mkdir_the_vm_status_waits_for_its_mount(wmount: Mount) -> None:
     assert _status(str(vm))["disks"]["d0"]["size"] == 1 << 20
 
 
+def test_a_file_made_right_after_mkdir_lands_in_the_vm(wmount: Mount) -> None:
+    for n in range(4):  # no status read, no retry: the first walk into the directory waits for its mount
+        vm = wmount.path(f"vm{n}")
+        os.mkdir(vm)
+        (vm / "d0.raw").touch()
+        os.truncate(vm / "d0.raw", 1 << 20)
+        assert _status(str(vm))["disks"]["d0"]["size"] == 1 << 20
+        assert os.listdir(vm) == ["d0.raw"]
+
+
+def test_a_disk_made_through_the_root_attribute_opens_at_once(wmount: Mount) -> None:
+    for n in range(4):
+        req = json.dumps({"vm": f"vm{n}", "disk": "d0", "size": 1 << 20}).encode()
+        os.setxattr(wmount.mnt, P + "create", req)
+        with open(wmount.path(f"vm{n}", "d0.raw"), "rb") as f:  # no retry
+            assert f.read(4096) == bytes(4096)
+
+
 def test_umount_recursive_stops_every_worker_cleanly_and_restarts_none(wmount: Mount) -> None:
     for n in range(2):
         mountctl("create", wmount.mnt, f"vm{n}/d0", "--size", "1M")
