@@ -27,7 +27,8 @@ import trio
 
 from colofs.core.blocklog import BlockLog, make_durable
 from colofs.core.blocks import block_count, block_span, check_range
-from colofs.core.cbw import CopyBeforeWrite, block_runs
+from colofs.core.cbw import WRITEBACK_EVERY, CopyBeforeWrite, block_runs
+from colofs.core.commit import Copy, active_runs, copy_runs
 from colofs.core.fileio import Buffer
 from colofs.core.forward import WriteSink
 from colofs.core.ioctx import IOContext
@@ -96,6 +97,8 @@ class Disk:
         self.cbw.on_damage = vm.note_damage
         hidden.on_damage = vm.note_damage
         self.commit_chunk = COMMIT_CHUNK
+        self._copy_ok = True  # False once copy_file_range proved unsupported for these files
+        self._copied = 0  # bytes copied into base since writeback was last started
         self._layers = (active, hidden)
         self.snapshots: dict[str, Snapshot] = {}
 
@@ -227,9 +230,7 @@ class Disk:
         layers with a tombstone, so writes to it then go straight to base.
         The caller syncs base before declaring the failover complete.
         """
-        bs = self.block_size
-        shift = self.shift
-        per_step = max(1, self.commit_chunk // bs)
+        per_step = max(1, self.commit_chunk // self.block_size)
         moved = 0
         while True:
             pending = sorted(self.active.map.keys() | self.hidden.map.keys())
@@ -245,21 +246,50 @@ class Disk:
                     chunk = [b for b in chunk if b in self.active.map or b in self.hidden.map]
                     if not chunk:
                         continue
-                    buf = bytearray(len(chunk) * bs)
-                    mv = memoryview(buf)
-                    extents: list[tuple[int, Buffer]] = []
-                    pos = 0
-                    for first, count in block_runs(chunk):
-                        await self.read_view(first << shift, mv[pos : pos + count * bs])
-                        start = first << shift
-                        length = min(count * bs, self.size - start)
-                        extents.append((start, mv[pos : pos + length]))
-                        pos += count * bs
-                    # Megabytes into base can wait on dirty-page throttling: not on the loop, SVM I/O goes on.
-                    await self.cbw.write(extents, store_in_thread=True)
+                    await self._commit_step(chunk)
                     self.active.drop(chunk)
                     self.hidden.drop(chunk)
                     moved += len(chunk)
+
+    async def _commit_step(self, chunk: list[int]) -> None:
+        """Write V of ``chunk`` (sorted buffered blocks, range lock held) into base.
+
+        Long runs that lie in active contiguously are copied file to file in
+        the kernel (``copy_file_range``: one copy instead of a read and a
+        write; active has no digests to check); the rest is read through the
+        view, hidden's digests checked, and written.
+        """
+        bs = self.block_size
+        shift = self.shift
+        copies, rest = active_runs(self.active.map, chunk, shift, self.size) if self._copy_ok else ([], chunk)
+        buf = bytearray(len(rest) * bs)
+        mv = memoryview(buf)
+        extents: list[tuple[int, Buffer]] = []
+        pos = 0
+        for first, count in block_runs(rest):
+            await self.read_view(first << shift, mv[pos : pos + count * bs])
+            start = first << shift
+            length = min(count * bs, self.size - start)
+            extents.append((start, mv[pos : pos + length]))
+            pos += count * bs
+        if not copies:
+            # Megabytes into base can wait on dirty-page throttling: not on the loop, SVM I/O goes on.
+            await self.cbw.write(extents, store_in_thread=True)
+            return
+        cbw = self.cbw
+        if cbw.targets:  # a snapshot keeps base's old blocks: saved, durably, before base changes
+            await make_durable(self.io, await cbw.save(chunk))
+        await trio.to_thread.run_sync(self._store_step, copies, extents)
+
+    def _store_step(self, copies: list[Copy], extents: list[tuple[int, Buffer]]) -> None:
+        """In a thread: the step's kernel copies from active, then the extents read through the view."""
+        if not copy_runs(self.active.fd, self.base_fd, copies, self.label):
+            self._copy_ok = False  # this file system has no copy_file_range: read and write from now on
+        self.cbw.store(extents)
+        self._copied += sum(length for _, _, length in copies)
+        if self._copied >= WRITEBACK_EVERY:  # as cbw.store does for what it writes
+            self._copied = 0
+            self.cbw.start_writeback()
 
     def _prefetch(self, blocks: Sequence[int]) -> None:
         """Ask the kernel to read the layer data of ``blocks`` ahead (a hint; errors are ignored)."""
