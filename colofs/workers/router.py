@@ -35,6 +35,10 @@ from colofs.workers.zygote import ZygoteError
 
 log = logging.getLogger(__name__)
 
+DRAIN_SECONDS = 1.0
+DRAIN_BYTES = 64 * 1024
+"""What a refused connection may still send before it is closed (then a reset is its own doing)."""
+
 MAX_PROVISIONAL = 8
 """New VMs started for unauthenticated preambles that may await their first session at once."""
 
@@ -105,6 +109,7 @@ class Router:
                 kind = HANDSHAKE_TIMEOUT if trio.current_time() >= deadline else HANDSHAKE_FAILED
                 self.admission.count(kind)
                 self._refused(kind, addr, str(e))
+                await _end_gently(tcp)
                 return
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
                 self.admission.count(HANDSHAKE_FAILED)
@@ -114,6 +119,7 @@ class Router:
                 w = self.fleet.table.get(vm)
                 state = w.state if w is not None else "missing"
                 self._refused("no-worker", addr, f"VM {vm}: its worker is {state}, not taking connections")
+                await _end_gently(tcp)
                 return
         if ticket.evicted:
             return
@@ -167,3 +173,22 @@ class Router:
 
     def status(self) -> dict[str, object]:
         return {"port": self.port, **self.stats, "last_refusal": self.last_refusal, **self.admission.status()}
+
+
+async def _end_gently(tcp: trio.SocketStream) -> None:
+    """Close a refused connection with a FIN, not a reset: read (and drop) what it already sent, briefly.
+
+    Closing a socket with unread data makes the kernel answer with a reset,
+    which a peer reading our end of the stream sees as an error, not an end.
+    """
+    with trio.move_on_after(DRAIN_SECONDS):
+        try:
+            await tcp.send_eof()
+            left = DRAIN_BYTES
+            while left > 0:
+                data = await tcp.receive_some(min(left, 16384))
+                if not data:
+                    break
+                left -= len(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass

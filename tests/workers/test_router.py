@@ -200,3 +200,24 @@ def test_strangers_cannot_make_it_start_workers_without_bound() -> None:
         assert [vm for vm, _ in fleet.started] == [f"junk{i}" for i in range(MAX_PROVISIONAL)] + ["real"]
 
     trio.run(main)
+
+
+def test_a_refused_stranger_sees_an_orderly_end_not_a_reset() -> None:
+    """It sent more than the preamble's length: closing with that unread would reset the connection."""
+    async def main() -> None:
+        fleet = StubFleet()
+
+        async def test(router: Router) -> None:
+            s = await _connect(router.port)  # type: ignore[arg-type]
+            await s.send_all(b"GET / HTTP/1.0\r\n\r\n" * 8)
+            await s.send_eof()
+            with trio.fail_after(TIMEOUT):
+                while await s.receive_some(4096):  # a reset raises BrokenResourceError here
+                    pass
+            await s.aclose()
+            await wait_until(lambda: router.stats["refused"] == 1, TIMEOUT, "the refusal counted")
+
+        await _with_router(fleet, test)
+        assert fleet.started == []
+
+    trio.run(main)
