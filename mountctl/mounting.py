@@ -190,9 +190,15 @@ def _stop_supervisor(mountpoint: str, status: dict[str, Any], *, lazy: bool, tim
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         raise CtlError(f"{mountpoint}: its supervisor (pid {pid}) is gone") from None
-    if lazy:
-        return (f"{mountpoint}: stopping; the supervisor (pid {pid}) detaches busy VM mounts and closes each "
-                "VM when the last open file is closed")
+    if lazy:  # returns once detached, as one process's lazy umount does; the closing goes on behind
+        deadline = started + timeout
+        while os.path.ismount(mountpoint) and alive(pid):
+            if time.monotonic() > deadline:
+                raise CtlError(f"{mountpoint}: the supervisor (pid {pid}) has not detached it after {timeout:.0f} s; "
+                               f"see {status.get('log_file')}")
+            time.sleep(0.05)
+        return (f"{mountpoint}: detached; the supervisor (pid {pid}) closes each VM when its last open file "
+                "is closed")
     state = _wait_closed(lock_file, pid, started + timeout,
                          f"{mountpoint}: the supervisor (pid {pid}) is still stopping its workers after "
                          f"{timeout:.0f} s (a VM whose disk is open is closed when its last user is gone); "

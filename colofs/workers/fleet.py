@@ -15,6 +15,7 @@ import functools
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 SPAWN_TIMEOUT = 30.0
 """A fork by the zygote takes milliseconds; past this the zygote is taken to be wedged."""
 OPEN_TIMEOUT = 120.0
+DETACH_WAIT = 60.0
+"""How long a stop waits for the VM mounts to be gone before it unmounts the root anyway."""
 """How long a control request waits for a new VM's worker to have opened its store."""
 
 
@@ -84,6 +87,9 @@ class Fleet:
         w = self.table.get(vm)
         return w is None or w.error is not None or w.state in (SERVING, "hung", FAILED, STOPPED, "stopping")
 
+    def _all_detached(self) -> bool:
+        return all(w.pid is None or w.extra.get("detached") for w in self.table.workers.values())
+
     def running(self) -> int:
         return sum(1 for w in self.table.workers.values() if w.pid is not None)
 
@@ -116,6 +122,7 @@ class Fleet:
         if on_command:
             extra[ON_COMMAND] = True
         w.extra["pending"] = on_attach or on_command
+        w.extra["detached"] = False
         args = WorkerArgs(vm=vm, argv=self.argv, restarts=w.restarts, create_vm=create_vm, extra=extra)
         try:
             with trio.fail_after(SPAWN_TIMEOUT):
@@ -181,7 +188,10 @@ class Fleet:
             if w.restarts:
                 self.bus.emit("worker-restarted", vm=w.vm, pid=w.pid, restarts=w.restarts)
             self._send_budgets()
+        elif op == "detached":  # its mount is gone (lazily if busy); the worker closes the VM next
+            w.extra["detached"] = True
         elif op == "unmounted":  # its mount was taken away from outside: the VM stops, no restart
+            w.extra["detached"] = True
             if self.table.stopping(w):
                 log.info("VM %s: %s was unmounted from outside; its worker %s closes the VM", w.vm,
                          os.path.join(self.mountpoint, w.vm), w.pid)
@@ -345,8 +355,13 @@ class Fleet:
         channel = self.channels[vm]
         await channel.notify("connection", fds=[sock_fd], peer=peer)
 
-    async def stop_all(self, *, lazy: bool) -> None:
-        """Ask every worker to stop (unmount, drain, close its VM) and wait until all have exited."""
+    async def stop_all(self, *, lazy: bool, detached: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Ask every worker to stop (unmount, drain, close its VM) and wait until all have exited.
+
+        ``detached`` runs once every VM mount is gone (a busy one detached lazily, its worker
+        still serving the files left open), before the wait for the exits: the root can be
+        unmounted then, as one process's mount is at once, busy or not.
+        """
         for w in list(self.table.workers.values()):
             if self.table.stopping(w):
                 channel = self.channels.get(w.vm)
@@ -354,6 +369,11 @@ class Fleet:
                     log.info("VM %s: stopping worker %s", w.vm, w.pid)
                     await self._notify(channel, "stop", {"lazy": lazy})
         self._touch()
+        if detached is not None:
+            if not await self.wait_for(self._all_detached, DETACH_WAIT):
+                left = [w.vm for w in self.table.workers.values() if w.pid is not None and not w.extra.get("detached")]
+                log.warning("VM mounts still not detached after %.0f s: %s", DETACH_WAIT, ", ".join(left))
+            await detached()
         while self.running():
             if not await self.wait_for(lambda: self.running() == 0, 30):
                 left = [f"{w.vm} (pid {w.pid})" for w in self.table.workers.values() if w.pid is not None]

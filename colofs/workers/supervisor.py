@@ -329,11 +329,15 @@ class Supervisor:
         self.lock.update(state="stopping workers")
         if self.nbd is not None:
             await self.nbd.stop()  # no new clients; each worker ends its own at its unmount
-        await self.fleet.stop_all(lazy=False)
-        log.info("every worker ended; unmounting %s", cfg.mountpoint)
-        if not unmounted.is_set():
-            await unmount(cfg.mountpoint)
-            await unmounted.wait()
+
+        async def unmount_root() -> None:
+            if not unmounted.is_set():
+                log.info("every VM mount is gone; unmounting %s", cfg.mountpoint)
+                await unmount(cfg.mountpoint)
+
+        await self.fleet.stop_all(lazy=False, detached=unmount_root)
+        log.info("every worker ended")
+        await unmounted.wait()
         nursery.cancel_scope.cancel()
 
     async def _start_one(self, vm: str) -> None:

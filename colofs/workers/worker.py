@@ -362,6 +362,9 @@ class Worker:
             # the supervisor (or whoever detaches the root) to take away.
             log.warning("%s could not be unmounted; ending its FUSE session from inside", self.mountpoint)
             pyfuse3.terminate()
+            return
+        with contextlib.suppress(ChannelClosed, OSError):
+            await self.channel.notify("detached")  # the root can go now, while this VM drains and closes
 
     async def _watch_channel(self) -> None:
         await self.channel.closed.wait()
