@@ -150,7 +150,22 @@ async def test_secondary_adopts_a_newer_epoch_only(open_store) -> None:
 
 
 async def test_base_writeback_is_started_every_few_mib_off_the_loop(open_store, monkeypatch) -> None:
-    """Writes to base ask the writeback thread to start writing back every WRITEBACK_EVERY bytes."""
+    """Large writes to base ask the writeback thread to start writing back every WRITEBACK_EVERY bytes."""
+    from colofs.core import cbw
+
+    kicked: list[int] = []
+    monkeypatch.setattr(cbw, "WRITEBACK_EVERY", 128 << 10)
+    store = await open_store("primary")
+    monkeypatch.setattr(store.io.writeback, "kick", kicked.append)
+    disk = await store.create_disk("vm", "d", SIZE)
+    for i in range(5):  # 320 KiB in runs of 64 KiB: two kicks at 128 KiB each
+        await disk.write(i * 65536, bytes([i]) * 65536)
+    assert kicked == [disk.base_fd, disk.base_fd]
+    assert bytes(await disk.read(4 * 65536, 4)) == b"\x04" * 4
+
+
+async def test_small_scattered_writes_to_base_leave_writeback_to_the_kernel(open_store, monkeypatch) -> None:
+    """A primary's 4 KiB overwrites never kick writeback: each kick cost them CPU and rewrote hot pages."""
     from colofs.core import cbw
 
     kicked: list[int] = []
@@ -158,10 +173,11 @@ async def test_base_writeback_is_started_every_few_mib_off_the_loop(open_store, 
     store = await open_store("primary")
     monkeypatch.setattr(store.io.writeback, "kick", kicked.append)
     disk = await store.create_disk("vm", "d", SIZE)
-    for i in range(10):  # 160 KiB: two kicks at 64 KiB each
-        await disk.write(i * 16384, bytes([i]) * 16384)
-    assert kicked == [disk.base_fd, disk.base_fd]
-    assert bytes(await disk.read(9 * 16384, 4)) == b"\x09" * 4
+    for i in range(64):  # 256 KiB of 4 KiB writes, four times WRITEBACK_EVERY
+        await disk.write((i * 7919 % 256) * 4096, bytes([i]) * 4096)
+    assert kicked == []
+    await disk.write(0, b"\x01" * (64 << 10))  # one run as large as WRITEBACK_MIN_RUN still counts
+    assert kicked == [disk.base_fd]
 
 
 def test_writeback_thread_coalesces_requests_per_file(monkeypatch) -> None:
