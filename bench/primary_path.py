@@ -57,6 +57,12 @@ def batches(pair: Pair) -> tuple[int, int]:
     return int(peer.get("batches", 0)), int(peer.get("writes_sent", 0))
 
 
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of ``pid`` in KiB: what the daemon holds now, and its peak so far."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
 def top(raw: Path, n: int = 25) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
     """(own, inclusive) share of samples of the top ``n`` functions in py-spy's collapsed stacks."""
     own: collections.Counter[str] = collections.Counter()
@@ -130,6 +136,9 @@ def main() -> int:
         pair.primary.control(VM, "mode", args.mode.encode())
         pri_pid, sec_pid = pair.primary.pid, pair.secondary.pid
         assert pri_pid is not None and sec_pid is not None
+        (prss, phwm), (srss, shwm) = memory_kib(pri_pid), memory_kib(sec_pid)
+        print(f"after the fill ({args.size} in 1M writes, qd8): primary RSS {prss / 1024:.1f} MiB "
+              f"(peak {phwm / 1024:.1f}); secondary RSS {srss / 1024:.1f} MiB (peak {shwm / 1024:.1f})", flush=True)
         rows: list[tuple[float, float]] = []
         for rep in range(args.reps):
             pair.checkpoint(VM)
@@ -153,6 +162,11 @@ def main() -> int:
             print(f"rep {rep + 1}: primary ({args.mode}) {p:7.0f} IOPS (CPU primary {cpu[0]:.0f}% = {us[0]:.0f} us/write, "
                   f"secondary {cpu[1]:.0f}% = {us[1]:.0f} us/write, {per_batch:.1f} writes/batch)   "
                   f"SVM {s:7.0f} IOPS (CPU {svm_cpu:.0f}% = {svm_cpu * 1e4 / s:.0f} us/write)   ratio {p / s:.2f}",
+                  flush=True)
+            retained = int(((pair.primary.vm_status(VM) or {}).get("peer") or {}).get("retained_bytes") or 0)
+            (prss, phwm), (srss, shwm) = memory_kib(pri_pid), memory_kib(sec_pid)
+            print(f"       memory: primary RSS {prss / 1024:.1f} MiB (peak {phwm / 1024:.1f}), retained "
+                  f"{retained / 2**20:.1f} MiB; secondary RSS {srss / 1024:.1f} MiB (peak {shwm / 1024:.1f})",
                   flush=True)
         ps, ss = [r[0] for r in rows], [r[1] for r in rows]
         print(f"median: primary {statistics.median(ps):.0f}  SVM {statistics.median(ss):.0f}  "

@@ -79,6 +79,10 @@ class Batching:
             if not retained.covers(conn.next_seq):
                 return sent
             end = retained.end if upto is None else min(upto, retained.end)
+            await retained.read_back(conn.next_seq, end, self.cfg.batch_max_bytes)  # no await if nothing spilled
+            if not retained.covers(conn.next_seq):
+                return sent
+            end = retained.end if upto is None else min(upto, retained.end)
             writes, size, full = self._collect(conn, end)
             if not writes:
                 return sent
@@ -94,6 +98,7 @@ class Batching:
             last = first + len(writes) - 1
             conn.next_seq = last + 1
             conn.sent_upto = last
+            retained.mark_sent(last)
             conn.inflight.append(last)
             self.stats["batches"] += 1
             self.stats["writes_sent"] += len(writes)

@@ -178,7 +178,13 @@ class VMLink:
     # -- the connection loop ---------------------------------------------------------------
 
     async def run(self) -> None:
-        """Keep a connection to the secondary until cancelled."""
+        """Keep a connection to the secondary until cancelled; the retained log spills meanwhile."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.tracking.retained.run_spill, name=f"colofs-retained-{self.vm.name}")
+            await self._connect_loop()
+            nursery.cancel_scope.cancel()
+
+    async def _connect_loop(self) -> None:
         attempt = 0
         while True:
             self._streamed = False

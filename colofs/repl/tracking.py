@@ -59,7 +59,7 @@ class Tracking:
         self.dirty = DirtyMap(vm.state.last_checkpoint + 1)
         for n, d in vm.disks.items():
             self.dirty.add_disk(n, d.size, d.block_size)
-        self.retained = RetainedLog(vm.state.last_applied + 1, budget)
+        self.retained = RetainedLog(vm.state.last_applied + 1, budget, spill_dir=vm.path)
         if budget is not None:
             budget.join(self.retained, self._shed_acknowledged)
         self.retaining = True
@@ -218,10 +218,7 @@ class Tracking:
     def acknowledged(self, seq: int) -> None:
         """The secondary applied every write up to ``seq`` (an ACK, or the echo of a resync's end)."""
         if self.retaining and seq > self.acked:
-            lo = max(self.acked + 1, self.retained.start)
-            hi = min(seq, self.retained.end)
-            get = self.retained.get
-            self.unacked_bytes -= sum(len(get(s).data) for s in range(lo, hi + 1))
+            self.unacked_bytes -= self.retained.bytes_in(self.acked + 1, seq)
         self.acked = seq
         self.life.announce()
 
@@ -298,6 +295,7 @@ class Tracking:
             "backlog_bytes": self.unacked_bytes if self.retaining else None,
             "backlog_writes": max(0, self.vm.state.last_applied - self.acked),
             "retained_bytes": self.retained.nbytes,
+            "retained_resident_bytes": self.retained.resident,
             "retained_from": self.retained_from,
             "dirty_blocks": self.dirty.count(),
             "resync_needed": self.resync_needed,
