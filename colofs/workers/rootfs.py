@@ -31,7 +31,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pyfuse3
@@ -106,7 +106,7 @@ class RootOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, fleet: Fleet, *, role: str, store: str, status: Callable[[], dict[str, Any]],
-                 nursery: trio.Nursery, memory: Callable[[], dict[str, Any]] | None = None) -> None:
+                 nursery: trio.Nursery, memory: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> None:
         super().__init__()
         self.fleet = fleet
         self.role = role
@@ -307,7 +307,7 @@ class RootOperations(pyfuse3.Operations):
                 return _json(self.vm_status(vm))
             info = self.root_info()
             if self.memory is not None:
-                info["memory"] = await trio.to_thread.run_sync(self.memory)  # /proc reads, off the loop
+                info["memory"] = await self.memory()  # /proc reads, off the loop
             return _json(info)
         if key in (LAST_ERROR, LAST_RESULT):
             outcome = self.outcomes.get(ctx.pid)

@@ -205,18 +205,23 @@ class Supervisor:
             "vm_pages": first["pages"], "process_model": "workers", "workers": self.table.counts(),
         }
 
-    def memory(self) -> dict[str, Any]:
+    async def memory(self) -> dict[str, Any]:
         """What the supervisor, the zygote and the workers hold (bytes; PSS/USS count shared pages fairly).
 
-        Read from /proc (a thread's work); totals only, so the root's status stays bounded.
+        Totals only, so the root's status stays bounded. The PIDs are taken here, on the loop that
+        changes the table; the /proc reads are a thread's work.
         """
+        pids = [w.pid for w in self.table.workers.values() if w.pid is not None]
+        return await trio.to_thread.run_sync(self._memory_of, pids)
+
+    def _memory_of(self, pids: list[int]) -> dict[str, Any]:
         def figures(pid: int) -> dict[str, int]:
             try:
                 return memory_of(pid)
             except OSError:
                 return dict.fromkeys(MEMORY_KEYS, 0)
 
-        workers = [figures(w.pid) for w in self.table.workers.values() if w.pid is not None]
+        workers = [figures(pid) for pid in pids]
         return {"supervisor": figures(os.getpid()), "zygote": figures(self.fleet.zygote.pid),
                 "workers": {k: sum(f[k] for f in workers) for k in MEMORY_KEYS}, "worker_count": len(workers)}
 
