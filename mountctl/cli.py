@@ -17,6 +17,7 @@ from typing import Any
 
 from colofs.fs.config import ConfigError, add_mount_arguments, config_from_args
 from mountctl.client import (
+    VM_STATUS_TIMEOUT,
     CtlError,
     Target,
     check_image,
@@ -121,7 +122,7 @@ def cmd_status(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     st = root.status
     if not args.what:
         # The root says how many VMs and their names; each VM's directory gives its detail.
-        full = gather_status(root)
+        full = gather_status(root, args.timeout)
         print(json.dumps(full, indent=2, sort_keys=True) if args.json else "\n".join(render_root(full)))
         return 0
     vm_name, _, disk_name = args.what.partition("/")
@@ -376,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
     s.add_argument("what", nargs="?", metavar="VM[/DISK]")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--timeout", type=float, default=VM_STATUS_TIMEOUT, metavar="S",
+                   help=f"seconds to wait for each VM's answer; a VM that gives none (a hung worker) is shown "
+                        f"'not answering' (default {VM_STATUS_TIMEOUT:.0f})")
     s.set_defaults(func=cmd_status)
 
     k = sub.add_parser("checkpoint", help="checkpoint a VM (empties its hidden and active layers)")

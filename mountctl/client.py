@@ -11,6 +11,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import queue
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,12 +214,59 @@ def vm_detail(root: str, name: str) -> dict[str, Any] | None:
     return st
 
 
-def gather_status(root: Target) -> dict[str, Any]:
-    """The root's status with every VM's detail, asked VM by VM (no one value holds them all)."""
+VM_STATUS_TIMEOUT = 10.0
+"""How long ``mountctl status`` waits for one VM's answer: a VM whose worker is hung never answers."""
+STATUS_READERS = 8
+
+
+def not_answering(name: str, timeout: float) -> dict[str, Any]:
+    """What a VM's status says when its directory did not answer (its process is hung, say)."""
+    return {"vm": name, "worker": {"state": "not answering"}, "role": "unknown", "phase": "not-answering",
+            "epoch": None, "last_checkpoint": None, "last_applied": None, "disks": {}, "pending": [],
+            "peer": {"state": f"unknown: its directory did not answer within {timeout:.0f} s"}}
+
+
+def gather_status(root: Target, timeout: float = VM_STATUS_TIMEOUT) -> dict[str, Any]:
+    """The root's status with every VM's detail, asked VM by VM (no one value holds them all).
+
+    The VMs are asked in parallel, each for at most ``timeout`` seconds: with a
+    process per VM one hung process must not hang the status of all. A read
+    that does not answer stays blocked in a daemon thread, which the exit ends.
+    """
     out = dict(root.status)
+    names = vm_names(root)
+    answers: queue.Queue[tuple[str, dict[str, Any] | None | CtlError]] = queue.Queue()
+    todo: queue.Queue[str] = queue.Queue()
+    for name in names:
+        todo.put(name)
+
+    def reader() -> None:
+        while True:
+            try:
+                name = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                answers.put((name, vm_detail(root.path, name)))
+            except CtlError as e:
+                answers.put((name, e))
+
+    for _ in range(min(STATUS_READERS, len(names))):
+        threading.Thread(target=reader, daemon=True, name="status").start()
+    got: dict[str, dict[str, Any] | None | CtlError] = {}
+    deadline = time.monotonic() + timeout  # each VM gets its turn: the deadline moves with every answer
+    while len(got) < len(names):
+        try:
+            name, detail = answers.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        got[name] = detail
+        deadline = time.monotonic() + timeout
     vms = {}
-    for name in vm_names(root):
-        detail = vm_detail(root.path, name)
+    for name in names:
+        detail = got.get(name, not_answering(name, timeout))
+        if isinstance(detail, CtlError):
+            raise detail
         if detail is not None:
             vms[name] = detail
     out["vms"] = vms
