@@ -11,10 +11,9 @@ the CPU per write (``time.process_time``, the writeback thread included) of:
   secondary "acknowledging" every ``--ack`` writes and confirming a
   checkpoint every ``--checkpoint`` MiB;
 
-each with the kernel asked to start writeback every ``cbw.WRITEBACK_EVERY``
-bytes (``kick``) and without (``nokick``), alternated over ``--reps``
-repetitions. It also prints the peak resident bytes of the retained log and
-the process's peak RSS.
+each under a writeback rule and spill setting (see :data:`VARIANTS`),
+alternated over ``--reps`` repetitions. It also prints the peak resident
+bytes of the retained log and the process's peak RSS.
 
 Usage: ``python bench/primary_write_core.py [--dir DIR] [--size MiB] [--writes N] [--reps N]``.
 """
@@ -44,8 +43,10 @@ from colofs.repl.retained import RetainedBudget
 from colofs.repl.tracking import Tracking
 
 MiB = 1 << 20
-VARIANTS = "local 8,local nokick,tracked 8,tracked nokick,tracked nokick nospill"
-"""Each: ``local`` or ``tracked``, then MiB between writeback kicks or ``nokick``, then maybe ``nospill``."""
+VARIANTS = "local kick,local now,tracked kick nospill,tracked now nospill,tracked now"
+"""Each: ``local`` or ``tracked``; ``kick`` (writeback started every ``WRITEBACK_EVERY`` bytes of any
+writes, as before small runs stopped counting), ``now`` (the current rule) or ``nokick``; maybe ``nospill``
+(the retained log keeps every write in memory, as before spilling)."""
 
 
 async def one(disk: object, tracking: Tracking | None, writes: int, size: int, ack: int, ckpt: int,
@@ -63,6 +64,7 @@ async def one(disk: object, tracking: Tracking | None, writes: int, size: int, a
         if i % ack == ack - 1:
             await trio.sleep(0)  # where the daemon's loop would serve others (the spill task among them)
             if tracking is not None:
+                tracking.retained.mark_sent(vm_state.last_applied)  # a batch went out, and its ACK came back
                 tracking.acknowledged(vm_state.last_applied)
                 peak = max(peak, tracking.retained.resident)
             if tracking is not None and i % ckpt == ckpt - 1:
@@ -89,14 +91,16 @@ async def main_async(args: argparse.Namespace) -> None:
         tracking.checkpoint_confirmed(vm.state.last_applied)
         results: dict[str, list[tuple[float, float]]] = {}
         peaks: dict[str, list[int]] = {}
-        every = colofs.core.cbw.WRITEBACK_EVERY
+        every, min_run = colofs.core.cbw.WRITEBACK_EVERY, colofs.core.cbw.WRITEBACK_MIN_RUN
         async with trio.open_nursery() as nursery:
             nursery.start_soon(tracking.retained.run_spill)
             limit = tracking.retained.resident_limit
             for rep in range(args.reps):
                 for name in args.variants.split(","):
                     kick = name.split()[1]
-                    colofs.core.cbw.WRITEBACK_EVERY = 1 << 62 if kick == "nokick" else int(kick) * MiB
+                    # "kick": every WRITEBACK_EVERY bytes of any writes (the rule before small runs stopped counting)
+                    colofs.core.cbw.WRITEBACK_MIN_RUN = 0 if kick == "kick" else min_run
+                    colofs.core.cbw.WRITEBACK_EVERY = every if kick in ("kick", "now") else 1 << 62
                     tracked = name.startswith("tracked")
                     tracking.retained.resident_limit = 1 << 62 if "nospill" in name else limit
                     vm.forward = tracking if tracked else None
@@ -110,7 +114,7 @@ async def main_async(args: argparse.Namespace) -> None:
                     results.setdefault(name, []).append((us, wall))
                     peaks.setdefault(name, []).append(peak)
             nursery.cancel_scope.cancel()
-        colofs.core.cbw.WRITEBACK_EVERY = every
+        colofs.core.cbw.WRITEBACK_EVERY, colofs.core.cbw.WRITEBACK_MIN_RUN = every, min_run
         vm.forward = None
         for name, v in results.items():
             cpu, wall = [x[0] for x in v], [x[1] for x in v]
