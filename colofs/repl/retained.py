@@ -185,10 +185,11 @@ class RetainedLog:
         spilled writes after a reconnection does not read the file on the
         loop; :meth:`get` hands each out once.
         """
+        if self._back:
+            self._back.clear()  # what the last batch did not take
         spill = self._spill
-        if spill is None or not self._cold:
-            return
-        self._back.clear()
+        if spill is None or not self._cold or first >= self._mem:
+            return  # spilled writes all lie below _mem (spills go up from it): none in this range
         items = self._items
         base = self._head - self.start
         wanted: list[tuple[int, Spilled]] = []
@@ -196,7 +197,7 @@ class RetainedLog:
         for seq in range(max(first, self.start), min(last, self.end) + 1):
             w = items[base + seq]
             size = _size(w)
-            if wanted and total + size > limit:
+            if total and total + size > limit:
                 break
             total += size
             if isinstance(w, tuple):

@@ -47,6 +47,8 @@ async def test_sixteen_mib_of_writes_keep_at_most_the_resident_limit_in_memory(t
         await log.read_back(1, 4096, 1 * MiB)  # a resend's next batch, read in a thread: 256 writes of 4 KiB
         assert sorted(log._back) == list(range(1, 257))
         assert log.get(1).data == writes[0].data and 1 not in log._back  # handed out once
+        await log.read_back(4096, 4096, 1 * MiB)  # the newest write is in memory: nothing to read, no scan
+        assert not log._back
         assert log.drop_through(2048) == 2048 * 4096 and log.get(2049).data == writes[2048].data
         fd = log._spill.fd  # type: ignore[union-attr]
         assert os.fstat(fd).st_size > 0
