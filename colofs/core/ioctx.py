@@ -28,7 +28,6 @@ T = TypeVar("T")
 INLINE_READ_MAX = 128 << 10
 SLOW_READ_NS = 250_000
 POOL_THREADS = 16
-LEAD_PASSES = 32  # loop passes a missed read lets queued requests start theirs (one request read per pass)
 SYNC_THREADS = 16  # fdatasyncs waiting for the device at once; enough to keep its queue busy
 READS_ENV = "COLOFS_SMALL_READS"
 """``loop`` or ``thread`` pins the small-read policy (slow or network-backed stores, tests)."""
@@ -235,7 +234,7 @@ class GroupSync:
 class IOContext:
     """The pool, read policy, writeback and syncs a store's file I/O shares; see :meth:`read_into`."""
 
-    __slots__ = ("_followers", "_leading", "_no_nowait", "kicked", "pending", "pool", "reads", "syncs", "writeback")
+    __slots__ = ("_no_nowait", "kicked", "pending", "pool", "reads", "syncs", "writeback")
 
     def __init__(self, reads: str = "auto", threads: int = POOL_THREADS) -> None:
         self.pool = WorkerPool(threads)
@@ -248,8 +247,6 @@ class IOContext:
         nothing else could run meanwhile."""
         self.kicked = 0  # small reads whose device I/O was started and that let others run meanwhile
         self._no_nowait: set[int] = set()  # descriptors whose file system refused RWF_NOWAIT
-        self._leading = False  # a missed read is letting queued requests start their reads (see _let_others_start)
-        self._followers: list[trio.lowlevel.Task] = []  # missed reads waiting for that one to finish
 
     @classmethod
     def from_environment(cls) -> IOContext:
@@ -266,36 +263,6 @@ class IOContext:
             return True  # reads already overlap on the device: this one joins them
         probe = self.pending
         return probe is not None and probe()
-
-    async def _let_others_start(self) -> None:
-        """Wait (never cancelled) until the requests queued now have started their own device reads.
-
-        The first read to miss leads: it yields while the kernel still holds
-        unread requests (at most ``LEAD_PASSES`` passes of the loop), so each
-        of them is read and, if it is a read that misses too, starts its
-        device read and then waits here as a follower, parked rather than
-        polling. When the queue is empty the leader wakes them all. So at
-        queue depth 16 the misses reach the device together, and the loop
-        blocks for about one device round trip per wave, not one per read.
-        A single yield, as before, let only one more request start its read.
-        """
-        if self._leading:
-            self._followers.append(trio.lowlevel.current_task())
-            await trio.lowlevel.wait_task_rescheduled(_no_abort)
-            return
-        self._leading = True
-        try:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            probe = self.pending
-            passes = 1
-            while probe is not None and passes < LEAD_PASSES and probe():
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                passes += 1
-        finally:
-            self._leading = False
-            followers, self._followers = self._followers, []
-            for task in followers:
-                trio.lowlevel.reschedule(task)
 
     def _read_nowait(self, fd: int, buf: memoryview, offset: int) -> int:
         """What the page cache holds of ``buf`` now; a miss starts the device read and returns short."""
@@ -321,7 +288,7 @@ class IOContext:
         requests wait (queued in the kernel, or other reads in flight) the
         request lets them run first, each starting its own device read, and
         only then waits for its data: concurrent reads overlap on the device
-        without threads (:meth:`_let_others_start`). Large reads, and small ones while the device is slow,
+        without threads. Large reads, and small ones while the device is slow,
         go to worker threads for what the page cache lacks.
         """
         size = len(buf)
@@ -338,7 +305,7 @@ class IOContext:
             if self._others_waiting():
                 self.kicked += 1
                 try:
-                    await self._let_others_start()
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 finally:
                     self.kicked -= 1
                 n += self._read_nowait(fd, buf[n:], offset + n)

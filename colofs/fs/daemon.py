@@ -108,16 +108,11 @@ def recovery_notes(store: Store) -> list[str]:
     return notes
 
 
-FUSE_TASKS = 16  # session tasks pyfuse3 keeps waiting for requests (its default is 1)
-
-
 async def run_fuse(done: trio.Event, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the FUSE session until it ends (the mount is gone); then set ``done``."""
     task_status.started()
     try:
-        # Reads that miss the page cache park while queued requests start theirs (colofs.core.ioctx):
-        # keeping that many session tasks saves pyfuse3 starting and ending one per parked read.
-        await pyfuse3.main(min_tasks=FUSE_TASKS)
+        await pyfuse3.main()
     finally:
         done.set()  # the mount is gone
 
