@@ -40,7 +40,7 @@ LOOPBACK = "127.0.0.1"
 STATUS = PREFIX + "status"
 T = TypeVar("T")
 WORKERS_SWITCH = "COLOFS_TEST_WORKERS"
-__all__ = ["Node", "Pair", "PairError", "alive", "detach", "free_port", "kill_tree", "poll", "with_workers", "workers_forced",
+__all__ = ["Node", "Pair", "PairError", "alive", "detach", "free_port", "kill_tree", "poll", "single_process_forced", "with_workers",
            "write_key"]
 
 
@@ -48,19 +48,23 @@ class PairError(Exception):
     """A step of driving a mount failed; the message says which step and what the daemon or tool said."""
 
 
-def workers_forced() -> bool:
-    """Whether ``COLOFS_TEST_WORKERS=1`` asks every mount the harness starts to serve with ``--workers``.
+def single_process_forced() -> bool:
+    """Whether ``COLOFS_TEST_WORKERS=0`` asks every mount the harness starts to serve with ``--single-process``.
 
-    So the same tests and benchmarks check that a process per VM behaves as one process does.
+    A mount serves each VM from a process of its own by default; this runs the
+    same tests and benchmarks on the one-process model, which stays supported.
     """
-    return os.environ.get(WORKERS_SWITCH, "") == "1"
+    return os.environ.get(WORKERS_SWITCH, "") == "0"
 
 
 def with_workers(options: tuple[str, ...] | list[str]) -> list[str]:
-    """``options`` of ``mountctl mount``, with ``--workers`` added when :func:`workers_forced` (once)."""
+    """``options`` of ``mountctl mount``, with ``--single-process`` added when :func:`single_process_forced`.
+
+    Not when the options choose a model themselves (``--workers`` or ``--single-process``).
+    """
     out = list(options)
-    if workers_forced() and "--workers" not in out:
-        out.append("--workers")
+    if single_process_forced() and "--workers" not in out and "--single-process" not in out:
+        out.append("--single-process")
     return out
 
 

@@ -55,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qemu-bin", metavar="DIR",
                    help="directory of qemu-storage-daemon and qemu-img to compare with (e.g. QEMU 10.0.2 unpacked "
                         "by `make bench-qemu10`); default: the ones on PATH")
-    p.add_argument("--workers", action="store_true",
-                   help="mount colofs with --workers (a process per VM); the memory rows then show the highest "
-                        "process and the JSON each one")
+    p.add_argument("--single-process", dest="workers", action="store_false",
+                   help="mount colofs with --single-process (one process for every VM) instead of a process per "
+                        "VM (the default, whose memory rows show the highest process and the JSON each one)")
     p.add_argument("--list", action="store_true", help="list the row ids and exit")
     return p
 

@@ -40,12 +40,12 @@ class Settings:
     sparse_writes: int
     quick: bool
     qemu_bin: str | None = None  # directory of the QEMU programs (an unpacked newer QEMU); None: PATH
-    workers: bool = False  # mount colofs with --workers (a process per VM under a supervisor)
+    workers: bool = True  # a process per VM under a supervisor (the mount's default); False: --single-process
 
     @property
     def mount_options(self) -> tuple[str, ...]:
         """Options every colofs mount of the run gets."""
-        return ("--workers",) if self.workers else ()
+        return () if self.workers else ("--single-process",)
 
 
 class BenchState:

@@ -9,8 +9,8 @@ read, and its permissions checked, by the daemon. ``--tls-cert``,
 ``--tls-key`` and ``--tls-ca`` (all three or none) add TLS under the frames.
 ``--nbd-socket`` serves NBD on a unix socket; ``--nbd-listen`` on TCP needs
 ``--key-file``, and off loopback the TLS files too (clients must use TLS).
-``--workers`` serves each VM from its own process (:mod:`colofs.workers`);
-NBD is not available with it yet (``--metrics`` is: the supervisor serves it).
+Each VM is served by a process of its own (:mod:`colofs.workers`);
+``--single-process`` serves every VM from the daemon's one process instead.
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ class MountConfig:
     nbd_socket: str | None = None
     nbd_listen: Endpoint | None = None
     metrics: Endpoint | None = None
-    workers: bool = False
-    """Serve each VM from its own worker process under a supervisor (:mod:`colofs.workers`)."""
+    workers: bool = True
+    """Serve each VM from its own worker process under a supervisor (:mod:`colofs.workers`); False: one process."""
 
     def tls(self) -> TlsConfig | None:
         """The TLS settings read from the files (raises ``ReplConfigError``), or None without TLS."""
@@ -124,7 +124,8 @@ class MountConfig:
                 args += [flag, str(value)]
         if self.tls_cert and self.tls_key and self.tls_ca:
             args += ["--tls-cert", self.tls_cert, "--tls-key", self.tls_key, "--tls-ca", self.tls_ca]
-        for flag, on in (("--allow-other", self.allow_other), ("--debug", self.debug), ("--workers", self.workers)):
+        for flag, on in (("--allow-other", self.allow_other), ("--debug", self.debug),
+                         ("--single-process", not self.workers)):
             if on:
                 args.append(flag)
         return [*args, self.mountpoint]
@@ -159,13 +160,13 @@ def make_config(
     nbd_socket: str | None = None,
     nbd_listen: str | None = None,
     metrics: str | None = None,
-    workers: bool = False,
+    workers: bool = True,
 ) -> MountConfig:
     """Validate the options of a mount; raises :class:`ConfigError`."""
     if workers and nbd_listen is not None and (tls_cert or tls_key or tls_ca):
-        raise ConfigError("--nbd-listen with TLS is not available with --workers: the supervisor runs the NBD "
-                          "handshake, and a TLS session cannot be handed over to a VM's worker process "
-                          "(use --nbd-socket, or mount without --workers)")
+        raise ConfigError("--nbd-listen with TLS needs --single-process: with a process per VM the supervisor "
+                          "runs the NBD handshake, and a TLS session cannot be handed over to a VM's worker "
+                          "process (use --nbd-socket, or mount with --single-process)")
     if role not in ROLES:
         raise ConfigError(f"--role must be one of {', '.join(ROLES)}, not {role!r}")
     if listen is not None and role != SECONDARY:
@@ -252,8 +253,10 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-other", action="store_true",
                    help="let other users (e.g. the QEMU user) access the mount")
     p.add_argument("--debug", action="store_true", help="debug logging, pyfuse3's included")
-    p.add_argument("--workers", action="store_true",
-                   help="serve each VM from its own process (a crash or hang stays within that VM)")
+    p.add_argument("--workers", dest="workers", action="store_true", default=True,
+                   help="serve each VM from its own process, so a crash or hang stays within that VM (the default)")
+    p.add_argument("--single-process", dest="workers", action="store_false",
+                   help="serve every VM from the daemon's one process (needed for --nbd-listen with TLS)")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
 
 
@@ -265,5 +268,5 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
         nbd_socket=args.nbd_socket, nbd_listen=args.nbd_listen,
         metrics=getattr(args, "metrics", None),
-        workers=getattr(args, "workers", False),
+        workers=getattr(args, "workers", True),
     )

@@ -36,7 +36,7 @@ def last_error(path) -> str:
 
 
 def mountctl(*args: str, check: bool = True, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
-    """``mountctl ARGS``; a ``mount`` gains ``--workers`` under ``COLOFS_TEST_WORKERS=1`` (mountctl.pair)."""
+    """``mountctl ARGS``; a ``mount`` gains ``--single-process`` under ``COLOFS_TEST_WORKERS=0`` (mountctl.pair)."""
     argv = list(map(str, args))
     if argv[:1] == ["mount"]:
         argv = ["mount", *with_workers(argv[1:])]

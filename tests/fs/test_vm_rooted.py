@@ -100,7 +100,7 @@ def test_workers_serve_nbd_but_not_over_tls(tmp_path) -> None:
     for option, value in (("--nbd-socket", str(tmp_path / "nbd.sock")), ("--nbd-listen", "127.0.0.1:9999")):
         assert config_from_args(p.parse_args([*base, option, value, str(tmp_path / "mnt")])).workers
     tls = ["--tls-cert", str(tmp_path / "c"), "--tls-key", str(tmp_path / "k"), "--tls-ca", str(tmp_path / "ca")]
-    with pytest.raises(ConfigError, match="--nbd-listen with TLS is not available with --workers"):
+    with pytest.raises(ConfigError, match="--nbd-listen with TLS needs --single-process"):
         config_from_args(p.parse_args([*base, *tls, "--nbd-listen", "127.0.0.1:9999", str(tmp_path / "mnt")]))
 
 
@@ -110,3 +110,16 @@ def test_workers_flag_reaches_the_config(tmp_path) -> None:
     cfg = config_from_args(p.parse_args(["--role", "primary", "--store", str(tmp_path / "s"), "--workers",
                                          "--peer", "127.0.0.1:7000", str(tmp_path / "mnt")]))
     assert cfg.workers is True and cfg.peer is not None
+
+
+def test_a_process_per_vm_is_the_default_and_single_process_is_kept(tmp_path) -> None:
+    p = argparse.ArgumentParser()
+    add_mount_arguments(p)
+    base = ["--role", "primary", "--store", str(tmp_path / "s")]
+    default = config_from_args(p.parse_args([*base, str(tmp_path / "mnt")]))
+    single = config_from_args(p.parse_args([*base, "--single-process", str(tmp_path / "mnt")]))
+    assert default.workers is True and single.workers is False
+    # Each model's command line parses back to itself (a worker re-reads the supervisor's).
+    assert "--single-process" in single.argv() and "--single-process" not in default.argv()
+    assert config_from_args(p.parse_args(single.argv())).workers is False
+    assert config_from_args(p.parse_args(default.argv())).workers is True

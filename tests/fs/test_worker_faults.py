@@ -62,7 +62,7 @@ async def test_worker_refuses_options_it_cannot_serve(tmp_path: Path) -> None:
                             str(sup.mnt)]
         await sup.start(nursery, create_vm="secondary")
         failed = await wait_until(lambda: sup.got("failed"), what="failed")
-        assert "--nbd-listen with TLS is not available with --workers" in failed[0]["error"]
+        assert "--nbd-listen with TLS needs --single-process" in failed[0]["error"]
         assert await sup.exit_status() == 1
 
 

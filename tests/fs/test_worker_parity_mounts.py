@@ -1,7 +1,8 @@
-"""A ``--workers`` mount answers as a single-process one where the supervisor has to carry what a worker says.
+"""A mount with a worker per VM answers as a single-process one where the supervisor carries what a worker says.
 
-Each test is one place where running the suite with ``COLOFS_TEST_WORKERS=1``
-found the two models apart; the workers' side of each is tested on its own in
+Each test is one place where running the suite on both process models (the
+default, and ``COLOFS_TEST_WORKERS=0`` for ``--single-process``) found them
+apart; the workers' side of each is tested on its own in
 tests/fs/test_worker_parity.py.
 """
 

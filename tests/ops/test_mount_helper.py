@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from colofs.fs.config import LOCK_NAME, LOG_NAME, add_mount_arguments
 from colofs.fs.lock import holder, last_state
 from mountctl.mounthelper import OptionError, main, mount_args, mount_options
-from mountctl.pair import free_port, workers_forced, write_key
+from mountctl.pair import free_port, single_process_forced, write_key
 from tests.fs.mounts import Mount, mountctl, run
 from tests.mountable import mount_skip_reason
 from tests.ops.sysfiles import BIN, Reaped, linked, system_lock
@@ -137,8 +137,8 @@ def mounts(tmp_path: Path) -> Iterator[dict[str, Mount]]:
 
 
 def _o(options: str) -> str:
-    """``-o`` options, with ``workers`` under ``COLOFS_TEST_WORKERS=1`` (as every harness mount gets ``--workers``)."""
-    return f"{options},workers" if workers_forced() else options
+    """``-o`` options, with ``single_process`` under ``COLOFS_TEST_WORKERS=0`` (as every harness mount gets it)."""
+    return f"{options},single_process" if single_process_forced() else options
 
 
 def _mount_t(m: Mount, options: str) -> Reaped:
@@ -202,7 +202,7 @@ def test_mount_t_pair_replicates_and_plain_umount_closes_cleanly(tmp_path, helpe
     _umount_cleanly(pri, rp)
     _umount_cleanly(sec, rs)
 
-    again = _mount_t(sec, f"role=secondary,listen=127.0.0.1:{port},key_file={key}")
+    again = _mount_t(sec, f"role=secondary,listen=127.0.0.1:{port},key_file={key},_netdev")  # utab: umount's helper
     assert _vm_status(sec)["role"] == "secondary"
     _umount_cleanly(sec, again)
 

@@ -59,11 +59,12 @@ def test_a_missing_manager_socket_is_not_fatal(monkeypatch, tmp_path):
 
 
 @pytest.mark.skipif(REASON is not None, reason=f"mount test {REASON}")
-def test_daemon_says_ready_once_the_mount_answers_and_stopping_at_unmount(tmp_path, listener):
+@pytest.mark.parametrize("model", [[], ["--single-process"]], ids=["workers", "single-process"])
+def test_daemon_says_ready_once_the_mount_answers_and_stopping_at_unmount(tmp_path, listener, model):
     sock, path = listener
     m = Mount(tmp_path, "secondary", "n")
-    proc = subprocess.Popen([sys.executable, "-m", "colofs.fs.daemon", "--role", "secondary", "--store",
-                             str(m.store), str(m.mnt)], env={**os.environ, "NOTIFY_SOCKET": path},
+    proc = subprocess.Popen([sys.executable, "-m", "colofs.mountd", "--role", "secondary", "--store",
+                             str(m.store), *model, str(m.mnt)], env={**os.environ, "NOTIFY_SOCKET": path},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).parents[2])
     try:
         ready = _fields(sock.recv(4096))
