@@ -154,7 +154,13 @@ def test_zygote_keeps_no_descriptor_of_the_parent() -> None:
 
         def held() -> list[str]:
             fd_dir = f"/proc/{zygote.pid}/fd"
-            return [os.readlink(f"{fd_dir}/{fd}") for fd in os.listdir(fd_dir)]
+            out = []
+            for fd in os.listdir(fd_dir):
+                try:
+                    out.append(os.readlink(f"{fd_dir}/{fd}"))
+                except FileNotFoundError:
+                    pass  # closed while listed: the zygote is closing what it inherited
+            return out
 
         # stdio, its socket, and the pipe its SIGCHLD handler writes to: never the parent's pipe
         wait_until_sync(lambda: pipe not in held() and len(held()) <= 6, what="zygote closed its fds")
