@@ -138,7 +138,8 @@ def mounts(tmp_path: Path) -> Iterator[dict[str, Mount]]:
 
 def _o(options: str) -> str:
     """``-o`` options, with ``single_process`` under ``COLOFS_TEST_WORKERS=0`` (as every harness mount gets it)."""
-    return f"{options},single_process" if single_process_forced() else options
+    chosen = {"workers", "single_process"} & set(options.split(","))  # a test that names its model keeps it
+    return f"{options},single_process" if single_process_forced() and not chosen else options
 
 
 def _mount_t(m: Mount, options: str) -> Reaped:
