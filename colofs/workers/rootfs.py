@@ -169,10 +169,10 @@ class RootOperations(pyfuse3.Operations):
 
     async def _await_mount(self, vm: str, pid: int) -> None:
         """Wait for ``vm``'s worker to serve, unless the request may hold up its mount (see the module's doc)."""
-        w = self.fleet.table.get(vm)
-        if w is None or not self._mounting(vm) or not self._known.get(vm_inode(vm)) or w.pid is None:
+        if not self._mounting(vm) or not self._known.get(vm_inode(vm)):
             return
-        if await trio.to_thread.run_sync(_thread_group, pid) == w.pid:
+        worker = self.fleet.table.workers[vm].pid
+        if await trio.to_thread.run_sync(_thread_group, pid) == worker:
             return  # the worker itself, finding its mountpoint
         await self.fleet.wait_for(lambda: self.fleet.settled(vm), REVALIDATE_WAIT)
 
@@ -299,8 +299,7 @@ class RootOperations(pyfuse3.Operations):
         key = name[len(PREFIX):].decode(errors="replace")
         if key == STATUS:
             if vm:
-                w = self.fleet.table.get(vm)
-                if w is not None and w.state == STARTING and w.opened:
+                if self._mounting(vm):
                     # Its mount is moments away: answer once it is there (or the worker gave up), so a
                     # reader right after ``mkdir`` or ``create`` learns when the VM serves.
                     await self.fleet.wait_for(lambda: self.fleet.settled(vm), OPEN_WAIT)

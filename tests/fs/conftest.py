@@ -46,6 +46,14 @@ def pri(mounts: Callable[..., Mount]) -> Mount:
     return mounts("primary")
 
 
+@pytest.fixture
+def wsec(mounts: Callable[..., Mount]) -> Mount:
+    """A secondary with a worker per VM, whatever COLOFS_TEST_WORKERS asks of the other mounts."""
+    m = mounts(mount=False)
+    m.mount("--workers")
+    return m
+
+
 def random_image(path: Path, size: int, seed: int) -> bytes:
     """A raw image with reproducible random content (plus a zero stretch, to stay sparse-friendly)."""
     import random

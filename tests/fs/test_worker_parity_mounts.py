@@ -15,8 +15,6 @@ import socket
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from colofs.wire.route import encode_route
 from mountctl.pair import write_key
 from tests.fs.mounts import Mount, errno_of, last_error, mountctl
@@ -26,13 +24,6 @@ from tests.waiting import wait_until_sync
 
 P = "user.colofs."
 MiB = 1 << 20
-
-
-@pytest.fixture
-def wsec(mounts) -> Mount:
-    m = mounts(mount=False)
-    m.mount("--workers")
-    return m
 
 
 def _store_entries(m: Mount) -> set[str]:
