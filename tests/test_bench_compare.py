@@ -188,7 +188,7 @@ def test_primary_rows_cover_both_modes_and_the_three_writes():
     assert [r.id for r in rows] == [f"primary-{m}-{op}" for m in ("async", "sync")
                                     for op in ("seq-write", "rand-write", "aio16-rand-write")]
     for r in rows:
-        assert r.group == "primary" and r.systems == ("colofs", "qemu", "raw") and r.default
+        assert r.group == "primary" and r.systems == ("colofs", "nbd", "qemu", "raw") and r.default
         assert r.job is not None and r.job.direct and not r.job.is_read
     assert [(r.job.bs, r.job.iodepth) for r in rows[:3] if r.job] == [("1m", 1), ("4k", 1), ("4k", 16)]
 

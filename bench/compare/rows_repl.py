@@ -25,7 +25,8 @@ class ReplicationRows(BenchState):
             return
         if self.pair is not None and self.pair.replication:
             for row in rows:
-                self.result(row).cells["colofs"].skip(f"replication not available: {self.pair.replication}")
+                for system in ("colofs", "nbd"):
+                    self.result(row).cells[system].skip(f"replication not available: {self.pair.replication}")
         try:
             for row in rows:
                 for rep in range(self.s.reps):
@@ -45,8 +46,8 @@ class ReplicationRows(BenchState):
 
     def _primary_once(self, row: Row, system: str, cell: Cell) -> str:
         assert row.job is not None
-        quorum = None
-        if system == "colofs":
+        quorum, job, uri = None, row.job, None
+        if system in ("colofs", "nbd"):
             pair = self.pair
             assert pair is not None and pair.has_primary
             if pair.replication:
@@ -56,6 +57,8 @@ class ReplicationRows(BenchState):
                 self._set_mode(mode)
             pair.checkpoint_timed(PVM)
             path = str(pair.primary.file(PVM))
+            if system == "nbd":  # the same disk over the primary's NBD socket, at the row's queue depth
+                job, uri = job.with_(engine="nbd", direct=False), self.nbd_uri(f"{PVM}/disk", primary=True)
         elif system == "qemu":
             assert self.chain is not None
             if self.qemu_primary is None:
@@ -68,13 +71,13 @@ class ReplicationRows(BenchState):
             path = self.raw_file
         try:
             drop_caches()
-            r = run_fio(row.job, filename=path)
+            r = run_fio(job, filename=None if uri else path, uri=uri)
         finally:
             if quorum is not None:
                 self.memory.sample()  # the quorum daemon lives only for this measurement
                 quorum.stop()
         detail: dict[str, object] = {}
-        if system == "colofs":
+        if system in ("colofs", "nbd"):
             assert self.pair is not None
             t0 = time.monotonic()
             try:

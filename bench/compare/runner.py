@@ -157,7 +157,8 @@ class Bench(ReplicationRows, ControlRows):
         assert self.pair is not None
         try:
             progress("colofs: mounting a primary with --peer and probing replication")
-            self.pair.mount_primary(*self.s.mount_options)
+            nbd = ("--nbd-socket", self.pnbd_sock) if self.uses("nbd", "primary") else ()
+            self.pair.mount_primary(*self.s.mount_options, *nbd)
             why = self.pair.probe(PVM, self.seed, timeout=60 + 60 * self.s.size / GiB)
         except (StepError, OSError) as e:
             why = f"primary setup failed: {e}"

@@ -75,6 +75,7 @@ class BenchState:
         self.raw_file = os.path.join(workdir, "raw", "disk.raw")
         self.svm_file = ""
         self.nbd_sock = os.path.join(workdir, "colofs.nbd")  # the colofs secondary's NBD socket
+        self.pnbd_sock = os.path.join(workdir, "colofs-primary.nbd")  # the colofs primary's NBD socket
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -89,8 +90,9 @@ class BenchState:
         for name in (system, *(s for s, host in DEPENDS.items() if host == system)):
             self.down.setdefault(name, (kind, why))
 
-    def nbd_uri(self, export: str) -> str:
-        return f"nbd+unix:///{export}?socket={self.nbd_sock}"
+    def nbd_uri(self, export: str, primary: bool = False) -> str:
+        """An export of the secondary's NBD socket, or of the primary's."""
+        return f"nbd+unix:///{export}?socket={self.pnbd_sock if primary else self.nbd_sock}"
 
     def health(self, system: str) -> str | None:
         """Why ``system`` cannot take a measurement now, or None."""

@@ -20,8 +20,10 @@ BASE = ("colofs", "qemu", "raw")  # what a row measures unless it says otherwise
 LABELS = {"colofs": "colofs", "nbd": "colofs NBD", "floor": "pyfuse3 floor", "qemu": "QEMU", "raw": "raw file"}
 # What a column holds, by row group, where it is not what the label says.
 COLUMN_NOTES = {
-    "nbd": "colofs NBD: svm rows, fio's nbd engine on colofs's NBD unix socket (export VM/DISK); ingest rows, "
-           "QEMU's quorum primary (local raw + NBD child) feeding colofs's VM/DISK:ingest export",
+    "nbd": "colofs NBD: svm rows, fio's nbd engine on colofs's NBD unix socket (export VM/DISK); primary rows, "
+           "the same on the colofs primary's NBD socket (the protected VM's disk, its writes forwarded as the "
+           "file's are); ingest rows, QEMU's quorum primary (local raw + NBD child) feeding colofs's "
+           "VM/DISK:ingest export",
     "floor": "pyfuse3 floor: bench/floor_fs.py, a pyfuse3 + trio passthrough (os.pread/os.pwrite on the loop, "
              "writeback cache) over a copy of the seed, same fio jobs; 'bound' in 'vs floor': colofs is within "
              "0.8x-1.25x of the floor and the floor itself is below QEMU, so no handler on pyfuse3's loop gets "
@@ -100,6 +102,7 @@ def ingest_rows(size: int, runtime: float) -> list[Row]:
     ]
 
 
+PRIMARY = ("colofs", "nbd", "qemu", "raw")  # nbd: the primary's disk over its own NBD socket, as QEMU attaches it
 PRIMARY_OPS = (
     ("seq-write", "O_DIRECT seq write 1M", "write", "1m", "psync", 1),
     ("rand-write", "O_DIRECT rand write 4K qd1", "randwrite", "4k", "psync", 1),
@@ -114,7 +117,8 @@ def primary_rows(size: int, runtime: float) -> list[Row]:
         for op, title, rw, bs, engine, depth in PRIMARY_OPS:
             job = FioJob(rw=rw, bs=bs, engine=engine, direct=True, iodepth=depth, size=size, runtime=runtime,
                          refill=True)
-            rows.append(Row(f"primary-{mode}-{op}", "primary", f"primary ({mode}) {title}", "MB/s", True, job))
+            rows.append(Row(f"primary-{mode}-{op}", "primary", f"primary ({mode}) {title}", "MB/s", True, job,
+                            systems=PRIMARY))
     return rows
 
 
