@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `bench` importable
 
 from bench.host import cpu_seconds, fio_job, require_root, sh
+from bench.primary_path import serving_pid
 from mountctl.pair import Pair, PairError
 from mountctl.units import parse_size
 
@@ -43,6 +44,8 @@ class Sampler:
         self.pid = pid
         self.peak_pss = 0
         self.peak_rss = 0
+        self.at_peak: dict[str, int] = {}
+        """Where the resident memory was at the highest RSS sampled (:func:`breakdown`)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -54,7 +57,12 @@ class Sampler:
                 return
             fields = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in text.splitlines()[1:])}
             self.peak_pss = max(self.peak_pss, fields["Pss"])
-            self.peak_rss = max(self.peak_rss, fields["Rss"])
+            if fields["Rss"] > self.peak_rss:
+                self.peak_rss = fields["Rss"]
+                try:
+                    self.at_peak = breakdown(self.pid)
+                except OSError:
+                    pass
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -63,6 +71,29 @@ class Sampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def breakdown(pid: int) -> dict[str, int]:
+    """Resident KiB of ``pid`` by kind of mapping: the main heap, other anonymous memory, files.
+
+    ``anon`` holds glibc's mmapped chunks (buffers of 128 KiB or more) and
+    pymalloc's arenas; ``heap`` is the main malloc arena's brk heap.
+    """
+    out = {"heap": 0, "anon": 0, "file": 0, "stack": 0}
+    kind = "file"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and not head[0].endswith(":"):
+            name = head[5] if len(head) > 5 else ""
+            kind = ("heap" if name == "[heap]" else "stack" if name.startswith("[stack") else
+                    "anon" if not name or name.startswith("[anon") else "file")
+        elif head and head[0] == "Rss:":
+            out[kind] += int(head[1])
+    return out
+
+
+def shown(at_peak: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v / 1024:.1f}" for k, v in at_peak.items())
 
 
 def hwm_kib(pid: int) -> int:
@@ -93,8 +124,7 @@ def main() -> int:
         pair.start()
         disk = pair.primary.create(VM, size)
         pair.wait_disk(VM)
-        pid = pair.primary.pid
-        assert pid is not None
+        pid = serving_pid(pair.primary)  # the VM's worker under a process per VM
         idle = hwm_kib(pid)
         with Sampler(pid) as s:
             c0, t0 = cpu_seconds(pid), time.monotonic()
@@ -109,6 +139,7 @@ def main() -> int:
         print(f"fill 1M qd8: {mbs:.0f} MB/s (acknowledged after {dt:.1f} s), primary CPU {cpu:.2f} ms/MiB, "
               f"peak RSS {hwm_kib(pid) / 1024:.1f} MiB, peak PSS {s.peak_pss / 1024:.1f} MiB, {retained(pair)}",
               flush=True)
+        print(f"  at the peak (MiB): {shown(s.at_peak)}", flush=True)
         with Sampler(pid) as s:
             c0 = cpu_seconds(pid)
             out = sh("fio", "--name=r", f"--filename={disk}", "--rw=randwrite", "--bs=4k", "--ioengine=psync",
@@ -122,6 +153,7 @@ def main() -> int:
         print(f"4K randwrite qd1: {job['iops']:.0f} IOPS, primary CPU {cpu:.0f} us/write, "
               f"peak RSS {hwm_kib(pid) / 1024:.1f} MiB, peak PSS {s.peak_pss / 1024:.1f} MiB (in this phase), "
               f"{retained(pair)}", flush=True)
+        print(f"  at the peak (MiB): {shown(s.at_peak)}", flush=True)
     except PairError as e:
         raise SystemExit(str(e)) from None
     finally:

@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `bench` importable
 
 from bench.host import cpu_seconds, fio_job, require_root, sh
-from mountctl.pair import Pair, PairError
+from mountctl.pair import Node, Pair, PairError
 from mountctl.units import parse_size
 
 VM = "vm"
@@ -55,6 +55,15 @@ def batches(pair: Pair) -> tuple[int, int]:
     """(batches, writes) the primary has sent to the secondary so far."""
     peer = (pair.primary.vm_status(VM) or {}).get("peer") or {}
     return int(peer.get("batches", 0)), int(peer.get("writes_sent", 0))
+
+
+def serving_pid(node: Node, vm: str = VM) -> int:
+    """The process that serves ``vm``: its worker (a process per VM, the default), or the one daemon."""
+    pid = ((node.vm_status(vm) or {}).get("worker") or {}).get("pid")
+    if isinstance(pid, int):
+        return pid
+    assert node.pid is not None
+    return node.pid
 
 
 def memory_kib(pid: int) -> tuple[int, int]:
@@ -86,8 +95,7 @@ def top(raw: Path, n: int = 25) -> tuple[list[tuple[str, float]], list[tuple[str
 def profile(pair: Pair, size: int, runtime: float, out_dir: Path, svm: bool = False) -> None:
     """One primary run (or SVM run) under py-spy on its daemon; prints the top functions of its busy main thread."""
     node = pair.secondary if svm else pair.primary
-    pid = node.pid
-    assert pid is not None
+    pid = serving_pid(node)
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / ("svm.txt" if svm else "primary.txt")
     spy = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-r", "250",
@@ -134,8 +142,7 @@ def main() -> int:
            "--direct=1", f"--size={size}", "--allow_file_create=0", "--fallocate=none", "--output-format=terse")
         pair.wait_acked(VM, timeout=600)
         pair.primary.control(VM, "mode", args.mode.encode())
-        pri_pid, sec_pid = pair.primary.pid, pair.secondary.pid
-        assert pri_pid is not None and sec_pid is not None
+        pri_pid, sec_pid = serving_pid(pair.primary), serving_pid(pair.secondary)
         (prss, phwm), (srss, shwm) = memory_kib(pri_pid), memory_kib(sec_pid)
         print(f"after the fill ({args.size} in 1M writes, qd8): primary RSS {prss / 1024:.1f} MiB "
               f"(peak {phwm / 1024:.1f}); secondary RSS {srss / 1024:.1f} MiB (peak {shwm / 1024:.1f})", flush=True)
