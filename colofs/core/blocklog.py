@@ -68,6 +68,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import xxhash
 
+from colofs.core.blockindex import BlockIndex, DigestView
 from colofs.core.errors import BlockDamaged, DiskIOError, MapMissing
 from colofs.core.fileio import Buffer, write_all
 from colofs.core.ioctx import IOContext
@@ -126,8 +127,8 @@ class BlockLog(LogReplay):
         self.gen = gen
         self.mutable = mutable
         self.label = label
-        self.map: dict[int, int] = {}
-        self.sums: dict[int, int] | None = None if mutable else {}
+        self.map = BlockIndex(keep_digests=not mutable)
+        self.sums: DigestView | None = self.map.digests
         self.end = 0
         self.legacy = False  # a format-1 file: no file header, no commit slots
         self.committed = 0  # the length the last commit slot names
@@ -196,8 +197,8 @@ class BlockLog(LogReplay):
     def _start_empty(self, gen: int) -> None:
         self.gen = gen
         self.map.clear()
-        if self.sums is not None:
-            self.sums.clear()
+        self.map.keep_digests(not self.mutable)  # a format-1 log kept none; its successor is format 2
+        self.sums = self.map.digests
         self.end = 0
         self.legacy = False
         self.committed = 0
@@ -298,7 +299,7 @@ class BlockLog(LogReplay):
             want = [sums.get(first)]
             got = [block_digest(data)]
         else:
-            want = list(map(sums.get, range(first, first + n)))
+            want = sums.run(first, n) if isinstance(sums, DigestView) else list(map(sums.get, range(first, first + n)))
             got = [block_digest(data[i * bs : (i + 1) * bs]) for i in range(n)]
             if got == want:
                 return
@@ -386,16 +387,9 @@ class BlockLog(LogReplay):
                 f"{self.label}: writing {n} blocks to {self.path} at {seg_off} failed: {e.strerror}", e.errno
             ) from e
         data_off = seg_off + len(header)
-        self.map.update(zip(blocks, range(data_off, data_off + n * bs, bs), strict=True))
-        if self.sums is not None:
-            if sums:
-                self.sums.update(zip(blocks, sums, strict=True))
-            else:
-                for b in blocks:
-                    self.sums.pop(b, None)
-            for b in zeros:
-                self.sums.pop(b, None)
-        self.map.update(dict.fromkeys(zeros, ZERO_AT))
+        self.map.put_many(blocks, range(data_off, data_off + n * bs, bs), sums or None)
+        if zeros:
+            self.map.put_many(zeros, [ZERO_AT] * len(zeros))
         self.end = data_off + n * bs
 
     def drop(self, blocks: Iterable[int]) -> None:
@@ -420,9 +414,7 @@ class BlockLog(LogReplay):
             raise DiskIOError(f"{self.label}: writing tombstones to {self.path} failed: {e.strerror}", e.errno) from e
         self.end += len(header)
         for b in present:
-            del self.map[b]
-            if self.sums is not None:
-                self.sums.pop(b, None)
+            self.map.pop(b)
 
     def overwrite(self, file_off: int, bufs: Sequence[Buffer]) -> None:
         """Rewrite blocks in place (mutable logs only)."""

@@ -73,20 +73,14 @@ async def read_layers(
     first, stop = block_span(offset, len(mv), shift)
     last = stop - 1
     span = range(first, stop)
-    maps = [layer for layer in layers if layer.map and not layer.map.keys().isdisjoint(span)]
-    if not maps:  # nothing of this range is in any layer (checked in C, not per block)
+    maps = [layer for layer in layers if layer.map.any_in(first, stop)]
+    if not maps:  # nothing of this range is in any layer (two bisections, not a look per block)
         await _read_file(io, base_fd, mv, offset, label, " base")
         return
     if len(maps) == 1:
         one = maps[0]
-        m = one.map
-        start = m.get(first)
-        if (
-            start is not None
-            and start != ZERO_AT
-            and m.get(last) == start + ((last - first) << shift)
-            and list(map(m.get, span)) == list(range(start, start + (len(span) << shift), 1 << shift))
-        ):  # the whole range sits contiguously in one layer (compared in C, not per block in Python)
+        start = one.map.run_at(first, len(span), 1 << shift)
+        if start is not None:  # the whole range sits contiguously in one layer (compared in C, not per block)
             if one.sums:
                 await _read_checked(io, one, mv, first, start, offset, shift, label)
             else:
@@ -146,7 +140,7 @@ def prefetch_layers(layers: Sequence[BlockLog], base_fd: int, shift: int, offset
     if stop - first > PREFETCH_MAX_BLOCKS or length <= 0:
         return 0
     span = range(first, stop)
-    maps = [layer for layer in layers if layer.map and not layer.map.keys().isdisjoint(span)]
+    maps = [layer for layer in layers if layer.map.any_in(first, stop)]
     if not maps:
         return _willneed(base_fd, offset, length)
     bs = 1 << shift
@@ -236,14 +230,13 @@ def write_overlay(
     if isinstance(blocks, range) and blocks:
         # The common cases without a Python loop per block: all new (one
         # append), or all present at consecutive file offsets (one overwrite).
-        if omap.keys().isdisjoint(blocks):
+        if not omap.any_in(blocks[0], blocks[-1] + 1):
             overlay.append(blocks, _whole_range(shift, offset, data, patched, blocks))
             return
-        start = omap.get(blocks[0])
-        if start is not None and omap.get(blocks[-1]) == start + (len(blocks) - 1) * bs:
-            if list(map(omap.get, blocks)) == list(range(start, start + len(blocks) * bs, bs)):
-                overlay.overwrite(start, _whole_range(shift, offset, data, patched, blocks))
-                return
+        start = omap.run_at(blocks[0], len(blocks), bs)
+        if start is not None:
+            overlay.overwrite(start, _whole_range(shift, offset, data, patched, blocks))
+            return
     new_blocks: list[int] = []
     new_iov = _Iov()
     overwrite: list[tuple[int, _Iov]] = []

@@ -15,6 +15,7 @@ from array import array
 
 import xxhash
 
+from colofs.core.blockindex import BlockIndex, DigestView
 from colofs.core.errors import MapCorrupt, MapTruncated, StoreVersionError
 from colofs.core.fileio import read_into_blocking
 from colofs.core.logformat import (
@@ -54,8 +55,8 @@ class LogReplay:
     gen: int
     mutable: bool
     label: str
-    map: dict[int, int]
-    sums: dict[int, int] | None
+    map: BlockIndex
+    sums: DigestView | None
     end: int
     legacy: bool
     committed: int
@@ -72,6 +73,8 @@ class LogReplay:
         head = self._read(0, min(size, FILE_HDR.size))
         if bytes(head[:8]) == MAGIC_V1:
             self.legacy = True
+            self.map.keep_digests(False)  # format 1 has no per-block digests
+            self.sums = None
             return 0
         if bytes(head[:8]) != FILE_MAGIC or len(head) < FILE_HDR.size:
             raise self._corrupt(0, "no log header")
@@ -142,7 +145,11 @@ class LogReplay:
     def _apply_records(self, records: array, data_off: int, sums: list[int] | None) -> None:
         bs = self.block_size
         m = self.map
-        own = self.sums
+        nrec = len(records) // 2
+        if sums is not None and len(sums) == nrec or sums == [] and nrec and nput_only(records):
+            # Only PUT records (the usual segment): one batch into the index.
+            m.put_many(records[0::2], range(data_off, data_off + nrec * bs, bs), sums or None)
+            return
         i = 0
         legacy = sums is None
         for rec in range(0, len(records), 2):
@@ -152,22 +159,13 @@ class LogReplay:
             else:
                 b, put = word & ~DROP_BIT, not word & DROP_BIT
                 if put and b & ZERO_BIT:  # no data: the block reads as zeros
-                    m[b & ~ZERO_BIT] = ZERO_AT
-                    if own is not None:
-                        own.pop(b & ~ZERO_BIT, None)
+                    m.put(b & ~ZERO_BIT, ZERO_AT)
                     continue
             if put:
-                m[b] = data_off + i * bs
-                if own is not None:
-                    if sums:
-                        own[b] = records[rec + 1]
-                    else:
-                        own.pop(b, None)
+                m.put(b, data_off + i * bs, sums[i] if sums else None)
                 i += 1
             else:
                 m.pop(b, None)
-                if own is not None:
-                    own.pop(b, None)
 
     def _read(self, off: int, length: int) -> bytearray:
         buf = bytearray(length)
@@ -262,3 +260,8 @@ class LogReplay:
                     return off
             off += bs
         return None
+
+
+def nput_only(records: array) -> bool:
+    """Whether a format-2 segment's records are all PUTs (no DROP or ZERO record)."""
+    return not any(w & (DROP_BIT | ZERO_BIT) for w in records[0::2])
