@@ -46,7 +46,8 @@ MiB = 1 << 20
 VARIANTS = "local kick,local now,tracked kick nospill,tracked now nospill,tracked now"
 """Each: ``local`` or ``tracked``; ``kick`` (writeback started every ``WRITEBACK_EVERY`` bytes of any
 writes, as before small runs stopped counting), ``now`` (the current rule) or ``nokick``; maybe ``nospill``
-(the retained log keeps every write in memory, as before spilling)."""
+(the retained log keeps every write in memory, as before spilling) or ``resN`` (N MiB of it kept in memory
+instead of ``retained.RESIDENT_LIMIT``)."""
 
 
 async def one(disk: object, tracking: Tracking | None, writes: int, size: int, ack: int, ckpt: int,
@@ -102,7 +103,8 @@ async def main_async(args: argparse.Namespace) -> None:
                     colofs.core.cbw.WRITEBACK_MIN_RUN = 0 if kick == "kick" else min_run
                     colofs.core.cbw.WRITEBACK_EVERY = every if kick in ("kick", "now") else 1 << 62
                     tracked = name.startswith("tracked")
-                    tracking.retained.resident_limit = 1 << 62 if "nospill" in name else limit
+                    res = [int(t[3:]) * MiB for t in name.split() if t.startswith("res")]
+                    tracking.retained.resident_limit = 1 << 62 if "nospill" in name else res[0] if res else limit
                     vm.forward = tracking if tracked else None
                     us, wall, peak = await one(disk, tracking if tracked else None, args.writes, size, args.ack,
                                                args.checkpoint * MiB // 4096, rep)

@@ -32,8 +32,13 @@ from colofs.core.forward import ForwardedWrite
 
 log = logging.getLogger("colofs.repl.sender")  # the primary side's logger name, for log filters
 
-RESIDENT_LIMIT = 8 << 20
-"""Bytes of retained write data kept in memory; past it the oldest are spilled down to half of it."""
+RESIDENT_LIMIT = 4 << 20
+"""Bytes of retained write data kept in memory; past it the oldest are spilled down to half of it.
+
+Writes not sent yet stay up to twice this while the link lags (8 MiB). It
+was 8 MiB: in a worker's peak under a 1 MiB fill (tracemalloc) the log's 16
+MiB sat beside the FUSE requests' buffers and a batch being encoded; a
+checkpoint every few MiB of 4K writes spills nothing either way."""
 SPILL_IOV = 512
 """Buffers per ``pwritev`` of a spill (below the kernel's IOV_MAX of 1024)."""
 

@@ -166,3 +166,25 @@ async def test_a_log_that_cannot_spill_keeps_its_writes_in_memory(tmp_path, capl
         log.append(_writes(17, 1)[0])  # appending goes on, and asks for no more spills
         assert [log.get(w.seq).data for w in writes] == [w.data for w in writes]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_lagging_link_keeps_at_most_eight_mib_of_retained_writes_in_memory(tmp_path) -> None:
+    """With the default limit, writes not yet sent stay in memory only up to twice it: 8 MiB, not 16.
+
+    A 1 MiB write's data is in the worker's memory once as the FUSE request's
+    buffer; every MiB the log keeps beside it adds to the process's peak
+    (bench/primary_memory.py).
+    """
+    log = RetainedLog(1, spill_dir=str(tmp_path))
+    assert log.resident_limit == retained.RESIDENT_LIMIT
+    writes = _writes(1, 32, size=MiB)  # a fill the link lags behind: nothing sent yet
+    peak = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.run_spill)
+        for w in writes:
+            log.append(w)
+            await wait_until(lambda: log.resident <= 2 * log.resident_limit, what="the spill task within twice its limit")
+            peak = max(peak, log.resident)
+        assert log.nbytes == 32 * MiB and log.get(1).data == writes[0].data  # spilled, not lost
+        nursery.cancel_scope.cancel()
+    assert peak <= 8 * MiB
