@@ -40,6 +40,10 @@ INGEST_SUFFIX = ":ingest"
 GROUP_BYTES = 16 << 20
 """Bytes one group applies at most: copy-before-write reads the old blocks of a whole group into memory."""
 ZERO_PIECE = 1 << 20
+WAIT_BYTES = 4 << 20
+"""A group smaller than this waits for a large write whose payload is still arriving, to take it in too."""
+WAIT_WRITE = 64 << 10
+"""Writes from this size may arrive over several receives: a group waits for them (:meth:`WriteGroup.waits`)."""
 
 
 class IngestImage:
@@ -91,7 +95,8 @@ class WriteGroup:
     The server adds each write it takes from what the client has already
     sent, and calls :meth:`apply` before it replies to any of them, before it
     serves any other request (a read sees them, a flush covers them) and
-    before the group would pass :data:`GROUP_BYTES`.
+    before the group would pass :data:`GROUP_BYTES`; when what was received
+    ends half way through a request, a small group waits for it (:meth:`waits`).
     """
 
     def __init__(self, image: IngestImage) -> None:
@@ -103,6 +108,17 @@ class WriteGroup:
 
     def __bool__(self) -> bool:
         return bool(self.extents)
+
+    def waits(self, arriving: int) -> bool:
+        """Whether to wait for a write of ``arriving`` bytes half received rather than apply the group now.
+
+        The client is still sending it, so the wait is a receive or a few;
+        joining it saves a group (a hidden save and sync) where a write does
+        not fit in one receive (a 1 MiB write over a socket whose buffer
+        holds a fifth of it). Small writes are not waited for: their rest
+        comes in the next receive, and receiving it alone costs a round.
+        """
+        return arriving >= WAIT_WRITE and bool(self.extents) and self.bytes < WAIT_BYTES
 
     def fits(self, length: int) -> bool:
         """Whether ``length`` more bytes may join (a group always takes its first write, however large)."""

@@ -239,6 +239,7 @@ class Connection(Handshake[Export]):
                 pos = 0
                 buf = self.buf
                 done = False
+                arriving = 0  # the length of a write whose payload has not all been received yet
                 _prefetch_reads(export, buf)
                 while len(buf) - pos >= p.REQUEST.size:
                     req = p.parse_request(buf, pos)
@@ -249,6 +250,7 @@ class Connection(Handshake[Export]):
                                                   f"{p.MAX_PAYLOAD}-byte maximum payload")
                         need += req.length
                     if len(buf) - pos < need:
+                        arriving = req.length if req.type == p.CMD_WRITE else 0
                         break
                     payload = b""
                     if need > p.REQUEST.size:
@@ -274,12 +276,17 @@ class Connection(Handshake[Export]):
                         await self._settle(export, group, held, out)
                         await self._send_replies(export, out)
                 del buf[:pos]
-                await self._settle(export, group, held, out)
+                if group is None or not group.waits(arriving):
+                    await self._settle(export, group, held, out)
                 if out.parts:
                     await self._send_replies(export, out)
                 if done:
                     return
-                await self._recv()
+                try:
+                    await self._recv()
+                except ConnectionClosed:  # half a request will never come: what was gathered is applied still
+                    await self._settle(export, group, held, out)
+                    raise
         finally:
             cache.closed(export)
 

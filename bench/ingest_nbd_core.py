@@ -1,0 +1,192 @@
+"""The NBD ingest export in one process: what the server spends per write, with fio's ``nbd`` engine as client.
+
+:mod:`bench.ingest_nbd` measures the export through a mounted daemon,
+where FUSE, the worker and the machine's load all move the figure. Here a
+secondary :class:`~colofs.core.store.Store` and its NBD
+:class:`~colofs.nbd.service.Server` run in this process on a Unix socket
+(no mount), fio runs in its own process, and each row reports what load
+inflates least: this process's CPU per MiB (the server's loop and its
+threads), ``fdatasync`` calls per MiB, bytes written per byte ingested
+(base, hidden) and the writes per applied group, beside the rate.
+
+Each repetition runs every ``--rw``/``--bs`` row into ``VM/DISK:ingest`` of
+a disk whose base holds data (unless ``--fresh``), after a checkpoint.
+``--profile FILE`` writes a cProfile of the server's loop for the last
+repetition of the first row.
+
+Usage: ``python -m bench.ingest_nbd_core [--dir DIR] [--size MiB] [--rows randwrite:4k,write:1M]
+[--iodepth 16] [--runtime S] [--reps N] [--fresh] [--profile FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+import trio
+
+from bench.compare.fio import FioJob, argv
+from bench.ingest_core import Meter, cpu
+from colofs.core.fileio import Buffer
+from colofs.core.store import Store
+from colofs.nbd import ingest
+from colofs.nbd.exports import Exports
+from colofs.nbd.service import Server, bind_unix
+
+MiB = 1 << 20
+VM = "ing"
+
+
+class GroupSizes:
+    """Writes per applied ingest group, counted at :meth:`colofs.nbd.ingest.IngestImage.apply`."""
+
+    def __init__(self) -> None:
+        self.sizes: Counter[int] = Counter()
+        self._orig = ingest.IngestImage.apply
+
+    def install(self) -> None:
+        orig, sizes = self._orig, self.sizes
+
+        async def apply(image: ingest.IngestImage, extents: Sequence[tuple[int, Buffer]]) -> None:
+            sizes[len(extents)] += 1
+            await orig(image, extents)
+
+        ingest.IngestImage.apply = apply  # type: ignore[method-assign]
+
+    def uninstall(self) -> None:
+        ingest.IngestImage.apply = self._orig  # type: ignore[method-assign]
+
+    def summary(self) -> str:
+        n = sum(self.sizes.values())
+        if not n:
+            return "no groups"
+        mean = sum(k * v for k, v in self.sizes.items()) / n
+        return f"{n} groups, {mean:.1f} writes each"
+
+
+async def serve(server: Server, sock_path: str, nursery: trio.Nursery) -> None:
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(bind_unix(sock_path)))
+    await nursery.start(server.serve, [(listener, None)])
+
+
+async def fio(job: FioJob, uri: str) -> tuple[float, float]:
+    """Run fio; its (MB/s, seconds) as it measured them."""
+    proc = await trio.run_process(argv(job, uri=uri), capture_stdout=True, capture_stderr=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"fio failed: {proc.stderr.decode()[-2000:]}")
+    out = proc.stdout.decode()
+    data = json.loads(out[out.index("{"):])
+    w = data["jobs"][0]["write"]
+    return w["bw_bytes"] / 1e6, w["runtime"] / 1000
+
+
+async def core_row(image: ingest.IngestImage, size: int, group: int, mib: int, rng: random.Random) -> float:
+    """4 KiB random writes applied in process in groups of ``group`` writes, no NBD; CPU ms per MiB."""
+    data = rng.randbytes(4096)
+    n = mib * MiB // 4096
+    c0 = cpu()
+    for i in range(0, n, group):
+        await image.apply([(rng.randrange(size // 4096) * 4096, data) for _ in range(min(group, n - i))])
+    return (cpu() - c0) * 1000 / mib
+
+
+async def run(a: argparse.Namespace, work: str) -> None:
+    size = a.size * MiB
+    rows = [tuple(r.split(":")) for r in a.rows.split(",")]
+    meter = Meter()
+    groups = GroupSizes()
+    results: dict[str, list[tuple[float, float, float, float]]] = {f"{rw} {bs}": [] for rw, bs in rows}
+    store = await Store.open(os.path.join(work, "store"), role="secondary", create=True)
+    sock = os.path.join(work, "nbd.sock")
+    uri = f"nbd+unix:///{VM}/disk:ingest?socket={sock}"
+    try:
+        await store.create_disk(VM, "disk", size)
+        vm = store.vm(VM)
+        exports = Exports(store)
+        server = Server(exports)
+        image = exports.resolve(f"{VM}/disk:ingest").image
+        assert isinstance(image, ingest.IngestImage)
+        rng = random.Random(13)
+        async with trio.open_nursery() as nursery:
+            await serve(server, sock, nursery)
+            if not a.fresh:
+                await fio(FioJob("write", "1M", engine="nbd", iodepth=4, size=size), uri)
+            meter.install()
+            groups.install()
+            try:
+                for rep in range(a.reps):
+                    for i, (rw, bs) in enumerate(rows):
+                        await vm.checkpoint()
+                        job = FioJob(rw, bs, engine="nbd", iodepth=a.iodepth, size=size, runtime=a.runtime)
+                        prof = cProfile.Profile() if a.profile and i == 0 and rep == a.reps - 1 else None
+                        meter.reset()
+                        groups.sizes.clear()
+                        c0, t0 = cpu(), time.perf_counter()
+                        if prof:
+                            prof.enable()
+                        mb_s, secs = await fio(job, uri)
+                        if prof:
+                            prof.disable()
+                            prof.dump_stats(a.profile)
+                        spent = cpu() - c0
+                        meter.freeze()
+                        mib = mb_s * 1e6 * secs / MiB
+                        b = meter.bytes
+                        total = mib * MiB
+                        row = (mb_s, spent * 1000 / mib, meter.syncs / mib, b["hidden.log"] / total)
+                        results[f"{rw} {bs}"].append(row)
+                        print(f"rep {rep} {rw:>9} {bs:>3}  {mb_s:7.1f} MB/s  cpu {row[1]:6.2f} ms/MiB  "
+                              f"fdatasync {row[2]:6.2f}/MiB  base {b['base.raw'] / total:4.2f}  hidden {row[3]:5.3f}  "
+                              f"{groups.summary()}  wall {time.perf_counter() - t0:.1f}s", flush=True)
+                        if a.core and bs == "4k" and groups.sizes:
+                            g = round(sum(k * v for k, v in groups.sizes.items()) / sum(groups.sizes.values()))
+                            await vm.checkpoint()
+                            meter.reset()
+                            core_ms = await core_row(image, size, g, a.core, rng)
+                            meter.freeze()
+                            print(f"rep {rep} same writes in process, groups of {g}: cpu {core_ms:6.2f} ms/MiB  "
+                                  f"fdatasync {meter.syncs / a.core:6.2f}/MiB", flush=True)
+            finally:
+                groups.uninstall()
+                meter.uninstall()
+                nursery.cancel_scope.cancel()
+    finally:
+        await store.close()
+    for name, rs in results.items():
+        if rs:
+            print(f"median {name:>13}  {statistics.median(r[0] for r in rs):7.1f} MB/s  "
+                  f"cpu {statistics.median(r[1] for r in rs):6.2f} ms/MiB  "
+                  f"fdatasync {statistics.median(r[2] for r in rs):6.2f}/MiB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--size", type=int, default=256, help="disk size in MiB")
+    ap.add_argument("--rows", default="randwrite:4k,write:1M", help="rw:bs pairs, comma separated")
+    ap.add_argument("--iodepth", type=int, default=16)
+    ap.add_argument("--runtime", type=float, default=4.0)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--fresh", action="store_true", help="leave base as holes (ZERO records in hidden)")
+    ap.add_argument("--core", type=int, default=0,
+                    help="after each 4k row, MiB of 4 KiB writes applied in process in groups of the size seen")
+    ap.add_argument("--profile", help="cProfile of the last repetition of the first row, to this file")
+    a = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="ingest-nbd-core-", dir=a.dir)
+    try:
+        trio.run(run, a, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
