@@ -56,8 +56,8 @@ class Batching:
     async def _send_due_markers(self, conn: Conn) -> None:
         assert conn.next_seq is not None
         for m in self.checkpoints.due(conn.next_seq - 1):
+            self.checkpoints.sent(m)  # before the send: its CHECKPOINT_DONE may be read before the send returns
             await conn.sender.send(Checkpoint(m.seq, m.id))
-            self.checkpoints.sent(m)
 
     async def _window(self, conn: Conn) -> None:
         while len(conn.inflight) >= self.cfg.window:
@@ -94,12 +94,15 @@ class Batching:
                 continue
             delayed = False
             first = conn.next_seq
-            await conn.sender.send(Batch(first, tuple(writes)))
             last = first + len(writes) - 1
+            # Recorded before the send: the reader may take the batch's ACK before the send returns
+            # (the last chunk is in the kernel, and trio yields after it). A failed send ends the
+            # connection, and the next one starts from what the secondary says it holds.
             conn.next_seq = last + 1
             conn.sent_upto = last
-            retained.mark_sent(last)
             conn.inflight.append(last)
+            await conn.sender.send(Batch(first, tuple(writes)))
+            retained.mark_sent(last)
             self.stats["batches"] += 1
             self.stats["writes_sent"] += len(writes)
             self.stats["bytes_sent"] += size
