@@ -10,7 +10,7 @@ hidden.log and other files per byte ingested (counted at the core's
 ``--failover`` MiB buffered, half in hidden (over data) and half in active.
 
 Usage: ``python bench/ingest_core.py [--dir DIR] [--mib N] [--group MiB] [--failover MiB] [--repeat N]
-[--only ingest|failover] [--cold] [--chunk MiB]``.
+[--only ingest|failover] [--cold] [--synced] [--chunk MiB]``.
 """
 
 from __future__ import annotations
@@ -141,7 +141,8 @@ async def ingest(vm: object, seq: int, writes: list[tuple[int, bytes]], group: i
 
 
 async def run(
-    workdir: str, mib: int, group_mib: int, failover_mib: int, repeat: int, only: str, cold: bool, chunk: int
+    workdir: str, mib: int, group_mib: int, failover_mib: int, repeat: int, only: str, cold: bool, chunk: int,
+    synced: bool = False,
 ) -> None:
     rng = random.Random(13)
     total = mib * MiB
@@ -181,6 +182,7 @@ async def run(
 
         spent: list[float] = []
         cpus = []
+        phases: dict[str, list[float]] = {}
         for r in range(repeat if only != "ingest" else 0):
             store = await Store.open(os.path.join(workdir, f"f{r}"), role="secondary", create=True)
             disk = await store.create_disk("vm", "d", DISK)
@@ -198,12 +200,18 @@ async def run(
                 for layer in (disk.hidden, disk.active):
                     os.fsync(layer.fd)
                     os.posix_fadvise(layer.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if synced:  # as make bench starts a failover: everything on the device, nothing cached
+                for fd in (disk.base_fd, disk.hidden.fd, disk.active.fd):
+                    os.fsync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             meter.reset()
             t, c = time.perf_counter(), cpu()
             moved = await vm.failover()
             spent.append(time.perf_counter() - t)
             cpus.append(cpu() - c)
             meter.freeze()
+            for k, v in (getattr(vm, "failover_phases", None) or {}).items():
+                phases.setdefault(k, []).append(v)
             await store.close()
             shutil.rmtree(os.path.join(workdir, f"f{r}"))
         if not spent:
@@ -218,6 +226,10 @@ async def run(
             f"fdatasync {meter.syncs}",
             flush=True,
         )
+        if phases:
+            print("  phases (median ms): " + "  ".join(
+                f"{k.removesuffix('_seconds')} {sorted(v)[len(v) // 2] * 1000:.1f}" for k, v in phases.items()),
+                flush=True)
     finally:
         meter.uninstall()
 
@@ -230,12 +242,14 @@ def main() -> None:
     p.add_argument("--failover", type=int, default=256, help="MiB buffered before the failover")
     p.add_argument("--repeat", type=int, default=3, help="runs of each row (median [min-max] shown)")
     p.add_argument("--cold", action="store_true", help="evict hidden and active from the page cache before the failover")
+    p.add_argument("--synced", action="store_true",
+                   help="sync base and the layers and evict them before the failover (make bench's state)")
     p.add_argument("--chunk", type=int, default=0, help="MiB per failover step (default: the disk's)")
     p.add_argument("--only", choices=("all", "ingest", "failover"), default="all", help="which rows to run")
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="colofs-ingest-", dir=a.dir)
     try:
-        trio.run(run, work, a.mib, a.group, a.failover, a.repeat, a.only, a.cold, a.chunk)
+        trio.run(run, work, a.mib, a.group, a.failover, a.repeat, a.only, a.cold, a.chunk, a.synced)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -12,6 +12,14 @@ Descriptors handed over stay open until the reaper gets to them, so an
 operation still in flight on an old descriptor (a group-commit ``fdatasync``)
 finishes on the file it started on and never on a new file that reused the
 number.
+
+Freeing is off the loop but not free for the others: an ``fsync`` that
+overlaps it waits for the file system's journal (and, on a file system
+mounted with ``discard``, for the freed range's discards), 30-50 ms for
+128 MiB on ext4 on the target machine. So an operation whose own syncs
+follow the hand-over (the new logs' ``fdatasync``, the directory's
+``fsync``) holds the closing back with :meth:`FdReaper.deferred` until they
+are done.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import trio
 
@@ -37,6 +47,8 @@ class FdReaper:
         self._thread: threading.Thread | None = None
         self._pending = 0
         self._lock = threading.Lock()
+        self._holds = 0  # open ``deferred`` blocks
+        self._held: list[int] = []  # handed over inside them, closed once the last one ends
 
     @property
     def pending(self) -> int:
@@ -50,6 +62,33 @@ class FdReaper:
             return
         with self._lock:
             self._pending += len(fds)
+        if self._holds:
+            self._held.extend(fds)
+            return
+        self._close_later(fds)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Keep descriptors handed over inside the block open until it ends (called on the loop's thread).
+
+        Wrap an operation whose syncs come after it hands the old logs over,
+        so that their freeing cannot slow those syncs down (see above).
+        """
+        self._holds += 1
+        try:
+            yield
+        finally:
+            self._holds -= 1
+            if not self._holds:
+                self._release()
+
+    def _release(self) -> None:
+        held, self._held = self._held, []
+        self._close_later(held)
+
+    def _close_later(self, fds: list[int]) -> None:
+        if not fds:
+            return
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=f"colofs-reaper-{self.label}", daemon=True)
             self._thread.start()
@@ -71,6 +110,7 @@ class FdReaper:
 
     async def stop(self) -> None:
         """Close everything handed over and end the thread (waits in a worker thread)."""
+        self._release()  # closing: nothing waits any more
         thread = self._thread
         if thread is None:
             return
@@ -80,6 +120,7 @@ class FdReaper:
 
     def stop_now(self) -> None:
         """Like :meth:`stop`, blocking: for the synchronous paths (a simulated crash, a fatal error)."""
+        self._release()
         thread = self._thread
         if thread is None:
             return

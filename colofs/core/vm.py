@@ -86,6 +86,9 @@ class PrimaryWrite:
 class VM(VMOpening, VMSnapshots):
     """The disks of one VM and the state that covers them all."""
 
+    failover_phases: dict[str, float] | None = None
+    """Seconds of each phase of this process's last completed failover (for the control reply)."""
+
     @classmethod
     async def create(cls, path: str, name: str, role: str, io: IOContext) -> Self:
         check_name("VM", name)
@@ -320,9 +323,11 @@ class VM(VMOpening, VMSnapshots):
             )
         # Base holds the checkpoint's image once everything applied is on the device.
         await self.io.syncs.datasync_all([d.base_fd for d in self.disks.values()])
-        async with whole_disks(self._sorted_disks()):
-            new = await self._update(lambda s: replace(s, gen=s.gen + 1, last_checkpoint=seq))
-            await self._start_layers_over(new.gen)
+        # The old logs are freed once the new ones are durable, not while they are synced.
+        with self.reaper.deferred():
+            async with whole_disks(self._sorted_disks()):
+                new = await self._update(lambda s: replace(s, gen=s.gen + 1, last_checkpoint=seq))
+                await self._start_layers_over(new.gen)
         return seq
 
     async def failover(self) -> int:
@@ -333,6 +338,8 @@ class VM(VMOpening, VMSnapshots):
         :meth:`failover` again resumes it.
         """
         async with self._failover_lock:
+            clock = trio.current_time
+            t0 = clock()
             async with self._apply_lock:
                 self.check_usable()
                 st = self.state
@@ -345,12 +352,19 @@ class VM(VMOpening, VMSnapshots):
                     for disk in self.disks.values():
                         disk.cbw.detach(disk.hidden)
                     log.warning("VM %s: failover started, epoch %d", self.name, self.state.epoch)
+            t1 = clock()
             moved = 0
             for disk in self._sorted_disks():
                 moved += await disk.commit_buffers()
+            t2 = clock()
             await self.io.syncs.datasync_all([d.base_fd for d in self.disks.values()])
-            async with self._apply_lock:
-                await self._finish_failover()
+            t3 = clock()
+            with self.reaper.deferred():  # as in a checkpoint: the old logs freed after the switch's syncs
+                async with self._apply_lock:
+                    await self._finish_failover()
+            t4 = clock()
+            self.failover_phases = {"start_seconds": t1 - t0, "commit_seconds": t2 - t1,
+                                    "sync_seconds": t3 - t2, "finish_seconds": t4 - t3}
             log.warning("VM %s: failover complete, %d blocks committed; now primary", self.name, moved)
             return moved
 

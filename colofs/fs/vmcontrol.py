@@ -140,9 +140,12 @@ class VMControl:
         t0 = time.monotonic()
         # The old primary's session ends before the commit, and no primary is taken meanwhile.
         async with self.repl.exclusive(vm, f"VM {vm.name} fails over to node {self.store.node_id}"):
+            t1 = time.monotonic()
             # V does not change in a failover, so the kernel's cache stays valid.
             moved = await vm.failover()
         seconds = time.monotonic() - t0
+        phases = {"session_seconds": round(t1 - t0, 6),
+                  **{k: round(v, 6) for k, v in (vm.failover_phases or {}).items()}}
         if self.repl.server is not None:
             log.warning("VM %s: failed over (epoch %d -> %d); primary writes are refused from now on%s",
                         vm.name, epoch, vm.state.epoch, f" (closed the session of {peer})" if peer else "")
@@ -153,6 +156,7 @@ class VMControl:
             "vm": vm.name, "blocks_committed": moved, "hidden_bytes_before": before[0],
             "active_bytes_before": before[1], "epoch_before": epoch, "epoch": vm.state.epoch,
             "role": vm.state.role, "phase": vm.state.phase, "closed_session_of": peer,
+            "seconds": round(seconds, 6), **phases,
         }
 
     def mode(self, node: Node) -> bytes:
