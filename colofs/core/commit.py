@@ -27,6 +27,17 @@ Copy = tuple[int, int, int]
 """``(offset in active, offset in base, length)``."""
 
 
+def map_copy(layer_map: Mapping[int, int]) -> dict[int, int]:
+    """A layer's map (block -> offset) as a ``dict``: the commit's per-block questions at dict speed.
+
+    A map kept in another structure (sorted arrays, a bisection per
+    question) is copied once per pass, in C (``dict(items)``); a ``dict`` is
+    returned as it is, which the commit's refresh of rewritten blocks then
+    leaves unchanged.
+    """
+    return layer_map if isinstance(layer_map, dict) else dict(layer_map.items())
+
+
 def active_runs(amap: Mapping[int, int], chunk: Sequence[int], shift: int, size: int,
                 min_bytes: int = COPY_MIN) -> tuple[list[Copy], list[int]]:
     """Split sorted blocks ``chunk`` into copies of active's long contiguous runs and the blocks left (sorted)."""

@@ -28,7 +28,7 @@ import trio
 from colofs.core.blocklog import BlockLog, make_durable
 from colofs.core.blocks import block_count, block_span, check_range
 from colofs.core.cbw import WRITEBACK_EVERY, CopyBeforeWrite, block_runs
-from colofs.core.commit import Copy, active_runs, copy_runs
+from colofs.core.commit import Copy, active_runs, copy_runs, map_copy
 from colofs.core.fileio import Buffer
 from colofs.core.forward import WriteSink
 from colofs.core.ioctx import IOContext
@@ -99,6 +99,7 @@ class Disk:
         self.commit_chunk = COMMIT_CHUNK
         self._copy_ok = True  # False once copy_file_range proved unsupported for these files
         self._copied = 0  # bytes copied into base since writeback was last started
+        self._rewritten: set[int] = set()  # buffered blocks the SVM wrote during a failover commit
         self._layers = (active, hidden)
         self.snapshots: dict[str, Snapshot] = {}
 
@@ -196,6 +197,7 @@ class Disk:
         buffered = [b for b in blocks if b in amap or b in hmap]
         if buffered:
             write_overlay(self.active, shift, offset, data, patched, buffered)
+        self._rewritten.update(buffered)  # a commit running copied the maps before these writes
         if len(buffered) < len(blocks):
             mv = memoryview(data)
             base_extents: list[tuple[int, Buffer]] = []
@@ -233,25 +235,44 @@ class Disk:
         per_step = max(1, self.commit_chunk // self.block_size)
         moved = 0
         while True:
-            pending = sorted(self.active.map.keys() | self.hidden.map.keys())
+            # The maps as dicts (copied once per pass: a bisection per block would cost more than the
+            # copies it feeds), asked per block from here on; the SVM's writes during the commit are
+            # the only other change to them, and _svm_write names those blocks for _refresh.
+            self._rewritten = set()
+            amap, hmap = map_copy(self.active.map), map_copy(self.hidden.map)
+            pending = sorted(amap.keys() | hmap.keys())
             if not pending:
                 return moved
             ahead = COMMIT_PREFETCH_STEPS * per_step
-            self._prefetch(pending[:ahead])
+            self._prefetch(pending[:ahead], amap, hmap)
             for i in range(0, len(pending), per_step):
                 chunk = pending[i : i + per_step]
                 # The device reads the coming steps' blocks while this one is written to base.
-                self._prefetch(pending[i + ahead : i + ahead + per_step])
+                self._prefetch(pending[i + ahead : i + ahead + per_step], amap, hmap)
                 async with self.lock.range(chunk[0], chunk[-1] + 1, exclusive=True):
-                    chunk = [b for b in chunk if b in self.active.map or b in self.hidden.map]
-                    if not chunk:
-                        continue
-                    await self._commit_step(chunk)
-                    self.active.drop(chunk)
-                    self.hidden.drop(chunk)
+                    if self._rewritten and not self._rewritten.isdisjoint(chunk):
+                        self._refresh(amap, hmap, self._rewritten.intersection(chunk))
+                        chunk = [b for b in chunk if b in amap or b in hmap]
+                        if not chunk:
+                            continue
+                    await self._commit_step(chunk, amap)
+                    # Tombstones only where a layer holds the block (set operations, in C).
+                    self.active.drop(sorted(amap.keys() & chunk))
+                    self.hidden.drop(sorted(hmap.keys() & chunk))
                     moved += len(chunk)
 
-    async def _commit_step(self, chunk: list[int]) -> None:
+    def _refresh(self, amap: dict[int, int], hmap: dict[int, int], blocks: Iterable[int]) -> None:
+        """Bring the commit's copies of the maps up to date for ``blocks``, which the SVM wrote meanwhile."""
+        for b in blocks:
+            for copy, layer in ((amap, self.active.map), (hmap, self.hidden.map)):
+                off = layer.get(b)
+                if off is None:
+                    copy.pop(b, None)
+                else:
+                    copy[b] = off
+            self._rewritten.discard(b)
+
+    async def _commit_step(self, chunk: list[int], amap: dict[int, int]) -> None:
         """Write V of ``chunk`` (sorted buffered blocks, range lock held) into base.
 
         Long runs that lie in active contiguously are copied file to file in
@@ -261,7 +282,7 @@ class Disk:
         """
         bs = self.block_size
         shift = self.shift
-        copies, rest = active_runs(self.active.map, chunk, shift, self.size) if self._copy_ok else ([], chunk)
+        copies, rest = active_runs(amap, chunk, shift, self.size) if self._copy_ok else ([], chunk)
         buf = bytearray(len(rest) * bs)
         mv = memoryview(buf)
         extents: list[tuple[int, Buffer]] = []
@@ -291,13 +312,15 @@ class Disk:
             self._copied = 0
             self.cbw.start_writeback()
 
-    def _prefetch(self, blocks: Sequence[int]) -> None:
+    def _prefetch(self, blocks: Sequence[int], amap: dict[int, int], hmap: dict[int, int]) -> None:
         """Ask the kernel to read the layer data of ``blocks`` ahead (a hint; errors are ignored)."""
         shift = self.shift
-        for layer, skip in ((self.active, None), (self.hidden, self.active)):
-            # Log data is block aligned: file offsets in block units form runs like blocks do.
-            slots = sorted(layer.map[b] >> shift for b in blocks
-                           if layer.map.get(b, ZERO_AT) != ZERO_AT and (skip is None or b not in skip.map))
+        # Log data is block aligned: file offsets in block units form runs like blocks do.
+        offs = [amap.get(b, ZERO_AT) for b in blocks]
+        a_slots = sorted(o >> shift for o in offs if o != ZERO_AT)
+        h_slots = sorted(o >> shift for o in (hmap.get(b, ZERO_AT) for b, a in zip(blocks, offs, strict=True)
+                                              if a == ZERO_AT and b not in amap) if o != ZERO_AT)
+        for layer, slots in ((self.active, a_slots), (self.hidden, h_slots)):
             for first, count in block_runs(slots):
                 try:
                     os.posix_fadvise(layer.fd, first << shift, count << shift, os.POSIX_FADV_WILLNEED)
