@@ -23,7 +23,7 @@ from colofs.repl.tracking import Tracking
 from colofs.wire.messages import Batch, Checkpoint, DiskAdd, DiskInfo, Write
 from colofs.wire.messages import _trusted_write as trusted_write
 
-ASYNC_BATCH_DELAY = 0.005
+ASYNC_BATCH_DELAY = 0.020
 """The least a small batch waits for company in async mode (seconds)."""
 
 
@@ -112,9 +112,14 @@ class Batching:
         """How long a small batch waits: longer in async mode, where no writer waits for the ACK.
 
         Each batch costs both daemons a wake-up, a frame, a decode, an apply
-        and an ACK. At queue depth 1 a 1 ms wait gathered ~15 writes a batch
-        and 5 ms ~60, which cut the CPU per write of both daemons by about a
-        fifth (bench/primary_path.py). A checkpoint does not wait for it
+        (the secondary's group sync among it) and an ACK. At queue depth 1 a
+        1 ms wait gathered ~15 writes a batch and 5 ms ~60, which cut the CPU
+        per write of both daemons by about a fifth (bench/primary_path.py);
+        20 ms instead of 5 took ~30 to ~100 writes a batch and a forwarded
+        write's CPU from 106 to 89 µs on the primary and from 68 to 44 µs on
+        the secondary (bench/forward_core.py, medians of 4 alternated runs).
+        No writer waits for it in async mode; the secondary's copy lags by it
+        between checkpoints, and a checkpoint does not wait for it
         (:meth:`hurry`).
         """
         if self.tracking.mode == ASYNC:
