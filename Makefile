@@ -22,9 +22,12 @@ apt:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(STAMP): pyproject.toml constraints.txt
+# pyfuse3 is built from its sdist with patches/pyfuse3/ applied (a faster session loop); if that
+# fails, build.sh says so and installs stock pyfuse3, which works too (COLOFS_STOCK_PYFUSE3=1 asks for it).
+$(STAMP): pyproject.toml constraints.txt patches/pyfuse3/build.sh patches/pyfuse3/nonblocking-session-loop.patch
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt --upgrade pip
+	patches/pyfuse3/build.sh $(PY) constraints.txt
 	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 
@@ -74,7 +77,7 @@ bench-core: deps
 constraints:
 	rm -rf .venv-constraints && python3 -m venv .venv-constraints
 	.venv-constraints/bin/pip install -q --upgrade pip setuptools
-	.venv-constraints/bin/pip install -q '.[test]'
+	.venv-constraints/bin/pip install -q '.[test]' Cython  # Cython: what patches/pyfuse3/build.sh compiles pyfuse3 with
 	{ sed -n '1,2p' constraints.txt; .venv-constraints/bin/pip freeze --all --exclude-editable | grep -v -i -e '^colofs' -e '^wheel=='; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt && rm -rf .venv-constraints
 

@@ -7,7 +7,10 @@ Serves one file, ``MOUNTPOINT/disk.raw``, as a passthrough to ``SOURCE``:
 writeback cache on, a stable mtime so the kernel keeps its page cache. No
 locks, no threads, no bookkeeping: whatever a request costs here is the cost
 of pyfuse3's one-thread session loop and trio's scheduler, which any handler
-written in Python pays on top of its own work. ``bench.compare`` mounts it
+written in Python pays on top of its own work. That loop is the installed
+pyfuse3's: ``make deps`` builds it with patches/pyfuse3 (queued requests are
+read without a trip through the scheduler), stock pyfuse3 if that failed;
+``pyfuse3.NONBLOCKING_SESSION_LOOP`` tells which. ``bench.compare`` mounts it
 beside colofs and QEMU (the "pyfuse3 floor" column) and a row where colofs
 comes close to it is bound by the floor, not by colofs's handlers.
 
