@@ -85,7 +85,10 @@ class ControlRows(BenchState):
                 seconds, detail = pair.checkpoint_timed(vm)
             else:
                 seconds, res = sec.timed_control(vm, "failover")
-                detail = {"blocks_committed": res.get("blocks_committed")}
+                # The daemon's phases: QEMU's row starts after its NBD export (the primary's input) is gone,
+                # colofs's includes closing the primary's session (session_seconds).
+                detail = {"blocks_committed": res.get("blocks_committed"),
+                          **{k: v for k, v in res.items() if k.endswith("_seconds")}}
             cell.add(seconds * 1000, hidden_bytes=hidden, active_bytes=active, **detail)
             return f"{seconds * 1000:.1f} ms ({(hidden + active) / MiB:.0f} MiB buffered)"
         chain = self.chain
