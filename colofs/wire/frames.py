@@ -198,7 +198,8 @@ class FrameDecoder:
     soon as its first byte is), so a caller that feeds only what :attr:`needed`
     asks for never holds more than one frame within the limits.  Uncompressed
     payloads are decoded straight out of the receive buffer; the only copy of
-    bulk data is the one each message field keeps.
+    bulk data is the one each message field keeps, except a BATCH's writes,
+    which share one buffer per frame (the decompressed payload, or one copy).
     """
 
     __slots__ = ("_buf", "_error", "_header", "_mac", "_pos", "max_raw_len", "max_wire_len")
@@ -313,6 +314,10 @@ class FrameDecoder:
                     )
                 if header.compressed:
                     msg = decode_message(header.type, _decompress(payload, header))
+                elif header.type == MessageType.BATCH:
+                    # One copy of the whole payload, which its writes then share (see
+                    # Batch._decode), rather than one small allocation per write.
+                    msg = decode_message(header.type, bytes(payload))
                 else:
                     msg = decode_message(header.type, payload)
             finally:

@@ -152,11 +152,15 @@ class Attached(Message):
 
 @record(repr=False)
 class Write(Record):
-    """One forwarded primary write: ``data`` at byte ``offset`` of disk ``disk``."""
+    """One forwarded primary write: ``data`` at byte ``offset`` of disk ``disk``.
+
+    A decoded BATCH's writes hold read-only views into the frame's one
+    decompressed buffer (which they keep alive), not copies of their own.
+    """
 
     disk: int = wire(U16)
     offset: int = wire(U64)
-    data: bytes = wire(Blob())
+    data: bytes | memoryview = wire(Blob())
 
     def _check(self) -> None:
         if self.offset + len(self.data) > U64_MAX + 1:
@@ -225,6 +229,10 @@ class Batch(Message):
         r.count("writes", n, _WRITE_HEAD.size)
         # Stay in local variables; the checks Write's constructor would make are inline.
         buf, pos, end = r.buf, r.pos, r.end
+        # A payload that is its own immutable ``bytes`` (a frame just decompressed) is shared:
+        # each write's data is a read-only view into it, not a copy. Anything else (the
+        # receive buffer, reused for the next frame) is copied.
+        share = isinstance(buf.obj, bytes)
         unpack_from, head = _WRITE_HEAD.unpack_from, _WRITE_HEAD.size
         limit = U64_MAX + 1
         writes = []
@@ -242,7 +250,8 @@ class Batch(Message):
                 raise MalformedMessage(
                     f"BATCH write {i} of {length} bytes at offset {offset} ends past 2**64"
                 )
-            append(_trusted_write(disk, offset, bytes(buf[pos : pos + length])))
+            data = buf[pos : pos + length]
+            append(_trusted_write(disk, offset, data if share else bytes(data)))
             pos += length
         r.pos = pos
         return cls(first_seq, tuple(writes))
