@@ -216,6 +216,10 @@ class BlockIndex:
         n = len(blocks)
         if not n:
             return
+        if n > 1 and not isinstance(blocks, range) and blocks[-1] - blocks[0] == n - 1:
+            run = range(blocks[0], blocks[0] + n)
+            if array("Q", blocks) == array("Q", run):  # a sorted list of consecutive blocks (a copy-before-write run)
+                blocks = run
         if isinstance(blocks, range) and blocks.step == 1 and n > 1 and not self.any_in(blocks.start, blocks.stop):
             self._insert_run(blocks, offsets, digests)
             return

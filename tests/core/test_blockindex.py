@@ -87,6 +87,12 @@ def test_batches_and_ranges() -> None:
     ix.pop(300000)
     assert ix.keys().isdisjoint(range(299000, 300001))
     assert ix.keys().isdisjoint(range(1100, 1101))
+    # A list of consecutive blocks goes in as a run, also between blocks already here, and over some of them.
+    ix.put_many(list(range(200500, 200900)), range(BS, 401 * BS, BS), list(range(400)))
+    assert ix.run_at(200500, 400, BS) == BS and ix.digests.run(200898, 2) == [398, 399]
+    ix.put_many(list(range(200400, 200600)), range(BS, 201 * BS, BS))
+    assert ix.run_at(200400, 200, BS) == BS and ix.get(200600) == 101 * BS
+    assert ix.digests.get(200450) is None and ix.digests.get(200600) == 100
     # Everything removed: empty, and iteration after the compaction shows it.
     for b in list(ix):
         ix.pop(b)
