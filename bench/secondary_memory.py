@@ -18,7 +18,12 @@ until the secondary acknowledged the last write. ``--trace`` has the child
 keep a ``tracemalloc`` snapshot of its largest traced peak and print the top
 allocation sites at the end (slow: for finding what holds memory, not for rates).
 
+The child's glibc is set as a VM worker's is (one malloc arena) unless
+``--arenas`` says otherwise; ``--mmap-threshold`` pins the size from which
+glibc maps buffers of their own (freed at once) instead of its dynamic one.
+
     .venv/bin/python bench/secondary_memory.py [--receive-bytes MiB] [--merge MiB] [--trace] [--repeat N]
+        [--arenas N] [--mmap-threshold KiB]
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ sys.path.insert(0, ROOT)
 
 from colofs.core import Store  # noqa: E402
 from colofs.repl import PrimaryReplicator, ReplConfig, serve_secondary  # noqa: E402
+from colofs.workers.malloc import WORKER_ARENAS  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 DISK = 512 * MiB
@@ -236,14 +242,25 @@ def main() -> None:
     ap.add_argument("--writes", type=int, default=40000, help="4 KiB random writes in the rand phase")
     ap.add_argument("--repeat", type=int, default=1, help="runs, each with a fresh pair")
     ap.add_argument("--trace", action="store_true", help="tracemalloc in the secondary: its top sites at the peak")
+    ap.add_argument("--arenas", type=int, default=WORKER_ARENAS,
+                    help="glibc malloc arenas of the secondary (default: the VM worker's cap; 0: glibc's default)")
+    ap.add_argument("--mmap-threshold", type=int, metavar="KiB",
+                    help="pin glibc's mmap threshold in the secondary (default: glibc's dynamic one)")
     ap.add_argument("--secondary", help=argparse.SUPPRESS)
     args = ap.parse_args()
     cfg = config(args.receive_bytes, args.merge)
     if args.secondary:
         trio.run(secondary_main, args.secondary, cfg, args.trace)
         return
+    env = dict(os.environ)  # glibc reads these at the child's start, as the zygote's mallopt sets them for a worker
+    if args.arenas:
+        env["MALLOC_ARENA_MAX"] = str(args.arenas)
+    if args.mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold * 1024)
     print(f"secondary: receive_bytes {cfg.receive_bytes / MiB:g} MiB, apply_merge_bytes "
-          f"{cfg.apply_merge_bytes / MiB:g} MiB{', tracemalloc on' if args.trace else ''}", flush=True)
+          f"{cfg.apply_merge_bytes / MiB:g} MiB, malloc arenas {args.arenas or 'default'}, mmap threshold "
+          f"{f'{args.mmap_threshold} KiB' if args.mmap_threshold is not None else 'dynamic'}"
+          f"{', tracemalloc on' if args.trace else ''}", flush=True)
     for _ in range(args.repeat):
         work = tempfile.mkdtemp(prefix="colofs-secmem-", dir=args.dir)
         argv = [sys.executable, os.path.abspath(__file__), "--secondary", os.path.join(work, "secondary")]
@@ -252,7 +269,7 @@ def main() -> None:
                 argv += [opt, str(val)]
         if args.trace:
             argv.append("--trace")
-        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
+        child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, env=env)
         try:
             line = child.stdout.readline().split() if child.stdout else []
             if not line or line[0] != b"ready":
