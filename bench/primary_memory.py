@@ -28,6 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `bench` importable
 
+from bench import tracehigh
 from bench.host import cpu_seconds, fio_job, require_root, sh
 from bench.primary_path import serving_pid
 from mountctl.pair import Pair, PairError
@@ -115,10 +116,13 @@ def main() -> int:
     ap.add_argument("--size", default="256M", help="disk size (default 256M)")
     ap.add_argument("--runtime", type=float, default=8.0, help="seconds of 4K writes (default 8)")
     ap.add_argument("--dir", default="/var/tmp", help="where the stores live")
+    ap.add_argument("--trace", action="store_true",
+                    help="also print the worker's top allocation sites at its highest traced point (bench/tracehigh.py)")
     args = ap.parse_args()
     size = parse_size(args.size)
     require_root("fio", "fusermount3")
     work = Path(tempfile.mkdtemp(prefix="colofs-primary-memory-", dir=args.dir))
+    traced = tracehigh.install(work) if args.trace else None
     pair = Pair(work)
     try:
         pair.start()
@@ -154,6 +158,8 @@ def main() -> int:
               f"peak RSS {hwm_kib(pid) / 1024:.1f} MiB, peak PSS {s.peak_pss / 1024:.1f} MiB (in this phase), "
               f"{retained(pair)}", flush=True)
         print(f"  at the peak (MiB): {shown(s.at_peak)}", flush=True)
+        if traced is not None:
+            print(tracehigh.report(traced, pid))
     except PairError as e:
         raise SystemExit(str(e)) from None
     finally:
