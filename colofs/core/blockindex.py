@@ -10,9 +10,12 @@ shifts at most one chunk's entries (a ``memmove`` of a few KiB), and a chunk
 that grows past ``CHUNK`` is split, so no operation ever copies the whole map.
 A run of consecutive new blocks (a sequential write) goes in as one slice.
 
-Range questions (is any block of a span here? do blocks ``first..first+n-1``
-sit at consecutive offsets?) are answered with bisections and slices
-compared in C, not a Python loop per block: reads ask them for every request.
+Offsets are stored relative to the block (``offset - block * unit``, the
+unit being the log's block size), so a run of blocks whose data lies
+contiguously in the file stores one repeated value. Range questions (is any
+block of a span here? do blocks ``first..first+n-1`` sit at consecutive
+offsets?) are then answered with bisections and a byte comparison of a
+slice, not a Python loop per block: reads ask them for every request.
 
 Blocks recorded as zeros (offset ``ZERO_AT``) carry no digest; a block put
 without one in an index that keeps digests is remembered in a set (empty in
@@ -31,6 +34,7 @@ from colofs.core.logformat import ZERO_AT
 __all__ = ["CHUNK", "BlockIndex", "DigestView"]
 
 CHUNK = 256  # most entries in one chunk; a fuller one is split in halves
+ZERO_MARK = -(1 << 63)  # the stored value of a block recorded as zeros (ZERO_AT)
 
 
 class _Keys(KeysView):
@@ -51,9 +55,10 @@ class BlockIndex:
     side of the same entries, for :meth:`BlockLog.verify`.
     """
 
-    __slots__ = ("_firsts", "_keys", "_len", "_offs", "_sums", "_undigested", "digests")
+    __slots__ = ("_firsts", "_keys", "_len", "_offs", "_sums", "_undigested", "digests", "unit")
 
-    def __init__(self, keep_digests: bool = False) -> None:
+    def __init__(self, keep_digests: bool = False, unit: int = 1) -> None:
+        self.unit = unit  # offsets are kept as offset - block * unit
         self._firsts: list[int] = []  # the first block of each chunk
         self._keys: list[array] = []
         self._offs: list[array] = []
@@ -84,8 +89,12 @@ class BlockIndex:
         keys = self._keys[c]
         i = bisect_left(keys, block)
         if i < len(keys) and keys[i] == block:
-            return self._offs[c][i]
+            v = self._offs[c][i]
+            return ZERO_AT if v == ZERO_MARK else v + block * self.unit
         return default
+
+    def _stored(self, block: int, offset: int) -> int:
+        return ZERO_MARK if offset == ZERO_AT else offset - block * self.unit
 
     def __getitem__(self, block: int) -> int:
         v = self.get(block)
@@ -111,10 +120,12 @@ class BlockIndex:
     __hash__ = None  # type: ignore[assignment]  # mutable, like a dict
 
     def items(self) -> Iterator[tuple[int, int]]:
-        return zip(self, chain.from_iterable([o[:] for o in self._offs]), strict=True)
+        unit = self.unit
+        return iter([(b, ZERO_AT if v == ZERO_MARK else v + b * unit)
+                     for b, v in zip(self, chain.from_iterable(self._offs), strict=True)])
 
     def values(self) -> Iterator[int]:
-        return chain.from_iterable([o[:] for o in self._offs])
+        return iter([v for _, v in self.items()])
 
     def any_in(self, lo: int, hi: int) -> bool:
         """Whether some block of ``[lo, hi)`` is here."""
@@ -162,18 +173,16 @@ class BlockIndex:
         if pieces is None:
             return None
         c, i, _ = pieces[0]
-        start = self._offs[c][i]
-        if start < 0:  # ZERO_AT
+        rel = self._offs[c][i]
+        if rel == ZERO_MARK:
             return None
-        o = start
+        start = rel + first * self.unit
+        if step != self.unit:  # not the layout logs have: block by block
+            return start if all(self.get(first + k) == start + k * step for k in range(n)) else None
+        pattern = rel.to_bytes(8, "little", signed=True)  # contiguous data: the same relative offset throughout
         for c, i, j in pieces:
-            k = j - i
-            if k == 1:
-                if self._offs[c][i] != o:
-                    return None
-            elif self._offs[c][i:j] != array("q", range(o, o + k * step, step)):
+            if self._offs[c][i:j].tobytes() != pattern * (j - i):
                 return None
-            o += k * step
         return start
 
     # -- updates ------------------------------------------------------------
@@ -182,6 +191,7 @@ class BlockIndex:
         """Map ``block`` to ``offset`` (and its digest, if this index keeps them)."""
         c, i = self._locate(block)
         sums = self._sums
+        rel = self._stored(block, offset)
         if sums is not None:
             if digest is None and offset != ZERO_AT:
                 self._undigested.add(block)
@@ -190,19 +200,19 @@ class BlockIndex:
         if c < 0:
             self._firsts.append(block)
             self._keys.append(array("Q", [block]))
-            self._offs.append(array("q", [offset]))
+            self._offs.append(array("q", [rel]))
             if sums is not None:
                 sums.append(array("Q", [digest or 0]))
             self._len = 1
             return
         keys = self._keys[c]
         if i < len(keys) and keys[i] == block:
-            self._offs[c][i] = offset
+            self._offs[c][i] = rel
             if sums is not None:
                 sums[c][i] = digest or 0
             return
         keys.insert(i, block)
-        self._offs[c].insert(i, offset)
+        self._offs[c].insert(i, rel)
         if sums is not None:
             sums[c].insert(i, digest or 0)
         self._len += 1
@@ -233,10 +243,18 @@ class BlockIndex:
     def _insert_run(self, blocks: range, offsets: Iterable[int], digests: Sequence[int] | None) -> None:
         """Insert consecutive blocks none of which is here: one slice assignment, then splits."""
         ks = array("Q", blocks)
-        os_ = array("q", offsets)
+        unit = self.unit
+        if isinstance(offsets, range) and offsets.step == unit and len(offsets) == len(ks):
+            os_ = array("q", [offsets.start - blocks.start * unit]) * len(ks)  # contiguous: one relative offset
+            zeros = False
+        else:
+            offs = list(offsets)
+            os_ = array("q", [ZERO_MARK if o == ZERO_AT else o - b * unit for b, o in zip(blocks, offs, strict=True)])
+            zeros = ZERO_AT in offs
         sums = self._sums
         if sums is not None and not digests:
-            self._undigested.update(b for b, o in zip(blocks, os_, strict=True) if o != ZERO_AT)
+            self._undigested.update(blocks if not zeros else
+                                    (b for b, o in zip(blocks, os_, strict=True) if o != ZERO_MARK))
         ss = array("Q", digests) if digests else array("Q", bytes(8 * len(ks)))
         c, i = self._locate(blocks.start)
         if c < 0:
@@ -279,6 +297,7 @@ class BlockIndex:
         if i >= len(keys) or keys[i] != block:
             return default
         v = self._offs[c][i]
+        v = ZERO_AT if v == ZERO_MARK else v + block * self.unit
         del keys[i]
         del self._offs[c][i]
         if self._sums is not None:
@@ -341,7 +360,7 @@ class DigestView:
             return default
         keys = ix._keys[c]
         i = bisect_left(keys, block)
-        if i < len(keys) and keys[i] == block and ix._offs[c][i] != ZERO_AT and block not in ix._undigested:
+        if i < len(keys) and keys[i] == block and ix._offs[c][i] != ZERO_MARK and block not in ix._undigested:
             return ix._sums[c][i]  # type: ignore[index]
         return default
 
@@ -350,7 +369,7 @@ class DigestView:
         ix = self._ix
         if not ix._undigested or ix._undigested.isdisjoint(range(first, first + n)):
             pieces = ix._span(first, n)
-            if pieces is not None and not any(ZERO_AT in ix._offs[c][i:j] for c, i, j in pieces):
+            if pieces is not None and not any(ZERO_MARK in ix._offs[c][i:j] for c, i, j in pieces):
                 sums = ix._sums
                 assert sums is not None
                 return list(chain.from_iterable(sums[c][i:j] for c, i, j in pieces))

@@ -127,7 +127,7 @@ class BlockLog(LogReplay):
         self.gen = gen
         self.mutable = mutable
         self.label = label
-        self.map = BlockIndex(keep_digests=not mutable)
+        self.map = BlockIndex(keep_digests=not mutable, unit=block_size)
         self.sums: DigestView | None = self.map.digests
         self.end = 0
         self.legacy = False  # a format-1 file: no file header, no commit slots

@@ -6,6 +6,8 @@ import random
 import tracemalloc
 from array import array
 
+import pytest
+
 from colofs.core.blockindex import BlockIndex
 from colofs.core.blocklog import BlockLog
 from colofs.core.logformat import ZERO_AT
@@ -31,7 +33,7 @@ def check_same(ix: BlockIndex, ref: dict[int, int], sums: dict[int, int] | None 
 
 def test_insert_overwrite_drop_match_a_dict() -> None:
     rng = random.Random(5)
-    ix = BlockIndex(keep_digests=True)
+    ix = BlockIndex(keep_digests=True, unit=BS)
     ref: dict[int, int] = {}
     sums: dict[int, int] = {}
     for step in range(20000):
@@ -59,8 +61,9 @@ def test_insert_overwrite_drop_match_a_dict() -> None:
     assert 99999 not in ix and ix.get(99999) is None
 
 
-def test_batches_and_ranges() -> None:
-    ix = BlockIndex(keep_digests=True)
+@pytest.mark.parametrize("unit", [BS, 1])  # the logs' layout (relative offsets repeat), and any other
+def test_batches_and_ranges(unit: int) -> None:
+    ix = BlockIndex(keep_digests=True, unit=unit)
     # A sequential ingest: contiguous runs appended at contiguous offsets.
     off = BS
     for first in range(0, 200192, 256):
