@@ -121,18 +121,30 @@ def main(argv: list[str] | None = None) -> int:
               f"{settings.runtime:g} s per time-based run, median [min-max] of {settings.reps} interleaved "
               f"rep(s), caches dropped before each; MB/s (IOPS for 4K), ms, MiB; run took {took / 60:.1f} min")
     print(render(bench.results, header))
+    bench.notes.append(f"colofs and the floor ran on {pyfuse3_build()}")
     for note in bench.notes:
         print(f"note: {note}")
     write_json(args.json, bench.results, machine, {
         "size": settings.size, "runtime_s": settings.runtime, "reps": settings.reps,
         "sparse_writes": settings.sparse_writes, "quick": quick, "only": args.only,
         "seconds": round(took, 1), "interrupted": interrupted, "qemu_bin": args.qemu_bin, "workers": args.workers,
-        "qemu_version": qemu_chain.version(args.qemu_bin),
+        "qemu_version": qemu_chain.version(args.qemu_bin), "pyfuse3": pyfuse3_build(),
     }, bench.notes)
     print(f"results: {args.json}")
     if interrupted:
         return 130
     return 1 if any(c.status == "failed" for r in bench.results for c in r.cells.values()) else 0
+
+
+def pyfuse3_build() -> str:
+    """Which pyfuse3 the venv holds: its version and session loop (patches/pyfuse3 or stock)."""
+    try:
+        import pyfuse3
+    except ImportError as e:
+        return f"no importable pyfuse3 ({e})"
+    loop = ("the non-blocking session loop (patches/pyfuse3)" if getattr(pyfuse3, "NONBLOCKING_SESSION_LOOP", False)
+            else "its stock session loop")
+    return f"pyfuse3 {getattr(pyfuse3, '__version__', '?')} with {loop}"
 
 
 if __name__ == "__main__":
