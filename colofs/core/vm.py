@@ -26,9 +26,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Self
+from typing import Any, Self
 
 import trio
 
@@ -88,6 +88,16 @@ class VM(VMOpening, VMSnapshots):
 
     failover_phases: dict[str, float] | None = None
     """Seconds of each phase of this process's last completed failover (for the control reply)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Writes an ingest connection answered but has not applied yet: each drains its queue (colofs.nbd.ingest).
+        self.before_checkpoint: set[Callable[[], Awaitable[None]]] = set()
+
+    async def drain_ingest(self) -> None:
+        """Wait until every write answered so far to an ingest client of this VM is applied (raises a failed one)."""
+        for drain in list(self.before_checkpoint):
+            await drain()
 
     @classmethod
     async def create(cls, path: str, name: str, role: str, io: IOContext) -> Self:
@@ -269,8 +279,10 @@ class VM(VMOpening, VMSnapshots):
         and takes no checkpoint of its own: it records the one its secondary
         (or, unreplicated, whoever replicates it) holds, with
         :meth:`record_confirmed_checkpoint`. The role is read under the apply
-        lock, which a failover's switch also holds.
+        lock, which a failover's switch also holds. Writes an ingest client
+        was answered for are applied first: the checkpoint holds them.
         """
+        await self.drain_ingest()
         async with self._apply_lock:
             st = self._checkpointable()
             if st.role == PRIMARY:

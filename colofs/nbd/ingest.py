@@ -8,37 +8,49 @@ sequence number, so it goes through copy-before-write into base exactly as
 a write from a colofs primary does, and the secondary VM's view is not
 changed by it. Reads return the primary's image (base).
 
-The NBD server applies the writes a client has pipelined, as far as they
-were received together, as one :class:`WriteGroup`: one forwarded batch
-under consecutive sequence numbers, so one hidden save and one
-``fdatasync`` cover them all, and it replies to each only once the group is
-durable (the same rule as the replication wire's ACK). Order within a group
-is the order received: a later write to the same block wins.
+The NBD server answers a write once it is queued, in order, for the
+connection's applier (:class:`WriteGroup`), which applies what has
+accumulated as one forwarded batch under consecutive sequence numbers: one
+hidden save and one ``fdatasync`` cover them all. Order is the order
+received: a later write to the same block wins. A reply therefore says the
+write is ordered, not durable, and that is all a primary write needs: after
+a crash, restart rolls base back to the last checkpoint from hidden, undoing
+every primary write since then, durable or not (invariant 5). A FUA write,
+a flush and a read are answered only once every write before them is
+applied (a flush: on every connection to the VM), and a checkpoint of the
+VM first waits for every answered write (``VM.drain_ingest``). An apply
+that fails fails every later request of that connection (``EIO``).
 
 A checkpoint of such a VM is a local ``mountctl checkpoint`` on the
 secondary, taken while the primary VM is paused and its quorum drained
-(every write it issued acknowledged): the checkpoint then holds exactly the
-primary's image at that instant. A VM is fed either by a colofs primary or
-by ingest, never both.
+(every write it issued acknowledged): the checkpoint applies what is queued
+first and then holds exactly the primary's image at that instant. A VM is
+fed either by a colofs primary or by ingest, never both.
 """
 
 from __future__ import annotations
 
+import logging
+from collections import deque
 from collections.abc import Iterator, Sequence
 
 import trio
 
 from colofs.core.blocks import block_span
 from colofs.core.disk import Disk
-from colofs.core.errors import RoleError
+from colofs.core.errors import ColofsError, RoleError
 from colofs.core.fileio import Buffer
 from colofs.core.layers import read_layers
 from colofs.core.state import NORMAL, SECONDARY
 from colofs.core.vm import PrimaryWrite
 
+log = logging.getLogger(__name__)
+
 INGEST_SUFFIX = ":ingest"
 GROUP_BYTES = 16 << 20
 """Bytes one group applies at most: copy-before-write reads the old blocks of a whole group into memory."""
+QUEUE_BYTES = 16 << 20
+"""Bytes of answered writes a connection holds at most before they are applied: past it, it stops receiving."""
 ZERO_PIECE = 1 << 20
 WAIT_BYTES = 4 << 20
 """A group smaller than this waits for a large write whose payload is still arriving, to take it in too."""
@@ -84,19 +96,35 @@ class IngestImage:
             await vm.apply_primary(vm.state.last_applied + 1, writes)
 
     async def flush(self) -> None:
-        """Applied writes are crash-safe already (hidden durable); this makes base durable too."""
+        """Once every write answered on any connection to this VM is applied, make base durable too."""
+        await self.disk.vm.drain_ingest()
         self.disk.vm.check_usable()
         await self.disk.io.syncs.datasync_all([self.disk.base_fd])
 
 
 class WriteGroup:
-    """NBD writes received together, gathered to be applied as one batch (one hidden save, one sync).
+    """NBD writes of one connection, gathered per round and applied in order by a task of their own.
 
     The server adds each write it takes from what the client has already
-    sent, and calls :meth:`apply` before it replies to any of them, before it
-    serves any other request (a read sees them, a flush covers them) and
-    before the group would pass :data:`GROUP_BYTES`; when what was received
-    ends half way through a request, a small group waits for it (:meth:`waits`).
+    sent and calls :meth:`commit` before it replies to any of them: that
+    moves them to the connection's apply queue, in order, and returns once
+    they are queued (a FUA write: once applied and base durable). A task
+    (:meth:`run`) applies what has accumulated, up to :data:`GROUP_BYTES`,
+    as one forwarded batch (one hidden save, one ``fdatasync``). At most
+    :data:`QUEUE_BYTES` wait: past that :meth:`commit` waits, so the server
+    stops receiving until the applier catches up. Before any other request
+    (a read sees the writes answered before it, a flush covers them) the
+    server calls :meth:`commit` with ``drain``. When what was received ends
+    half way through a request, a small group waits for it (:meth:`waits`).
+
+    An answered write is not yet durable, and need not be: after a crash
+    restart rolls base back to the last checkpoint from hidden, undoing
+    every primary write since then whether it was durable or not. What
+    counts is their order (kept: one queue, applied in order through the
+    unchanged apply path) and that a checkpoint holds every write answered
+    before it: :meth:`run` registers :meth:`drain` on the VM, which a
+    checkpoint awaits first. A failed apply is kept: every later
+    :meth:`commit` or :meth:`drain` raises it, so the client learns of it.
     """
 
     def __init__(self, image: IngestImage) -> None:
@@ -105,18 +133,25 @@ class WriteGroup:
         self.bytes = 0
         self.sync_base = False  # a write with FUA: base durable too before the replies
         self._zeros = b""
+        self._queue: deque[tuple[int, Buffer]] = deque()
+        self._queued_bytes = 0  # queued or being applied
+        self._queued = 0  # writes ever queued
+        self._applied = 0  # writes ever applied (or given up once failed)
+        self._closed = False
+        self.failed: BaseException | None = None
+        self._changed = trio.Event()  # set when the applier takes, applies or fails, or the group closes
 
     def __bool__(self) -> bool:
         return bool(self.extents)
 
     def waits(self, arriving: int) -> bool:
-        """Whether to wait for a write of ``arriving`` bytes half received rather than apply the group now.
+        """Whether to wait for a write of ``arriving`` bytes half received rather than commit the group now.
 
         The client is still sending it, so the wait is a receive or a few;
-        joining it saves a group (a hidden save and sync) where a write does
-        not fit in one receive (a 1 MiB write over a socket whose buffer
-        holds a fifth of it). Small writes are not waited for: their rest
-        comes in the next receive, and receiving it alone costs a round.
+        joining it keeps the round's writes together where a write does not
+        fit in one receive (a 1 MiB write over a socket whose buffer holds a
+        fifth of it). Small writes are not waited for: their rest comes in
+        the next receive, and receiving it alone costs a round.
         """
         return arriving >= WAIT_WRITE and bool(self.extents) and self.bytes < WAIT_BYTES
 
@@ -139,11 +174,96 @@ class WriteGroup:
             yield offset, zeros[:n]
             offset += n
 
-    async def apply(self) -> None:
-        """Apply what was gathered and empty the group (also when applying fails: those writes failed)."""
+    async def commit(self, *, drain: bool = False) -> None:
+        """Queue what was gathered; with a FUA write or ``drain``, wait until everything queued is applied.
+
+        Raises the failure of an earlier apply (the gathered writes are then
+        dropped: nothing after a failed write is applied).
+        """
         extents, self.extents, self.bytes = self.extents, [], 0
         sync_base, self.sync_base = self.sync_base, False
+        if self.failed is not None:
+            raise self.failed
         if extents:
-            await self.image.apply(extents)
+            size = sum(len(d) for _, d in extents)
+            while self._queued_bytes and self._queued_bytes + size > QUEUE_BYTES and self.failed is None:
+                await self._wait()  # back-pressure: the round waits, so nothing more is received
+            if self.failed is not None:
+                raise self.failed
+            self._queue.extend(extents)
+            self._queued += len(extents)
+            self._queued_bytes += size
+            self._wake()
+        if sync_base or drain:
+            await self.drain()
         if sync_base:
             await self.image.flush()
+
+    async def drain(self) -> None:
+        """Wait until every write queued so far is applied; raises the failure if one failed."""
+        target = self._queued
+        while self._applied < target and self.failed is None:
+            await self._wait()
+        if self.failed is not None:
+            raise self.failed
+
+    def close(self) -> None:
+        """No more writes: :meth:`run` applies what is queued, then returns."""
+        self._closed = True
+        self._wake()
+
+    async def run(self) -> None:
+        """Apply the queue in order, each time all that accumulated up to :data:`GROUP_BYTES`, until closed.
+
+        Shielded: a write that was answered is applied even when the
+        connection is cancelled (a stop lets it finish, as a request under way).
+        """
+        vm = self.image.disk.vm
+        vm.before_checkpoint.add(self.drain)
+        try:
+            with trio.CancelScope(shield=True):
+                while True:
+                    if not self._queue:
+                        if self._closed:
+                            return
+                        await self._wait()
+                        continue
+                    batch = self._take()
+                    try:
+                        await self.image.apply(batch)
+                    except (ColofsError, OSError) as e:
+                        self._fail(e, len(batch))
+                        return
+                    self._applied += len(batch)
+                    self._queued_bytes -= sum(len(d) for _, d in batch)
+                    self._wake()
+        finally:
+            vm.before_checkpoint.discard(self.drain)
+
+    def _take(self) -> list[tuple[int, Buffer]]:
+        batch = [self._queue.popleft()]
+        size = len(batch[0][1])
+        while self._queue and size + len(self._queue[0][1]) <= GROUP_BYTES:
+            off, data = self._queue.popleft()
+            batch.append((off, data))
+            size += len(data)
+        return batch
+
+    def _fail(self, e: BaseException, in_batch: int) -> None:
+        lost = in_batch + len(self._queue)
+        log.error("%s: applying %d answered writes failed: %s; they and the %d queued after them are "
+                  "lost, every later request on this connection fails", self.image.label, in_batch, e,
+                  len(self._queue))
+        self.failed = e
+        self._applied += lost
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+
+    async def _wait(self) -> None:
+        if self._changed.is_set():
+            self._changed = trio.Event()
+        await self._changed.wait()

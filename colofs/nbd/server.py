@@ -6,9 +6,11 @@ complete request in it in order, and sends all their replies with one
 ``send_all``; only then does it receive again. So what is in flight per
 connection is bounded by one receive plus one maximal write payload, and a
 burst of small requests costs one receive and one send, not one each. On an
-ingest export the writes of a round are applied together, as one group of
-forwarded primary writes with one hidden ``fdatasync``, and answered once
-it is durable (:class:`colofs.nbd.ingest.WriteGroup`).
+ingest export the writes of a round are queued, in order, for a task of
+the connection that applies what has accumulated as one group of forwarded
+primary writes with one hidden ``fdatasync``; a write is answered once it
+is queued, a FUA write, a flush or a read only once every write before it
+is applied (:class:`colofs.nbd.ingest.WriteGroup` says why that is enough).
 
 On TCP with TLS configured, every option but ``NBD_OPT_STARTTLS`` and
 ``NBD_OPT_ABORT`` is refused until the client has switched to TLS and shown
@@ -228,10 +230,26 @@ class Connection(Handshake[Export]):
         """Serve requests until the client disconnects; each round's replies go out in one send.
 
         On an ingest export the writes among them are gathered into a
-        :class:`WriteGroup` and answered once it is applied (see :meth:`_gather`).
+        :class:`WriteGroup` and answered once it is queued (see :meth:`_gather`);
+        its applier runs beside the connection and finishes the queue when it ends.
         """
-        cache = self.exports.cache
         group = export.write_group()
+        if group is None:
+            return await self._transmit(export, None)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(group.run)
+                try:
+                    await self._transmit(export, group)
+                finally:
+                    group.close()
+        except BaseExceptionGroup as eg:  # the connection's own ending (closed, bad input, a stop), as without
+            if len(eg.exceptions) == 1 and not isinstance(eg.exceptions[0], BaseExceptionGroup):
+                raise eg.exceptions[0] from None
+            raise
+
+    async def _transmit(self, export: Export, group: WriteGroup | None) -> None:
+        cache = self.exports.cache
         held: list[p.Request] = []  # the requests in ``group``, answered once it is applied
         out = _Replies()
         try:
@@ -264,8 +282,11 @@ class Connection(Handshake[Export]):
                             and self._check(export, req) is None:
                         await self._gather(export, group, held, req, payload, out)
                     else:
-                        await self._settle(export, group, held, out)
-                        if req.type == p.CMD_READ:  # nothing to leave half done: a stop may cancel it
+                        # Every write before it applied: a read sees them, a flush covers them.
+                        failed = await self._settle(export, group, held, out, drain=True)
+                        if failed is not None:
+                            reply, data, wrote = self._error(req, nbd_errno(failed), str(failed)), None, False
+                        elif req.type == p.CMD_READ:  # nothing to leave half done: a stop may cancel it
                             reply, data, wrote = await self._serve(export, req, payload)
                         else:  # a stop lets the request under way finish (no write half applied); see NbdService.stop
                             with trio.CancelScope(shield=True) as self.shield:
@@ -316,19 +337,23 @@ class Connection(Handshake[Export]):
             group.sync_base = True
 
     async def _settle(self, export: Export, group: WriteGroup | None, held: list[p.Request],
-                      out: _Replies) -> BaseException | None:
-        """Apply the gathered writes (one hidden sync), then answer each; the error they failed with, if any."""
-        if group is None or not (group or held):
+                      out: _Replies, drain: bool = False) -> BaseException | None:
+        """Queue the gathered writes (with ``drain``: wait until all are applied), then answer each.
+
+        Returns the error they failed with, if any: an earlier apply's failure fails every later request.
+        """
+        if group is None or not (group or held or drain):
             return None
         reqs = held[:]
         held.clear()
         failed: BaseException | None = None
         try:
             with trio.CancelScope(shield=True) as self.shield:  # a stop lets the group finish, as a request
-                await group.apply()
+                await group.commit(drain=drain)
         except (ColofsError, OSError) as e:
             failed = e
-            log.warning("nbd %s: %s: a group of %d writes failed: %s", self.label, export.name, len(reqs), e)
+            log.warning("nbd %s: %s: refused after a failed apply (%d writes): %s", self.label, export.name,
+                        len(reqs), e)
         finally:
             self.shield = None
         for req in reqs:

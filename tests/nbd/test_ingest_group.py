@@ -1,4 +1,4 @@
-"""Ingest applies the writes a client pipelined as one group: one hidden sync, replies only once it is durable."""
+"""Ingest answers a write once it is queued in order and applies what accumulated as one group: one hidden sync."""
 
 from __future__ import annotations
 
@@ -123,6 +123,7 @@ async def test_pipelined_writes_cost_one_hidden_sync(serve, monkeypatch) -> None
     ops = [write(i * 2 * BS, bytes([i + 1]) * BS) for i in range(32)]
     replies = await pipeline(c, ops)
     assert all(r.error == 0 for r in replies), [(r.error, r.message) for r in replies]
+    assert (await c.call(p.CMD_FLUSH, 0, 0)).error == 0  # answered once every write before it is applied
     assert syncs.count("hidden.log") == 1, syncs.calls  # one group, one durable save (was one per write)
     assert s.store.vm("vm").state.last_applied == 32  # still one sequence number per NBD write
     assert len(disk.hidden) == 32
@@ -142,6 +143,7 @@ async def test_a_group_is_bounded_and_a_long_write_zeroes_spans_groups(serve, mo
     ops = [write(i * BS, b"a" * BS) for i in range(32)] + [zeroes(256 << 10, 200 << 10)]
     replies = await pipeline(c, ops)
     assert all(r.error == 0 for r in replies), [(r.error, r.message) for r in replies]
+    assert (await c.call(p.CMD_FLUSH, 0, 0)).error == 0
     # 128 KiB of writes: two groups of 64 KiB; 200 KiB of zeros in 16 KiB pieces: four groups, the last of 8 KiB.
     assert syncs.count("hidden.log") == 6, syncs.calls
     want = b"a" * (128 << 10) + b"x" * (128 << 10) + bytes(200 << 10) + b"x" * ((1 << 20) - (456 << 10))
@@ -178,21 +180,62 @@ async def test_later_writes_win_and_the_svm_gets_the_exact_image_at_the_checkpoi
         assert disk_image(s) == model
 
 
-async def test_no_reply_before_the_group_is_durable_in_hidden(serve, monkeypatch) -> None:
+async def test_writes_are_answered_while_applied_and_a_flush_waits_for_them(serve, monkeypatch) -> None:
+    # The reply rule changed: a write is answered once queued (it used to wait for its group's hidden sync).
     s = await serve("secondary")
     c, peek = await socket_client(s, "vm/d:ingest")
     syncs = Syncs(monkeypatch)
     syncs.hold = "hidden.log"
     with peek, released(syncs):
-        data, cookies = requests(c, [write(i * BS, b"h" * BS) for i in range(8)])
+        data, cookies = requests(c, [write(i * BS, b"h" * BS) for i in range(32)])
         await c.send(data)
-        await wait_until(syncs.holding.is_set, what="the group's hidden sync")
+        replies = [await c.reply() for _ in cookies]  # all answered while the apply is held
+        assert all(r.error == 0 for r in replies)
+        await wait_until(syncs.holding.is_set, what="the queue's hidden sync")
+        flush = await c.request(p.CMD_FLUSH, 0, 0)
         await trio.testing.wait_all_tasks_blocked()
-        assert nothing_sent(peek), "a write was answered before its hidden copy was durable"
+        assert nothing_sent(peek), "a flush was answered before the writes before it were applied"
         syncs.release.set()
-        replies = [await c.reply() for _ in cookies]
-    assert all(r.error == 0 for r in replies)
+        reply = await c.reply()
+    assert reply.cookie == flush and reply.error == 0
     assert syncs.count("hidden.log") == 1
+    assert disk_image(s)[: 32 * BS] == b"h" * (32 * BS)
+
+
+async def test_a_read_sees_the_writes_answered_before_it(serve) -> None:
+    s = await serve("secondary")
+    c = await s.connect("vm/d:ingest")
+    ops: list[Op] = [write(i * BS, bytes([i + 1]) * BS) for i in range(16)] + [(p.CMD_READ, 0, 16 * BS, b"", 0)]
+    replies = await pipeline(c, ops)
+    assert all(r.error == 0 for r in replies)
+    read = next(r for r in replies if r.data)
+    assert read.data == b"".join(bytes([i + 1]) * BS for i in range(16))
+
+
+async def test_a_checkpoint_holds_every_write_answered_before_it(serve, monkeypatch) -> None:
+    s = await serve("secondary")
+    vm = s.store.vm("vm")
+    c = await s.connect("vm/d:ingest")
+    syncs = Syncs(monkeypatch)
+    syncs.hold = "hidden.log"
+    done = trio.Event()
+
+    async def checkpoint() -> None:
+        await vm.checkpoint()
+        done.set()
+
+    with released(syncs):
+        replies = await pipeline(c, [write(i * BS, b"k" * BS) for i in range(32)])
+        assert all(r.error == 0 for r in replies)
+        await wait_until(syncs.holding.is_set, what="the queue's hidden sync")
+        s.nursery.start_soon(checkpoint)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set(), "a checkpoint was taken before answered writes were applied"
+        syncs.release.set()
+        await done.wait()
+    assert vm.state.last_checkpoint == 32
+    assert disk_image(s)[: 32 * BS] == b"k" * (32 * BS)
+    assert len(s.store.disk("vm", "d").hidden) == 0  # they are in the checkpoint, not after it
 
 
 async def test_fua_in_a_group_waits_for_base_and_flush_for_every_earlier_write(serve, monkeypatch) -> None:
@@ -219,11 +262,17 @@ async def test_fua_in_a_group_waits_for_base_and_flush_for_every_earlier_write(s
     assert syncs.calls == ["hidden.log", "base.raw"]  # the group's save, then base for the flush
 
 
-async def test_a_failed_group_fails_every_write_in_it(serve, monkeypatch) -> None:
+async def test_a_failed_apply_fails_the_flush_and_every_later_request(serve, monkeypatch, caplog) -> None:
+    # The reply rule changed: the writes were answered already; what follows them learns of the failure.
     s = await serve("secondary")
     c = await s.connect("vm/d:ingest")
     syncs = Syncs(monkeypatch)
     syncs.fail = "hidden.log"
     replies = await pipeline(c, [write(i * BS, b"e" * BS) for i in range(8)])
-    assert [r.error for r in replies] == [p.EIO] * 8, [(r.error, r.message) for r in replies]
+    assert [r.error for r in replies] == [0] * 8
+    assert (await c.call(p.CMD_FLUSH, 0, 0)).error == p.EIO
     assert syncs.count("hidden.log") == 1
+    later = await pipeline(c, [write(64 * BS, b"l" * BS), (p.CMD_READ, 0, BS, b"", 0), (p.CMD_FLUSH, 0, 0, b"", 0)])
+    assert [r.error for r in later] == [p.EIO] * 3, [(r.error, r.message) for r in later]
+    assert syncs.count("hidden.log") == 1  # nothing after the failed write is applied
+    assert any("applying 8 answered writes failed" in r.message for r in caplog.records)
