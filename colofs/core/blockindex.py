@@ -103,7 +103,20 @@ class BlockIndex:
         return v
 
     def __contains__(self, block: object) -> bool:
-        return isinstance(block, int) and self.get(block) is not None
+        c = bisect_right(self._firsts, block) - 1  # type: ignore[call-overload]
+        if c < 0:
+            return False
+        keys = self._keys[c]
+        i = bisect_left(keys, block)  # type: ignore[call-overload]
+        return i < len(keys) and keys[i] == block
+
+    def absent(self, blocks: Sequence[int]) -> list[int]:
+        """Those of ``blocks`` not here; a sorted run of consecutive blocks none of which is here costs two bisections."""
+        n = len(blocks)
+        if n > 1 and blocks[-1] - blocks[0] == n - 1 and not self.any_in(blocks[0], blocks[-1] + 1):
+            if isinstance(blocks, range) or array("Q", blocks) == array("Q", range(blocks[0], blocks[0] + n)):
+                return list(blocks)
+        return [b for b in blocks if b not in self]
 
     def __iter__(self) -> Iterator[int]:
         """Blocks in ascending order (of the index as it is now: later changes do not disturb it)."""

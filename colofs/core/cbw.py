@@ -98,7 +98,7 @@ class CopyBeforeWrite:
         """
         if not self.targets:
             return []
-        wanted = {id(t): [b for b in blocks if b not in t.map] for t in self.targets}
+        wanted = {id(t): t.map.absent(blocks) for t in self.targets}
         union = sorted({b for missing in wanted.values() for b in missing})
         if not union:
             return []

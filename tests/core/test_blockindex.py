@@ -177,3 +177,14 @@ def test_a_log_reopened_has_the_same_map(tmp_path) -> None:
             again.verify(b, got)
     finally:
         again.close()
+
+
+def test_absent_blocks_of_a_run_and_of_a_scatter() -> None:
+    ix = BlockIndex(keep_digests=True, unit=BS)
+    ix.put_many(range(100, 400), range(BS, 301 * BS, BS), list(range(300)))
+    ix.pop(250)
+    assert ix.absent(list(range(400, 600))) == list(range(400, 600))  # a run beyond: no look per block
+    assert ix.absent(range(50, 150)) == list(range(50, 100))
+    assert ix.absent([249, 250, 251]) == [250]
+    assert ix.absent([399, 5, 100, 7]) == [5, 7]
+    assert ix.absent([]) == []
