@@ -95,7 +95,7 @@ class Batching:
             delayed = False
             first = conn.next_seq
             last = first + len(writes) - 1
-            # Recorded before the send: the reader may take the batch's ACK before the send returns
+            # Recorded before the send: the reader may take the batch's ACK (or RECEIPT) before the send returns
             # (the last chunk is in the kernel, and trio yields after it). A failed send ends the
             # connection, and the next one starts from what the secondary says it holds.
             conn.next_seq = last + 1

@@ -4,8 +4,10 @@ The mode decides when a primary write completes (docs/design.md invariant 6):
 
 * ``async`` (the default, COLO): once it is on the primary disk. The
   secondary catches up behind; a checkpoint waits for it.
-* ``sync`` (DRBD protocol C): once the secondary acknowledged that it applied
-  the write durably. While the secondary is not connected (or is being
+* ``sync`` (DRBD protocol B): once the secondary has the write: received,
+  checked and queued in order to be applied (its RECEIPT), or applied (its
+  ACK) from a secondary that sends no receipts; durable there at the next
+  checkpoint, which waits for that. While the secondary is not connected (or is being
   resynchronised) sync writes complete locally instead of failing or
   hanging, and the VM is reported ``degraded`` until the stream is back.
 
@@ -112,6 +114,9 @@ class ReplConfig:
     """Writes per second no primary exceeds: how far past what ATTACH announced a RESYNC_DONE may reach."""
     max_wire_len: int = DEFAULT_MAX_WIRE_LEN
     max_raw_len: int = DEFAULT_MAX_RAW_LEN
+    receipts: bool = True
+    """A primary asks for RECEIPTs (its sync writes complete on them); False: sync waits for the ACK
+    of the durable apply, as with a secondary that does not know receipts."""
     tls: TlsConfig | None = None
     """TLS under the frames, with certificates verified both ways (``colofs.repl.tls``); None: plain TCP."""
 

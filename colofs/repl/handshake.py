@@ -34,6 +34,10 @@ from colofs.wire.messages import NONCE_LEN, Error, ErrorCode, Hello, Role
 from colofs.wire.stream import FrameStream
 
 FEATURE_KEYED = 0x1
+FEATURE_RECEIPTS = 0x2
+"""In a primary's HELLO: send RECEIPTs. In a secondary's: it can. A secondary sends them only
+to a primary whose HELLO asked, and a primary takes them only from a secondary that announced
+them; a peer that knows neither bit ignores it and gets none (docs/design.md, the wire)."""
 
 
 async def wrap_transport(stream: trio.abc.Stream, *, server_side: bool, tls: TlsConfig | None = None,
@@ -67,17 +71,22 @@ async def handshake(
     initiator: bool,
     nonces: NonceRegistry,
     timeout: float,
+    features: int = 0,
 ) -> Hello:
-    """Run the opening exchange and check that the peer has the other role; returns its HELLO."""
+    """Run the opening exchange and check that the peer has the other role; returns its HELLO.
+
+    ``features``: the optional bits this side announces (``FEATURE_RECEIPTS``);
+    ``FEATURE_KEYED`` is added with a key.
+    """
     if key is not None:
         peer = await authenticate(
-            fs, key, node_id, role, initiator=initiator, features=FEATURE_KEYED,
+            fs, key, node_id, role, initiator=initiator, features=features | FEATURE_KEYED,
             timeout=timeout, nonces=nonces,
         )
     else:
         try:
             with trio.fail_after(timeout), fs.limited(HANDSHAKE_MAX_FRAME, "handshake"):
-                peer = await _plain_hello(fs, node_id, role, initiator=initiator)
+                peer = await _plain_hello(fs, node_id, role, initiator=initiator, features=features)
         except trio.TooSlowError:
             raise AuthError(f"handshake timed out after {timeout:g} s") from None
     want = Role.SECONDARY if role == Role.PRIMARY else Role.PRIMARY
@@ -89,8 +98,8 @@ async def handshake(
     return peer
 
 
-async def _plain_hello(fs: FrameStream, node_id: str, role: Role, *, initiator: bool) -> Hello:
-    own = Hello(PROTO_VERSION, node_id, role, secrets.token_bytes(NONCE_LEN), 0)
+async def _plain_hello(fs: FrameStream, node_id: str, role: Role, *, initiator: bool, features: int) -> Hello:
+    own = Hello(PROTO_VERSION, node_id, role, secrets.token_bytes(NONCE_LEN), features)
     if initiator:
         await fs.send(own)
     peer = await _expect_hello(fs)

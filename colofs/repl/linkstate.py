@@ -110,3 +110,7 @@ class Conn:
         self.answers_tx, self.answers_rx = trio.open_memory_channel[ResyncRequest](1024)
         self.resync_done: int | None = None
         """The S0 the secondary echoed back once it finished a resync."""
+        self.receipts = False
+        """Both sides announced receipts at the handshake: the secondary sends RECEIPTs."""
+        self.receipted = 0
+        """The last RECEIPT's seq on this connection (where the secondary stood at ATTACH before one)."""

@@ -36,7 +36,7 @@ from colofs.repl.admission import (
 from colofs.repl.config import ReplConfig, require_key_or_loopback
 from colofs.repl.errors import AttachRefused, ReplCode
 from colofs.repl.framing import FrameSender
-from colofs.repl.handshake import handshake, refuse, wrap_transport
+from colofs.repl.handshake import FEATURE_RECEIPTS, handshake, refuse, wrap_transport
 from colofs.repl.hooks import SecondaryHooks
 from colofs.repl.persist import load_needs_full_sync
 from colofs.repl.ratelog import RateLimitedLog
@@ -163,7 +163,8 @@ class SecondaryServer:
                 fs = FrameStream(stream, max_wire_len=cfg.max_wire_len, max_raw_len=cfg.max_raw_len)
                 sender = FrameSender(fs)
                 hello = await handshake(fs, self.key, self.node_id, Role.SECONDARY, initiator=False,
-                                        nonces=self.nonces, timeout=max(deadline - trio.current_time(), 0.001))
+                                        nonces=self.nonces, timeout=max(deadline - trio.current_time(), 0.001),
+                                        features=FEATURE_RECEIPTS if cfg.receipts else 0)
         except (ProtocolError, OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as e:
             kind = HANDSHAKE_TIMEOUT if trio.current_time() - started >= cfg.handshake_timeout else HANDSHAKE_FAILED
             self.admission.count(kind)
@@ -225,7 +226,8 @@ class SecondaryServer:
                 await refuse(fs, code, str(e))
                 return
             session = Session(res, fs, sender, hello.node_id, announced=max(0, msg.next_seq - 1),
-                              config=cfg, hooks=self.hooks, bad_frames=self.bad_frames)
+                              config=cfg, hooks=self.hooks, bad_frames=self.bad_frames,
+                              receipts=cfg.receipts and bool(hello.features & FEATURE_RECEIPTS))
             self.sessions[msg.vm] = session
             self.last_errors.pop(msg.vm, None)
             st = res.vm.state

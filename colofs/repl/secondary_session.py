@@ -4,7 +4,9 @@ Once :mod:`colofs.repl.receiver` has accepted a connection and its ATTACH,
 the session is served by these tasks:
 
 * a reader that decodes frames into a bounded queue (answering PING itself,
-  so a busy disk does not look like a dead peer);
+  so a busy disk does not look like a dead peer); for a primary that asked
+  for them it sends a RECEIPT as each batch passes the checks of
+  :class:`~colofs.repl.intake.Intake`, before it is queued and applied;
 * an applier that validates and applies them in order. Consecutive queued
   batches are applied together, one group commit for all of them
   (``apply_primary`` returns once base and hidden are durable), then
@@ -32,6 +34,7 @@ from colofs.repl.config import ReplConfig
 from colofs.repl.errors import AttachRefused, ReplCode, ReplProtocolError
 from colofs.repl.framing import FrameSender, bulk_bytes
 from colofs.repl.hooks import SecondaryHooks
+from colofs.repl.intake import Intake
 from colofs.repl.persist import save_needs_full_sync
 from colofs.repl.resync import read_and_digest
 from colofs.repl.seqguard import SeqGuard
@@ -50,6 +53,7 @@ from colofs.wire.messages import (
     Message,
     Ping,
     Pong,
+    Receipt,
     ResyncData,
     ResyncDone,
     ResyncQuery,
@@ -77,7 +81,7 @@ class Session:
 
     def __init__(self, res: AttachResult, fs: FrameStream, sender: FrameSender, peer: str, *,
                  announced: int, config: ReplConfig, hooks: SecondaryHooks,
-                 bad_frames: dict[str, str]) -> None:
+                 bad_frames: dict[str, str], receipts: bool = False) -> None:
         self.cfg = config
         self.hooks = hooks
         self.bad_frames = bad_frames
@@ -95,11 +99,15 @@ class Session:
         """Every seq the primary sends is checked against it before anything is recorded."""
         self.full_done = False
         self.synced = not self.needs_full
+        self.intake = Intake(next_seq=self.vm.state.last_applied + 1, disk_names=self.disk_names,
+                             disks=self.vm.disks, synced=self.synced,
+                             max_disks=config.max_disks_per_vm) if receipts else None
+        """Sends RECEIPTs (the primary asked for them at the handshake), or None."""
         self.last_rx = trio.current_time()
         self.started = trio.current_time()
         self.end_reason: str | None = None
         self.end_code: int = ReplCode.REPLACED
-        self.stats = {"batches": 0, "writes": 0, "bytes": 0, "applies": 0, "checkpoints": 0,
+        self.stats = {"batches": 0, "writes": 0, "bytes": 0, "applies": 0, "receipts": 0, "checkpoints": 0,
                       "resync_queries": 0, "resync_blocks": 0, "resync_bytes": 0, "verify_queries": 0,
                       "verify_blocks": 0}
         self._tx, self._rx = trio.open_memory_channel[Message](self.cfg.receive_queue)
@@ -189,6 +197,10 @@ class Session:
             elif isinstance(msg, Error):
                 raise PeerError(f"error {msg.code}: {msg.message}")
             elif isinstance(msg, _STREAM):
+                if self.intake is not None and (seq := self.intake.take(msg)) is not None:
+                    # Before the queue: the applier cannot ACK a write whose receipt is not out.
+                    await self.sender.send(Receipt(seq))
+                    self.stats["receipts"] += 1
                 self._queued += bulk_bytes(msg)
                 await self._tx.send(msg)
             elif isinstance(msg, VerifyQuery | VerifyLiveQuery):

@@ -47,7 +47,7 @@ from colofs.repl.errors import (
     ReplProtocolError,
 )
 from colofs.repl.framing import FrameSender
-from colofs.repl.handshake import handshake, wrap_transport
+from colofs.repl.handshake import FEATURE_RECEIPTS, handshake, wrap_transport
 from colofs.repl.linkstate import Conn, Lifecycle, LinkState
 from colofs.repl.resync import ResyncProgress
 from colofs.repl.resyncer import ResyncDriver
@@ -66,6 +66,7 @@ from colofs.wire.messages import (
     Error,
     Ping,
     Pong,
+    Receipt,
     ResyncDone,
     ResyncRequest,
     Role,
@@ -233,9 +234,11 @@ class VMLink:
             fs = FrameStream(stream, max_wire_len=self.cfg.max_wire_len, max_raw_len=self.cfg.max_raw_len)
             sender = FrameSender(fs)
             self.life.move(LinkState.ATTACHING)
+            offer = FEATURE_RECEIPTS if self.cfg.receipts else 0
             hello = await handshake(fs, self.key, self.node_id, Role.PRIMARY, initiator=True,
-                                    nonces=self.nonces, timeout=self.cfg.handshake_timeout)
+                                    nonces=self.nonces, timeout=self.cfg.handshake_timeout, features=offer)
             conn = Conn(fs, sender, hello.node_id)
+            conn.receipts = bool(offer & hello.features)
             self._conn = conn
             self._stats["connects"] += 1
             try:
@@ -289,6 +292,7 @@ class VMLink:
         if plan.full:
             tracking.owe_full_sync()
         tracking.placed(msg.last_applied, streaming=plan.stream_from is not None)
+        conn.receipted = msg.last_applied
         if plan.stream_from is not None:
             conn.next_seq = plan.stream_from
             conn.sent_upto = msg.last_applied
@@ -320,7 +324,9 @@ class VMLink:
             except ConnectionClosed:
                 raise ReplError("the secondary closed the connection") from None
             conn.last_rx = trio.current_time()
-            if isinstance(msg, Ack):
+            if isinstance(msg, Receipt):
+                self._on_receipt(conn, msg.seq)
+            elif isinstance(msg, Ack):
                 self._on_ack(conn, msg.seq)
             elif isinstance(msg, CheckpointDone):
                 await self.checkpoints.on_checkpoint_done(msg)
@@ -355,6 +361,17 @@ class VMLink:
         while conn.inflight and conn.inflight[0] <= seq:
             conn.inflight.popleft()
         self.tracking.acknowledged(seq)
+
+    def _on_receipt(self, conn: Conn, seq: int) -> None:
+        """A RECEIPT: checked like an ACK, it lets sync writers up to ``seq`` go on, and changes nothing else."""
+        if not conn.receipts:
+            raise ReplProtocolError("RECEIPT from a secondary this connection did not ask for receipts")
+        if seq > conn.sent_upto or seq <= conn.receipted:
+            raise ReplProtocolError(
+                f"RECEIPT of seq {seq} outside what was sent and not yet receipted "
+                f"(receipted {conn.receipted}, sent {conn.sent_upto})")
+        conn.receipted = seq
+        self.tracking.receipted(seq)
 
     async def _keepalive(self, conn: Conn) -> None:
         token = 0
@@ -416,6 +433,7 @@ class VMLink:
             "epoch": st.epoch,
             "last_seq": st.last_applied,
             "sent_seq": conn.sent_upto if conn else None,
+            "receipts": conn.receipts if conn else None,
             "confirmed_checkpoint": st.last_checkpoint,
             **self.tracking.status(),
             "resync": self.progress.as_dict(),

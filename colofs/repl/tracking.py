@@ -50,7 +50,9 @@ class Tracking:
         self.mode = load_mode(vm)
         """``async`` or ``sync``: whether a writer waits for the secondary's ACK (:meth:`wait_acked`)."""
         self.acked = 0
-        """The last write the secondary acknowledged."""
+        """The last write the secondary acknowledged: applied, durable (its ACK)."""
+        self.received = 0
+        """The last write the secondary has received and queued to apply (its RECEIPT); 0 without."""
         self.unacked_bytes = 0
         self.full_pending = False
         """The resync owed is a full one (every block compared)."""
@@ -162,12 +164,14 @@ class Tracking:
         self._wake()
 
     async def wait_acked(self, seq: int) -> None:
-        """Sync mode: return once the secondary applied ``seq``, or at once while it cannot (degraded)."""
+        """Sync mode: return once the secondary has ``seq`` (received or applied), or at once while
+        it cannot (degraded). Retention keeps the write until it is applied: a secondary that dies
+        with it only received gets it again from the retained log."""
         if self.mode != SYNC:
             return
-        while self.acked < seq and self.life.streaming and self.retaining:
+        while self.acked < seq and self.received < seq and self.life.streaming and self.retaining:
             await self.life.wait_changed()
-        if self.acked < seq:
+        if self.acked < seq and self.received < seq:
             self.stats["sync_degraded_writes"] += 1
 
     def _overflow(self) -> None:
@@ -212,6 +216,7 @@ class Tracking:
     def placed(self, acked: int, *, streaming: bool) -> None:
         """A connection attached: the secondary holds writes up to ``acked``; streaming resumes after it."""
         self.acked = acked
+        self.received = acked  # what an earlier connection's secondary only queued may be gone
         if streaming:
             self.unacked_bytes = self.retained.bytes_after(acked)
 
@@ -220,6 +225,13 @@ class Tracking:
         if self.retaining and seq > self.acked:
             self.unacked_bytes -= self.retained.bytes_in(self.acked + 1, seq)
         self.acked = seq
+        self.life.announce()
+
+    def receipted(self, seq: int) -> None:
+        """The secondary has every write up to ``seq`` queued to apply (a RECEIPT): sync writers go on.
+
+        Nothing is dropped on it: the retained log and the flow control follow the ACK."""
+        self.received = seq
         self.life.announce()
 
     def owe_resync(self) -> None:
@@ -252,6 +264,7 @@ class Tracking:
             self.retained.reset(s0 + 1)
             self.retaining = True
         self.acked = min(self.acked, s0)
+        self.received = min(self.received, s0)
         self.unacked_bytes = self.retained.bytes_after(s0)
         return s0
 
@@ -292,6 +305,7 @@ class Tracking:
         return {
             "mode": self.mode,
             "acked_seq": self.acked,
+            "received_seq": self.received,
             "backlog_bytes": self.unacked_bytes if self.retaining else None,
             "backlog_writes": max(0, self.vm.state.last_applied - self.acked),
             "retained_bytes": self.retained.nbytes,

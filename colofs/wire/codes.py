@@ -32,6 +32,7 @@ class MessageType(IntEnum):
     VERIFY_QUERY = 21
     VERIFY_DIGESTS = 22
     VERIFY_LIVE_QUERY = 23
+    RECEIPT = 24
 
 
 class Role(IntEnum):

@@ -269,6 +269,19 @@ class Ack(Message):
 
 
 @record
+class Receipt(Message):
+    """Secondary -> primary: every write with sequence <= ``seq`` arrived, passed its checks and is
+    queued, in order, to be applied (not yet durable: :class:`Ack` says that).
+
+    Sent only on a connection whose primary asked for receipts in its HELLO
+    (``FEATURE_RECEIPTS``); a sync write completes on it.
+    """
+
+    TYPE: ClassVar[MessageType] = MessageType.RECEIPT
+    seq: int = wire(U64)
+
+
+@record
 class Checkpoint(Message):
     """Checkpoint ``id`` taken after write ``seq``; applies to all disks of the VM."""
 
@@ -343,6 +356,7 @@ MESSAGE_CLASSES: dict[int, type[Message]] = {
         VerifyQuery,
         VerifyDigests,
         VerifyLiveQuery,
+        Receipt,
     )
 }
 assert set(MESSAGE_CLASSES) == set(MessageType)
@@ -396,6 +410,7 @@ __all__ = [
     "MessageType",
     "Ping",
     "Pong",
+    "Receipt",
     "ResyncBlock",
     "ResyncData",
     "ResyncDone",

@@ -1,8 +1,10 @@
 """A secondary in its own process, for tests that kill it with SIGKILL.
 
-Run as ``python -m tests.repl.secondary_proc STORE PORT``: opens (and
-recovers) the store, serves it on 127.0.0.1:PORT without a key, prints
-``ready PORT`` and serves until killed.
+Run as ``python -m tests.repl.secondary_proc STORE PORT [hold-apply]``: opens
+(and recovers) the store, serves it on 127.0.0.1:PORT without a key, prints
+``ready PORT`` and serves until killed. With ``hold-apply`` it takes the
+primary's stream (checks it, sends receipts) but never applies a batch, as a
+secondary whose disk stalls.
 """
 
 from __future__ import annotations
@@ -13,11 +15,19 @@ import sys
 import trio
 
 from colofs.core import Store
+from colofs.core.vm import VM, PrimaryWrite
 from colofs.repl import ReplConfig, serve_secondary
 
 
-async def main(path: str, port: int) -> None:
+async def _never_applied(self: VM, start: int, writes: list[PrimaryWrite]) -> int:
+    await trio.sleep_forever()
+    raise AssertionError("unreachable")
+
+
+async def main(path: str, port: int, hold: bool = False) -> None:
     store = await Store.open(path, role="secondary", create=True)
+    if hold:
+        VM.apply_primary = _never_applied  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
             lambda task_status: serve_secondary(store, ("127.0.0.1", port), None,
@@ -27,4 +37,4 @@ async def main(path: str, port: int) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    trio.run(main, sys.argv[1], int(sys.argv[2]))
+    trio.run(main, sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["hold-apply"])

@@ -31,6 +31,7 @@ from colofs.wire.messages import (
     MessageType,
     Ping,
     Pong,
+    Receipt,
     ResyncBlock,
     ResyncData,
     ResyncDone,
@@ -117,6 +118,7 @@ GOLDEN: list[tuple[str, Message, str]] = [
         VerifyLiveQuery(12, 0, 5, 10, 777),
         "0c00000000000000000005000000000000000a0000000903000000000000",
     ),
+    ("receipt", Receipt(0x0102030405060708), "0807060504030201"),
 ]
 
 

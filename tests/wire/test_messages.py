@@ -35,6 +35,7 @@ from colofs.wire import (
     decode_message,
 )
 from colofs.wire.messages import (
+    Receipt,
     ResyncQuery,
     VerifyDigests,
     VerifyLiveQuery,
@@ -118,6 +119,7 @@ STRATEGIES: dict[MessageType, st.SearchStrategy[Message]] = {
     MessageType.VERIFY_LIVE_QUERY: st.integers(1, U32).flatmap(
         lambda n: st.builds(VerifyLiveQuery, u64, u16, st.integers(0, 2**64 - n), st.just(n), u64)
     ),
+    MessageType.RECEIPT: st.builds(Receipt, u64),
 }
 any_message: st.SearchStrategy[Message] = st.one_of(*STRATEGIES.values())
 
