@@ -108,6 +108,8 @@ def render_peer(peer: dict[str, Any] | str | None) -> str:
                  f"{', full' if resync.get('full') else ''})")
     if peer.get("acked_seq") is not None:
         line += f" acked:{peer['acked_seq']}"
+    if peer.get("receipts") and peer.get("received_seq") is not None:
+        line += f" received:{peer['received_seq']}"  # what sync writes wait for; acked: applied, durable
     if peer.get("backlog_writes") is not None:
         backlog = peer.get("backlog_bytes")
         line += f" backlog:{peer['backlog_writes']} writes"

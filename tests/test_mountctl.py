@@ -265,6 +265,8 @@ def test_peer_and_replication_lines():
                         "backlog_writes": 3, "backlog_bytes": 8192, "degraded": True, "lz4_ratio": 0.51234})
     assert "peer:resyncing mode:sync progress:42.5% (425/1000 blocks, 3MiB sent, full)" in line
     assert "acked:7 backlog:3 writes/8KiB DEGRADED lz4:0.512" in line
+    line = render_peer({"state": "connected", "mode": "sync", "acked_seq": 7, "receipts": True, "received_seq": 9})
+    assert line == "  peer:connected mode:sync acked:7 received:9"
     line = render_peer({"state": "refused", "reason": "the secondary refused VM vm1: failed over"})
     assert line == "  peer:refused reason:the secondary refused VM vm1: failed over"
     assert render_peer({"state": "connected", "reason": "old"}) == "  peer:connected"
