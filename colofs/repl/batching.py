@@ -129,12 +129,14 @@ class Batching:
     def _may_wait(self, conn: Conn) -> bool:
         """Whether a batch that is not full may wait ``batch_delay`` for more writes.
 
-        It may while batches are in flight anyway; in async mode also when
-        none are, since no writer waits for it, and every batch costs both
-        loops a send, a decode, an apply and an ACK. Never while a
-        checkpoint marker waits to go out behind it.
+        It may while batches are in flight anyway (sent, and not yet receipted
+        on a connection with receipts, else not yet acknowledged: a sync
+        writer waits for that); in async mode also when none are, since no
+        writer waits for it, and every batch costs both loops a send, a
+        decode, an apply and an ACK. Never while a checkpoint marker waits to
+        go out behind it.
         """
-        if conn.inflight:
+        if conn.receipted < conn.sent_upto if conn.receipts else conn.inflight:
             return True
         return self.tracking.mode == ASYNC and not self.checkpoints.waiting()
 
