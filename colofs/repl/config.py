@@ -43,8 +43,18 @@ MODE_FILE = "repl.json"
 class ReplConfig:
     """Limits and timings of the engine; the defaults suit a LAN between two hosts."""
 
-    batch_max_bytes: int = 4 << 20
-    """A batch carries whatever is queued, up to this many bytes of write data."""
+    batch_max_bytes: int = 1 << 20
+    """A batch carries whatever is queued, up to this many bytes of write data.
+
+    A batch is held three times on the primary while it goes out (the writes,
+    the joined payload, its lz4 output) and decoded whole on the secondary.
+    At 4 MiB the primary's VM worker held 17.5 MiB of Python-allocated memory
+    for it at its peak of a 1 MiB fill, at 1 MiB 5.5 MiB
+    (``bench/forward_core.py --trace``); the secondary's group commit still
+    merges queued batches up to ``apply_merge_bytes``, so its groups and
+    syncs stay as they were. CPU per MiB of a 1 MiB fill, alternated under
+    load: primary 3.3 against 3.7 ms, secondary 4.2 against 4.1 ms (medians
+    of 4, ranges overlapping)."""
     batch_delay: float = 0.001
     """While batches are in flight, a small batch waits this long for company."""
     window: int = 16
@@ -97,12 +107,14 @@ class ReplConfig:
     instead of one per 10-14 MiB under load)."""
     receive_queue: int = 64
     """Decoded frames a secondary session holds before it stops reading the socket."""
-    receive_bytes: int = 8 << 20
+    receive_bytes: int = 4 << 20
     """Write data a secondary session holds decoded (queued or being applied) before it stops reading.
 
-    With 4 MiB batches the frame count alone would let 256 MiB pile up;
-    this holds the group being applied (``apply_merge_bytes``) plus the
-    next one, which is all the merging uses; TCP holds the rest back."""
+    The frame count alone would let ``receive_queue`` batches pile up; this
+    holds about one group's worth (``apply_merge_bytes``), which is what the
+    next group merges while one is applied; TCP holds the rest back. At 8 MiB
+    the secondary peaked 2-7 MiB higher in ``bench/secondary_memory.py``
+    (56.0-62.9 against 53.5-58.7 MiB) with the same CPU per MiB."""
     max_disks_per_vm: int = 256
     max_sessions: int = 256
     """Authenticated connections a secondary serves at once; more are refused after the handshake."""

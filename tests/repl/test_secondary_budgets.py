@@ -19,9 +19,9 @@ from tests.repl.conftest import wait_until
 MiB = 1 << 20
 SIZE = 64 * MiB
 WRITE = MiB
-HELD_DEFAULT = 12 * MiB
+HELD_DEFAULT = 5 * MiB
 """Most decoded write data a secondary holds with the defaults: ``receive_bytes`` and the batch being read."""
-GROUP_DEFAULT = 8 * MiB
+GROUP_DEFAULT = 5 * MiB
 """Most write data of one group commit with the defaults: ``apply_merge_bytes`` and the batch that passed it."""
 
 
