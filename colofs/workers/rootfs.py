@@ -4,7 +4,9 @@ Each VM directory is the mountpoint of that VM's worker, whose own mount
 covers it while the worker serves; what this filesystem answers inside a VM
 directory is only seen while it does not (the worker is starting, crashed or
 failed): its ``user.colofs.status`` then says the worker's state, and
-anything inside is ``EAGAIN`` (coming back) or ``ENOENT``.
+anything inside is ``EAGAIN`` (coming back) or ``ENOENT``. A lookup inside
+the directory of a VM whose worker was just started (a secondary's VM the
+primary attached) first waits for the worker to open the VM.
 
 A new VM's worker mounts once the ``mkdir`` or root ``create`` that made the
 VM has returned: the kernel holds the root's lock through both, and the
@@ -167,6 +169,21 @@ class RootOperations(pyfuse3.Operations):
         w = self.fleet.table.get(vm)
         return errno.EAGAIN if w is not None and w.state in COMING else errno.ENOENT
 
+    async def _uncovered_once_open(self, vm: str, pid: int) -> int:
+        """:meth:`_uncovered`, after waiting (bounded) for a VM whose new worker has not opened it yet.
+
+        Such a VM's directory is listed (a secondary's worker starts when the
+        primary attaches the VM) but nothing inside can be served before its
+        worker has opened the store; after that the answer is ``ESTALE`` and
+        the walk goes on into the mount. Opening takes no lock of this mount,
+        so the wait cannot hold the worker up; the worker's own requests never wait.
+        """
+        w = self.fleet.table.get(vm)
+        if w is not None and w.state == STARTING and not w.opened:
+            if w.pid is None or await trio.to_thread.run_sync(_thread_group, pid) != w.pid:
+                await self.fleet.wait_for(lambda: self.fleet.opened_or_gone(vm), OPEN_WAIT)
+        return self._uncovered(vm)
+
     async def _await_mount(self, vm: str, pid: int) -> None:
         """Wait for ``vm``'s worker to serve, unless the request may hold up its mount (see the module's doc)."""
         if not self._mounting(vm) or not self._known.get(vm_inode(vm)):
@@ -182,7 +199,7 @@ class RootOperations(pyfuse3.Operations):
         if text in (".", ".."):
             return self._entry(parent_inode if text == "." or not vm else ROOT_INO)
         if vm:  # inside a VM directory its worker does not cover
-            raise pyfuse3.FUSEError(self._uncovered(vm))
+            raise pyfuse3.FUSEError(await self._uncovered_once_open(vm, ctx.pid))
         if text not in self.fleet.table:
             raise pyfuse3.FUSEError(errno.ENOENT)
         await self._await_mount(text, ctx.pid)
