@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
 from dataclasses import replace
-from functools import partial
 
 import pytest
 import trio
 
 from colofs.core import Store
 from colofs.repl import CheckpointError
+from tests.repl.child import SecondaryChild
 from tests.repl.conftest import base_of, wait_until
 from tests.repl.test_end_to_end import rand_write
 from tests.waiting import DEADLINE
 
 SIZE = 1 << 20
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 async def _write(pair, rng: random.Random, img: bytearray, n: int, svm_too: bool = False) -> None:
@@ -147,38 +142,12 @@ async def test_primary_restart_uses_its_saved_dirty_bitmap(pair, repl_errors) ->
     assert not repl_errors()
 
 
-class _Child:
-    """The secondary as a separate process, killed for real."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.proc: trio.Process | None = None
-        self.port = 0
-
-    async def start(self, nursery: trio.Nursery) -> None:
-        cmd = [sys.executable, "-m", "tests.repl.secondary_proc", self.path, str(self.port)]
-        self.proc = await nursery.start(partial(trio.run_process, cmd, stdout=subprocess.PIPE,
-                                                stderr=subprocess.DEVNULL, check=False, cwd=ROOT))
-        buf = b""
-        with trio.fail_after(DEADLINE):
-            while b"\n" not in buf:
-                chunk = await self.proc.stdout.receive_some(100)
-                assert chunk, "the secondary process exited before it was ready"
-                buf += chunk
-        self.port = int(buf.split()[1])
-
-    async def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        with trio.fail_after(DEADLINE):
-            await self.proc.wait()
-
-
 async def test_sigkilled_secondary_process(pair, repl_errors) -> None:
     """SIGKILL at random points of a busy stream; each restart recovers to a checkpoint and catches up."""
     rng = random.Random(77)
     pair.primary = await Store.open(pair.pdir, role="primary", create=True)
     await pair.primary.create_disk("vm", "d0", SIZE)
-    child = _Child(pair.sdir)
+    child = SecondaryChild(pair.sdir)
     await child.start(pair.nursery)
     await pair.start_primary(peer_port=child.port, key=None)
     pvm = pair.primary.vm("vm")

@@ -9,13 +9,8 @@ with writes it only received loses nothing: the primary sends them again.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import signal
-import subprocess
-import sys
 from dataclasses import replace
-from functools import partial
 
 import pytest
 import trio
@@ -25,12 +20,12 @@ from colofs.repl.handshake import FEATURE_RECEIPTS, handshake
 from colofs.wire import FrameStream, NonceRegistry
 from colofs.wire.messages import Attach, Attached, Batch, Ping, Pong, Receipt, Role
 from colofs.wire.route import peek_route, read_route
+from tests.repl.child import SecondaryChild
 from tests.repl.conftest import base_of, wait_until
 from tests.repl.test_end_to_end import rand_write
 from tests.waiting import DEADLINE
 
 SIZE = 256 << 10
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class HeldApply:
@@ -193,32 +188,6 @@ async def test_a_bad_receipt_is_refused_and_changes_nothing(pair, caplog, offer,
     assert link.tracking.retained.start == 1
 
 
-class Child:
-    """A secondary in its own process (``tests.repl.secondary_proc``), killed with SIGKILL."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.proc: trio.Process | None = None
-        self.port = 0
-
-    async def start(self, nursery: trio.Nursery, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "tests.repl.secondary_proc", self.path, str(self.port), *extra]
-        self.proc = await nursery.start(partial(trio.run_process, cmd, stdout=subprocess.PIPE,
-                                                stderr=subprocess.DEVNULL, check=False, cwd=ROOT))
-        buf = b""
-        with trio.fail_after(DEADLINE):
-            while b"\n" not in buf:
-                chunk = await self.proc.stdout.receive_some(100)
-                assert chunk, "the secondary process exited before it was ready"
-                buf += chunk
-        self.port = int(buf.split()[1])
-
-    async def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        with trio.fail_after(DEADLINE):
-            await self.proc.wait()
-
-
 async def _last_applied(path: str) -> tuple[int, int]:
     store = await Store.open(path, role="secondary")
     try:
@@ -235,7 +204,7 @@ async def test_secondary_killed_with_writes_only_received_loses_nothing(pair, re
     pair.primary = await Store.open(pair.pdir, role="primary", create=True)
     await pair.primary.create_disk("vm", "d0", size)
     pvm = pair.primary.vm("vm")
-    child = Child(pair.sdir)
+    child = SecondaryChild(pair.sdir)
     await child.start(pair.nursery)
     await pair.start_primary(peer_port=child.port, key=None)
     img = bytearray(size)
