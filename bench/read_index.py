@@ -21,27 +21,19 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `colofs` importable
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `bench` and `colofs` importable
 
+from bench.read_core import timed_reads
 from colofs.core import Store
-from colofs.core.disk import Disk
 
 SIZE = 256 << 20
 HIDDEN = 128 << 20
 BS = 4096
 MiB = 1 << 20
-
-
-async def timed(disk: Disk, offsets: list[int], length: int) -> float:
-    t0 = time.process_time()
-    for off in offsets:
-        await disk.read(off, length)
-    return (time.process_time() - t0) * 1e6 / len(offsets)
 
 
 async def main(reads: int, rounds: int, where: str) -> None:
@@ -68,11 +60,11 @@ async def main(reads: int, rounds: int, where: str) -> None:
             }
             for off in range(0, SIZE, MiB):  # warm the page cache
                 os.preadv(disk.base_fd, [bytearray(MiB)], off)
-            await timed(disk, cases["1M hidden"][0], MiB)
+            await timed_reads(disk, cases["1M hidden"][0], MiB)
             seen: dict[str, list[float]] = {name: [] for name in cases}
             for _ in range(rounds):
                 for name, (offsets, length) in cases.items():
-                    seen[name].append(await timed(disk, offsets, length))
+                    seen[name].append(await timed_reads(disk, offsets, length))
             print(f"hidden {len(disk.hidden)} blocks, active {len(disk.active)} blocks; median of {rounds} rounds")
             for name, vals in seen.items():
                 print(f"{name:22s} {statistics.median(vals):8.1f} us CPU/read  [{min(vals):.1f}-{max(vals):.1f}]")
