@@ -26,10 +26,41 @@ import trio
 
 from colofs.repl.errors import ReplConfigError
 from colofs.wire.errors import AuthError
+from colofs.wire.frames import MAGIC as FRAME_MAGIC
 
 _NOT_TLS = ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "PACKET_LENGTH_TOO_LONG",
             "RECORD_LAYER_FAILURE", "UNEXPECTED_RECORD", "WRONG_SSL_VERSION")
 _OPTIONS = "--tls-cert, --tls-key and --tls-ca"
+
+
+TLS_HANDSHAKE_RECORD = b"\x16\x03"
+"""How a TLS client's first bytes start: a handshake record (type 22) of protocol major version 3."""
+HEAD_LEN = max(len(TLS_HANDSHAKE_RECORD), len(FRAME_MAGIC))
+"""How many bytes after the route preamble :func:`transport_refusal` looks at."""
+
+
+def transport_refusal(head: bytes, tls: bool) -> str | None:
+    """Why a connection whose first bytes after the route preamble are ``head`` cannot work here; None if it may.
+
+    A primary with ``--tls-*`` starts TLS (a handshake record) and one
+    without starts its first frame (:data:`colofs.wire.frames.MAGIC`), right
+    after the preamble, before waiting for anything; so a secondary can tell
+    from these bytes that the two nodes' TLS settings differ, and refuse at
+    once instead of handing the connection to a process whose handshake
+    can only fail. ``tls``: this node has TLS configured.
+    """
+    if not head:
+        return "the connection closed right after the route preamble"
+    starts_tls = TLS_HANDSHAKE_RECORD.startswith(head[:len(TLS_HANDSHAKE_RECORD)])
+    if tls and not starts_tls:
+        what = "a colofs frame" if FRAME_MAGIC.startswith(head[:len(FRAME_MAGIC)]) else repr(head)
+        return (f"the peer does not speak TLS (it sent {what} where a TLS handshake starts); "
+                f"give both nodes {_OPTIONS}")
+    if not tls and starts_tls:
+        return f"the peer starts TLS: it has {_OPTIONS} and this node has none"
+    if not tls and not FRAME_MAGIC.startswith(head[:len(FRAME_MAGIC)]):
+        return f"bad frame magic {head!r}, expected {FRAME_MAGIC!r}"
+    return None
 
 
 class TlsError(AuthError):
@@ -162,4 +193,4 @@ def wrap_tls(stream: trio.abc.Stream, tls: TlsConfig, *, server_side: bool, peer
                                     https_compatible=False), peer)
 
 
-__all__ = ["TlsConfig", "TlsError", "TlsStream", "wrap_tls"]
+__all__ = ["HEAD_LEN", "TLS_HANDSHAKE_RECORD", "TlsConfig", "TlsError", "TlsStream", "transport_refusal", "wrap_tls"]

@@ -14,12 +14,15 @@ Whoever reads it reads exactly its bytes and never more (:func:`read_route`),
 because what follows belongs to TLS or to the frame stream, possibly read by
 another process once the socket has been handed over. A server that accepts
 connections with or without it looks first with :func:`peek_route`, which
-consumes nothing.
+consumes nothing; a router looks at what follows the preamble with
+:func:`peek_head` (consuming nothing either) to refuse a connection whose
+transport cannot work here before it starts a process for it.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -102,29 +105,49 @@ async def peek_route(sock: trio.socket.SocketType, timeout: float) -> bool:
 
     Waits until the first 8 bytes have arrived, or a byte that differs from
     the magic, or the peer closed (then False: the frame reader reports what
-    it got). A peek returns what is queued, possibly fewer bytes than asked,
-    and a socket with some data queued stays readable; so between peeks the
-    socket's receive low-water mark is set just past what is queued and the
-    task sleeps until more arrives, instead of spinning. Raises
-    :class:`RouteError` if ``timeout`` passes first.
+    it got). Raises :class:`RouteError` if ``timeout`` passes first.
     """
-    timeout = max(timeout, 0.0)
+    head = await _peek(sock, len(ROUTE_MAGIC), timeout, lambda got: not ROUTE_MAGIC.startswith(got),
+                       "a route preamble or HELLO")
+    return head == ROUTE_MAGIC
+
+
+async def peek_head(sock: trio.socket.SocketType, n: int, timeout: float) -> bytes:
+    """The first ``n`` bytes queued on ``sock`` after the preamble, consuming nothing.
+
+    For a router that must tell, before handing the socket on, whether the
+    peer's transport can work here (it starts TLS or frames, see
+    :func:`colofs.repl.tls.transport_refusal`). Fewer than ``n`` bytes if
+    the peer closed first; :class:`RouteError` if ``timeout`` passes first.
+    """
+    return await _peek(sock, n, timeout, lambda got: False, "the first bytes after the route preamble")
+
+
+async def _peek(sock: trio.socket.SocketType, n: int, timeout: float, enough: Callable[[bytes], bool],
+                waiting_for: str) -> bytes:
+    """Up to ``n`` queued bytes, without consuming them: once ``n`` arrived, ``enough(head)``, or the peer closed.
+
+    A peek returns what is queued, possibly fewer bytes than asked, and a
+    socket with some data queued stays readable; so between peeks the
+    socket's receive low-water mark is set just past what is queued and the
+    task sleeps until more arrives, instead of spinning. The mark is put
+    back to 1 before returning: the socket may be handed to another process.
+    """
+    timeout = max(timeout, 0.0)  # what is left of a deadline may be spent already
     seen = -1
     try:
         with trio.fail_after(timeout):
             while True:
                 await trio.lowlevel.wait_readable(sock)
-                head = await sock.recv(len(ROUTE_MAGIC), socket.MSG_PEEK)
-                if not ROUTE_MAGIC.startswith(head):
-                    return False
-                if len(head) == len(ROUTE_MAGIC):
-                    return True
-                if len(head) == seen:  # woken with nothing new: end of stream (or an error) before 8 bytes
-                    return False
+                head = await sock.recv(n, socket.MSG_PEEK)
+                if len(head) >= n or enough(head):
+                    return head
+                if len(head) == seen:  # woken with nothing new: end of stream (or an error) before n bytes
+                    return head
                 seen = len(head)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(head) + 1)
     except trio.TooSlowError:
-        raise RouteError(f"timed out after {timeout:g} s waiting for a route preamble or HELLO") from None
+        raise RouteError(f"timed out after {timeout:g} s waiting for {waiting_for}") from None
     finally:
         if seen >= 0:
             try:
@@ -134,4 +157,4 @@ async def peek_route(sock: trio.socket.SocketType, timeout: float) -> bool:
 
 
 __all__ = ["HEADER_LEN", "MAX_ROUTE_NAME", "ROUTE_MAGIC", "ROUTE_VERSION", "RouteError", "encode_route",
-           "peek_route", "read_route"]
+           "peek_head", "peek_route", "read_route"]

@@ -4,7 +4,10 @@ The supervisor binds ``--listen`` (without a key only on loopback, as the
 single-process listener does), admits each connection under the same caps as
 any unauthenticated one (:mod:`colofs.repl.admission`), and reads the route
 preamble (:mod:`colofs.wire.route`), exactly its bytes, within the handshake
-timeout. Then the socket goes to the VM's worker (``connection`` with the fd),
+timeout, and looks (without consuming them) at the bytes that follow: a
+peer whose transport cannot work here (it starts TLS and this node has none,
+or the reverse) is refused before any worker is started for it. Then the
+socket goes to the VM's worker (``connection`` with the fd),
 which runs TLS, the key's challenge and ATTACH itself. A VM this host does
 not hold yet gets a worker started with ``create_vm="secondary"``; a VM whose
 worker is restarting is waited for up to the handshake timeout. The preamble
@@ -27,8 +30,12 @@ from colofs.repl.admission import (
     Ticket,
 )
 from colofs.repl.config import ReplConfig, require_key_or_loopback
+from colofs.repl.handshake import refuse
 from colofs.repl.ratelog import RateLimitedLog
-from colofs.wire.route import RouteError, read_route
+from colofs.repl.tls import HEAD_LEN, transport_refusal
+from colofs.wire.codes import ErrorCode
+from colofs.wire.route import RouteError, peek_head, read_route
+from colofs.wire.stream import FrameStream
 from colofs.workers.fleet import Fleet
 from colofs.workers.table import FAILED
 from colofs.workers.zygote import ZygoteError
@@ -115,6 +122,8 @@ class Router:
                 self.admission.count(HANDSHAKE_FAILED)
                 self._refused(HANDSHAKE_FAILED, addr, f"{type(e).__name__}: {e}")
                 return
+            if not await self._transport_fits(tcp, addr, deadline):
+                return
             if not await self._worker_for(vm, deadline):
                 w = self.fleet.table.get(vm)
                 state = w.state if w is not None else "missing"
@@ -130,6 +139,37 @@ class Router:
             return
         self.stats["routed"] += 1
         log.debug("replication: connection from %s handed to VM %s's worker", addr, vm)
+
+    async def _transport_fits(self, tcp: trio.SocketStream, addr: str, deadline: float) -> bool:
+        """Whether what the peer sends after the preamble can work with this node's TLS setting; refuse it if not.
+
+        Looked at (never consumed) before a worker is started or handed the
+        socket: a plain primary reconnecting to a TLS secondary would otherwise
+        fork a worker for each attempt only to fail its TLS handshake there.
+        The refusal is counted and reported as that handshake's failure would
+        be, and a colofs peer is told why in a plain ERROR frame, as a worker
+        refusing a frame it cannot read tells it.
+        """
+        try:
+            head = await peek_head(tcp.socket, HEAD_LEN, deadline - trio.current_time())
+        except RouteError as e:
+            self.admission.count(HANDSHAKE_TIMEOUT)
+            self._refused(HANDSHAKE_TIMEOUT, addr, str(e))
+            await _end_gently(tcp)
+            return False
+        except OSError as e:
+            self.admission.count(HANDSHAKE_FAILED)
+            self._refused(HANDSHAKE_FAILED, addr, f"{type(e).__name__}: {e}")
+            return False
+        why = transport_refusal(head, self.cfg.tls is not None)
+        if why is None:
+            return True
+        self.admission.count(HANDSHAKE_FAILED)
+        self._refused(f"{HANDSHAKE_FAILED}:transport", addr, why)
+        if head:
+            await refuse(FrameStream(tcp), ErrorCode.HANDSHAKE_REFUSED, f"this secondary refused the connection: {why}")
+        await _end_gently(tcp)
+        return False
 
     async def _worker_for(self, vm: str, deadline: float) -> bool:
         """Wait (until ``deadline``) for ``vm``'s worker to have opened its VM; start one for a new VM."""

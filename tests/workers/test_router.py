@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from colofs.events import EventBus
 from colofs.repl.config import ReplConfig
+from colofs.repl.tls import TlsConfig
+from colofs.wire.messages import Error
 from colofs.wire.route import encode_route
+from colofs.wire.stream import FrameStream
 from colofs.workers.router import MAX_PROVISIONAL, Router
 from colofs.workers.table import Table
+from tests.pki import HAVE_OPENSSL, make_pki
 from tests.waiting import wait_until
 
 TIMEOUT = 60.0
+FRAME = b"COLF" + bytes(20)
+"""What a plain primary sends after the preamble: its first frame (a HELLO), starting with the frame magic."""
+CLIENT_HELLO = b"\x16\x03\x01\x00\x2a" + bytes(42)
+"""What a TLS primary sends after the preamble: a handshake record (its ClientHello)."""
 
 
 class StubFleet:
@@ -67,6 +77,7 @@ class StubFleet:
 
 
 async def _with_router(fleet: StubFleet, test: Any, **settings: Any) -> Router:
+    """Serve ``fleet`` on a loopback port while ``test(router)`` runs."""
     router = Router(fleet, ReplConfig(**settings), keyed=False)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:
         await nursery.start(router.serve, "127.0.0.1", 0)
@@ -95,13 +106,13 @@ def test_preamble_is_read_exactly_and_the_socket_handed_to_the_vms_worker() -> N
 
         async def test(router: Router) -> None:
             s = await _connect(router.port)  # type: ignore[arg-type]
-            await s.send_all(encode_route("vm0") + b"HELLO")
+            await s.send_all(encode_route("vm0") + FRAME)
             with trio.fail_after(TIMEOUT):
                 await fleet.handed_event.wait()
             await s.aclose()
 
         router = await _with_router(fleet, test)
-        assert [(vm, rest) for vm, rest, _ in fleet.handed] == [("vm0", b"HELLO")]
+        assert [(vm, rest) for vm, rest, _ in fleet.handed] == [("vm0", FRAME)]
         assert fleet.started == [] and router.stats["routed"] == 1
 
     trio.run(main)
@@ -113,14 +124,14 @@ def test_an_unknown_vm_gets_a_secondary_worker_first() -> None:
 
         async def test(router: Router) -> None:
             s = await _connect(router.port)  # type: ignore[arg-type]
-            await s.send_all(encode_route("newvm") + b"X")
+            await s.send_all(encode_route("newvm") + FRAME)
             with trio.fail_after(TIMEOUT):
                 await fleet.handed_event.wait()
             await s.aclose()
 
         await _with_router(fleet, test)
         assert fleet.started == [("newvm", "secondary")]
-        assert [(vm, rest) for vm, rest, _ in fleet.handed] == [("newvm", b"X")]
+        assert [(vm, rest) for vm, rest, _ in fleet.handed] == [("newvm", FRAME)]
 
     trio.run(main)
 
@@ -185,14 +196,14 @@ def test_strangers_cannot_make_it_start_workers_without_bound() -> None:
         async def test(router: Router) -> None:
             for i in range(MAX_PROVISIONAL + 3):
                 s = await _connect(router.port)  # type: ignore[arg-type]
-                await s.send_all(encode_route(f"junk{i}") + b"X")
+                await s.send_all(encode_route(f"junk{i}") + FRAME)
                 if i >= MAX_PROVISIONAL:
                     assert await _closed(s)  # closed unrouted past the cap
                 await s.aclose()
             await wait_until(lambda: len(fleet.handed) == MAX_PROVISIONAL, TIMEOUT, "the first ones handed over")
             fleet.table.get("junk0").link = "connected"  # type: ignore[union-attr]  # a peer proved the key
             s = await _connect(router.port)  # type: ignore[arg-type]
-            await s.send_all(encode_route("real") + b"X")
+            await s.send_all(encode_route("real") + FRAME)
             await wait_until(lambda: len(fleet.handed) == MAX_PROVISIONAL + 1, TIMEOUT, "a new VM again")
             await s.aclose()
 
@@ -219,5 +230,107 @@ def test_a_refused_stranger_sees_an_orderly_end_not_a_reset() -> None:
 
         await _with_router(fleet, test)
         assert fleet.started == []
+
+    trio.run(main)
+
+
+def _tls(tmp_path: Path) -> TlsConfig:
+    pki = make_pki(tmp_path / "pki")
+    return TlsConfig.load(str(pki / "secondary.pem"), str(pki / "secondary.key"), str(pki / "ca.pem"))
+
+
+async def _refusal(stream: trio.SocketStream) -> str:
+    """The ERROR frame the router answered with, then its orderly end."""
+    fs = FrameStream(stream)
+    with trio.fail_after(TIMEOUT):
+        msg = await fs.receive()
+    assert isinstance(msg, Error), msg
+    assert await _closed(stream)
+    return msg.message
+
+
+needs_openssl = pytest.mark.skipif(not HAVE_OPENSSL, reason="needs the openssl command")
+
+
+@needs_openssl
+def test_a_plain_primary_at_a_tls_secondary_starts_no_worker(tmp_path: Path) -> None:
+    """Each of its attempts is refused at the router, told why, and counted; no worker is started for its VM."""
+    tls = _tls(tmp_path)
+
+    async def main() -> None:
+        fleet = StubFleet()
+        told: list[str] = []
+
+        async def test(router: Router) -> None:
+            for _ in range(3):
+                s = await _connect(router.port)  # type: ignore[arg-type]
+                await s.send_all(encode_route("vm1") + FRAME)
+                told.append(await _refusal(s))
+                await s.aclose()
+            await wait_until(lambda: router.stats["refused"] == 3, TIMEOUT, "three refusals counted")
+
+        router = await _with_router(fleet, test, tls=tls)
+        assert fleet.started == [] and fleet.handed == [] and "vm1" not in fleet.table
+        assert router.admission.refused["handshake_failed"] == 3 and router.stats["routed"] == 0
+        assert all("does not speak TLS" in text for text in told), told
+        assert "does not speak TLS" in (router.last_refusal or "")
+
+    trio.run(main)
+
+
+@needs_openssl
+def test_a_tls_primary_at_a_tls_secondary_gets_its_worker(tmp_path: Path) -> None:
+    tls = _tls(tmp_path)
+
+    async def main() -> None:
+        fleet = StubFleet()
+
+        async def test(router: Router) -> None:
+            s = await _connect(router.port)  # type: ignore[arg-type]
+            await s.send_all(encode_route("vm1") + CLIENT_HELLO)
+            with trio.fail_after(TIMEOUT):
+                await fleet.handed_event.wait()
+            await s.aclose()
+
+        router = await _with_router(fleet, test, tls=tls)
+        assert fleet.started == [("vm1", "secondary")]
+        assert [(vm, rest) for vm, rest, _ in fleet.handed] == [("vm1", CLIENT_HELLO)]  # nothing consumed
+        assert router.stats["refused"] == 0
+
+    trio.run(main)
+
+
+def test_a_tls_primary_at_a_plain_secondary_starts_no_worker() -> None:
+    async def main() -> None:
+        fleet = StubFleet()
+
+        async def test(router: Router) -> None:
+            s = await _connect(router.port)  # type: ignore[arg-type]
+            await s.send_all(encode_route("vm1") + CLIENT_HELLO)
+            # Answered with a colofs ERROR frame, which the peer's TLS layer reports as "does not speak TLS".
+            assert "the peer starts TLS" in await _refusal(s)
+            await s.aclose()
+            await wait_until(lambda: router.stats["refused"] == 1, TIMEOUT, "the refusal counted")
+
+        router = await _with_router(fleet, test)
+        assert fleet.started == [] and fleet.handed == []
+        assert "the peer starts TLS" in (router.last_refusal or "")
+
+    trio.run(main)
+
+
+def test_a_peer_silent_after_the_preamble_starts_no_worker() -> None:
+    async def main() -> None:
+        fleet = StubFleet()
+
+        async def test(router: Router) -> None:
+            s = await _connect(router.port)  # type: ignore[arg-type]
+            await s.send_all(encode_route("vm1") + b"CO")  # then nothing
+            assert await _closed(s)
+            await s.aclose()
+
+        router = await _with_router(fleet, test, handshake_timeout=0.5)
+        assert fleet.started == []
+        assert router.admission.refused["handshake_timeout"] == 1
 
     trio.run(main)
