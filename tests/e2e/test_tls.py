@@ -41,9 +41,11 @@ def test_plain_primary_refused_by_a_tls_secondary(pair: Pair, tmp_path) -> None:
     wait_until_sync(lambda: "does not speak TLS" in (pair.sec.status()["replication"].get("last_refusal") or ""),
                     what="the secondary to refuse the plain primary")
     wait_until_sync(lambda: pair.peer(pair.pri).get("reason"), what="the primary to say why")
-    # With a worker per VM the route preamble names vm1 before any handshake, so each attempt of the
-    # plain primary may start a provisional worker for it on the secondary (listed while it runs);
-    # without an authenticated ATTACH the VM is never made: the secondary's store holds nothing of it.
+    # The primary keeps reconnecting; with a worker per VM each attempt's route preamble names vm1, and
+    # the secondary refuses it from its first bytes (not TLS) before starting a worker for vm1.
+    wait_until_sync(lambda: pair.sec.status()["replication"]["refused"] >= 3, what="three attempts refused")
+    assert "VM vm1: worker started" not in pair.sec.log()
+    assert "vm1" not in pair.sec.status()["vms"]
     assert not (pair.sec.store / "vm1").exists()
     assert [p.name for p in pair.sec.store.iterdir() if p.is_dir() and not p.name.startswith(".")] == []
 
