@@ -192,15 +192,20 @@ def snapshots(path: str) -> list[dict[str, Any]]:
     return paged(path, "snapshots")
 
 
-def vm_detail(root: str, name: str) -> dict[str, Any] | None:
-    """One VM's status as its directory tells it, its disks' snapshots listed; None if it is gone."""
-    path = os.path.join(root, name)
+READ_TRIES = 3
+"""How often a VM's status is read while the root still lists it (its worker may be coming back)."""
+
+
+def still_listed(root: str, name: str) -> bool:
+    """Whether the root lists ``name`` now (True when the root cannot say: the read's error then stands)."""
     try:
-        st = dict(resolve(path).status)
+        return name in vm_names(resolve(root))
     except CtlError:
-        if not os.path.isdir(path):
-            return None
-        raise
+        return True
+
+
+def _read_vm(path: str) -> dict[str, Any]:
+    st = dict(resolve(path).status)
     st.pop("kind", None)
     st.pop("mountpoint", None)
     disks = st.get("disks") or {}
@@ -212,6 +217,30 @@ def vm_detail(root: str, name: str) -> dict[str, Any] | None:
             if d is not None:
                 d.setdefault("snapshots", []).append(snap)
     return st
+
+
+def vm_detail(root: str, name: str) -> dict[str, Any] | None:
+    """One VM's status as its directory tells it, its disks' snapshots listed; None if it is gone.
+
+    A VM can leave between the root's listing and this read (a secondary's
+    VM named by a primary that never proved the key is forgotten when its
+    worker ends), and the kernel may still hold its directory for a moment
+    after: whether it is gone is the root's word, asked again after a failed
+    read, not the directory's. A VM the root still lists is read again (its
+    worker may have been replaced meanwhile), at most :data:`READ_TRIES`
+    times; then the read's error is raised.
+    """
+    path = os.path.join(root, name)
+    tries = 0
+    while True:
+        try:
+            return _read_vm(path)
+        except CtlError:
+            tries += 1
+            if not still_listed(root, name):
+                return None
+            if tries >= READ_TRIES:
+                raise
 
 
 VM_STATUS_TIMEOUT = 10.0
@@ -226,12 +255,22 @@ def not_answering(name: str, timeout: float) -> dict[str, Any]:
             "peer": {"state": f"unknown: its directory did not answer within {timeout:.0f} s"}}
 
 
+def unreadable(name: str, error: CtlError) -> dict[str, Any]:
+    """What a VM's status says when the root lists it but its directory's status cannot be read."""
+    return {"vm": name, "worker": {"state": "unreadable"}, "role": "unknown", "phase": "unreadable",
+            "epoch": None, "last_checkpoint": None, "last_applied": None, "disks": {}, "pending": [],
+            "peer": {"state": f"unknown: {error}"}}
+
+
 def gather_status(root: Target, timeout: float = VM_STATUS_TIMEOUT) -> dict[str, Any]:
     """The root's status with every VM's detail, asked VM by VM (no one value holds them all).
 
     The VMs are asked in parallel, each for at most ``timeout`` seconds: with a
     process per VM one hung process must not hang the status of all. A read
     that does not answer stays blocked in a daemon thread, which the exit ends.
+    A VM that left meanwhile is left out; one the root still lists but whose
+    status cannot be read is shown as ``unreadable`` with the error, so one
+    VM never fails the status of all.
     """
     out = dict(root.status)
     names = vm_names(root)
@@ -266,7 +305,7 @@ def gather_status(root: Target, timeout: float = VM_STATUS_TIMEOUT) -> dict[str,
     for name in names:
         detail = got.get(name, not_answering(name, timeout))
         if isinstance(detail, CtlError):
-            raise detail
+            detail = unreadable(name, detail)
         if detail is not None:
             vms[name] = detail
     out["vms"] = vms
