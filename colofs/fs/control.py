@@ -2,6 +2,8 @@
 
 It runs a little past 400 lines because the table of names below and the dispatch that serves
 it are kept in one place, so the reference in docs/control.md is checked against one module.
+What the commands do is their own modules' (the root's ``create`` and ``import``:
+:mod:`colofs.fs.diskcommands`; a VM's: :mod:`colofs.fs.vmcontrol`, snapshots: :mod:`colofs.fs.snapshots`).
 
 Reading an attribute answers a question (status as JSON); writing one runs a
 command (checkpoint, failover, create, import, snapshot, clone); removing
@@ -62,18 +64,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyfuse3
-import trio
 
 from colofs.core.blocks import MAX_BLOCK, MIN_BLOCK, block_size_ok
-from colofs.core.disk import Disk
-from colofs.core.disksize import DiskTooLarge
-from colofs.core.errors import AlreadyExists, BadArgument, ColofsError
-from colofs.core.imagesource import ImageSource, SourceChanged, open_image
-from colofs.core.names import check_name
-from colofs.core.provision import create_disk
+from colofs.core.errors import AlreadyExists, BadArgument
 from colofs.core.store import Store
 from colofs.core.vm import VM
 from colofs.fs.config import MountConfig
+from colofs.fs.diskcommands import CREATE, IMPORT, DiskCommands
 from colofs.fs.errnos import errno_for
 from colofs.fs.inodes import DISK_SUFFIX, SNAP_KINDS, InodeTable, Kind, Node
 from colofs.fs.pagecache import PageCache
@@ -81,7 +78,7 @@ from colofs.fs.paging import compact, fits, page, paged_name
 from colofs.fs.repair import REPAIR, repair_vm
 from colofs.fs.replication import Replication
 from colofs.fs.snapshots import SnapshotControl
-from colofs.fs.values import Refused, int_field, parse_json, str_field
+from colofs.fs.values import Refused
 from colofs.fs.verifycontrol import VERIFY, start_verify, verify_value
 from colofs.fs.vmcontrol import CHECKPOINT, FAILOVER, VMControl
 
@@ -102,8 +99,6 @@ COLOFS_VERSION = _colofs_version()
 
 STATUS = "status"
 VERSION = "version"
-CREATE = "create"
-IMPORT = "import"
 BLOCK_SIZE = "block_size"
 LAST_ERROR = "last_error"
 LAST_RESULT = "last_result"
@@ -151,7 +146,6 @@ HINTS: dict[tuple[Kind, str], str] = {
 }
 
 MAX_OUTCOMES = 256  # callers whose last outcome is kept
-QCOW2_MAGIC = b"QFI\xfb"
 
 
 @dataclass
@@ -199,6 +193,7 @@ class Control:
         self.io_errors: dict[str, int] = {}  # "VM/DISK" -> I/O errors answered since the mount
         self.snapshots = SnapshotControl(store, inodes, cache)
         self.vms = VMControl(store, inodes, cache, repl)
+        self.disks = DiskCommands(store, inodes, repl, info.config.mountpoint)
 
     # -- the xattr handlers -------------------------------------------------------
 
@@ -295,8 +290,8 @@ class Control:
 
     def _ops(self) -> dict[str, Callable[[Node, bytes], Awaitable[dict[str, Any]]]]:
         return {
-            CREATE: self._create,
-            IMPORT: self._import,
+            CREATE: self.disks.create,
+            IMPORT: self.disks.import_,
             CHECKPOINT: self.vms.request_checkpoint,
             FAILOVER: self.vms.failover,
             BLOCK_SIZE: self._set_block_size,
@@ -320,80 +315,9 @@ class Control:
 
     # -- commands -------------------------------------------------------------------
 
-    def _check_not_pending(self, vm: str, disk: str) -> None:
-        node = self.inodes.disk_node(vm, disk)
-        if node is not None and node.kind is Kind.PENDING:
-            raise AlreadyExists(
-                f"{vm}/{disk}{DISK_SUFFIX} is a pending file: give it a size with truncate, or remove it"
-            )
-
-    async def _create(self, node: Node, value: bytes) -> dict[str, Any]:
-        return await self._create_disk(parse_json(value, CREATE))
-
     async def root_command(self, key: str, req: dict[str, Any]) -> dict[str, Any]:
-        """The root's ``create`` or ``import`` asked by a supervisor (no FUSE request): its ``last_result``.
-
-        Raises what the xattr would fail with (:class:`Refused`, a ``ColofsError``).
-        """
-        commands = {CREATE: self._create_disk, IMPORT: self._import_disk}
-        if key not in commands:
-            raise Refused(errno.EINVAL, f"{key}: not a command of the root (only {CREATE}, {IMPORT})")
-        started = time.monotonic()
-        result = await commands[key](req)
-        return {"ok": True, "op": key, "target": "/", "seconds": round(time.monotonic() - started, 6), **result}
-
-    async def _create_disk(self, req: dict[str, Any]) -> dict[str, Any]:
-        vm = check_name("VM", str_field(req, "vm", CREATE))
-        disk = check_name("disk", str_field(req, "disk", CREATE))
-        size = int_field(req, "size", CREATE)
-        block_size = int_field(req, "block_size", CREATE, 4096)
-        d = await self._new_disk(CREATE, vm, disk, size, block_size)
-        return {"vm": vm, "disk": disk, "size": d.size, "block_size": d.block_size,
-                "file": os.path.join(self.info.config.mountpoint, vm, disk + DISK_SUFFIX)}
-
-    async def _new_disk(self, op: str, vm: str, disk: str, size: int, block_size: int,
-                        source: ImageSource | None = None) -> Disk:
-        """Create the disk (and its VM if new); a failure leaves the store as it was."""
-        self._check_not_pending(vm, disk)
-        try:
-            d = await create_disk(self.store, vm, disk, size, block_size=block_size, source=source)
-        except DiskTooLarge as e:
-            raise Refused(errno.EFBIG, f"{op}: {e}") from None
-        except SourceChanged as e:
-            raise Refused(errno.EBUSY, f"{op}: {e}") from None
-        self.repl.vm_created(vm)
-        return d
-
-    async def _import(self, node: Node, value: bytes) -> dict[str, Any]:
-        return await self._import_disk(parse_json(value, IMPORT))
-
-    async def _import_disk(self, req: dict[str, Any]) -> dict[str, Any]:
-        vm = check_name("VM", str_field(req, "vm", IMPORT))
-        disk = check_name("disk", str_field(req, "disk", IMPORT))
-        source = str_field(req, "source", IMPORT)
-        if not os.path.isabs(source):
-            raise Refused(errno.EINVAL, f"import: source {source!r} must be an absolute path")
-        try:
-            # Never a blocking open (a FIFO would hold the root until written), and off the loop:
-            # the image may sit on a slow file system.
-            image = await trio.to_thread.run_sync(open_image, source)
-        except OSError as e:
-            raise Refused(e.errno or errno.EIO, f"import: {source}: {e.strerror}") from None
-        except ColofsError as e:
-            raise Refused(errno_for(e), f"import: {e}") from None
-        with image:
-            if await trio.to_thread.run_sync(image.magic) == QCOW2_MAGIC:
-                raise Refused(
-                    errno.EINVAL,
-                    f"import: {source} is a qcow2 image; import raw images (qemu-img convert -O raw), "
-                    "or qemu-img convert it straight into the mounted disk file",
-                )
-            size = int_field(req, "size", IMPORT, (image.size + 511) // 512 * 512 or 512)
-            block_size = int_field(req, "block_size", IMPORT, 4096)
-            d = await self._new_disk(IMPORT, vm, disk, size, block_size, image)
-        return {"vm": vm, "disk": disk, "size": d.size, "block_size": d.block_size, "source": source,
-                "source_bytes": image.size, "source_kind": image.kind,
-                "file": os.path.join(self.info.config.mountpoint, vm, disk + DISK_SUFFIX)}
+        """The root's ``create`` or ``import`` asked by a supervisor (no FUSE request): its ``last_result``."""
+        return await self.disks.root_command(key, req)
 
     async def _set_block_size(self, node: Node, value: bytes) -> dict[str, Any]:
         text = value.decode(errors="replace").strip()

@@ -6,7 +6,8 @@ directory is only seen while it does not (the worker is starting, crashed or
 failed): its ``user.colofs.status`` then says the worker's state, and
 anything inside is ``EAGAIN`` (coming back) or ``ENOENT``. A lookup inside
 the directory of a VM whose worker was just started (a secondary's VM the
-primary attached) first waits for the worker to open the VM.
+primary attached) first waits for the worker to open the VM. The root's
+``create`` and ``import`` run in the VM's worker (:mod:`colofs.workers.rootcontrol`).
 
 A new VM's worker mounts once the ``mkdir`` or root ``create`` that made the
 VM has returned: the kernel holds the root's lock through both, and the
@@ -58,9 +59,10 @@ from colofs.fs.control import (
 from colofs.fs.errnos import errno_for
 from colofs.fs.inodes import Kind
 from colofs.fs.paging import compact, page, paged_name
-from colofs.fs.values import Refused, int_field, parse_json, str_field
+from colofs.fs.values import Refused
 from colofs.workers.channel import RemoteError
 from colofs.workers.fleet import Fleet
+from colofs.workers.rootcontrol import RootCommands, unserved_vm_status
 from colofs.workers.table import CRASHED, RESTARTING, STARTING
 from colofs.workers.zygote import ZygoteError
 
@@ -73,8 +75,6 @@ OPEN_WAIT = 60.0
 """How long ``mkdir`` waits for the new VM's worker to make it in the store, and a status read for its mount."""
 REVALIDATE_WAIT = 20.0
 """How long a revalidation of a VM's directory waits for its worker's mount (normally a few milliseconds)."""
-COMMAND_TIMEOUT = 600.0
-"""How long a create or import may take in its worker (an import copies the image)."""
 COMING = (STARTING, CRASHED, RESTARTING)
 ROOT_READABLE = (STATUS, VERSION, LAST_ERROR, LAST_RESULT)
 VM_READABLE = (STATUS, LAST_ERROR, LAST_RESULT)
@@ -119,7 +119,7 @@ class RootOperations(pyfuse3.Operations):
         self.outcomes = Outcomes()
         self.uid, self.gid = os.getuid(), os.getgid()
         self.born = time.time_ns()
-        self._commands: dict[str, int] = {}  # create/import requests under way, per VM
+        self.commands = RootCommands(fleet, role)
         self._known: dict[int, int] = {}  # the kernel's lookup count of each VM directory
 
     # -- names and attributes ----------------------------------------------------------------
@@ -320,7 +320,7 @@ class RootOperations(pyfuse3.Operations):
                     # Its mount is moments away: answer once it is there (or the worker gave up), so a
                     # reader right after ``mkdir`` or ``create`` learns when the VM serves.
                     await self.fleet.wait_for(lambda: self.fleet.settled(vm), OPEN_WAIT)
-                return _json(self.vm_status(vm))
+                return _json(unserved_vm_status(self.fleet.table, vm))
             info = self.root_info()
             if self.memory is not None:
                 info["memory"] = await self.memory()  # /proc reads, off the loop
@@ -338,20 +338,6 @@ class RootOperations(pyfuse3.Operations):
             if got is not None:
                 return compact(got)
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-
-    def vm_status(self, vm: str) -> dict[str, Any]:
-        """A VM whose worker does not serve: its worker's state, and what the supervisor last heard.
-
-        The VM's own figures (sequence numbers, disks) are its worker's to give; they read as
-        unknown (None) here, and ``phase`` says why (``worker-crashed``), so a reader of the usual
-        VM status keys still finds each of them.
-        """
-        w = self.fleet.table.get(vm)
-        state = w.state if w is not None else "missing"
-        return {"kind": "vm", "vm": vm, "worker": w.status() if w is not None else {"state": state},
-                "role": (w.role if w is not None else None) or "unknown", "phase": f"worker-{state}",
-                "epoch": None, "last_checkpoint": None, "last_applied": None, "disks": {}, "pending": [],
-                "peer": {"state": f"unknown: the VM's worker is {state}"}}
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._node(inode)
@@ -380,7 +366,7 @@ class RootOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         started = time.monotonic()
         try:
-            result = await self._disk_command(key, value)
+            result = await self.commands.run(key, value)
         except Exception as e:
             if isinstance(e, Refused | RemoteError):
                 code, msg = (e.code, str(e)) if isinstance(e, Refused) else (e.errno, e.message)
@@ -393,40 +379,6 @@ class RootOperations(pyfuse3.Operations):
         outcome = {"ok": True, "op": key, "target": target, "seconds": round(time.monotonic() - started, 6)}
         outcome.update({k: v for k, v in result.items() if k not in ("reply_to", "ok", "op", "target", "seconds")})
         self.outcomes.record(ctx.pid, outcome)
-
-    async def _disk_command(self, key: str, value: bytes) -> dict[str, Any]:
-        req = parse_json(value, key)
-        vm = check_name("VM", str_field(req, "vm", key))
-        fields: dict[str, Any] = {"vm": vm, "disk": check_name("disk", str_field(req, "disk", key))}
-        if key == CREATE:
-            fields["size"] = int_field(req, "size", key)
-            fields["block_size"] = int_field(req, "block_size", key, 4096)
-        else:
-            source = str_field(req, "source", key)
-            if not os.path.isabs(source):
-                raise Refused(errno.EINVAL, f"import: source {source!r} must be an absolute path")
-            fields["source"] = source
-            for opt in ("size", "block_size"):
-                if opt in req:
-                    fields[opt] = int_field(req, opt, key)
-        fleet = self.fleet
-        w = fleet.table.get(vm)
-        if w is None:
-            await fleet.start(vm, create_vm=self.role, on_command=True)  # made only if the command succeeds
-        elif not (w.opened and w.pid is not None) and w.state != STARTING:
-            raise RemoteError(f"{key}: VM {vm}: its worker is {w.state}, not serving; try again", errno.EAGAIN)
-        op = "create_disk" if key == CREATE else "import_disk"
-        self._commands[vm] = self._commands.get(vm, 0) + 1
-        try:
-            return await fleet.call(vm, op, COMMAND_TIMEOUT, **fields)
-        except BaseException:
-            if self._commands[vm] == 1:
-                fleet.forget_pending(vm)  # a VM no command made: gone from the root at once, as in one process
-            raise
-        finally:
-            self._commands[vm] -= 1
-            if not self._commands[vm]:
-                del self._commands[vm]
 
     def _fail(self, pid: int, op: str, target: str, code: int, message: str) -> None:
         log.warning("control: %s on %s refused (%s): %s", op, target, errno.errorcode.get(code, code), message)

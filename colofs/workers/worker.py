@@ -1,10 +1,11 @@
 """One VM's worker process: its store, its replication and its FUSE mount at ``MOUNTPOINT/VM``.
 
-It runs past 450 lines because startup, the channel's operations and shutdown
-share one state (what is open, mounted, stopping) whose order is the point:
-read together, the startup and shutdown orders can be checked against each
-other. The two start modes for a VM not yet in the store are modules of their
-own (:mod:`colofs.workers.attach`, :mod:`colofs.workers.oncommand`).
+Startup and shutdown share one state (what is open, mounted, stopping)
+whose order is the point, so they stay together here, where the two orders
+can be checked against each other. The channel's operations and reports,
+which use that state but not its order, are :mod:`colofs.workers.requests`;
+the two start modes for a VM not yet in the store are modules of their own
+(:mod:`colofs.workers.attach`, :mod:`colofs.workers.oncommand`).
 
 The zygote calls :func:`main` in a freshly forked child. The worker re-parses
 the supervisor's daemon arguments, opens the store scoped to its one VM (the
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import faulthandler
 import logging
 import os
@@ -52,7 +52,7 @@ from colofs.core.state import ROLES, SECONDARY
 from colofs.core.store import Store
 from colofs.events import EventBus
 from colofs.fs.config import ConfigError, MountConfig, config_from_args
-from colofs.fs.control import CREATE, IMPORT, Control, MountInfo
+from colofs.fs.control import MountInfo
 from colofs.fs.daemon import (
     StartupError,
     after_unmount,
@@ -68,21 +68,19 @@ from colofs.fs.daemon import (
     watch_signals,
     wire_hooks,
 )
-from colofs.fs.errnos import errno_for
 from colofs.fs.fusedevice import queued_requests_probe
-from colofs.fs.metrics import FigureSource, VMCounts
+from colofs.fs.metrics import VMCounts
 from colofs.fs.operations import Operations
 from colofs.fs.replication import Replication
-from colofs.fs.values import Refused
-from colofs.nbd.handoff import answer_nbd_request, serve_handed_over, start_worker_nbd
+from colofs.nbd.handoff import start_worker_nbd
 from colofs.nbd.service import NbdService
 from colofs.repl import ReplConfig, ReplConfigError
 from colofs.wire import NonceRegistry
 from colofs.workers.attach import EXIT_UNCLAIMED, ON_ATTACH, PendingVM, Unclaimed
-from colofs.workers.channel import Channel, ChannelClosed, RemoteError, WorkerArgs, encode
+from colofs.workers.channel import Channel, ChannelClosed, WorkerArgs, encode
 from colofs.workers.malloc import Trimmer
-from colofs.workers.metrics import page
 from colofs.workers.oncommand import ON_COMMAND, PendingCommand
+from colofs.workers.requests import BUDGET, Requests
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +88,6 @@ MOUNT_WAIT = 10.0
 """How long the VM's directory may take to appear in the root mount (the supervisor's mkdir)."""
 EVENT_QUEUE = 1024
 """Events queued for the supervisor; past that they are dropped (and counted), never blocking the emitter."""
-BUDGET = "max_retained_total_bytes"
 
 
 def main(args: WorkerArgs) -> int:
@@ -135,8 +132,8 @@ def _fail_early(sock: socket.socket, error: str) -> None:
         sock.close()
 
 
-class Worker:
-    """The life of one VM's worker: startup, the channel's operations, shutdown."""
+class Worker(Requests):
+    """The life of one VM's worker: startup, mount, shutdown (its channel's operations: :class:`Requests`)."""
 
     def __init__(self, args: WorkerArgs, cfg: MountConfig, sock: socket.socket) -> None:
         self.args = args
@@ -370,140 +367,6 @@ class Worker:
         await self.channel.closed.wait()
         self.stop(lazy=True, why="the supervisor is gone (its channel closed)")
 
-    # -- the channel's operations ---------------------------------------------------------------
-
-    async def handle(self, msg: dict[str, Any], fds: list[int]) -> dict[str, Any] | None:
-        """One request or notification from the supervisor (its ops: docs/processes.md)."""
-        op = msg.get("op")
-        if op not in ("connection", "nbd_connection"):
-            _close_fds(fds)
-        if op == "nbd_connection":
-            serve_handed_over(self.nbd, fds, msg)
-            return None
-        if op in ("nbd_list", "nbd_describe"):
-            return answer_nbd_request(self.nbd, msg)
-        if op == "ping":
-            return {}
-        if op == "stop":
-            self.stop(lazy=bool(msg.get("lazy", False)), why="stop requested by the supervisor")
-            return None
-        if op == "connection":
-            self._connection(fds, str(msg.get("peer", "?")))
-            return None
-        if op in ("create_disk", "import_disk"):
-            return await self._disk_command(CREATE if op == "create_disk" else IMPORT, msg)
-        if op == "budget":
-            self._budget(msg.get(BUDGET))
-            return None
-        if op == "metrics":
-            return self._metrics(msg.get("after"))
-        raise RemoteError(f"worker for VM {self.vm}: unknown operation {op!r}", errno.EINVAL)
-
-    def _connection(self, fds: list[int], peer: str) -> None:
-        if len(fds) != 1:
-            _close_fds(fds)
-            log.error("connection from %s handed over with %d descriptors, not 1: dropped", peer, len(fds))
-            return
-        sock = socket.socket(fileno=fds[0])
-        if self.repl is None or self.stopping:
-            log.warning("connection from %s for VM %s closed: the worker is %s", peer, self.vm,
-                        "stopping" if self.stopping else "not serving yet")
-            sock.close()
-            return
-        sock.setblocking(False)
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-        server = self.repl.server
-        if self.pending is not None and self.store is not None and self.vm not in self.store.vms \
-                and server is not None and self._vm_nursery is not None:
-            self.pending.serve(self._vm_nursery, server, stream, peer)
-            return
-        if not self.repl.accept(stream, peer, self.vm):
-            log.warning("connection from %s for VM %s closed: this worker does not serve secondary "
-                        "connections (no --listen)", peer, self.vm)
-            sock.close()
-
-    async def _disk_command(self, key: str, msg: dict[str, Any]) -> dict[str, Any]:
-        if self.stopping:
-            raise RemoteError(f"VM {self.vm}: the worker is stopping", errno.ESHUTDOWN)
-        req = {k: v for k, v in msg.items() if k not in ("op", "id")}
-        req.setdefault("vm", self.vm)
-        if req["vm"] != self.vm:
-            raise RemoteError(f"{key}: VM {req['vm']} is not served by the worker of VM {self.vm}", errno.EINVAL)
-        if isinstance(self.pending, PendingCommand) and not self.opened.is_set():
-            result = await self.pending.run(lambda: self._root_command(self._store_control(), key, req))
-            if result is not None:
-                return result
-        await self.opened.wait()
-        assert self.ops is not None
-        return await self._root_command(self.ops.control, key, req)
-
-    def _store_control(self) -> Control:
-        """A store-rooted control for a VM not made yet: its create or import makes the VM with the disk, or nothing."""
-        assert self.store is not None and self.repl is not None
-        return Operations(self.store, MountInfo(self.cfg, os.getpid(), time.time()), self.repl).control
-
-    @staticmethod
-    async def _root_command(control: Control, key: str, req: dict[str, Any]) -> dict[str, Any]:
-        try:
-            return await control.root_command(key, req)
-        except Refused as e:
-            raise RemoteError(str(e), e.code) from None
-        except ColofsError as e:
-            raise RemoteError(f"{key}: {e}", errno_for(e)) from None
-
-    def _budget(self, value: object) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            log.error("budget: %r is not a positive number of bytes; ignored", value)
-            return
-        primary = self.repl.primary if self.repl is not None else None
-        self.budget = value  # also for a replication not built yet
-        if primary is not None:
-            primary.budget.limit = value
-            primary.budget.relieve()
-        log.info("VM %s: retained writes bounded to %d bytes", self.vm, value)
-
-    def _metrics(self, after: object) -> dict[str, Any]:
-        """A page of the VM's figures now; not waiting for the VM to open (a scrape must not wait)."""
-        if self.ops is None or self.counts is None or self.stopping:
-            raise RemoteError(f"VM {self.vm}: {'stopping' if self.stopping else 'not open yet'}", errno.EAGAIN)
-        return {**page(FigureSource(self.ops, self.counts).snapshot(), after), "pid": os.getpid()}
-
-    # -- reporting ------------------------------------------------------------------------------
-
-    def _queue_event(self, event: dict[str, Any]) -> None:
-        """The bus's watcher: never blocks; a full queue drops the event (counted, logged)."""
-        try:
-            self._events_send.send_nowait(event)
-        except trio.WouldBlock:
-            self.events_dropped += 1
-            if self.events_dropped == 1 or self.events_dropped % 1000 == 0:
-                log.warning("events: %d not forwarded to the supervisor (it reads too slowly)", self.events_dropped)
-
-    async def _forward_events(self) -> None:
-        async for event in self._events_receive:
-            kind = event.get("event")
-            fields = {k: v for k, v in event.items() if k != "event"}
-            try:
-                await self.channel.notify("event", kind=kind, fields=fields)
-                await self._send_summary()
-            except Exception as e:  # the supervisor is gone, or an event too large: keep serving
-                log.warning("events: cannot forward %s: %s", kind, e)
-            if kind in ("checkpoint", "resync-done"):  # retained writes were dropped
-                self.trimmer.request()
-
-    def summary(self) -> dict[str, Any]:
-        """What the supervisor's root status counts for this VM."""
-        assert self.store is not None and self.repl is not None
-        vm = self.store.vm(self.vm)
-        st = vm.status()
-        return {"role": vm.state.role, "phase": st["phase"], "epoch": st["epoch"], "last_seq": st["last_applied"],
-                "link": str(self.repl.vm_status(vm).get("state"))}
-
-    async def _send_summary(self) -> None:
-        if self.store is None or self.repl is None or self.vm not in self.store.vms:
-            return  # not created yet (waiting for an authenticated ATTACH)
-        await self.channel.notify("summary", **self.summary())
-
 
 def _directory_problem(path: str) -> str | None:
     """Why ``path`` cannot be mounted on yet (missing, not a directory), or None."""
@@ -514,12 +377,3 @@ def _directory_problem(path: str) -> str | None:
     except OSError as e:
         return e.strerror or str(e)
     return None if stat.S_ISDIR(st.st_mode) else "not a directory"
-
-
-def _close_fds(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
