@@ -6,11 +6,14 @@ random and 1 MiB sequential, each into a fresh disk (base all holes) and
 again over a disk whose base holds data (every block written once and
 checkpointed). For each it prints MB/s, the bytes written to base,
 hidden.log and other files per byte ingested (counted at the core's
-``write_all``) and the ``fdatasync`` calls. Then a failover commit with
-``--failover`` MiB buffered, half in hidden (over data) and half in active.
+``write_all``) and the ``fdatasync`` calls. Then a checkpoint with ``--checkpoint`` MiB
+buffered and a failover commit with ``--failover`` MiB buffered, each half in hidden
+(over data) and half in active; with ``--synced`` both start as ``make bench``'s rows do
+(everything on the device, nothing cached). Their sync calls are counted by kind:
+``fdatasync`` and ``fsync`` (the state file and directories).
 
-Usage: ``python bench/ingest_core.py [--dir DIR] [--mib N] [--group MiB] [--failover MiB] [--repeat N]
-[--only ingest|failover] [--cold] [--synced] [--chunk MiB]``.
+Usage: ``python bench/ingest_core.py [--dir DIR] [--mib N] [--group MiB] [--failover MiB] [--checkpoint MiB]
+[--repeat N] [--only ingest|checkpoint|failover] [--cold] [--synced] [--chunk MiB]``.
 """
 
 from __future__ import annotations
@@ -24,13 +27,16 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import trio
 
 import colofs.core.blocklog
 import colofs.core.cbw
 import colofs.core.fileio
+import colofs.core.vm
+import colofs.core.vmbase
 from colofs.core import PrimaryWrite, Store
 from colofs.core.fileio import Buffer
 
@@ -44,12 +50,16 @@ class Meter:
     def __init__(self) -> None:
         self.bytes: Counter[str] = Counter()
         self.syncs = 0
+        self.fsyncs = 0  # os.fsync: the state file and directories
         self.counting = True
         self._lock = threading.Lock()
         self._orig_write = colofs.core.fileio.write_all
         self._orig_sync = os.fdatasync
+        self._orig_fsync = os.fsync
         self._orig_copy = os.copy_file_range
         self.copied = 0  # bytes of base.raw written by copy_file_range (the failover's kernel copies)
+        self.paused = 0.0  # seconds every disk was held (whole_disks): the switch, no VM I/O meanwhile
+        self._whole = {m: m.__dict__.get("whole_disks") for m in (colofs.core.vm, colofs.core.vmbase)}
 
     def _count(self, fd: int, n: int) -> None:
         try:
@@ -62,7 +72,7 @@ class Meter:
                 self.bytes[kind] += n
 
     def install(self) -> None:
-        orig_write, orig_sync, orig_copy = self._orig_write, self._orig_sync, self._orig_copy
+        orig_write, orig_sync, orig_copy, orig_fsync = self._orig_write, self._orig_sync, self._orig_copy, self._orig_fsync
 
         def write_all(fd: int, bufs: Sequence[Buffer], offset: int) -> None:
             orig_write(fd, bufs, offset)
@@ -83,21 +93,47 @@ class Meter:
                 if self.counting:
                     self.syncs += 1
 
+        def fsync(fd: int) -> None:
+            orig_fsync(fd)
+            with self._lock:
+                if self.counting:
+                    self.fsyncs += 1
+
+        @asynccontextmanager
+        async def timed_whole_disks(disks: object) -> AsyncIterator[None]:
+            async with self._orig_whole(disks):  # type: ignore[arg-type]
+                t = time.perf_counter()
+                try:
+                    yield
+                finally:
+                    self.paused += time.perf_counter() - t
+
+        for module, orig in self._whole.items():
+            if orig is not None:
+                self._orig_whole = orig
+                module.whole_disks = timed_whole_disks  # type: ignore[attr-defined]
         colofs.core.cbw.write_all = write_all
         colofs.core.blocklog.write_all = write_all
         os.fdatasync = fdatasync
+        os.fsync = fsync
         os.copy_file_range = copy_file_range
 
     def uninstall(self) -> None:
+        for module, orig in self._whole.items():
+            if orig is not None:
+                module.whole_disks = orig  # type: ignore[attr-defined]
         colofs.core.cbw.write_all = self._orig_write
         colofs.core.blocklog.write_all = self._orig_write
         os.fdatasync = self._orig_sync
+        os.fsync = self._orig_fsync
         os.copy_file_range = self._orig_copy
 
     def reset(self) -> None:
         self.bytes.clear()
         self.syncs = 0
+        self.fsyncs = 0
         self.copied = 0
+        self.paused = 0.0
         self.counting = True
 
     def freeze(self) -> None:
@@ -142,7 +178,7 @@ async def ingest(vm: object, seq: int, writes: list[tuple[int, bytes]], group: i
 
 async def run(
     workdir: str, mib: int, group_mib: int, failover_mib: int, repeat: int, only: str, cold: bool, chunk: int,
-    synced: bool = False,
+    synced: bool = False, checkpoint_mib: int = 64,
 ) -> None:
     rng = random.Random(13)
     total = mib * MiB
@@ -157,7 +193,7 @@ async def run(
     meter.install()
     try:
         n = 0
-        for label, writes in (patterns.items() if only != "failover" else []):
+        for label, writes in (patterns.items() if only in ("all", "ingest") else []):
             for over in ("fresh disk", "data in base"):
                 times: list[float] = []
                 cpus: list[float] = []
@@ -180,58 +216,78 @@ async def run(
                     shutil.rmtree(os.path.join(workdir, f"s{n}"))
                 report(f"{label}, {over}", total, times, cpus, meter)
 
-        spent: list[float] = []
-        cpus = []
-        phases: dict[str, list[float]] = {}
-        for r in range(repeat if only != "ingest" else 0):
-            store = await Store.open(os.path.join(workdir, f"f{r}"), role="secondary", create=True)
-            disk = await store.create_disk("vm", "d", DISK)
-            vm = store.vm("vm")
-            half = failover_mib // 2
-            fill = [(i * MiB, big) for i in range(half)]
-            seq = await ingest(vm, 0, fill, group)
-            await vm.checkpoint(seq)
-            seq = await ingest(vm, seq, [(off, small * 256) for off, _ in fill], group)  # hidden: half, over data
-            for i in range(half):
-                await disk.write(DISK // 2 + i * MiB, big)  # active: the other half
-            if chunk:
-                disk.commit_chunk = chunk << 20
-            if cold:  # the layers' data no longer in the page cache, as long after it was buffered
-                for layer in (disk.hidden, disk.active):
-                    os.fsync(layer.fd)
-                    os.posix_fadvise(layer.fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            if synced:  # as make bench starts a failover: everything on the device, nothing cached
-                for fd in (disk.base_fd, disk.hidden.fd, disk.active.fd):
-                    os.fsync(fd)
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            meter.reset()
-            t, c = time.perf_counter(), cpu()
-            moved = await vm.failover()
-            spent.append(time.perf_counter() - t)
-            cpus.append(cpu() - c)
-            meter.freeze()
-            for k, v in (getattr(vm, "failover_phases", None) or {}).items():
-                phases.setdefault(k, []).append(v)
-            await store.close()
-            shutil.rmtree(os.path.join(workdir, f"f{r}"))
-        if not spent:
-            return
-        spent.sort()
-        b = meter.bytes
-        print(
-            f"failover, {failover_mib} MiB buffered{' (cold)' if cold else '       '} {spent[len(spent) // 2] * 1000:7.1f} "
-            f"[{spent[0] * 1000:.0f}-{spent[-1] * 1000:.0f}] ms  cpu {sorted(cpus)[len(cpus) // 2] * 1000:.0f} ms  "
-            f"{moved} blocks  "
-            f"base {b['base.raw'] / MiB:.0f} MiB (copied in the kernel {meter.copied / MiB:.0f})  "
-            f"fdatasync {meter.syncs}",
-            flush=True,
-        )
-        if phases:
-            print("  phases (median ms): " + "  ".join(
-                f"{k.removesuffix('_seconds')} {sorted(v)[len(v) // 2] * 1000:.1f}" for k, v in phases.items()),
-                flush=True)
+        if only in ("all", "checkpoint"):
+            await control_row("checkpoint", workdir, checkpoint_mib, repeat, cold, synced, chunk, group, meter, big, small)
+        if only in ("all", "failover"):
+            await control_row("failover", workdir, failover_mib, repeat, cold, synced, chunk, group, meter, big, small)
     finally:
         meter.uninstall()
+
+
+async def control_row(what: str, workdir: str, mib: int, repeat: int, cold: bool, synced: bool, chunk: int,
+                      group: int, meter: Meter, big: bytes, small: bytes) -> None:
+    """Time ``what`` (checkpoint or failover) with ``mib`` MiB buffered: half hidden (over data), half active."""
+    spent: list[float] = []
+    cpus: list[float] = []
+    phases: dict[str, list[float]] = {}
+    syncs: list[tuple[int, int]] = []
+    paused: list[float] = []
+    moved = 0
+    for r in range(repeat):
+        path = os.path.join(workdir, f"{what[0]}{r}")
+        store = await Store.open(path, role="secondary", create=True)
+        disk = await store.create_disk("vm", "d", DISK)
+        vm = store.vm("vm")
+        half = mib // 2
+        fill = [(i * MiB, big) for i in range(half)]
+        seq = await ingest(vm, 0, fill, group)
+        await vm.checkpoint(seq)
+        seq = await ingest(vm, seq, [(off, small * 256) for off, _ in fill], group)  # hidden: half, over data
+        for i in range(half):
+            await disk.write(DISK // 2 + i * MiB, big)  # active: the other half
+        if chunk:
+            disk.commit_chunk = chunk << 20
+        if cold:  # the layers' data no longer in the page cache, as long after it was buffered
+            for layer in (disk.hidden, disk.active):
+                os.fsync(layer.fd)
+                os.posix_fadvise(layer.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        if synced:  # as make bench starts a checkpoint or failover: everything on the device, nothing cached
+            for fd in (disk.base_fd, disk.hidden.fd, disk.active.fd):
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        meter.reset()
+        t, c = time.perf_counter(), cpu()
+        if what == "failover":
+            moved = await vm.failover()
+        else:
+            await vm.checkpoint(seq)
+        spent.append(time.perf_counter() - t)
+        cpus.append(cpu() - c)
+        meter.freeze()
+        syncs.append((meter.syncs, meter.fsyncs))
+        paused.append(meter.paused)
+        if what == "failover":
+            for k, v in (getattr(vm, "failover_phases", None) or {}).items():
+                phases.setdefault(k, []).append(v)
+        await store.close()
+        shutil.rmtree(path)
+    if not spent:
+        return
+    spent.sort()
+    b = meter.bytes
+    detail = (f"{moved} blocks  base {b['base.raw'] / MiB:.0f} MiB (copied in the kernel {meter.copied / MiB:.0f})  "
+              if what == "failover" else "")
+    print(
+        f"{what}, {mib} MiB buffered{' (cold)' if cold else '       '} {spent[len(spent) // 2] * 1000:7.1f} "
+        f"[{spent[0] * 1000:.0f}-{spent[-1] * 1000:.0f}] ms  cpu {sorted(cpus)[len(cpus) // 2] * 1000:.0f} ms  "
+        f"{detail}fdatasync {syncs[-1][0]}  fsync {syncs[-1][1]}  "
+        f"paused {sorted(paused)[len(paused) // 2] * 1000:.1f} [{min(paused) * 1000:.1f}-{max(paused) * 1000:.1f}] ms",
+        flush=True,
+    )
+    if phases:
+        print("  phases (median ms): " + "  ".join(
+            f"{k.removesuffix('_seconds')} {sorted(v)[len(v) // 2] * 1000:.1f}" for k, v in phases.items()),
+            flush=True)
 
 
 def main() -> None:
@@ -240,16 +296,17 @@ def main() -> None:
     p.add_argument("--mib", type=int, default=128, help="MiB ingested per row")
     p.add_argument("--group", type=int, default=4, help="MiB per apply_primary call (a session's merged group)")
     p.add_argument("--failover", type=int, default=256, help="MiB buffered before the failover")
+    p.add_argument("--checkpoint", type=int, default=64, help="MiB buffered before the timed checkpoint")
     p.add_argument("--repeat", type=int, default=3, help="runs of each row (median [min-max] shown)")
     p.add_argument("--cold", action="store_true", help="evict hidden and active from the page cache before the failover")
     p.add_argument("--synced", action="store_true",
                    help="sync base and the layers and evict them before the failover (make bench's state)")
     p.add_argument("--chunk", type=int, default=0, help="MiB per failover step (default: the disk's)")
-    p.add_argument("--only", choices=("all", "ingest", "failover"), default="all", help="which rows to run")
+    p.add_argument("--only", choices=("all", "ingest", "checkpoint", "failover"), default="all", help="which rows to run")
     a = p.parse_args()
     work = tempfile.mkdtemp(prefix="colofs-ingest-", dir=a.dir)
     try:
-        trio.run(run, work, a.mib, a.group, a.failover, a.repeat, a.only, a.cold, a.chunk, a.synced)
+        trio.run(run, work, a.mib, a.group, a.failover, a.repeat, a.only, a.cold, a.chunk, a.synced, a.checkpoint)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

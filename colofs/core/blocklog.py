@@ -234,16 +234,13 @@ class BlockLog(LogReplay):
             raise DiskIOError(f"{self.label}: writing the header of {path} failed: {e.strerror}", e.errno) from e
         return len(block)
 
-    def start_over(self, gen: int) -> int:
-        """Empty the log for a new generation by renaming a fresh file over it; returns the old descriptor.
+    def make_spare(self) -> int:
+        """Create the fresh file a new generation will start in; returns its descriptor (blocking: a worker thread).
 
-        Unlike :meth:`reset` this costs no block freeing now: that happens
-        when the caller closes the returned descriptor, off the critical
-        path. The new file gets its header before the rename, so either file
-        is valid after a crash (the old one holds only older generations),
-        but the caller must make the new file and the rename durable
-        (``fdatasync`` of the file, ``fsync`` of the directory) before it
-        takes data that base depends on.
+        The file (``path`` + ``.new``) holds only a file header and is synced,
+        so a checkpoint makes it before it pauses the VM and the pause keeps
+        only :meth:`take_spare`'s rename. A crash leaves at most a stray
+        ``.new`` file, which :meth:`open` removes.
         """
         tmp = self.path + NEW_SUFFIX
         try:
@@ -251,17 +248,33 @@ class BlockLog(LogReplay):
         except OSError as e:
             raise DiskIOError(f"{self.label}: cannot create {tmp}: {e.strerror}", e.errno) from e
         try:
-            hlen = self._write_header(fd, tmp)
-            os.rename(tmp, self.path)
+            self._write_header(fd, tmp)
+            os.fdatasync(fd)
         except DiskIOError:
             os.close(fd)
             raise
         except OSError as e:
             os.close(fd)
+            raise DiskIOError(f"{self.label}: cannot sync {tmp}: {e.strerror}", e.errno) from e
+        return fd
+
+    def take_spare(self, fd: int, gen: int) -> int:
+        """Empty the log for ``gen`` by renaming the spare ``fd`` (:meth:`make_spare`) over it; returns the old descriptor.
+
+        Unlike :meth:`reset` this frees no blocks now: that happens when the
+        caller closes the returned descriptor, off the critical path (see
+        ``colofs.core.reaper``). Either file is valid after a crash (the old
+        one holds only older generations), but the caller must make the
+        rename durable (``fsync`` of the directory) before the log takes data
+        that base depends on. On an error the spare is left to the caller.
+        """
+        try:
+            os.rename(self.path + NEW_SUFFIX, self.path)
+        except OSError as e:
             raise DiskIOError(f"{self.label}: cannot replace {self.path}: {e.strerror}", e.errno) from e
         old, self.fd = self.fd, fd
         self._start_empty(gen)
-        self.end = hlen
+        self.end = file_header_len(self.block_size)
         return old
 
     # -- queries ----------------------------------------------------------

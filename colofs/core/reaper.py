@@ -4,7 +4,7 @@ A checkpoint or a failover empties the hidden and active logs. Freeing the
 blocks of a log costs the file system about a millisecond per MiB (ext4 on
 the target machine: 110 ms for 128 MiB), and a checkpoint is the moment both
 VMs of a COLO pair stand paused. So a log is emptied by renaming a fresh file
-over it (see ``BlockLog.start_over``) and the old, now unlinked, file is
+over it (see ``BlockLog.take_spare``) and the old, now unlinked, file is
 freed when its last descriptor closes: here, in one worker thread the VM
 owns, started on first use and joined when the VM closes.
 
@@ -17,8 +17,8 @@ Freeing is off the loop but not free for the others: an ``fsync`` that
 overlaps it waits for the file system's journal (and, on a file system
 mounted with ``discard``, for the freed range's discards), 30-50 ms for
 128 MiB on ext4 on the target machine. So an operation whose own syncs
-follow the hand-over (the new logs' ``fdatasync``, the directory's
-``fsync``) holds the closing back with :meth:`FdReaper.deferred` until they
+follow the hand-over (the ``fsync`` of the directory the fresh logs were
+renamed in, or an in-place reset's ``fdatasync``) holds the closing back with :meth:`FdReaper.deferred` until they
 are done.
 """
 

@@ -193,8 +193,7 @@ class VMOpening(VMBase):
             moved = 0
             for disk in self.disks.values():
                 moved += await disk.commit_buffers()
-            await self.io.syncs.datasync_all([d.base_fd for d in self.disks.values()])
-            await self._finish_failover()
+            await self._finish_failover()  # syncs base first
             self.recovery = Recovery("failover-completed", moved, self.state.last_applied)
             log.warning("VM %s: completed an interrupted failover (%d blocks committed)", self.name, moved)
             return

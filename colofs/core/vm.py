@@ -33,7 +33,7 @@ from typing import Any, Self
 import trio
 
 from colofs.core.blocks import check_block_size
-from colofs.core.disk import Disk, apply_to_disks, whole_disks
+from colofs.core.disk import Disk, apply_to_disks
 from colofs.core.disksize import check_disk_size
 from colofs.core.errors import (
     AlreadyExists,
@@ -333,13 +333,10 @@ class VM(VMOpening, VMSnapshots):
             raise SequenceError(
                 f"VM {self.name}: checkpoint at seq {seq}, but the last applied seq is {st.last_applied}"
             )
-        # Base holds the checkpoint's image once everything applied is on the device.
-        await self.io.syncs.datasync_all([d.base_fd for d in self.disks.values()])
-        # The old logs are freed once the new ones are durable, not while they are synced.
-        with self.reaper.deferred():
-            async with whole_disks(self._sorted_disks()):
-                new = await self._update(lambda s: replace(s, gen=s.gen + 1, last_checkpoint=seq))
-                await self._start_layers_over(new.gen)
+        # Base holds the checkpoint's image once everything applied is on the device: synced before the
+        # state names it, beside the switch's preparation (the new state file, the fresh logs).
+        await self._new_generation(lambda s: replace(s, gen=s.gen + 1, last_checkpoint=seq),
+                                   [d.base_fd for d in self._sorted_disks()])
         return seq
 
     async def failover(self) -> int:
@@ -358,9 +355,9 @@ class VM(VMOpening, VMSnapshots):
                 if st.role != SECONDARY:
                     raise RoleError(f"VM {self.name}: failover of a {st.role}")
                 if st.phase == NORMAL:
-                    # Roll-forward after a crash trusts active: make it durable first.
-                    await self.io.syncs.datasync_all([d.active.fd for d in self.disks.values()])
-                    await self._update(lambda s: replace(s, phase=FAILOVER, epoch=s.epoch + 1))
+                    # Roll-forward after a crash trusts active: durable before the state says FAILOVER.
+                    await self._update(lambda s: replace(s, phase=FAILOVER, epoch=s.epoch + 1),
+                                       alongside=[d.active.fd for d in self._sorted_disks()])
                     for disk in self.disks.values():
                         disk.cbw.detach(disk.hidden)
                     log.warning("VM %s: failover started, epoch %d", self.name, self.state.epoch)
@@ -369,14 +366,13 @@ class VM(VMOpening, VMSnapshots):
             for disk in self._sorted_disks():
                 moved += await disk.commit_buffers()
             t2 = clock()
-            await self.io.syncs.datasync_all([d.base_fd for d in self.disks.values()])
+            async with self._apply_lock:
+                await self._finish_failover()  # base synced beside the switch's preparation, then the switch
             t3 = clock()
-            with self.reaper.deferred():  # as in a checkpoint: the old logs freed after the switch's syncs
-                async with self._apply_lock:
-                    await self._finish_failover()
-            t4 = clock()
+            # sync: base's fdatasync and the switch's preparation (beside it); finish: the switch itself.
             self.failover_phases = {"start_seconds": t1 - t0, "commit_seconds": t2 - t1,
-                                    "sync_seconds": t3 - t2, "finish_seconds": t4 - t3}
+                                    "sync_seconds": t3 - t2 - self.switch_seconds,
+                                    "finish_seconds": self.switch_seconds}
             log.warning("VM %s: failover complete, %d blocks committed; now primary", self.name, moved)
             return moved
 

@@ -21,10 +21,11 @@ from dataclasses import replace
 
 import trio
 
+from colofs.core.blocklog import BlockLog
 from colofs.core.damage import PHASE_DAMAGED, Damage, damage_of, save_marker
 from colofs.core.disk import Disk, whole_disks
 from colofs.core.errors import DiskIOError, NotFound, VMDamaged
-from colofs.core.fileio import Buffer, fsync_dir
+from colofs.core.fileio import Buffer, fsync_dir, write_all
 from colofs.core.forward import ForwardedWrite, WriteSink
 from colofs.core.ioctx import IOContext
 from colofs.core.reaper import FdReaper
@@ -54,8 +55,10 @@ class VMBase:
         self.reaper = FdReaper(self.name)
         self.damage: Damage | None = None
         """Set when the VM is quarantined (see ``colofs.core.damage``): nothing of it is served."""
+        self.switch_seconds = 0.0
+        """How long the last checkpoint's or failover's switch held every disk (no VM I/O meanwhile)."""
 
-    async def _update(self, change: Callable[[VMState], VMState]) -> VMState:
+    async def _update(self, change: Callable[[VMState], VMState], alongside: Sequence[int] = ()) -> VMState:
         """Durably replace the state with ``change(current state)``; returns the new state.
 
         Updates are serialised and each is computed from the state as it is
@@ -63,12 +66,22 @@ class VMBase:
         primary's writes keep counting sequence numbers on the live state
         while the file is written (they take no VM lock): those increments
         are carried over, so no sequence number is handed out twice.
+        ``alongside`` are descriptors that must be durable before the new
+        state is: their ``fdatasync`` runs beside the new file's own, and the
+        rename that commits it follows both.
         """
         async with self._state_lock:
             live = self.state
             mark = live.last_applied
             new = change(live)
-            await trio.to_thread.run_sync(save_vm_state, os.path.join(self.path, STATE_FILE), new)
+            path = os.path.join(self.path, STATE_FILE)
+            if alongside:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.io.syncs.datasync_all, list(alongside))
+                    nursery.start_soon(trio.to_thread.run_sync, _write_state_tmp, path, new)
+                await trio.to_thread.run_sync(_install_state, path)
+            else:
+                await trio.to_thread.run_sync(save_vm_state, path, new)
             new.last_applied += live.last_applied - mark
             self.state = new
             return new
@@ -141,35 +154,85 @@ class VMBase:
             await self._update(lambda s: replace(s, seq_reserved=s.last_applied + SEQ_RESERVE))
 
     async def _finish_failover(self) -> None:
-        """Switch to primary with every disk fully locked, so no SVM write straddles the switch."""
-        async with whole_disks(self._sorted_disks()):
-            new = await self._update(
-                lambda s: replace(s, role=PRIMARY, phase=NORMAL, gen=s.gen + 1, last_checkpoint=s.last_applied)
-            )
-            await self._start_layers_over(new.gen)
+        """Sync base (which now holds V) and switch to primary with every disk fully locked, so no SVM write straddles it."""
+        await self._new_generation(
+            lambda s: replace(s, role=PRIMARY, phase=NORMAL, gen=s.gen + 1, last_checkpoint=s.last_applied),
+            [d.base_fd for d in self._sorted_disks()],
+        )
 
-    async def _start_layers_over(self, gen: int) -> None:
-        """Empty hidden and active of every disk for ``gen``, which the state file already names.
+    async def _new_generation(self, change: Callable[[VMState], VMState], sync_first: Sequence[int]) -> VMState:
+        """Commit ``change`` (a new generation) and empty hidden and active of every disk for it; returns the state.
 
-        The caller holds every disk's whole range. Fresh files are renamed
-        over the logs and the old ones freed by the reaper, so the pause
-        does not grow with the amount buffered (see ``colofs.core.reaper``).
+        The caller holds ``_apply_lock``, so nothing else moves the state's
+        sequence numbers. What needs no pause is done first, beside the
+        ``fdatasync`` of ``sync_first`` (base, which must hold the image the
+        new state names): the new state file written and synced under a
+        temporary name, and a fresh synced log file for each layer
+        (``BlockLog.make_spare``). Only the switch itself runs with every
+        disk's whole range held: the state file renamed into place and its
+        directory synced (the commit point; a crash before it keeps the old
+        generation, whose logs are still in place), then the fresh logs
+        renamed over the old ones and their directories synced, before any
+        of them takes data that base depends on. The old files are freed by
+        the reaper once those syncs are done (see ``colofs.core.reaper``).
+        :attr:`switch_seconds` keeps how long the VM's I/O was held.
         """
+        disks = self._sorted_disks()
+        layers = [lg for d in disks for lg in (d.hidden, d.active)]
+        path = os.path.join(self.path, STATE_FILE)
+        spares: dict[int, int] = {}  # id(layer) -> its spare's descriptor, until taken
+
+        async def spare(layer: BlockLog) -> None:
+            try:
+                spares[id(layer)] = await trio.to_thread.run_sync(layer.make_spare)
+            except DiskIOError as e:
+                log.warning("%s; truncating it in place instead", e)
+
+        async with self._state_lock:
+            live = self.state
+            mark = live.last_applied
+            new = change(live)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.io.syncs.datasync_all, list(sync_first))
+                    nursery.start_soon(trio.to_thread.run_sync, _write_state_tmp, path, new)
+                    for layer in layers:
+                        nursery.start_soon(spare, layer)
+                with self.reaper.deferred():
+                    async with whole_disks(disks):
+                        t0 = trio.current_time()
+                        await trio.to_thread.run_sync(_install_state, path)
+                        new.last_applied += live.last_applied - mark
+                        self.state = new
+                        await self._switch_layers(layers, spares, new.gen)
+                        self.switch_seconds = trio.current_time() - t0
+            finally:
+                for fd in spares.values():  # not taken: the switch failed before it got to them
+                    os.close(fd)
+        return new
+
+    async def _switch_layers(self, layers: Sequence[BlockLog], spares: dict[int, int], gen: int) -> None:
+        """Rename each layer's spare over it (a layer without one is truncated in place); sync what that needs."""
         old: list[int] = []
+        reset: list[int] = []
         dirs: set[str] = set()
         try:
-            for disk in self._sorted_disks():
-                for layer in (disk.hidden, disk.active):
+            for layer in layers:
+                fd = spares.pop(id(layer), None)
+                if fd is not None:
                     try:
-                        old.append(layer.start_over(gen))
+                        old.append(layer.take_spare(fd, gen))
                         dirs.add(os.path.dirname(layer.path))
+                        continue
                     except DiskIOError as e:
+                        os.close(fd)
                         log.warning("%s; truncating it in place instead", e)
-                        layer.reset(gen)
+                layer.reset(gen)
+                reset.append(layer.fd)
         finally:
             self.reaper.put(old)
-        # The new files (their headers) and the renames must be durable before they take data base depends on.
-        await self.io.syncs.datasync_all([lg.fd for d in self._sorted_disks() for lg in (d.hidden, d.active)])
+        if reset:  # a header rewritten in place
+            await self.io.syncs.datasync_all(reset)
         await trio.to_thread.run_sync(_fsync_dirs, sorted(dirs))
 
     # -- status and shutdown --------------------------------------------------------
@@ -239,6 +302,23 @@ class VMBase:
         """Drop the VM without a clean close, as a crash would (for tests and fatal errors)."""
         self._close_files()
         self.reaper.stop_now()
+
+def _write_state_tmp(path: str, state: VMState) -> None:
+    """The first half of ``save_vm_state``: the new state in ``path``.tmp, synced (blocking)."""
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        write_all(fd, [state.encode()], 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _install_state(path: str) -> None:
+    """The second half: ``path``.tmp renamed over ``path`` and the rename made durable (blocking)."""
+    os.rename(f"{path}.tmp", path)
+    fsync_dir(os.path.dirname(path) or ".")
+
 
 def _fsync_dirs(paths: Sequence[str]) -> None:
     for path in paths:

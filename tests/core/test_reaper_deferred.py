@@ -3,8 +3,8 @@
 Freeing a big unlinked log makes an overlapping ``fsync`` wait for the file
 system's journal (and its discards), so ``FdReaper.deferred`` keeps the
 descriptors handed over open until the block ends; the checkpoint and the
-failover's switch hold it across the new logs' ``fdatasync`` and the
-directory's ``fsync``.
+failover's switch hold it across the directory's ``fsync`` that makes the
+fresh logs' renames durable.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import os
 
 import pytest
 
-from colofs.core import PrimaryWrite
-from colofs.core.ioctx import GroupSync
+from colofs.core import PrimaryWrite, vmbase
 from colofs.core.reaper import FdReaper
 
 SIZE = 1 << 20
@@ -65,7 +64,8 @@ async def test_stop_closes_what_a_deferred_block_still_holds(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("operation", ["checkpoint", "failover"])
-async def test_old_logs_stay_open_while_the_new_ones_are_synced(open_store, monkeypatch, operation: str) -> None:
+async def test_old_logs_stay_open_while_the_switch_is_synced(open_store, monkeypatch, operation: str) -> None:
+    """The fresh logs are synced before the switch; after the hand-over only their directory's fsync remains."""
     store = await open_store()
     await store.create_disk("vm", "d", SIZE)
     vm, disk = store.vm("vm"), store.disk("vm", "d")
@@ -75,14 +75,14 @@ async def test_old_logs_stay_open_while_the_new_ones_are_synced(open_store, monk
     await disk.write(SIZE // 2, b"S" * 65536)  # active holds the SVM's
     old = {fd: (os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (disk.hidden.fd, disk.active.fd)}
     seen: list[bool] = []
-    datasync_all = GroupSync.datasync_all
+    fsync_dirs = vmbase._fsync_dirs
 
-    async def watching(self, fds):  # type: ignore[no-untyped-def]
-        await datasync_all(self, fds)
-        if disk.hidden.fd in fds and disk.hidden.fd not in old:  # the new logs' sync, after the hand-over
-            seen.append(all(_is_open(fd, ident) for fd, ident in old.items()))
+    def watching(paths):  # type: ignore[no-untyped-def]
+        assert disk.hidden.fd not in old  # after the hand-over
+        fsync_dirs(paths)
+        seen.append(all(_is_open(fd, ident) for fd, ident in old.items()))
 
-    monkeypatch.setattr(GroupSync, "datasync_all", watching)
+    monkeypatch.setattr(vmbase, "_fsync_dirs", watching)
     if operation == "checkpoint":
         await vm.checkpoint(2)
     else:
