@@ -1,15 +1,11 @@
 """The FUSE adapter: pyfuse3 requests on ``MOUNTPOINT/VM/DISK.raw`` turned into core calls.
 
-It runs a little past 400 lines because it holds every pyfuse3 handler (the whole surface the
-kernel sees), each a few lines that hand over to the core or the control plane.
-
-Reads and writes of a disk file are the VM's view of the disk on this host
-(``Disk.read``/``Disk.write``: the core routes by role). A snapshot file
-``DISK@NAME.raw`` reads a past image and cannot be opened for writing
-(``EROFS``); a clone file reads and writes its own image, never the disk's.
-Everything else is either the fixed layout (directories per VM, one file per
-disk or snapshot, sizes that never change) or the control plane
-(:mod:`colofs.fs.control`).
+This module holds the namespace, attribute and control-plane handlers; the
+I/O of open files (read, write, fsync, release) is :mod:`colofs.fs.fileops`,
+mixed into :class:`Operations`. Everything here is either the fixed layout
+(directories per VM, one file per disk or snapshot, sizes that never change)
+or the control plane (:mod:`colofs.fs.control`). A snapshot file
+``DISK@NAME.raw`` cannot be opened for writing (``EROFS``).
 
 Every handler raises only ``pyfuse3.FUSEError``: an escaping exception would
 end the FUSE main loop and leave a dead mount. The kernel's writeback cache is
@@ -28,20 +24,18 @@ import functools
 import logging
 import os
 import stat
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
-from colofs.core.disk import Disk
-from colofs.core.errors import DiskIOError
 from colofs.core.names import check_name
-from colofs.core.snapshot import Snapshot
 from colofs.core.store import Store
 from colofs.fs.control import PREFIX, Control, MountInfo
 from colofs.fs.errnos import fuse_error
+from colofs.fs.fileops import FileHandlers
+from colofs.fs.fileops import refuse as _refuse
 from colofs.fs.inodes import SNAP_KINDS, InodeTable, Kind, Node, disk_name, snapshot_name
 from colofs.fs.iostats import IOStats
 from colofs.fs.pagecache import PageCache
@@ -68,17 +62,12 @@ def _guarded(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     return wrapper
 
 
-def _refuse(code: int, message: str, *args: object) -> pyfuse3.FUSEError:
-    log.warning(message, *args)
-    return pyfuse3.FUSEError(code)
-
-
 def _name(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-class Operations(pyfuse3.Operations):
-    """The colofs filesystem of one store."""
+class Operations(FileHandlers, pyfuse3.Operations):
+    """The colofs filesystem of one store (the handlers of open files' I/O are :class:`FileHandlers`)."""
 
     supports_dot_lookup = True
     enable_writeback_cache = True
@@ -109,57 +98,6 @@ class Operations(pyfuse3.Operations):
         attr = self.inodes.attributes(node)
         self.inodes.remember(node)
         return attr
-
-    def _handle(self, fh: int) -> Node:
-        node = self._handles.get(fh)
-        if node is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        return node
-
-    def _new_handle(self, node: Node) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
-        self._handles[fh] = node
-        node.open_handles += 1
-        return fh
-
-    def _io_error(self, node: Node, exc: Exception, what: str) -> pyfuse3.FUSEError:
-        if isinstance(exc, DiskIOError | OSError):
-            self.control.io_errors[node.label] = self.control.io_errors.get(node.label, 0) + 1
-            vm = self.store.vms.get(node.vm)
-            if vm is not None and vm.damage is not None and node.vm not in self._damage_reported:
-                self._damage_reported.add(node.vm)
-                self.repl.events.emit("vm-damaged", vm=node.vm, damage=vm.damage.describe())
-        return fuse_error(exc, f"{node.label}: {what}")
-
-    def _repair_size_later(self, node: Node) -> None:
-        """After a refused write past the end, reset the size the kernel caches.
-
-        With the writeback cache a buffered write past the end succeeds in the
-        page cache and grows the kernel's idea of the size; its writeback then
-        fails here with EFBIG. A truncate to the disk's own size (accepted by
-        :meth:`setattr`) makes the kernel take the real size again and drop
-        the pages past it. It must run after this reply: the kernel holds the
-        failed page until then.
-        """
-        if self.nursery is None:
-            return
-        if node.ino in self._size_repairs:
-            self._size_repairs_again.add(node.ino)  # this failure may postdate the repair under way
-            return
-        self._size_repairs.add(node.ino)
-        self.nursery.start_soon(self._repair_size, node)
-
-    async def _repair_size(self, node: Node) -> None:
-        try:
-            while True:
-                self._size_repairs_again.discard(node.ino)
-                await self.cache.reset_size(node, self.inodes.size_of(node))
-                if node.ino not in self._size_repairs_again:
-                    break
-        finally:
-            self._size_repairs.discard(node.ino)
-            self._size_repairs_again.discard(node.ino)
 
     # -- lookups and attributes ------------------------------------------------------
 
@@ -279,85 +217,6 @@ class Operations(pyfuse3.Operations):
         log.info("%s: pending file created; the first truncate to a non-zero size creates the disk", node.label)
         attr = self._entry(node)
         return pyfuse3.FileInfo(fh=self._new_handle(node), keep_cache=True), attr
-
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
-        # The hot path: no _guarded wrapper (one coroutine less per request); same errors.
-        node = self._handles.get(fh)
-        if node is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        try:
-            kind = node.kind
-            if kind is Kind.DISK:
-                image: Disk | Snapshot = self.inodes.disk(node)
-            elif kind in SNAP_KINDS:
-                image = self.inodes.snapshot(node)
-            else:
-                return b""
-        except pyfuse3.FUSEError:
-            raise
-        except Exception as e:
-            raise fuse_error(e, f"read({fh}, {off}, {size})") from None
-        if off >= image.size or size <= 0:
-            return b""
-        if size > image.size - off:
-            size = image.size - off
-        t0 = time.perf_counter()
-        try:
-            data = await image.read(off, size)
-        except Exception as e:
-            raise self._io_error(node, e, f"read of {size} bytes at {off}") from None
-        self.io.of(node.vm, node.disk).read(len(data), time.perf_counter() - t0)
-        return data
-
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        # The hot path: no _guarded wrapper (one coroutine less per request); same errors.
-        node = self._handles.get(fh)
-        if node is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        kind = node.kind
-        if kind is Kind.SNAPSHOT:
-            raise _refuse(errno.EROFS, "%s: write refused: a snapshot is read-only", node.label)
-        if kind is not Kind.DISK and kind is not Kind.CLONE:
-            self._repair_size_later(node)
-            raise _refuse(errno.EFBIG, "%s: write of %d bytes at %d refused: no disk yet (truncate it to its size first)",
-                          node.label, len(buf), off)
-        try:
-            image: Disk | Snapshot = self.inodes.disk(node) if kind is Kind.DISK else self.inodes.snapshot(node)
-        except pyfuse3.FUSEError:
-            raise
-        except Exception as e:
-            raise fuse_error(e, f"write({fh}, {off})") from None
-        if off + len(buf) > image.size:
-            self._repair_size_later(node)
-            raise _refuse(errno.EFBIG, "%s: write of %d bytes at %d refused: it ends past the disk's size of %d",
-                          node.label, len(buf), off, image.size)
-        t0 = time.perf_counter()
-        try:
-            await image.write(off, buf)
-        except Exception as e:
-            raise self._io_error(node, e, f"write of {len(buf)} bytes at {off}") from None
-        self.io.of(node.vm, node.disk).write(len(buf), time.perf_counter() - t0)
-        return len(buf)
-
-    @_guarded
-    async def fsync(self, fh: int, datasync: bool) -> None:
-        node = self._handle(fh)
-        # A snapshot's saved blocks are durable before the disk changes; nothing to do for it.
-        if node.kind in (Kind.DISK, Kind.CLONE):
-            image: Disk | Snapshot = self.inodes.disk(node) if node.kind is Kind.DISK else self.inodes.snapshot(node)
-            try:
-                await image.flush()
-            except Exception as e:
-                raise self._io_error(node, e, "fsync") from None
-
-    async def flush(self, fh: int) -> None:
-        # close(2): the kernel has written the dirty pages back already; durability is fsync's job.
-        self._handle(fh)
-
-    async def release(self, fh: int) -> None:
-        node = self._handles.pop(fh, None)
-        if node is not None:
-            node.open_handles -= 1
 
     # -- directories -----------------------------------------------------------------------
 
