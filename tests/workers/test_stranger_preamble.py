@@ -5,7 +5,9 @@ the key; that worker creates the VM only when an authenticated primary
 attaches it. A raw client sending a preamble for ``evil1`` and then garbage
 leaves no ``STORE/evil1`` and no ``evil1`` in the root's status: its worker
 ends and the supervisor forgets the VM. A real primary's new VM is still
-created on the secondary (the same router path, authenticated).
+created on the secondary (the same router path, authenticated), and a
+stranger's connection to it is refused by its worker and counted in the
+root's status.
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ def test_a_strangers_preamble_creates_no_vm(wpair: WorkersPair) -> None:
     # A primary's new VM still reaches the secondary through the same path, authenticated.
     wpair.pri.create("vm1", 64 * MiB, "d0")
     wpair.wait_disk("vm1", "d0", 64 * MiB)
+    assert wpair.sec.read_status()["vms"] == ["vm1"]
+
+    # A stranger's connection routed to vm1 is refused by vm1's worker; the root's status counts it.
+    before = int(wpair.sec.read_status()["replication"]["refused"])
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(encode_route("vm1") + b"COLF not a handshake at all " * 8)
+        sock.settimeout(1.0)
+        wait_until_sync(lambda: _closed_by_peer(sock), 60, "the stranger's vm1 connection closed")
+    wait_until_sync(lambda: int(wpair.sec.read_status()["replication"]["refused"]) > before, 60,
+                    "the worker's refusal counted in the root's status")
+    assert "127.0.0.1" in wpair.sec.read_status()["replication"]["last_refusal"]
     assert wpair.sec.read_status()["vms"] == ["vm1"]
     wpair.pri.umount()
     wpair.sec.umount()
