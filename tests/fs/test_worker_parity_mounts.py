@@ -88,7 +88,8 @@ def test_a_connection_a_worker_refuses_shows_in_the_roots_status(mounts, tmp_pat
     mountctl("create", m.mnt, "vm1/d0", "--size", "1M")
     wait_until_sync(lambda: m.path("vm1", "d0.raw").exists(), 60, "vm1/d0 served", catch=(OSError,))
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
-        sock.sendall(encode_route("vm1") + b"not a handshake at all " * 8)
+        # starts like a frame, so the router hands it to the worker, which refuses it
+        sock.sendall(encode_route("vm1") + b"COLF not a handshake at all " * 8)
         sock.settimeout(60)
         try:
             while sock.recv(4096):
