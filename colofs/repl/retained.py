@@ -39,6 +39,20 @@ Writes not sent yet stay up to twice this while the link lags (8 MiB). It
 was 8 MiB: in a worker's peak under a 1 MiB fill (tracemalloc) the log's 16
 MiB sat beside the FUSE requests' buffers and a batch being encoded; a
 checkpoint every few MiB of 4K writes spills nothing either way."""
+RESIDENT_CAP = 2
+"""Writers wait while more than this many times ``resident_limit`` is in memory (8 MiB), for the spill.
+
+The spill writes to the page cache, which the kernel slows to the disk's
+pace when the disk is busy (a fill of a VM's disk puts base, the spill file
+and the secondary's writes on one disk). Without a cap a 1 MiB fill at queue
+depth 8 piled up 65 MiB of writes in memory behind one spill of 56 MiB (the
+writers' only other bound was ``max_inflight_bytes``, 64 MiB unacknowledged).
+Twice the limit is also where writes not sent yet start to be spilled
+(:meth:`RetainedLog._pick`), so the cap holds no writer back that the spill
+could not relieve at once. ``bench/primary_memory.py``: the primary worker's
+peak 116-119 MiB without the cap, 75-78 with four times, 66-67 with twice."""
+SPILL_CHUNK = 1
+"""A spill writes at most this many times ``resident_limit`` per ``pwritev`` and frees it before the next."""
 SPILL_IOV = 512
 """Buffers per ``pwritev`` of a spill (below the kernel's IOV_MAX of 1024)."""
 
@@ -113,8 +127,8 @@ class RetainedLog:
     next compacted.
     """
 
-    __slots__ = ("_back", "_cold", "_gen", "_head", "_items", "_mem", "_spill", "_spill_dir", "_wanted", "budget",
-                 "nbytes", "resident", "resident_limit", "sent", "start")
+    __slots__ = ("_back", "_cold", "_gen", "_head", "_items", "_mem", "_room", "_spill", "_spill_dir", "_spilling",
+                 "_wanted", "budget", "nbytes", "resident", "resident_limit", "sent", "start")
 
     def __init__(self, start: int, budget: RetainedBudget | None = None, *, spill_dir: str | None = None,
                  resident_limit: int | None = None) -> None:
@@ -133,6 +147,8 @@ class RetainedLog:
         self._cold = 0  # spilled writes still in the log
         self._gen = 0  # bumped by reset: a spill under way then leaves the new list alone
         self._wanted = trio.Event()
+        self._room = trio.Event()  # set (and replaced) whenever resident bytes fall, for writers held back
+        self._spilling = False  # run_spill is running: only then do writers wait for it
         self._back: dict[int, tuple[Spilled, ForwardedWrite]] = {}  # read back for the sender: seq -> write
         self.sent = start - 1
         """The newest write sent to the secondary on the current connection (a hint for spilling)."""
@@ -162,6 +178,26 @@ class RetainedLog:
         self.sent = seq
         if self.resident > self.resident_limit and self._spill_dir is not None:
             self._wanted.set()
+
+    @property
+    def resident_cap(self) -> int:
+        """Past this many resident bytes writers wait for the spill (:meth:`wait_resident`)."""
+        return RESIDENT_CAP * self.resident_limit
+
+    async def wait_resident(self) -> None:
+        """Hold a writer back while the spill task lags: more than :attr:`resident_cap` in memory.
+
+        Only while :meth:`run_spill` runs (it is what frees memory here); a
+        log that cannot spill keeps its writes in memory as before.
+        """
+        while self._spilling and self.resident > self.resident_cap:
+            self._wanted.set()
+            await self._room.wait()
+
+    def _freed(self) -> None:
+        """Resident bytes fell: writers held back by :meth:`wait_resident` look again."""
+        self._room.set()
+        self._room = trio.Event()
 
     def covers(self, seq: int) -> bool:
         """Every write from ``seq`` to the newest is here (``seq == end + 1``: nothing missing)."""
@@ -262,6 +298,8 @@ class RetainedLog:
         self.nbytes -= freed
         if self.budget is not None:
             self.budget.total -= freed
+        if freed:
+            self._freed()
         if not self._cold and self._spill is not None and self._spill.end:
             self._wanted.set()  # the spill file holds nothing needed: it can be emptied
         return freed
@@ -277,6 +315,7 @@ class RetainedLog:
         if self.budget is not None:
             self.budget.total -= self.nbytes
         self.nbytes = self.resident = 0
+        self._freed()
         if self._spill is not None and self._spill.end:
             self._wanted.set()
 
@@ -308,8 +347,10 @@ class RetainedLog:
     async def spill_once(self) -> int:
         """Move the oldest writes in memory to the spill file if over the limit; returns the bytes moved.
 
-        The data is written in a worker thread; the writes stay in memory
-        until it is done, and any the log dropped meanwhile stay dropped.
+        The data is written in a worker thread, ``SPILL_CHUNK`` times the
+        limit at a time; each chunk's writes stay in memory until it is done
+        (then they are freed, and held-back writers look again), and any the
+        log dropped meanwhile stay dropped.
         """
         assert self._spill_dir is not None
         spill = self._spill
@@ -321,15 +362,31 @@ class RetainedLog:
         if spill is None:
             spill = self._spill = await trio.to_thread.run_sync(SpillFile, self._spill_dir)
         picked = self._pick()
-        if not picked:
-            return 0
+        moved = 0
+        chunk_max = max(1, SPILL_CHUNK * self.resident_limit)
+        i = 0
+        while i < len(picked):
+            chunk: list[ForwardedWrite] = []
+            size = 0
+            while i < len(picked) and (not chunk or size + len(picked[i].data) <= chunk_max):
+                chunk.append(picked[i])
+                size += len(picked[i].data)
+                i += 1
+            done = await self._spill_chunk(spill, chunk)
+            if done is None:
+                break  # reset meanwhile
+            moved += done
+        return moved
+
+    async def _spill_chunk(self, spill: SpillFile, picked: list[ForwardedWrite]) -> int | None:
+        """Write ``picked`` to the spill file and swap them for where they went; None if reset meanwhile."""
         gen = self._gen
         pos = spill.end
         bufs = [w.data for w in picked]
         spill.end += sum(len(b) for b in bufs)
         await trio.to_thread.run_sync(_write_all, spill.fd, bufs, pos)
         if self._gen != gen:
-            return 0  # reset meanwhile: what was written is not needed (the file is emptied next)
+            return None  # reset meanwhile: what was written is not needed (the file is emptied next)
         items = self._items
         base = self._head - self.start
         moved = 0
@@ -343,23 +400,32 @@ class RetainedLog:
                 moved += n
             pos += n
         self._mem = max(self._mem, picked[-1].seq + 1)
+        if moved:
+            self._freed()
         return moved
 
     async def run_spill(self) -> None:
         """Keep the log's resident bytes within its limit until cancelled; closes the spill file then."""
         if self._spill_dir is None:
             await trio.sleep_forever()
+        self._spilling = True
         try:
             while True:
                 await self._wanted.wait()
                 self._wanted = trio.Event()
                 try:
-                    await self.spill_once()
+                    moved = await self.spill_once()
                 except OSError as e:  # never fail replication over it: keep the writes in memory, as before
                     log.warning("retained writes stay in memory: cannot spill them to %s: %s", self._spill_dir, e)
                     self._spill_dir = None
+                    self._spilling = False
+                    self._freed()  # writers held back go on: nothing will spill now
                     await trio.sleep_forever()
+                if moved and self.resident > self.resident_cap:
+                    self._wanted.set()  # writers came in meanwhile and wait: spill again
         finally:
+            self._spilling = False
+            self._freed()
             if self._spill is not None:
                 self._spill.close()
 

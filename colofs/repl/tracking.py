@@ -136,7 +136,10 @@ class Tracking:
     # -- the WriteSink -------------------------------------------------------------------------
 
     async def wait_room(self, nbytes: int) -> None:
-        """While streaming, hold writers back when too much is unacknowledged (flow control)."""
+        """While streaming, hold writers back when too much is unacknowledged (flow control).
+
+        Also while the retained log's spill lags (its memory bound; any state of the link)."""
+        await self.retained.wait_resident()
         limit = self.cfg.effective_inflight
         while (self.life.streaming and self.retaining and self.unacked_bytes
                and self.unacked_bytes + nbytes > limit):
