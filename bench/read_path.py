@@ -17,6 +17,11 @@ and the runs alternate between the trees within every repetition:
 * each run reports IOPS and the daemon's CPU per read (user + system, all
   its threads and child processes), which is less noisy than IOPS under load.
 
+With ``--floor`` the pyfuse3 floor (``bench/floor_fs.py`` over a copy of
+the seed, as in ``bench.compare``) runs the FUSE workloads in the same
+rotation: on a loaded machine the CPU per read of colofs against the floor's,
+measured minutes apart at most, is the steadiest figure there is.
+
 With ``--profile DIR`` one more run of each workload per tree is sampled
 with ``py-spy record`` (``--idle`` off) and its top functions are printed.
 
@@ -40,6 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `bench` importable
 
+from bench.compare.floor import FloorMount
 from bench.host import cpu_seconds, fio_job, require_root, sh
 from bench.primary_path import top
 from mountctl.pair import Node, PairError
@@ -70,9 +76,14 @@ class TreeNode(Node):
 @dataclass
 class Side:
     label: str
-    node: TreeNode
+    node: TreeNode | None  # None for the floor
     sock: Path
+    floor: FloorMount | None = None
     results: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # workload: (IOPS, CPU us/read)
+
+    def runs(self, workload: str) -> bool:
+        """The floor has no NBD export."""
+        return self.floor is None or workload.startswith("fuse")
 
 
 def uncache(store: Path) -> None:
@@ -95,8 +106,9 @@ def fio_args(side: Side, workload: str, size: int, runtime: float) -> list[str]:
             f"--runtime={runtime}", "--time_based", "--randrepeat=0", "--norandommap", "--output-format=json"]
     if workload.startswith("nbd"):
         return [*args, "--ioengine=nbd", f"--uri=nbd+unix:///{VM}/disk?socket={side.sock}"]
+    path = side.floor.file if side.floor is not None else side.node.file(VM) if side.node is not None else ""
     return [*args, f"--ioengine={'psync' if depth == 1 else 'libaio'}", "--direct=1",
-            f"--filename={side.node.file(VM)}", "--allow_file_create=0", "--fallocate=none", "--invalidate=1"]
+            f"--filename={path}", "--allow_file_create=0", "--fallocate=none", "--invalidate=1"]
 
 
 def tree_cpu(pid: int) -> float:
@@ -122,10 +134,16 @@ def tree_cpu(pid: int) -> float:
 
 def run_once(side: Side, workload: str, size: int, runtime: float, warm: bool) -> tuple[float, float]:
     """(IOPS, daemon CPU µs per read) of one fio run."""
-    side.node.control(VM, "checkpoint")
-    if not warm:
-        uncache(side.node.store)
-    pid = side.node.pid
+    if side.floor is not None:
+        if not warm:
+            uncache(Path(side.floor.dir))
+        pid = side.floor.pid
+    else:
+        assert side.node is not None
+        side.node.control(VM, "checkpoint")
+        if not warm:
+            uncache(side.node.store)
+        pid = side.node.pid
     assert pid is not None
     c0 = tree_cpu(pid)
     out = sh(*fio_args(side, workload, size, runtime))
@@ -136,7 +154,7 @@ def run_once(side: Side, workload: str, size: int, runtime: float, warm: bool) -
 
 
 def profile(side: Side, workload: str, size: int, runtime: float, warm: bool, out_dir: Path) -> None:
-    pid = side.node.pid
+    pid = side.floor.pid if side.floor is not None else side.node.pid if side.node is not None else None
     assert pid is not None
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / f"{side.label}-{workload}.txt"
@@ -169,6 +187,7 @@ def main() -> int:
     ap.add_argument("--warm", action="store_true", help="keep the page cache (CPU of the path alone)")
     ap.add_argument("--profile", type=Path, help="also sample each workload with py-spy, writing here")
     ap.add_argument("--dir", default="/var/tmp", help="where the stores live")
+    ap.add_argument("--floor", action="store_true", help="also run the FUSE workloads on the pyfuse3 floor")
     args = ap.parse_args()
     require_root("fio", "fusermount3")
     workloads = [w for w in args.only.split(",") if w]
@@ -186,9 +205,15 @@ def main() -> int:
             sides.append(side)
             node.mount("--nbd-socket", str(side.sock))
             node.import_(VM, seed)
+        if args.floor:
+            floor = FloorMount(str(work / "floor"), str(seed))
+            sides.append(Side("floor", None, work / "floor.nbd", floor))
+            floor.start()
         for rep in range(args.reps):
             for w in workloads:
                 for side in (sides if rep % 2 == 0 else sides[::-1]):
+                    if not side.runs(w):
+                        continue
                     r = run_once(side, w, size, args.runtime, args.warm)
                     side.results.setdefault(w, []).append(r)
                     print(f"rep {rep + 1} {w:9s} {side.label:8s} {r[0]:8.0f} IOPS {r[1]:6.0f} us CPU/read  "
@@ -200,17 +225,23 @@ def main() -> int:
             cells = []
             for s in sides:
                 rs = s.results.get(w, [])
-                cells += [f"{statistics.median(r[0] for r in rs):.0f}", f"{statistics.median(r[1] for r in rs):.0f}"]
+                cells += ([f"{statistics.median(r[0] for r in rs):.0f}", f"{statistics.median(r[1] for r in rs):.0f}"]
+                          if rs else ["-", "-"])
             print(f"| {w} | " + " | ".join(cells) + " |")
         if args.profile:
             for side in sides:
                 for w in workloads:
+                    if not side.runs(w):
+                        continue
                     profile(side, w, size, args.runtime, args.warm, args.profile)
     except PairError as e:
         raise SystemExit(str(e)) from None
     finally:
         for side in sides:
-            side.node.cleanup()
+            if side.floor is not None:
+                side.floor.stop()
+            elif side.node is not None:
+                side.node.cleanup()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
