@@ -19,6 +19,7 @@ Needs root (FUSE) and fio.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from mountctl.units import parse_size
 
 VM = "vm"
 MiB = 1 << 20
+FUSECTL = "/sys/fs/fuse/connections"
 
 
 class Sampler:
@@ -104,6 +106,16 @@ def hwm_kib(pid: int) -> int:
     return 0
 
 
+def set_max_background(path: os.PathLike[str] | str, value: int) -> str:
+    """Write the FUSE connection of the mount holding ``path``: max_background, and congestion_threshold at 3/4."""
+    conn = Path(FUSECTL) / str(os.stat(path).st_dev)
+    if not (conn / "max_background").exists():
+        raise SystemExit(f"no {conn}/max_background: is fusectl mounted (mount -t fusectl none {FUSECTL})?")
+    (conn / "max_background").write_text(f"{value}\n")
+    (conn / "congestion_threshold").write_text(f"{max(1, value * 3 // 4)}\n")
+    return ", ".join(f"{n} {(conn / n).read_text().strip()}" for n in ("max_background", "congestion_threshold"))
+
+
 def retained(pair: Pair) -> str:
     peer = (pair.primary.vm_status(VM) or {}).get("peer") or {}
     held = int(peer.get("retained_bytes") or 0)
@@ -115,6 +127,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="256M", help="disk size (default 256M)")
     ap.add_argument("--runtime", type=float, default=8.0, help="seconds of 4K writes (default 8)")
+    ap.add_argument("--iodepth", type=int, default=8,
+                    help="queue depth of the 1M fill (default 8; make bench's ingest row runs 16)")
+    ap.add_argument("--max-background", type=int, default=None,
+                    help="set the primary VM's FUSE connection's max_background (the kernel's bound on queued "
+                         "asynchronous requests, 12 by default) through fusectl; needs it mounted on "
+                         f"{FUSECTL}")
     ap.add_argument("--dir", default="/var/tmp", help="where the stores live")
     ap.add_argument("--trace", action="store_true",
                     help="also print the worker's top allocation sites at its highest traced point (bench/tracehigh.py)")
@@ -129,18 +147,20 @@ def main() -> int:
         disk = pair.primary.create(VM, size)
         pair.wait_disk(VM)
         pid = serving_pid(pair.primary)  # the VM's worker under a process per VM
+        if args.max_background is not None:
+            print(f"primary's FUSE connection: {set_max_background(disk, args.max_background)}")
         idle = hwm_kib(pid)
         with Sampler(pid) as s:
             c0, t0 = cpu_seconds(pid), time.monotonic()
             out = sh("fio", "--name=fill", f"--filename={disk}", "--rw=write", "--bs=1m", "--ioengine=libaio",
-                     "--iodepth=8", "--direct=1", f"--size={size}", "--allow_file_create=0", "--fallocate=none",
+                     f"--iodepth={args.iodepth}", "--direct=1", f"--size={size}", "--allow_file_create=0", "--fallocate=none",
                      "--output-format=json")
             mbs = fio_job(out)["write"]["bw_bytes"] / 1e6
             pair.wait_acked(VM, timeout=600)
             cpu = (cpu_seconds(pid) - c0) / (size / MiB) * 1e3
             dt = time.monotonic() - t0
         print(f"idle: primary peak RSS {idle / 1024:.1f} MiB")
-        print(f"fill 1M qd8: {mbs:.0f} MB/s (acknowledged after {dt:.1f} s), primary CPU {cpu:.2f} ms/MiB, "
+        print(f"fill 1M qd{args.iodepth}: {mbs:.0f} MB/s (acknowledged after {dt:.1f} s), primary CPU {cpu:.2f} ms/MiB, "
               f"peak RSS {hwm_kib(pid) / 1024:.1f} MiB, peak PSS {s.peak_pss / 1024:.1f} MiB, {retained(pair)}",
               flush=True)
         print(f"  at the peak (MiB): {shown(s.at_peak)}", flush=True)

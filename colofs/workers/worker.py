@@ -68,6 +68,7 @@ from colofs.fs.daemon import (
     watch_signals,
     wire_hooks,
 )
+from colofs.fs.fuseconn import tune_connection
 from colofs.fs.fusedevice import queued_requests_probe
 from colofs.fs.metrics import VMCounts
 from colofs.fs.operations import Operations
@@ -320,6 +321,8 @@ class Worker(Requests):
             delay = min(delay * 2, 1.0)
         mount(ops, self.cfg, self.mountpoint, source=os.path.join(self.cfg.store, self.vm))
         self.mounted = True
+        vm = self.store.vms.get(self.vm) if self.store is not None else None  # a primary's: fewer writes in flight
+        await trio.to_thread.run_sync(tune_connection, self.mountpoint, vm.state.role if vm is not None else None)
 
     async def _serve_mount(self, nursery: trio.Nursery, ops: Operations, repl: Replication, signals: Any) -> None:
         unmounted = trio.Event()
