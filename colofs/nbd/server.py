@@ -1,16 +1,18 @@
-"""One NBD connection: one trio task, many pipelined requests per receive, replies in batches.
+"""One NBD connection: the handshake, then the transmission phase on the export it chose.
 
 A connection first negotiates (fixed newstyle only) within a time limit, then
-serves one export. Each round takes whatever the client has sent, serves every
-complete request in it in order, and sends all their replies with one
-``send_all``; only then does it receive again. So what is in flight per
-connection is bounded by one receive plus one maximal write payload, and a
-burst of small requests costs one receive and one send, not one each. On an
-ingest export the writes of a round are queued, in order, for a task of
-the connection that applies what has accumulated as one group of forwarded
-primary writes with one hidden ``fdatasync``; a write is answered once it
-is queued, a FUA write, a flush or a read only once every write before it
-is applied (:class:`colofs.nbd.ingest.WriteGroup` says why that is enough).
+serves one export. On a disk, snapshot or clone export the requests run as
+concurrent tasks and their replies go out as they complete, several per send
+(:mod:`colofs.nbd.inflight` says what ordering and bounds still hold): a
+primary in ``sync`` mode keeps the client's queue depth while its writes wait
+for the secondary's receipts. An ingest export serves in rounds instead: each
+takes whatever the client has sent and serves every complete request in it
+in order, the writes queued, in order, for a task of the connection that
+applies what has accumulated as one group of forwarded primary writes with
+one hidden ``fdatasync``; a write is answered once it is queued, a FUA write,
+a flush or a read only once every write before it is applied
+(:class:`colofs.nbd.ingest.WriteGroup` says why that is enough), and the
+round's replies are sent with one ``send_all``.
 
 On TCP with TLS configured, every option but ``NBD_OPT_STARTTLS`` and
 ``NBD_OPT_ABORT`` is refused until the client has switched to TLS and shown
@@ -52,6 +54,7 @@ from colofs.nbd.handshake import (
     meta_replies,
     transmission_flags,
 )
+from colofs.nbd.inflight import InFlight, ending, prefetch_reads
 from colofs.nbd.ingest import WriteGroup
 
 log = logging.getLogger(__name__)
@@ -126,17 +129,6 @@ class _Replies:
         return self.size >= REPLY_BATCH_BYTES or self.count >= MAX_BATCH_REQUESTS
 
 
-def _prefetch_reads(export: Export, buf: bytearray) -> int:
-    """Hint the device reads of the reads in ``buf`` when there are several, so that misses overlap; hints given.
-
-    The round still serves them one after another (at queue depth 16, 16 reads a round).
-    """
-    reads = p.read_requests(buf, MAX_BATCH_REQUESTS)
-    if len(reads) < 2:
-        return 0
-    return sum(export.prefetch(offset, length) for offset, length in reads)
-
-
 class Connection(Handshake[Export]):
     """One client: the handshake, then the transmission phase on the export it chose."""
 
@@ -144,7 +136,7 @@ class Connection(Handshake[Export]):
                  tls: ssl.SSLContext | None = None) -> None:
         super().__init__(stream, label, tls)
         self.exports = exports
-        self.shield: trio.CancelScope | None = None  # around the request being served, if any
+        self.shield: trio.CancelScope | None = None  # around the requests being served, if any
 
     async def resume(self, at: Resume) -> Export | None:
         """Take over a handshake another process ran up to ``at``: answer that option, then go on as usual."""
@@ -227,15 +219,19 @@ class Connection(Handshake[Export]):
     # -- transmission ------------------------------------------------------------------
 
     async def transmit(self, export: Export) -> None:
-        """Serve requests until the client disconnects; each round's replies go out in one send.
+        """Serve requests until the client disconnects.
 
         On an ingest export the writes among them are gathered into a
         :class:`WriteGroup` and answered once it is queued (see :meth:`_gather`);
         its applier runs beside the connection and finishes the queue when it ends.
+        Any other export serves its requests as concurrent tasks (:class:`InFlight`).
         """
         group = export.write_group()
         if group is None:
-            return await self._transmit(export, None)
+            try:
+                return await InFlight(self, export).run()
+            finally:
+                self.exports.cache.closed(export)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(group.run)
@@ -244,9 +240,7 @@ class Connection(Handshake[Export]):
                 finally:
                     group.close()
         except BaseExceptionGroup as eg:  # the connection's own ending (closed, bad input, a stop), as without
-            if len(eg.exceptions) == 1 and not isinstance(eg.exceptions[0], BaseExceptionGroup):
-                raise eg.exceptions[0] from None
-            raise
+            raise ending(eg) from None
 
     async def _transmit(self, export: Export, group: WriteGroup | None) -> None:
         cache = self.exports.cache
@@ -258,7 +252,7 @@ class Connection(Handshake[Export]):
                 buf = self.buf
                 done = False
                 arriving = 0  # the length of a write whose payload has not all been received yet
-                _prefetch_reads(export, buf)
+                prefetch_reads(export, buf)
                 while len(buf) - pos >= p.REQUEST.size:
                     req = p.parse_request(buf, pos)
                     need = p.REQUEST.size

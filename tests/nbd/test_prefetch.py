@@ -16,7 +16,7 @@ import pytest
 
 from colofs.core import layers
 from colofs.nbd import protocol as p
-from colofs.nbd import server as nbd_server
+from colofs.nbd.inflight import prefetch_reads
 from tests.nbd.conftest import SIZE
 
 
@@ -127,9 +127,9 @@ def test_the_round_scan_skips_write_payloads_and_stops_at_a_bad_magic() -> None:
                     + p.pack_request(p.CMD_READ, 3, 8192, 4096)
                     + p.pack_request(p.CMD_READ, 4, 12288, 4096)[:20])  # incomplete: not yet a request
     r = Recorder()
-    assert nbd_server._prefetch_reads(r, buf) == 2
+    assert prefetch_reads(r, buf) == 2
     assert r.calls == [(0, 4096), (8192, 4096)]
     r2 = Recorder()
     bad = bytearray(p.pack_request(p.CMD_READ, 1, 0, 4096) + b"\0" * 28 + p.pack_request(p.CMD_READ, 3, 0, 4096))
-    assert nbd_server._prefetch_reads(r2, bad) == 0 and r2.calls == []  # one read before the bad magic
+    assert prefetch_reads(r2, bad) == 0 and r2.calls == []  # one read before the bad magic
 

@@ -1,0 +1,278 @@
+"""A connection's requests served as concurrent tasks, replies sent as they complete.
+
+NBD lets a server complete a connection's requests in any order (each reply
+names its request's cookie). Served one after another, a primary in ``sync``
+mode would answer at queue depth 1 whatever the client's depth: each write
+waits for the secondary's receipt before the next one starts. Here each
+request runs as a task of its own, so the writes of one connection wait for
+their receipts together, and the replies ready while a send is under way go
+out with the next ``send_all``.
+
+What still holds, as when they were served in order:
+
+* requests that overlap, one of them changing the image, run in the order
+  they arrived (a request waits for the earlier overlapping ones under way);
+* a ``FLUSH`` covers every write received before it (it waits for all of
+  them to complete, not only for those already answered, as the protocol
+  requires); a FUA write is flushed after it is written, as before;
+* a stop lets the requests under way finish (they run in one shielded scope,
+  the connection's :attr:`~colofs.nbd.server.Connection.shield`), so no
+  write is left half applied; once the grace is over that scope is cancelled;
+* what a connection holds is bounded: at most :data:`MAX_IN_FLIGHT` requests
+  and :data:`IN_FLIGHT_BYTES` of their payloads and read data (a single
+  larger request is admitted alone), counted until its reply is sent.
+
+Large write payloads are received straight into their own buffer (on a
+socket, ``recv_into``), not through the connection's receive buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from colofs.nbd import protocol as p
+from colofs.nbd.exports import Export
+from colofs.nbd.handshake import ConnectionClosed
+
+if TYPE_CHECKING:
+    from colofs.nbd.server import Connection
+
+MAX_IN_FLIGHT = 64  # requests of one connection under way or with a reply not yet sent
+IN_FLIGHT_BYTES = 32 << 20  # their write payloads and read data
+DIRECT_RECV = 64 << 10  # a write payload missing more than this is received into its own buffer
+SEND_ALONE = 64 << 10  # read data this large is sent by itself rather than copied into a joined reply
+PREFETCH_READS = 256  # reads of one receive hinted to the device at most
+
+_ORDERED = (p.CMD_READ, p.CMD_WRITE, p.CMD_WRITE_ZEROES, p.CMD_TRIM, p.CMD_BLOCK_STATUS)
+_CHANGES = (p.CMD_WRITE, p.CMD_WRITE_ZEROES, p.CMD_TRIM)
+_ENDINGS = (ConnectionClosed, p.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def prefetch_reads(export: Export, buf: bytearray) -> int:
+    """Hint the device reads of the reads in ``buf`` when there are several, so that misses overlap; hints given."""
+    reads = p.read_requests(buf, PREFETCH_READS)
+    if len(reads) < 2:
+        return 0
+    return sum(export.prefetch(offset, length) for offset, length in reads)
+
+
+def ending(eg: BaseExceptionGroup) -> BaseException:
+    """The one exception a connection's tasks ended with, or the group if it holds more than its ending.
+
+    A client that hangs up may end the receiving and the sending task at
+    once; either exception says the same, so the first stands for both.
+    """
+    if len(eg.exceptions) == 1 and not isinstance(eg.exceptions[0], BaseExceptionGroup):
+        return eg.exceptions[0]
+    if all(isinstance(e, (*_ENDINGS, trio.Cancelled)) for e in eg.exceptions):
+        return next((e for e in eg.exceptions if not isinstance(e, trio.Cancelled)), eg.exceptions[0])
+    return eg
+
+
+@dataclass(eq=False, slots=True)
+class _Under:
+    """A request under way: the range it touches, whether it changes it, and when it is done."""
+
+    lo: int
+    hi: int
+    changes: bool
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+class InFlight:
+    """The transmission phase of one connection whose requests may run at once (any export but ingest)."""
+
+    def __init__(self, conn: Connection, export: Export) -> None:
+        self.conn = conn
+        self.export = export
+        self.under: list[_Under] = []  # in the order the requests arrived
+        self.held = 0  # requests admitted whose reply is not sent yet
+        self.held_bytes = 0
+        self._room = trio.Event()
+        self.out: list[bytes | bytearray] = []  # replies ready, not sent yet
+        self._out_held = 0
+        self._out_bytes = 0
+        self._out_written = False
+        self._ready = trio.Event()
+        self._intake_closed = trio.Event()
+        self._finished = False  # every request admitted has its reply in ``out``
+        self.peak = 0  # the most requests under way at once (for tests and statistics)
+
+    async def run(self) -> None:
+        """Serve until the client disconnects (``NBD_CMD_DISC``: every request before it is answered first)."""
+        try:
+            async with trio.open_nursery() as outer:
+                outer.start_soon(self._send)
+                requests: trio.Nursery = await outer.start(self._host)
+                try:
+                    await self._receive(requests)
+                finally:
+                    self._intake_closed.set()
+        except BaseExceptionGroup as eg:
+            raise ending(eg) from None
+
+    # -- receiving ---------------------------------------------------------------------
+
+    async def _receive(self, requests: trio.Nursery) -> None:
+        conn = self.conn
+        export = self.export
+        buf = conn.buf
+        size = p.REQUEST.size
+        while True:
+            prefetch_reads(export, buf)
+            pos = 0
+            while len(buf) - pos >= size:
+                req = p.parse_request(buf, pos)
+                start = pos + size
+                payload: bytes | bytearray = b""
+                if req.type == p.CMD_WRITE:
+                    if req.length > p.MAX_PAYLOAD:
+                        raise p.ProtocolError(f"write of {req.length} bytes: more than the "
+                                              f"{p.MAX_PAYLOAD}-byte maximum payload")
+                    have = len(buf) - start
+                    if have >= req.length:
+                        pos = start + req.length
+                        with memoryview(buf) as mv:  # one copy, and the view is gone before buf is resized
+                            payload = bytes(mv[start:pos])
+                    elif req.length - have < DIRECT_RECV:
+                        break  # the rest comes with the next receive
+                    else:
+                        payload = bytearray(req.length)
+                        with memoryview(buf) as mv:
+                            payload[:have] = mv[start:]
+                        del buf[:]
+                        pos = 0
+                        await self._receive_into(payload, have)
+                else:
+                    pos = start
+                if req.type == p.CMD_DISC:
+                    del buf[:pos]
+                    return
+                cost = len(payload) if req.type == p.CMD_WRITE else req.length if req.type == p.CMD_READ else 0
+                await self._admit(cost)
+                self._start(requests, req, payload, cost)
+            del buf[:pos]
+            await conn._recv()
+
+    async def _receive_into(self, payload: bytearray, have: int) -> None:
+        """Fill ``payload`` from byte ``have`` on with what the client sends next."""
+        stream = self.conn.stream
+        sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        with memoryview(payload) as mv:
+            while have < len(mv):
+                if sock is not None:
+                    n = await sock.recv_into(mv[have:])
+                else:
+                    data = await stream.receive_some(len(mv) - have)
+                    n = len(data)
+                    mv[have : have + n] = data
+                if not n:
+                    raise ConnectionClosed
+                have += n
+
+    async def _admit(self, cost: int) -> None:
+        """Wait until one more request of ``cost`` bytes fits the connection's bounds, then count it."""
+        while self.held and (self.held >= MAX_IN_FLIGHT or self.held_bytes + cost > IN_FLIGHT_BYTES):
+            self._room = trio.Event()
+            await self._room.wait()
+        self.held += 1
+        self.held_bytes += cost
+
+    def _start(self, requests: trio.Nursery, req: p.Request, payload: bytes | bytearray, cost: int) -> None:
+        """Answer a request refused outright; run any other as a task once what it must follow is done."""
+        refused = self.conn._check(self.export, req)
+        if refused is not None:
+            self._reply(refused, None, False, cost)
+            return
+        typ = req.type
+        after: list[trio.Event]
+        if typ in _ORDERED:
+            lo, hi = req.offset, req.offset + req.length
+            changes = typ in _CHANGES
+            after = [u.done for u in self.under if u.lo < hi and lo < u.hi and (changes or u.changes)]
+            mine: _Under | None = _Under(lo, hi, changes)
+            self.under.append(mine)
+        else:  # FLUSH: after every write received before it
+            after = [u.done for u in self.under if u.changes]
+            mine = None
+        self.peak = max(self.peak, len(self.under))
+        requests.start_soon(self._serve, req, payload, cost, after, mine)
+
+    async def _serve(self, req: p.Request, payload: bytes | bytearray, cost: int, after: list[trio.Event],
+                     mine: _Under | None) -> None:
+        try:
+            for event in after:
+                await event.wait()
+            reply, data, wrote = await self.conn._serve(self.export, req, payload)
+        finally:
+            if mine is not None:
+                mine.done.set()
+                self.under.remove(mine)
+        self._reply(reply, data, wrote, cost)
+
+    # -- replying ----------------------------------------------------------------------
+
+    def _reply(self, reply: bytes, data: bytearray | None, wrote: bool, cost: int) -> None:
+        self.out.append(reply)
+        if data:
+            self.out.append(data)
+        self._out_held += 1
+        self._out_bytes += cost
+        self._out_written |= wrote
+        self._ready.set()
+
+    async def _send(self) -> None:
+        """Send the replies ready, all of them at once; end once the last one is sent."""
+        cache = self.conn.exports.cache
+        while True:
+            await self._ready.wait()
+            self._ready = trio.Event()
+            if self.out:
+                parts, held, nbytes, written = self.out, self._out_held, self._out_bytes, self._out_written
+                self.out, self._out_held, self._out_bytes, self._out_written = [], 0, 0, False
+                if written:  # the kernel's cached pages must not be seen once a write is acknowledged
+                    await cache.written(self.export)
+                for data in _coalesced(parts):
+                    await self.conn.stream.send_all(data)
+                self.held -= held
+                self.held_bytes -= nbytes
+                self._room.set()
+            if self._finished and not self.out:
+                return
+
+    # -- the requests' scope -----------------------------------------------------------
+
+    async def _host(self, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED) -> None:
+        """Hold the nursery the requests run in, shielded: a stop lets them finish (see ``NbdService.stop``)."""
+        with trio.CancelScope(shield=True) as scope:
+            self.conn.shield = scope
+            try:
+                async with trio.open_nursery() as requests:
+                    task_status.started(requests)
+                    await self._intake_closed.wait()
+            finally:
+                self.conn.shield = None
+        self._finished = True
+        self._ready.set()
+
+
+def _coalesced(parts: list[bytes | bytearray]) -> Iterator[bytes | bytearray]:
+    """``parts`` as few sends: small ones joined, each large one (read data) sent as it is, not copied."""
+    if len(parts) == 1:
+        yield parts[0]
+        return
+    run: list[bytes | bytearray] = []
+    for part in parts:
+        if len(part) >= SEND_ALONE and run:
+            yield b"".join(run)
+            run = []
+        if len(part) >= SEND_ALONE:
+            yield part
+        else:
+            run.append(part)
+    if run:
+        yield b"".join(run)
