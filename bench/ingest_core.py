@@ -224,15 +224,32 @@ async def run(
         meter.uninstall()
 
 
+class Tally:
+    """What a row's timed operations took: wall, CPU (process, loop thread), syncs, pause."""
+
+    def __init__(self) -> None:
+        self.spent: list[float] = []
+        self.cpus: list[float] = []
+        self.loop: list[float] = []
+        self.paused: list[float] = []
+        self.syncs = (0, 0)
+        self.phases: dict[str, list[float]] = {}
+
+    def line(self, name: str, detail: str) -> str:
+        def med(v: list[float]) -> float:
+            return sorted(v)[len(v) // 2] * 1000
+
+        return (f"{name} {med(self.spent):7.1f} [{min(self.spent) * 1000:.0f}-{max(self.spent) * 1000:.0f}] ms  "
+                f"cpu {med(self.cpus):.0f} ms (loop {med(self.loop):.0f})  {detail}fdatasync {self.syncs[0]}  "
+                f"fsync {self.syncs[1]}  paused {med(self.paused):.1f} [{min(self.paused) * 1000:.1f}-"
+                f"{max(self.paused) * 1000:.1f}] ms")
+
+
 async def control_row(what: str, workdir: str, mib: int, repeat: int, cold: bool, synced: bool, chunk: int,
                       group: int, meter: Meter, big: bytes, small: bytes) -> None:
     """Time ``what`` (checkpoint or failover) with ``mib`` MiB buffered: half hidden (over data), half active."""
-    spent: list[float] = []
-    cpus: list[float] = []
-    phases: dict[str, list[float]] = {}
-    syncs: list[tuple[int, int]] = []
-    paused: list[float] = []
-    moved = 0
+    tally = Tally()
+    moved = copied = base = 0
     for r in range(repeat):
         path = os.path.join(workdir, f"{what[0]}{r}")
         store = await Store.open(path, role="secondary", create=True)
@@ -256,37 +273,32 @@ async def control_row(what: str, workdir: str, mib: int, repeat: int, cold: bool
                 os.fsync(fd)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         meter.reset()
-        t, c = time.perf_counter(), cpu()
+        t, c, lt = time.perf_counter(), cpu(), time.thread_time()
         if what == "failover":
             moved = await vm.failover()
         else:
             await vm.checkpoint(seq)
-        spent.append(time.perf_counter() - t)
-        cpus.append(cpu() - c)
+        tally.spent.append(time.perf_counter() - t)
+        tally.cpus.append(cpu() - c)
+        tally.loop.append(time.thread_time() - lt)
         meter.freeze()
-        syncs.append((meter.syncs, meter.fsyncs))
-        paused.append(meter.paused)
+        tally.syncs = (meter.syncs, meter.fsyncs)
+        tally.paused.append(meter.paused)
+        copied, base = meter.copied, meter.bytes["base.raw"]
         if what == "failover":
-            for k, v in (getattr(vm, "failover_phases", None) or {}).items():
-                phases.setdefault(k, []).append(v)
+            for k, val in (getattr(vm, "failover_phases", None) or {}).items():
+                tally.phases.setdefault(k, []).append(val)
         await store.close()
         shutil.rmtree(path)
-    if not spent:
+    if not tally.spent:
         return
-    spent.sort()
-    b = meter.bytes
-    detail = (f"{moved} blocks  base {b['base.raw'] / MiB:.0f} MiB (copied in the kernel {meter.copied / MiB:.0f})  "
+    detail = (f"{moved} blocks  base {base / MiB:.0f} MiB (copied in the kernel {copied / MiB:.0f})  "
               if what == "failover" else "")
-    print(
-        f"{what}, {mib} MiB buffered{' (cold)' if cold else '       '} {spent[len(spent) // 2] * 1000:7.1f} "
-        f"[{spent[0] * 1000:.0f}-{spent[-1] * 1000:.0f}] ms  cpu {sorted(cpus)[len(cpus) // 2] * 1000:.0f} ms  "
-        f"{detail}fdatasync {syncs[-1][0]}  fsync {syncs[-1][1]}  "
-        f"paused {sorted(paused)[len(paused) // 2] * 1000:.1f} [{min(paused) * 1000:.1f}-{max(paused) * 1000:.1f}] ms",
-        flush=True,
-    )
-    if phases:
+    name = f"{what}, {mib} MiB buffered{' (cold)' if cold else ''}"
+    print(tally.line(f"{name:<36}", detail), flush=True)
+    if tally.phases:
         print("  phases (median ms): " + "  ".join(
-            f"{k.removesuffix('_seconds')} {sorted(v)[len(v) // 2] * 1000:.1f}" for k, v in phases.items()),
+            f"{k.removesuffix('_seconds')} {sorted(p)[len(p) // 2] * 1000:.1f}" for k, p in tally.phases.items()),
             flush=True)
 
 

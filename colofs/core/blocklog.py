@@ -65,12 +65,14 @@ import os
 import struct
 from array import array
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 
+import trio
 import xxhash
 
 from colofs.core.blockindex import BlockIndex, DigestView
 from colofs.core.errors import BlockDamaged, DiskIOError, MapMissing
-from colofs.core.fileio import Buffer, write_all
+from colofs.core.fileio import Buffer, fsync_dir, write_all
 from colofs.core.ioctx import IOContext
 from colofs.core.logformat import (
     DROP,
@@ -97,8 +99,9 @@ from colofs.core.logformat import (
     segment_header_len,
 )
 from colofs.core.logreplay import LogReplay
+from colofs.core.together import together
 
-__all__ = ["NEW_SUFFIX", "BlockLog", "LogMissing", "file_header_len", "make_durable"]
+__all__ = ["NEW_SUFFIX", "BlockLog", "LogMissing", "file_header_len", "fsync_dirs", "make_durable", "settle_renames"]
 
 
 class LogMissing(MapMissing):
@@ -134,6 +137,9 @@ class BlockLog(LogReplay):
         self.committed = 0  # the length the last commit slot names
         self._slot_counter = 0
         self.on_damage: Callable[[BlockDamaged], None] | None = None
+        self.rename_unsynced = False
+        """:meth:`take_spare` renamed this file into place and its directory is not synced yet:
+        the next :func:`make_durable` (or :func:`settle_renames`) syncs it before it returns."""
 
     # -- life cycle -------------------------------------------------------
 
@@ -264,9 +270,13 @@ class BlockLog(LogReplay):
         Unlike :meth:`reset` this frees no blocks now: that happens when the
         caller closes the returned descriptor, off the critical path (see
         ``colofs.core.reaper``). Either file is valid after a crash (the old
-        one holds only older generations), but the caller must make the
-        rename durable (``fsync`` of the directory) before the log takes data
-        that base depends on. On an error the spare is left to the caller.
+        one holds only older generations). The rename must be durable before
+        the log holds anything that is relied on (data base depends on, SVM
+        writes a flush acknowledged, a clean close's lengths): every such
+        sync goes through :func:`make_durable` or :func:`settle_renames`,
+        which sync the directory first while :attr:`rename_unsynced` says so,
+        so a checkpoint need not wait for it. On an error the spare is left
+        to the caller.
         """
         try:
             os.rename(self.path + NEW_SUFFIX, self.path)
@@ -275,6 +285,7 @@ class BlockLog(LogReplay):
         old, self.fd = self.fd, fd
         self._start_empty(gen)
         self.end = file_header_len(self.block_size)
+        self.rename_unsynced = True
         return old
 
     # -- queries ----------------------------------------------------------
@@ -405,9 +416,13 @@ class BlockLog(LogReplay):
             self.map.put_many(zeros, [ZERO_AT] * len(zeros))
         self.end = data_off + n * bs
 
-    def drop(self, blocks: Iterable[int]) -> None:
-        """Remove blocks durably-to-be (tombstones); the caller syncs."""
-        present = [b for b in blocks if b in self.map]
+    def drop(self, blocks: Iterable[int], checked: bool = False) -> None:
+        """Remove blocks durably-to-be (tombstones); the caller syncs.
+
+        ``checked``: the caller knows every block is in the log (a failover's
+        commit, which took them from the map), so none is looked up first.
+        """
+        present = blocks if checked and isinstance(blocks, list) else [b for b in blocks if b in self.map]
         if not present:
             return
         n = len(present)
@@ -476,9 +491,37 @@ async def make_durable(io: IOContext, logs: Sequence[BlockLog]) -> None:
     if not logs:
         return
     marks = [(lg, lg.fd, lg.end) for lg in logs]
-    await io.syncs.datasync_all([fd for _, fd, _ in marks])
+    if any(lg.rename_unsynced for lg in logs):  # the first sync since a checkpoint renamed the file into place
+        await together(partial(io.syncs.datasync_all, [fd for _, fd, _ in marks]), partial(settle_renames, logs))
+    else:
+        await io.syncs.datasync_all([fd for _, fd, _ in marks])
     for lg, fd, end in marks:
         lg.commit(end, fd)
+
+
+async def settle_renames(logs: Sequence[BlockLog]) -> None:
+    """Make the renames :meth:`BlockLog.take_spare` left unsynced durable (``fsync`` of their directories).
+
+    A flag is cleared only once its directory's sync has returned, and only
+    for the file the sync was for, so a concurrent caller never skips a sync
+    still under way and a later rename is never taken as synced.
+    """
+    pending = [(lg, lg.fd) for lg in logs if lg.rename_unsynced]
+    if not pending:
+        return
+    await trio.to_thread.run_sync(fsync_dirs, sorted({os.path.dirname(lg.path) for lg, _ in pending}))
+    for lg, fd in pending:
+        if lg.fd == fd:
+            lg.rename_unsynced = False
+
+
+def fsync_dirs(paths: Sequence[str]) -> None:
+    """``fsync`` each directory (blocking): renames and creations in them become durable."""
+    for path in paths:
+        try:
+            fsync_dir(path)
+        except OSError as e:
+            raise DiskIOError(f"cannot make the block logs in {path} durable: {e.strerror}", e.errno) from e
 
 
 def _slice_bufs(bufs: Sequence[Buffer], start: int, length: int) -> list[memoryview]:

@@ -20,6 +20,7 @@ from typing import Self
 import trio
 
 from colofs.core.blocklog import BlockLog
+from colofs.core.commit import commit_disk
 from colofs.core.disk import Disk
 from colofs.core.errors import StoreError
 from colofs.core.fileio import Buffer, fsync_dir
@@ -192,7 +193,7 @@ class VMOpening(VMBase):
         if st.phase == FAILOVER:
             moved = 0
             for disk in self.disks.values():
-                moved += await disk.commit_buffers()
+                moved += await commit_disk(disk)
             await self._finish_failover()  # syncs base first
             self.recovery = Recovery("failover-completed", moved, self.state.last_applied)
             log.warning("VM %s: completed an interrupted failover (%d blocks committed)", self.name, moved)

@@ -28,11 +28,14 @@ import os
 import shutil
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Self
 
 import trio
 
+from colofs.core.blocklog import make_durable
 from colofs.core.blocks import check_block_size
+from colofs.core.commit import commit_disk
 from colofs.core.disk import Disk, apply_to_disks
 from colofs.core.disksize import check_disk_size
 from colofs.core.errors import (
@@ -356,15 +359,16 @@ class VM(VMOpening, VMSnapshots):
                     raise RoleError(f"VM {self.name}: failover of a {st.role}")
                 if st.phase == NORMAL:
                     # Roll-forward after a crash trusts active: durable before the state says FAILOVER.
+                    active = [d.active for d in self._sorted_disks()]
                     await self._update(lambda s: replace(s, phase=FAILOVER, epoch=s.epoch + 1),
-                                       alongside=[d.active.fd for d in self._sorted_disks()])
+                                       alongside=partial(make_durable, self.io, active))
                     for disk in self.disks.values():
                         disk.cbw.detach(disk.hidden)
                     log.warning("VM %s: failover started, epoch %d", self.name, self.state.epoch)
             t1 = clock()
             moved = 0
             for disk in self._sorted_disks():
-                moved += await disk.commit_buffers()
+                moved += await commit_disk(disk)
             t2 = clock()
             async with self._apply_lock:
                 await self._finish_failover()  # base synced beside the switch's preparation, then the switch

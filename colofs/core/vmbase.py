@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
+from functools import partial
 
 import trio
 
-from colofs.core.blocklog import BlockLog
+from colofs.core.blocklog import BlockLog, settle_renames
 from colofs.core.damage import PHASE_DAMAGED, Damage, damage_of, save_marker
 from colofs.core.disk import Disk, whole_disks
 from colofs.core.errors import DiskIOError, NotFound, VMDamaged
@@ -30,6 +31,7 @@ from colofs.core.forward import ForwardedWrite, WriteSink
 from colofs.core.ioctx import IOContext
 from colofs.core.reaper import FdReaper
 from colofs.core.state import NORMAL, PRIMARY, DiskState, VMState, save_vm_state
+from colofs.core.together import together
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,8 @@ class VMBase:
         self.switch_seconds = 0.0
         """How long the last checkpoint's or failover's switch held every disk (no VM I/O meanwhile)."""
 
-    async def _update(self, change: Callable[[VMState], VMState], alongside: Sequence[int] = ()) -> VMState:
+    async def _update(self, change: Callable[[VMState], VMState],
+                      alongside: Callable[[], Awaitable[object]] | None = None) -> VMState:
         """Durably replace the state with ``change(current state)``; returns the new state.
 
         Updates are serialised and each is computed from the state as it is
@@ -66,19 +69,17 @@ class VMBase:
         primary's writes keep counting sequence numbers on the live state
         while the file is written (they take no VM lock): those increments
         are carried over, so no sequence number is handed out twice.
-        ``alongside`` are descriptors that must be durable before the new
-        state is: their ``fdatasync`` runs beside the new file's own, and the
-        rename that commits it follows both.
+        ``alongside`` makes durable what must be before the new state is
+        (a failover's active logs): it runs beside the new file's own sync,
+        and the rename that commits the state follows both.
         """
         async with self._state_lock:
             live = self.state
             mark = live.last_applied
             new = change(live)
             path = os.path.join(self.path, STATE_FILE)
-            if alongside:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self.io.syncs.datasync_all, list(alongside))
-                    nursery.start_soon(trio.to_thread.run_sync, _write_state_tmp, path, new)
+            if alongside is not None:
+                await together(alongside, partial(trio.to_thread.run_sync, _write_state_tmp, path, new))
                 await trio.to_thread.run_sync(_install_state, path)
             else:
                 await trio.to_thread.run_sync(save_vm_state, path, new)
@@ -172,9 +173,12 @@ class VMBase:
         disk's whole range held: the state file renamed into place and its
         directory synced (the commit point; a crash before it keeps the old
         generation, whose logs are still in place), then the fresh logs
-        renamed over the old ones and their directories synced, before any
-        of them takes data that base depends on. The old files are freed by
-        the reaper once those syncs are done (see ``colofs.core.reaper``).
+        renamed over the old ones. Their directories are synced by the first
+        sync that relies on them (``blocklog.make_durable`` before the first
+        batch's base writes, a flush, a failover's start, a clean close), not
+        here: a checkpoint waits for two journal commits (the prepared files,
+        the state's rename), not three. The old files are freed by the reaper
+        once the switch is over (see ``colofs.core.reaper``).
         :attr:`switch_seconds` keeps how long the VM's I/O was held.
         """
         disks = self._sorted_disks()
@@ -193,11 +197,9 @@ class VMBase:
             mark = live.last_applied
             new = change(live)
             try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self.io.syncs.datasync_all, list(sync_first))
-                    nursery.start_soon(trio.to_thread.run_sync, _write_state_tmp, path, new)
-                    for layer in layers:
-                        nursery.start_soon(spare, layer)
+                await together(partial(self.io.syncs.datasync_all, list(sync_first)),
+                               partial(trio.to_thread.run_sync, _write_state_tmp, path, new),
+                               *[partial(spare, layer) for layer in layers])
                 with self.reaper.deferred():
                     async with whole_disks(disks):
                         t0 = trio.current_time()
@@ -212,17 +214,15 @@ class VMBase:
         return new
 
     async def _switch_layers(self, layers: Sequence[BlockLog], spares: dict[int, int], gen: int) -> None:
-        """Rename each layer's spare over it (a layer without one is truncated in place); sync what that needs."""
+        """Rename each layer's spare over it (a layer without one is truncated in place and synced)."""
         old: list[int] = []
         reset: list[int] = []
-        dirs: set[str] = set()
         try:
             for layer in layers:
                 fd = spares.pop(id(layer), None)
                 if fd is not None:
                     try:
                         old.append(layer.take_spare(fd, gen))
-                        dirs.add(os.path.dirname(layer.path))
                         continue
                     except DiskIOError as e:
                         os.close(fd)
@@ -233,7 +233,6 @@ class VMBase:
             self.reaper.put(old)
         if reset:  # a header rewritten in place
             await self.io.syncs.datasync_all(reset)
-        await trio.to_thread.run_sync(_fsync_dirs, sorted(dirs))
 
     # -- status and shutdown --------------------------------------------------------
 
@@ -288,7 +287,8 @@ class VMBase:
                 fds += [d.base_fd, d.hidden.fd, d.active.fd]
                 for snap in d.snapshots.values():
                     fds += [log.fd for log in snap.logs()]
-            await self.io.syncs.datasync_all(fds)
+            await together(partial(self.io.syncs.datasync_all, fds),
+                           partial(settle_renames, [lg for d in self.disks.values() for lg in (d.hidden, d.active)]))
             await self._update(lambda s: replace(s, clean=True, disks=self._log_lengths(s)))
             self._close_files()
         await self.reaper.stop()
@@ -318,12 +318,3 @@ def _install_state(path: str) -> None:
     """The second half: ``path``.tmp renamed over ``path`` and the rename made durable (blocking)."""
     os.rename(f"{path}.tmp", path)
     fsync_dir(os.path.dirname(path) or ".")
-
-
-def _fsync_dirs(paths: Sequence[str]) -> None:
-    for path in paths:
-        try:
-            fsync_dir(path)
-        except OSError as e:
-            raise DiskIOError(f"cannot make the new block logs in {path} durable: {e.strerror}", e.errno) from e
-

@@ -11,7 +11,8 @@ killed. Points, in the order the switch passes them:
 * ``prepared``: the new state file and the fresh logs are written and synced
   under temporary names; nothing is renamed yet;
 * ``state``: the state file names the new generation; the old logs are still in place;
-* ``renamed``: the fresh logs are renamed over the old ones; their directory is not synced yet.
+* ``renamed``: the fresh logs are renamed over the old ones; their directory
+  is not synced (the next sync that relies on them does it).
 """
 
 from __future__ import annotations
@@ -50,22 +51,20 @@ def install(operation: str, point: str) -> None:
             install_state(path)
 
         vmbase._install_state = before_install
-    elif point == "state":
+    elif point in ("state", "renamed"):
         take_spare = BlockLog.take_spare
+        taken = [0]
 
-        def before_take(self: BlockLog, fd: int, gen: int) -> int:
-            stop_at(point)
-            return take_spare(self, fd, gen)
+        def around_take(self: BlockLog, fd: int, gen: int) -> int:
+            if point == "state":
+                stop_at(point)
+            old = take_spare(self, fd, gen)
+            taken[0] += 1
+            if taken[0] == 2:  # hidden and active of the one disk
+                stop_at(point)
+            return old
 
-        BlockLog.take_spare = before_take  # type: ignore[method-assign]
-    elif point == "renamed":
-        fsync_dirs = vmbase._fsync_dirs
-
-        def before_dirs(paths: list[str]) -> None:
-            stop_at(point)
-            fsync_dirs(paths)
-
-        vmbase._fsync_dirs = before_dirs
+        BlockLog.take_spare = around_take  # type: ignore[method-assign]
     else:
         raise SystemExit(f"unknown point {point!r}")
 

@@ -3,8 +3,7 @@
 Freeing a big unlinked log makes an overlapping ``fsync`` wait for the file
 system's journal (and its discards), so ``FdReaper.deferred`` keeps the
 descriptors handed over open until the block ends; the checkpoint and the
-failover's switch hold it across the directory's ``fsync`` that makes the
-fresh logs' renames durable.
+failover's switch hold it over the whole switch.
 """
 
 from __future__ import annotations
@@ -64,8 +63,8 @@ async def test_stop_closes_what_a_deferred_block_still_holds(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("operation", ["checkpoint", "failover"])
-async def test_old_logs_stay_open_while_the_switch_is_synced(open_store, monkeypatch, operation: str) -> None:
-    """The fresh logs are synced before the switch; after the hand-over only their directory's fsync remains."""
+async def test_old_logs_stay_open_until_the_new_state_is_durable(open_store, monkeypatch, operation: str) -> None:
+    """The old logs are handed over in the switch, after the state's rename and its directory's sync."""
     store = await open_store()
     await store.create_disk("vm", "d", SIZE)
     vm, disk = store.vm("vm"), store.disk("vm", "d")
@@ -75,18 +74,17 @@ async def test_old_logs_stay_open_while_the_switch_is_synced(open_store, monkeyp
     await disk.write(SIZE // 2, b"S" * 65536)  # active holds the SVM's
     old = {fd: (os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (disk.hidden.fd, disk.active.fd)}
     seen: list[bool] = []
-    fsync_dirs = vmbase._fsync_dirs
+    install_state = vmbase._install_state
 
-    def watching(paths):  # type: ignore[no-untyped-def]
-        assert disk.hidden.fd not in old  # after the hand-over
-        fsync_dirs(paths)
-        seen.append(all(_is_open(fd, ident) for fd, ident in old.items()))
+    def watching(path):  # type: ignore[no-untyped-def]
+        install_state(path)
+        seen.append(vm.reaper.pending == 0 and all(_is_open(fd, ident) for fd, ident in old.items()))
 
-    monkeypatch.setattr(vmbase, "_fsync_dirs", watching)
+    monkeypatch.setattr(vmbase, "_install_state", watching)
     if operation == "checkpoint":
         await vm.checkpoint(2)
     else:
         await vm.failover()
-    assert seen == [True]
+    assert seen[-1:] == [True]
     await vm.reaper.stop()
     assert not any(_is_open(fd, ident) for fd, ident in old.items())

@@ -1,9 +1,10 @@
 """A checkpoint's and a failover's switch: what it syncs while the VM waits, and ``kill -9`` inside it.
 
 The new state file and the fresh logs are written and synced before every
-disk is held; held, the switch only renames them into place and syncs the two
-directories. A kill at any point of it must leave either the old checkpoint
-or the new one, whole (docs/design.md, invariants 3-5).
+disk is held; held, the switch only renames them into place and syncs the
+state's directory. The logs' directory is synced by the first sync that
+relies on them. A kill at any point of it must leave either the old
+checkpoint or the new one, whole (docs/design.md, invariants 3-5).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import sys
 import pytest
 import trio
 
-from colofs.core import PrimaryWrite, Store
+from colofs.core import PrimaryWrite, Store, blocklog
 from colofs.core.blocklog import NEW_SUFFIX
+from colofs.core.cbw import CopyBeforeWrite
 from tests.core.crash_stream import primary_image
 from tests.core.crash_switch import DISK_SIZE, SVM_AT, SVM_DATA
 
@@ -26,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.mark.parametrize("operation", ["checkpoint", "failover"])
-async def test_the_switch_holds_the_disks_for_directory_syncs_only(open_store, monkeypatch, operation: str) -> None:
+async def test_the_switch_holds_the_disks_for_the_state_files_rename_only(open_store, monkeypatch, operation: str) -> None:
     store = await open_store()
     await store.create_disk("vm", "d", SIZE)
     vm, disk = store.vm("vm"), store.disk("vm", "d")
@@ -53,7 +55,7 @@ async def test_the_switch_holds_the_disks_for_directory_syncs_only(open_store, m
     else:
         await vm.failover()
     monkeypatch.undo()
-    assert sorted(held) == [f"fsync {store.path}/vm", f"fsync {store.path}/vm/d"]
+    assert held == [f"fsync {store.path}/vm"]
     assert calls.count("fdatasync") >= 3  # base and the two fresh logs, before the disks were held
     assert not [n for n in os.listdir(disk.path) if n.endswith(NEW_SUFFIX)]
     assert bytes(await disk.read(SIZE // 2, 65536)) == b"S" * 65536 if operation == "failover" else True
@@ -131,3 +133,37 @@ def test_kill_inside_a_failovers_switch_then_reopen_serves_the_svms_image(tmp_pa
             raise
 
     trio.run(check)
+
+
+async def test_the_first_sync_after_a_switch_makes_the_renames_durable_before_it_returns(open_store, monkeypatch) -> None:
+    """Before base changes for a batch, before a flush returns, before a clean close records the lengths."""
+    store = await open_store()
+    await store.create_disk("vm", "d", SIZE)
+    vm, disk = store.vm("vm"), store.disk("vm", "d")
+    await vm.apply_primary(1, [PrimaryWrite("d", 0, b"A" * SIZE)])
+    events: list[str] = []
+    fsync_dirs, cbw_store = blocklog.fsync_dirs, CopyBeforeWrite.store
+
+    def dirs(paths: list[str]) -> None:
+        fsync_dirs(paths)
+        events.append("dirs " + " ".join(os.path.relpath(p, store.path) for p in paths))
+
+    def store_base(self: CopyBeforeWrite, extents) -> None:  # type: ignore[no-untyped-def]
+        events.append("base")
+        cbw_store(self, extents)
+
+    monkeypatch.setattr(blocklog, "fsync_dirs", dirs)
+    monkeypatch.setattr(CopyBeforeWrite, "store", store_base)
+    await vm.checkpoint(1)
+    assert events == [] and disk.hidden.rename_unsynced and disk.active.rename_unsynced
+    await vm.apply_primary(2, [PrimaryWrite("d", 0, b"B" * 8192)])
+    await vm.apply_primary(3, [PrimaryWrite("d", 8192, b"C" * 8192)])
+    assert events == ["dirs vm/d", "base", "base"]  # once, before the first batch's base write
+    assert not disk.hidden.rename_unsynced and disk.active.rename_unsynced
+    await disk.write(SIZE // 2, b"S" * 4096)
+    await disk.flush()  # the SVM's flush: active's rename is durable when it returns
+    assert events[3:] == ["dirs vm/d"] and not disk.active.rename_unsynced
+    await vm.checkpoint(3)
+    events.clear()
+    await store.close()  # a clean close records the logs' lengths: their names must be durable
+    assert events == ["dirs vm/d"]
