@@ -65,15 +65,12 @@ import os
 import struct
 from array import array
 from collections.abc import Callable, Iterable, Sequence
-from functools import partial
 
-import trio
 import xxhash
 
 from colofs.core.blockindex import BlockIndex, DigestView
 from colofs.core.errors import BlockDamaged, DiskIOError, MapMissing
-from colofs.core.fileio import Buffer, fsync_dir, write_all
-from colofs.core.ioctx import IOContext
+from colofs.core.fileio import Buffer, write_all
 from colofs.core.logformat import (
     DROP,
     DROP_BIT,
@@ -99,7 +96,7 @@ from colofs.core.logformat import (
     segment_header_len,
 )
 from colofs.core.logreplay import LogReplay
-from colofs.core.together import together
+from colofs.core.logsync import fsync_dirs, make_durable, settle_renames
 
 __all__ = ["NEW_SUFFIX", "BlockLog", "LogMissing", "file_header_len", "fsync_dirs", "make_durable", "settle_renames"]
 
@@ -478,50 +475,6 @@ class BlockLog(LogReplay):
             raise DiskIOError(f"{self.label}: writing the commit record of {self.path} failed: {e.strerror}",
                               e.errno) from e
         self.committed = length
-
-
-async def make_durable(io: IOContext, logs: Sequence[BlockLog]) -> None:
-    """Sync ``logs`` (one group commit of the store's ``io``), then write each one's commit record.
-
-    Call it after appending and *before* touching what the appended blocks
-    protect (base): the records are what lets recovery tell damage from a
-    torn tail. The record rides the next sync of the same file; see the
-    module docstring for why it needs none of its own.
-    """
-    if not logs:
-        return
-    marks = [(lg, lg.fd, lg.end) for lg in logs]
-    if any(lg.rename_unsynced for lg in logs):  # the first sync since a checkpoint renamed the file into place
-        await together(partial(io.syncs.datasync_all, [fd for _, fd, _ in marks]), partial(settle_renames, logs))
-    else:
-        await io.syncs.datasync_all([fd for _, fd, _ in marks])
-    for lg, fd, end in marks:
-        lg.commit(end, fd)
-
-
-async def settle_renames(logs: Sequence[BlockLog]) -> None:
-    """Make the renames :meth:`BlockLog.take_spare` left unsynced durable (``fsync`` of their directories).
-
-    A flag is cleared only once its directory's sync has returned, and only
-    for the file the sync was for, so a concurrent caller never skips a sync
-    still under way and a later rename is never taken as synced.
-    """
-    pending = [(lg, lg.fd) for lg in logs if lg.rename_unsynced]
-    if not pending:
-        return
-    await trio.to_thread.run_sync(fsync_dirs, sorted({os.path.dirname(lg.path) for lg, _ in pending}))
-    for lg, fd in pending:
-        if lg.fd == fd:
-            lg.rename_unsynced = False
-
-
-def fsync_dirs(paths: Sequence[str]) -> None:
-    """``fsync`` each directory (blocking): renames and creations in them become durable."""
-    for path in paths:
-        try:
-            fsync_dir(path)
-        except OSError as e:
-            raise DiskIOError(f"cannot make the block logs in {path} durable: {e.strerror}", e.errno) from e
 
 
 def _slice_bufs(bufs: Sequence[Buffer], start: int, length: int) -> list[memoryview]:

@@ -33,7 +33,6 @@ from typing import Any, Self
 
 import trio
 
-from colofs.core.blocklog import make_durable
 from colofs.core.blocks import check_block_size
 from colofs.core.commit import commit_disk
 from colofs.core.disk import Disk, apply_to_disks
@@ -51,6 +50,7 @@ from colofs.core.fileio import Buffer, fsync_dir, write_all
 from colofs.core.imagesource import ImageSource, open_image
 from colofs.core.ioctx import IOContext
 from colofs.core.logformat import empty_log
+from colofs.core.logsync import make_durable
 from colofs.core.names import check_name
 from colofs.core.recovery import (
     ACTIVE_FILE,

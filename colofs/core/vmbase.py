@@ -22,13 +22,14 @@ from functools import partial
 
 import trio
 
-from colofs.core.blocklog import BlockLog, settle_renames
+from colofs.core.blocklog import BlockLog
 from colofs.core.damage import PHASE_DAMAGED, Damage, damage_of, save_marker
 from colofs.core.disk import Disk, whole_disks
 from colofs.core.errors import DiskIOError, NotFound, VMDamaged
 from colofs.core.fileio import Buffer, fsync_dir, write_all
 from colofs.core.forward import ForwardedWrite, WriteSink
 from colofs.core.ioctx import IOContext
+from colofs.core.logsync import settle_renames
 from colofs.core.reaper import FdReaper
 from colofs.core.state import NORMAL, PRIMARY, DiskState, VMState, save_vm_state
 from colofs.core.together import together

@@ -17,7 +17,7 @@ import sys
 import pytest
 import trio
 
-from colofs.core import PrimaryWrite, Store, blocklog
+from colofs.core import PrimaryWrite, Store, logsync
 from colofs.core.blocklog import NEW_SUFFIX
 from colofs.core.cbw import CopyBeforeWrite
 from tests.core.crash_stream import primary_image
@@ -142,7 +142,7 @@ async def test_the_first_sync_after_a_switch_makes_the_renames_durable_before_it
     vm, disk = store.vm("vm"), store.disk("vm", "d")
     await vm.apply_primary(1, [PrimaryWrite("d", 0, b"A" * SIZE)])
     events: list[str] = []
-    fsync_dirs, cbw_store = blocklog.fsync_dirs, CopyBeforeWrite.store
+    fsync_dirs, cbw_store = logsync.fsync_dirs, CopyBeforeWrite.store
 
     def dirs(paths: list[str]) -> None:
         fsync_dirs(paths)
@@ -152,7 +152,7 @@ async def test_the_first_sync_after_a_switch_makes_the_renames_durable_before_it
         events.append("base")
         cbw_store(self, extents)
 
-    monkeypatch.setattr(blocklog, "fsync_dirs", dirs)
+    monkeypatch.setattr(logsync, "fsync_dirs", dirs)
     monkeypatch.setattr(CopyBeforeWrite, "store", store_base)
     await vm.checkpoint(1)
     assert events == [] and disk.hidden.rename_unsynced and disk.active.rename_unsynced
