@@ -59,13 +59,36 @@ def descendants(pid: int) -> list[int]:
 
 
 def label(pid: int, root: int) -> str:
-    """``daemon|child COMM[PID]``: which process of a daemon's tree (forked workers share the daemon's argv)."""
+    """``daemon|child COMM[PID]``, with `` vm VM`` for a colofs VM worker: which process of a daemon's tree.
+
+    Forked workers share the daemon's argv and comm; the VM a worker serves is
+    the directory of the ``base.raw`` files it holds open.
+    """
     try:
         with open(f"/proc/{pid}/comm") as f:
             comm = f.read().strip()
     except OSError:
         comm = "?"
-    return f"{'daemon' if pid == root else 'child'} {comm}[{pid}]"
+    vm = vm_of(pid) if pid != root else None
+    return f"{'daemon' if pid == root else 'child'} {comm}[{pid}]" + (f" vm {vm}" if vm else "")
+
+
+def vm_of(pid: int) -> str | None:
+    """The VM whose disks' ``base.raw`` ``pid`` holds open (``STORE/VM/DISK/base.raw``), if any."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.endswith("/base.raw"):
+            parts = target.split("/")
+            if len(parts) >= 4:
+                return parts[-3]
+    return None
 
 
 class MemorySampler:
@@ -77,6 +100,7 @@ class MemorySampler:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._labels: dict[int, str] = {}  # a worker's label once its VM is known (no fd scan per sample)
 
     def watch(self, name: str, pid: Callable[[], int | None]) -> None:
         """Follow the daemon ``pid()`` names (None while it is not running) and everything it starts."""
@@ -94,7 +118,9 @@ class MemorySampler:
                 continue
             for p in descendants(pid):
                 rss, pss = proc_status_kib(p, "VmHWM"), pss_kib(p)
-                key = label(p, pid)
+                key = self._labels.get(p) or label(p, pid)
+                if " vm " in key:
+                    self._labels[p] = key
                 with self._lock:
                     self._peaks[name].add(key, rss, pss)
 
