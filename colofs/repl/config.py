@@ -97,7 +97,11 @@ class ReplConfig:
     apply_merge_bytes: int = 4 << 20
     """The secondary applies queued batches together (one group commit) up to this size.
 
-    A group's decoded writes and its copy-before-write buffer (the old
+    It is a ceiling that a steady stream does not reach with the defaults:
+    ``receive_bytes`` (4 MiB) counts the group being applied as well as the
+    batches queued behind it, so while one group is applied the next can
+    gather only what is left of those 4 MiB, and applied groups come out at
+    about 2 MiB each. A group's decoded writes and its copy-before-write buffer (the old
     blocks of base it saves into hidden) are held at once, so this bounds
     the secondary's memory per group. At 16 MiB a busy secondary peaked at
     95-121 MiB RSS in ``bench/secondary_memory.py``; at 4 MiB (with
@@ -110,9 +114,11 @@ class ReplConfig:
     receive_bytes: int = 4 << 20
     """Write data a secondary session holds decoded (queued or being applied) before it stops reading.
 
-    The frame count alone would let ``receive_queue`` batches pile up; this
-    holds about one group's worth (``apply_merge_bytes``), which is what the
-    next group merges while one is applied; TCP holds the rest back. At 8 MiB
+    The frame count alone would let ``receive_queue`` batches pile up. The
+    group being applied counts too, so this is shared by that group and the
+    batches queued behind it (what the next group merges): with both at
+    4 MiB, groups under a steady stream are about 2 MiB, not
+    ``apply_merge_bytes``; TCP holds the rest back. At 8 MiB
     the secondary peaked 2-7 MiB higher in ``bench/secondary_memory.py``
     (56.0-62.9 against 53.5-58.7 MiB) with the same CPU per MiB."""
     max_disks_per_vm: int = 256
