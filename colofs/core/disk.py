@@ -32,7 +32,7 @@ from colofs.core.commit import Copy, active_runs, copy_runs, map_copy
 from colofs.core.fileio import Buffer
 from colofs.core.forward import WriteSink
 from colofs.core.ioctx import IOContext
-from colofs.core.layers import patch_edges, read_layers, write_overlay
+from colofs.core.layers import patch_edges, read_file, read_layers, write_overlay
 from colofs.core.logformat import ZERO_AT
 from colofs.core.rangelock import RangeLock, holding
 from colofs.core.snapshot import Snapshot
@@ -126,12 +126,16 @@ class Disk:
         self.check_range(offset, length)
         out = bytearray(length)
         if length:
-            lo, hi = block_span(offset, length, self.shift)
+            shift = self.shift
+            lo, hi = offset >> shift, ((offset + length - 1) >> shift) + 1  # block_span, inlined
             lock = self.lock
             req = lock.try_acquire(lo, hi, False) or await lock.acquire(lo, hi, False)
             try:
-                await read_layers(self.io, self._layers, self.base_fd, self.shift, offset, memoryview(out),
-                                  self.label)
+                if self.active.map or self.hidden.map:
+                    await read_layers(self.io, self._layers, self.base_fd, shift, offset, memoryview(out),
+                                      self.label)
+                else:  # empty layers (after every checkpoint): base itself, one coroutine less
+                    await read_file(self.io, self.base_fd, memoryview(out), offset, self.label, " base")
             finally:
                 lock.release(req)
         return out

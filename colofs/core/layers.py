@@ -24,7 +24,8 @@ ReadView = Callable[[int, memoryview], Awaitable[None]]
 _ZEROS_FD = -2  # the "file" of blocks a layer records as zeros (ZERO_AT): runs of them are filled, not read
 
 
-async def _read_file(io: IOContext, fd: int, mv: memoryview, file_off: int, label: str, what: str = "") -> None:
+async def read_file(io: IOContext, fd: int, mv: memoryview, file_off: int, label: str, what: str = "") -> None:
+    """Fill ``mv`` from ``fd`` at ``file_off``; a failure is a ``DiskIOError`` naming the image (and ``what``)."""
     try:
         await io.read_into(fd, mv, file_off)
     except OSError as e:
@@ -44,11 +45,11 @@ async def _read_checked(io: IOContext, layer: BlockLog, mv: memoryview, block: i
     start = block << shift
     count = (lo - start + len(mv) + bs - 1) >> shift
     if lo == start and len(mv) == count << shift:
-        await _read_file(io, layer.fd, mv, file_off, label)
+        await read_file(io, layer.fd, mv, file_off, label)
         layer.verify(block, mv)
         return
     whole = memoryview(bytearray(count << shift))
-    await _read_file(io, layer.fd, whole, file_off, label)
+    await read_file(io, layer.fd, whole, file_off, label)
     layer.verify(block, whole)
     mv[:] = whole[lo - start : lo - start + len(mv)]
 
@@ -66,7 +67,7 @@ async def read_layers(
         if layer.map:
             break
     else:  # empty layers (after every checkpoint): base itself, with no per-request work
-        await _read_file(io, base_fd, mv, offset, label, " base")
+        await read_file(io, base_fd, mv, offset, label, " base")
         return
     bs = 1 << shift
     end = offset + len(mv)
@@ -75,7 +76,7 @@ async def read_layers(
     span = range(first, stop)
     maps = [layer for layer in layers if layer.map.any_in(first, stop)]
     if not maps:  # nothing of this range is in any layer (two bisections, not a look per block)
-        await _read_file(io, base_fd, mv, offset, label, " base")
+        await read_file(io, base_fd, mv, offset, label, " base")
         return
     if len(maps) == 1:
         one = maps[0]
@@ -84,7 +85,7 @@ async def read_layers(
             if one.sums:
                 await _read_checked(io, one, mv, first, start, offset, shift, label)
             else:
-                await _read_file(io, one.fd, mv, start + offset - (first << shift), label)
+                await read_file(io, one.fd, mv, start + offset - (first << shift), label)
             return
     run_layer: BlockLog | None = None
     run_fd = -1
@@ -98,7 +99,7 @@ async def read_layers(
         elif run_layer is not None and run_layer.sums:
             await _read_checked(io, run_layer, mv[lo - offset : hi - offset], run_block, run_off, lo, shift, label)
         else:
-            await _read_file(io, run_fd, mv[lo - offset : hi - offset], run_off + lo - (run_block << shift), label)
+            await read_file(io, run_fd, mv[lo - offset : hi - offset], run_off + lo - (run_block << shift), label)
 
     for b in range(first, last + 1):
         o = None

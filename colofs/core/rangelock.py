@@ -117,7 +117,8 @@ class RangeLock:
 
     def release(self, req: _Request) -> None:
         self._held.remove(req)
-        self._wake()
+        if self._waiting:  # nobody to wake on the hot path
+            self._wake()
 
     def _wake(self) -> None:
         still: list[_Request] = []
