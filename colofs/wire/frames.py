@@ -78,6 +78,9 @@ _HEADER = struct.Struct("<4sBBHIIQ")
 _PREFIX = struct.Struct("<4sBBHII")  # the digested part, header[0:16]
 _DIGEST = struct.Struct("<Q")
 _KNOWN_TYPES = frozenset(int(t) for t in MessageType)
+KEEP_BUFFER = 2 * 1024 * 1024
+"""A decoder's receive buffer larger than this is dropped, not reused, once it is decoded."""
+_MIN_GROWTH = 4096
 
 assert _HEADER.size == HEADER_LEN and _PREFIX.size == 16
 
@@ -200,9 +203,17 @@ class FrameDecoder:
     payloads are decoded straight out of the receive buffer; the only copy of
     bulk data is the one each message field keeps, except a BATCH's writes,
     which share one buffer per frame (the decompressed payload, or one copy).
+
+    Bytes come in either by :meth:`feed` (a copy of what the transport
+    returned) or straight from the socket: :meth:`receive_buffer` lends the
+    free space after the buffered bytes for a ``recv_into`` and
+    :meth:`received` counts what it wrote, so a frame's payload is copied
+    out of the kernel once, not once more into this buffer. The buffer is
+    reused once every frame in it is decoded (decoded messages hold no view
+    of it), up to :data:`KEEP_BUFFER` bytes.
     """
 
-    __slots__ = ("_buf", "_error", "_header", "_mac", "_pos", "max_raw_len", "max_wire_len")
+    __slots__ = ("_buf", "_end", "_error", "_header", "_mac", "_pos", "max_raw_len", "max_wire_len")
 
     def __init__(
         self,
@@ -216,6 +227,7 @@ class FrameDecoder:
         self.max_raw_len = max_raw_len
         self._buf = bytearray()
         self._pos = 0
+        self._end = 0
         self._header: FrameHeader | None = None
         self._error: ProtocolError | None = None
         self._mac: FrameMac | None = None
@@ -238,7 +250,7 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet consumed by a decoded frame."""
-        return len(self._buf) - self._pos
+        return self._end - self._pos
 
     @property
     def needed(self) -> int:
@@ -249,14 +261,44 @@ class FrameDecoder:
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes."""
+        n = len(data)
+        if n == 0:
+            if self._error is not None:
+                raise self._error
+            return
+        with self.receive_buffer(n) as view:
+            view[:] = data
+        self._end += n
+
+    def receive_buffer(self, size: int) -> memoryview:
+        """Room for ``size`` more bytes after the buffered ones, to receive into.
+
+        Release the view before anything else is called on this decoder, then
+        say with :meth:`received` how many bytes were written into it.
+        """
         if self._error is not None:
             raise self._error
-        if self._pos:
-            # Start a fresh buffer instead of resizing in place: cheap (the tail is
-            # at most one receive chunk) and safe even if a view of the old one lives.
-            self._buf = self._buf[self._pos :] if self._pos < len(self._buf) else bytearray()
-            self._pos = 0
-        self._buf += data
+        if size < 1:
+            raise ValueError(f"receive_buffer() needs a size of at least 1, got {size}")
+        buf, pos, end = self._buf, self._pos, self._end
+        if pos == end:  # every byte decoded: start over at the front
+            pos = end = self._pos = self._end = 0
+            if len(buf) > KEEP_BUFFER and size <= KEEP_BUFFER:
+                buf = self._buf = bytearray()
+        if len(buf) - end < size:
+            # A fresh buffer, never a resize in place (that would fail while a view
+            # lives); the bytes carried over are at most one unfinished frame.
+            tail = end - pos
+            fresh = bytearray(tail + max(size, _MIN_GROWTH))
+            fresh[:tail] = buf[pos:end]
+            buf, self._buf, self._pos, self._end, end = fresh, fresh, 0, tail, tail
+        return memoryview(buf)[end : end + size]
+
+    def received(self, n: int) -> None:
+        """Count ``n`` bytes written into the view :meth:`receive_buffer` returned."""
+        if not 0 <= n <= len(self._buf) - self._end:
+            raise ValueError(f"received({n}) is more than the room lent")
+        self._end += n
 
     def next_message(self) -> Message | None:
         """Decode and return the next complete message, or ``None`` if more bytes are needed.
@@ -273,7 +315,7 @@ class FrameDecoder:
 
     def _next(self) -> Message | None:
         buf, pos = self._buf, self._pos
-        avail = len(buf) - pos
+        avail = self._end - pos
         header = self._header
         if header is None:
             if avail == 0:

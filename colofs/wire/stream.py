@@ -13,8 +13,9 @@ the frame's real position in the stream.
 
 from __future__ import annotations
 
+import errno
 import hmac
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -162,6 +163,7 @@ class FrameStream(trio.abc.AsyncResource):
         self._decoder = FrameDecoder(max_wire_len=max_wire_len, max_raw_len=max_raw_len)
         self._writer = FrameWriter(stream, max_wire_len=max_wire_len, max_raw_len=max_raw_len)
         self._receiving = False
+        self._recv_into = _recv_into_of(stream)
 
     @property
     def writer(self) -> FrameWriter:
@@ -228,15 +230,28 @@ class FrameStream(trio.abc.AsyncResource):
         self._receiving = True
         try:
             decoder = self._decoder
+            recv_into = self._recv_into
             while True:
                 msg = decoder.next_message()
                 if msg is not None:
                     return msg
                 want = min(max(decoder.needed, RECEIVE_CHUNK), MAX_RECEIVE_CHUNK)
-                data = await self._stream.receive_some(want)
-                if not data:
+                if recv_into is None:
+                    data = await self._stream.receive_some(want)
+                    if not data:
+                        decoder.feed_eof()
+                    decoder.feed(data)
+                    continue
+                with decoder.receive_buffer(want) as room:
+                    try:
+                        n = await recv_into(room, want)
+                    except OSError as exc:  # as trio.SocketStream.receive_some reports them
+                        if exc.errno == errno.EBADF:
+                            raise trio.ClosedResourceError("this socket was already closed") from None
+                        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+                if not n:
                     decoder.feed_eof()
-                decoder.feed(data)
+                decoder.received(n)
         finally:
             self._receiving = False
 
@@ -253,6 +268,17 @@ class FrameStream(trio.abc.AsyncResource):
     async def aclose(self) -> None:
         """Close the underlying stream."""
         await self._stream.aclose()
+
+
+def _recv_into_of(stream: trio.abc.Stream) -> Callable[[memoryview, int], Awaitable[int]] | None:
+    """The socket's ``recv_into`` under a plain TCP stream (bytes land in the decoder's buffer), else None.
+
+    Other streams (TLS, in-memory ones in tests) only offer ``receive_some``,
+    whose ``bytes`` are then copied into the decoder.
+    """
+    if type(stream) is trio.SocketStream:
+        return stream.socket.recv_into
+    return None
 
 
 __all__ = ["MAX_RECEIVE_CHUNK", "RECEIVE_CHUNK", "EncodedFrame", "FrameStream", "FrameWriter"]
