@@ -50,7 +50,7 @@ from colofs.repl import PrimaryReplicator, ReplConfig
 
 MiB = 1 << 20
 VM = "vm"
-VARIANTS = "wait5ms,wait20ms"
+VARIANTS = "wait20ms,wait50ms"
 """Each a ``+``-joined list of: ``waitNms`` (a small async batch waits N ms for company,
 ``batching.ASYNC_BATCH_DELAY``), ``batchNk`` (``batch_max_bytes`` N KiB), ``resNk`` (the retained
 log keeps N KiB in memory); what a variant does not name keeps the defaults."""

@@ -23,7 +23,7 @@ from colofs.repl.tracking import Tracking
 from colofs.wire.messages import Batch, Checkpoint, DiskAdd, DiskInfo, Write
 from colofs.wire.messages import _trusted_write as trusted_write
 
-ASYNC_BATCH_DELAY = 0.020
+ASYNC_BATCH_DELAY = 0.050
 """The least a small batch waits for company in async mode (seconds)."""
 
 
@@ -117,8 +117,11 @@ class Batching:
         per write of both daemons by about a fifth (bench/primary_path.py);
         20 ms instead of 5 took ~30 to ~100 writes a batch and a forwarded
         write's CPU from 106 to 89 µs on the primary and from 68 to 44 µs on
-        the secondary (bench/forward_core.py, medians of 4 alternated runs).
-        No writer waits for it in async mode; the secondary's copy lags by it
+        the secondary (bench/forward_core.py, medians of 4 alternated runs);
+        50 ms instead of 20 fills a batch to ``batch_max_bytes`` (~250 4K
+        writes instead of ~100) and took the secondary's CPU per write from
+        54 to 40 µs, the primary's within the noise (medians of 6; 100 ms
+        gathers no more). No writer waits for it in async mode; the secondary's copy lags by it
         between checkpoints, and a checkpoint does not wait for it
         (:meth:`hurry`).
         """
