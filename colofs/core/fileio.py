@@ -14,7 +14,8 @@ CPU bound at ~110 µs per request, so a thread must save more than it costs:
   concurrent misses overlap on the device without threads. It then waits
   for its data on the loop. The policy keeps a moving average of how long
   those waits block, and while it exceeds ``SLOW_READ_NS`` (a slow or busy
-  device) small reads go to the pool instead;
+  device) small reads that nothing else waits beside go to the pool instead
+  (a hop per read at depth cost more CPU than the overlapped wait);
 * larger reads try ``RWF_NOWAIT`` on the loop, and only the part the kernel
   would have to fetch from the device goes to the pool (so large cold reads
   overlap each other on the device);

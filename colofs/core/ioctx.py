@@ -288,8 +288,15 @@ class IOContext:
         requests wait (queued in the kernel, or other reads in flight) the
         request lets them run first, each starting its own device read, and
         only then waits for its data: concurrent reads overlap on the device
-        without threads. Large reads, and small ones while the device is slow,
-        go to worker threads for what the page cache lacks.
+        without threads. Such a read stays on the loop whatever the policy
+        says: a pool hop per miss cost ~100 µs more CPU in thread wake-ups
+        and GIL hand-offs than the loop's wait (cold 4 KiB reads at queue
+        depth 16 over FUSE, ``bench/read_path.py --floor``: 193 against 85
+        µs of CPU per read, the pyfuse3 floor 64), and the policy, which
+        measures those waits at depth, sent every miss there.
+        Large reads, and lone small ones while the device is slow, go to
+        worker threads for what the page cache lacks (``thread`` mode sends
+        every small read there, for stores on slow or network devices).
         """
         size = len(buf)
         small = size <= INLINE_READ_MAX
@@ -301,8 +308,9 @@ class IOContext:
         n = self._read_nowait(fd, buf, offset) if mode == "auto" or not small else 0
         if n >= size:
             return
-        if small and mode == "auto" and reads.use_loop():
-            if self._others_waiting():
+        others = small and mode == "auto" and self._others_waiting()
+        if others or (small and mode == "auto" and reads.use_loop()):
+            if others:
                 self.kicked += 1
                 try:
                     await trio.lowlevel.cancel_shielded_checkpoint()
