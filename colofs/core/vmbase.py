@@ -181,6 +181,11 @@ class VMBase:
         the state's rename), not three. The old files are freed by the reaper
         once the switch is over (see ``colofs.core.reaper``).
         :attr:`switch_seconds` keeps how long the VM's I/O was held.
+
+        ``_state_lock`` is held while the disks are waited for: safe, since
+        only a primary's numbering takes it under a disk's range lock, and a
+        new generation is only made on a secondary (or in recovery, before
+        any I/O is served).
         """
         disks = self._sorted_disks()
         layers = [lg for d in disks for lg in (d.hidden, d.active)]
