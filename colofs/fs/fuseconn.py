@@ -36,7 +36,7 @@ PRIMARY_MAX_BACKGROUND = 4
 
 ``bench/primary_memory.py --iodepth 16 --max-background N`` (2-vCPU machine
 under load): peak RSS of the worker 75.0-76.8 MiB at 12, 57.7-58.8 at 4,
-53.6-54.6 at 2, CPU per MiB of the fill 6.0-10.2, 5.8-6.1 and 5.3-6.3 ms;
+53.6-54.6 at 2, CPU per MiB of the fill 6.6-10.2, 5.8-6.1 and 5.3-6.3 ms;
 4K random writes at queue depth 16, 4.2-9.4k IOPS at 12 and 5.0-10.7k at 4,
 within the load's spread (2 looked lower: 3.8-7.4k)."""
 
