@@ -15,7 +15,8 @@ queue depth 1 through FUSE. Each variant
 over ``--reps`` repetitions, each after a checkpoint and until the secondary
 acknowledged the last write; printed per variant: CPU µs per write of each
 process (``/proc/PID/stat``; the primary's includes the writer and its
-pacing, the same for every variant), writes per batch, the rate and, with
+pacing, the same for every variant; also for its loop thread alone, the
+rest being worker threads: encoding, the retained log's spill), writes per batch, the rate and, with
 ``--trace``, the primary process's peak of memory Python allocated
 (tracemalloc: the write data, batches, lz4 output; not the heap's
 fragments). ``--workload 1m`` writes the whole disk in 1 MiB writes from 8
@@ -53,7 +54,9 @@ VM = "vm"
 VARIANTS = "wait20ms,wait50ms"
 """Each a ``+``-joined list of: ``waitNms`` (a small async batch waits N ms for company,
 ``batching.ASYNC_BATCH_DELAY``), ``batchNk`` (``batch_max_bytes`` N KiB), ``resNk`` (the retained
-log keeps N KiB in memory); what a variant does not name keeps the defaults."""
+log keeps N KiB in memory), or ``local`` alone: the same writes to a disk of another store that is not
+replicated (what the writer, its pacing and the core cost without forwarding); what a variant does not
+name keeps the defaults."""
 
 
 def apply_variant(name: str, link: object, cfg: ReplConfig, delay: float) -> None:
@@ -68,7 +71,7 @@ def apply_variant(name: str, link: object, cfg: ReplConfig, delay: float) -> Non
             link.batching.cfg = dataclasses.replace(cfg, batch_max_bytes=int(part[5:-1]) << 10)  # type: ignore[attr-defined]
         elif part.startswith("res") and part.endswith("k"):
             link.tracking.retained.resident_limit = int(part[3:-1]) << 10  # type: ignore[attr-defined]
-        elif part != "default":
+        elif part not in ("default", "local"):
             raise SystemExit(f"unknown variant {part!r}")
 
 
@@ -82,6 +85,10 @@ async def run(args: argparse.Namespace, port: int, child: int, work: str) -> Non
     for off in range(0, size, MiB):
         await disk.write(off, b"".join(data[: MiB // 4096 % 64] * (MiB // 4096 // 64 + 1))[:MiB])
     pvm = store.vm(VM)
+    local_store = await Store.open(os.path.join(work, "local"), role="primary", create=True)
+    local_disk = await local_store.create_disk(VM, "d0", size)
+    for off in range(0, size, MiB):
+        await local_disk.write(off, bytes(MiB))
     cfg = ReplConfig()
     repl = PrimaryReplicator(store, ("127.0.0.1", port), None, config=cfg)
     delay = batching.ASYNC_BATCH_DELAY
@@ -103,12 +110,13 @@ async def run(args: argparse.Namespace, port: int, child: int, work: str) -> Non
                 st0 = link.stats
                 if args.trace:
                     tracemalloc.reset_peak()
-                c0, s0, t0 = time.process_time(), cpu_seconds(child), time.perf_counter()
+                c0, s0, t0, l0 = time.process_time(), cpu_seconds(child), time.perf_counter(), time.thread_time()
                 if args.workload == "4k":
                     n = args.writes
                     offs = [rng.randrange(size // 4096) * 4096 for _ in range(n)]
+                    target = local_disk if name == "local" else disk
                     for i, off in enumerate(offs):
-                        await disk.write(off, data[i & 63])
+                        await target.write(off, data[i & 63])
                         time.sleep(args.pace)  # the loop blocked, no CPU: between two requests of a qd1 guest
                         await trio.lowlevel.checkpoint()
                 else:  # the whole disk in 1 MiB writes, 8 writers (fio's qd8 fill)
@@ -122,22 +130,23 @@ async def run(args: argparse.Namespace, port: int, child: int, work: str) -> Non
                         for k in range(8):
                             writers.start_soon(writer, k)
                 await caught_up()
-                c1, s1, t1 = time.process_time(), cpu_seconds(child), time.perf_counter()
+                c1, s1, t1, l1 = time.process_time(), cpu_seconds(child), time.perf_counter(), time.thread_time()
                 peak = tracemalloc.get_traced_memory()[1] / MiB if args.trace else 0.0
                 st1 = link.stats
                 per_batch = (st1["writes_sent"] - st0["writes_sent"]) / max(1, st1["batches"] - st0["batches"])
                 results.setdefault(name, []).append(
-                    ((c1 - c0) / n * 1e6, (s1 - s0) / n * 1e6, per_batch, n / (t1 - t0), peak))
+                    ((c1 - c0) / n * 1e6, (s1 - s0) / n * 1e6, per_batch, n / (t1 - t0), peak, (l1 - l0) / n * 1e6))
                 r = results[name][-1]
-                print(f"rep {rep + 1} {name:10s} primary {r[0]:7.1f} us/write  secondary {r[1]:7.1f} us/write  "
+                print(f"rep {rep + 1} {name:10s} primary {r[0]:7.1f} us/write (loop {r[5]:5.1f})  secondary {r[1]:7.1f} us/write  "
                       f"{r[2]:6.1f} writes/batch  {r[3]:7.0f} writes/s  traced peak {r[4]:5.1f} MiB", flush=True)
         nursery.cancel_scope.cancel()
     await store.close()
+    await local_store.close()
     print("\nmedian [min-max] per variant")
     for name, rows in results.items():
         cols = list(zip(*rows, strict=True))
         shown = [f"{statistics.median(c):.1f} [{min(c):.1f}-{max(c):.1f}]" for c in cols]
-        print(f"{name:10s} primary {shown[0]} us/write, secondary {shown[1]} us/write, "
+        print(f"{name:10s} primary {shown[0]} us/write (loop thread {shown[5]}), secondary {shown[1]} us/write, "
               f"{shown[2]} writes/batch, {shown[3]} writes/s, traced peak {shown[4]} MiB")
 
 
