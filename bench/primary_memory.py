@@ -132,7 +132,8 @@ def main() -> int:
     ap.add_argument("--max-background", type=int, default=None,
                     help="set the primary VM's FUSE connection's max_background (the kernel's bound on queued "
                          "asynchronous requests, 12 by default) through fusectl; needs it mounted on "
-                         f"{FUSECTL}")
+                         f"{FUSECTL}. The worker's own bound (colofs/fs/fuseconn.py) rewrites it at the "
+                         "fill's first 1 MiB write: use this with a tree whose bound is off")
     ap.add_argument("--dir", default="/var/tmp", help="where the stores live")
     ap.add_argument("--trace", action="store_true",
                     help="also print the worker's top allocation sites at its highest traced point (bench/tracehigh.py)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
+from collections.abc import Callable
 
 import pyfuse3
 import trio
@@ -57,6 +58,7 @@ class FileHandlers:
     _size_repairs: set[int]
     _size_repairs_again: set[int]
     _damage_reported: set[str]
+    on_write: Callable[[int], None] | None
 
     # -- handles ---------------------------------------------------------------------------
 
@@ -164,6 +166,8 @@ class FileHandlers:
             self._repair_size_later(node)
             raise refuse(errno.EFBIG, "%s: write of %d bytes at %d refused: it ends past the disk's size of %d",
                          node.label, len(buf), off, image.size)
+        if self.on_write is not None:
+            self.on_write(len(buf))
         t0 = time.perf_counter()
         try:
             await image.write(off, buf)

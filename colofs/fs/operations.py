@@ -87,6 +87,8 @@ class Operations(FileHandlers, pyfuse3.Operations):
         self.io = IOStats()  # per-disk request counters, read by the metrics
         # Set by the daemon: where follow-up work of a request runs after its reply.
         self.nursery: trio.Nursery | None = None
+        # Set by a worker: told each write's size before it is served (the mount's queue bound, fs/fuseconn.py).
+        self.on_write: Callable[[int], None] | None = None
         self._size_repairs: set[int] = set()
         self._damage_reported: set[str] = set()
         self._size_repairs_again: set[int] = set()

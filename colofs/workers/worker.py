@@ -48,7 +48,7 @@ import pyfuse3
 import trio
 
 from colofs.core.errors import ColofsError
-from colofs.core.state import ROLES, SECONDARY
+from colofs.core.state import PRIMARY, ROLES, SECONDARY
 from colofs.core.store import Store
 from colofs.events import EventBus
 from colofs.fs.config import ConfigError, MountConfig, config_from_args
@@ -68,7 +68,7 @@ from colofs.fs.daemon import (
     watch_signals,
     wire_hooks,
 )
-from colofs.fs.fuseconn import tune_connection
+from colofs.fs.fuseconn import background_limit
 from colofs.fs.fusedevice import queued_requests_probe
 from colofs.fs.metrics import VMCounts
 from colofs.fs.operations import Operations
@@ -321,14 +321,13 @@ class Worker(Requests):
             delay = min(delay * 2, 1.0)
         mount(ops, self.cfg, self.mountpoint, source=os.path.join(self.cfg.store, self.vm))
         self.mounted = True
-        vm = self.store.vms.get(self.vm) if self.store is not None else None  # a primary's: fewer writes in flight
-        await trio.to_thread.run_sync(tune_connection, self.mountpoint, vm.state.role if vm is not None else None)
 
     async def _serve_mount(self, nursery: trio.Nursery, ops: Operations, repl: Replication, signals: Any) -> None:
         unmounted = trio.Event()
         await nursery.start(run_fuse, unmounted)
         ops.nursery = nursery
         nursery.start_soon(watch_signals, signals, self.mountpoint)
+        nursery.start_soon(self._bound_queue, ops)
         log.info("serving VM %s on %s; replication: %s", self.vm, self.mountpoint, repl.root_status()["state"])
         await self.channel.notify("ready", mountpoint=self.mountpoint, pid=os.getpid())
         await unmounted.wait()
@@ -339,6 +338,16 @@ class Worker(Requests):
                 await self.channel.notify("unmounted")
         await after_unmount(ops, repl, self.mountpoint, self.nbd)
         nursery.cancel_scope.cancel()
+
+    async def _bound_queue(self, ops: Operations) -> None:
+        """Have the mount's queue of writes follow their size while the VM is a primary (fs/fuseconn.py)."""
+        def is_primary() -> bool:
+            vm = self.store.vms.get(self.vm) if self.store is not None else None
+            return vm is not None and vm.state.role == PRIMARY
+
+        limit = await trio.to_thread.run_sync(background_limit, self.mountpoint, is_primary)
+        if limit is not None:
+            ops.on_write = limit.note_write
 
     # -- stopping ---------------------------------------------------------------------------
 
