@@ -1,11 +1,11 @@
 """One NBD connection: the handshake, then the transmission phase on the export it chose.
 
 A connection first negotiates (fixed newstyle only) within a time limit, then
-serves one export. On a disk, snapshot or clone export the requests run as
-concurrent tasks and their replies go out as they complete, several per send
-(:mod:`colofs.nbd.inflight` says what ordering and bounds still hold): a
-primary in ``sync`` mode keeps the client's queue depth while its writes wait
-for the secondary's receipts. An ingest export serves in rounds instead: each
+serves one export. On a disk, snapshot or clone export the requests that may
+wait for the secondary run as concurrent tasks and every reply goes out as
+soon as it is ready, several per send (:mod:`colofs.nbd.inflight` says what
+ordering and bounds still hold): a primary in ``sync`` mode keeps the
+client's queue depth while its writes wait for the secondary's receipts. An ingest export serves in rounds instead: each
 takes whatever the client has sent and serves every complete request in it
 in order, the writes queued, in order, for a task of the connection that
 applies what has accumulated as one group of forwarded primary writes with
@@ -137,6 +137,13 @@ class Connection(Handshake[Export]):
         super().__init__(stream, label, tls)
         self.exports = exports
         self.shield: trio.CancelScope | None = None  # around the requests being served, if any
+        self.inline_shield: trio.CancelScope | None = None  # around the one the receiving task serves, if any
+
+    def cancel_requests(self) -> None:
+        """Cancel the requests under way (a stop's grace is over)."""
+        for scope in (self.shield, self.inline_shield):
+            if scope is not None:
+                scope.cancel()
 
     async def resume(self, at: Resume) -> Export | None:
         """Take over a handshake another process ran up to ``at``: answer that option, then go on as usual."""

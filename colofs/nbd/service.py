@@ -136,8 +136,7 @@ class Server(Listening):
 
     def cancel_requests(self) -> None:
         for conn in list(self.connections):
-            if conn.shield is not None:
-                conn.shield.cancel()
+            conn.cancel_requests()
 
     async def handle(self, stream: trio.abc.Stream, label: str, tls: ssl.SSLContext | None = None,
                      at: Resume | None = None) -> None:

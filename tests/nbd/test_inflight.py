@@ -203,3 +203,49 @@ async def test_a_stop_lets_the_writes_under_way_finish(held, tmp_path) -> None:
     disk = s.store.disk("vm", "d")
     assert [bytes(await disk.read(i << 20, 1 << 20)) for i in range(4)] == [big] * 4
     await c.close()
+
+
+class _FullAsyncSink(HeldReceipts):
+    """An ``async``-mode sink with no room: a write waits in ``wait_room`` (served in line, not as a task)."""
+
+    mode = "async"
+
+    async def wait_room(self, nbytes: int) -> None:
+        self.waiting += 1
+        await trio.sleep_forever()
+
+
+async def test_a_write_served_in_line_is_cancelled_once_the_grace_is_over(serve, tmp_path) -> None:
+    s = await serve("primary")
+    sink = _FullAsyncSink()
+    s.store.vm("vm").forward = sink
+    path = str(tmp_path / "nbd.sock")
+    svc = await NbdService.start(s.nursery, s.store, None, socket_path=path, tcp=None)
+    c = await RawClient.connect_unix(path)
+    assert (await c.go("vm/d"))[-1][0] == p.REP_ACK
+    await c.request(p.CMD_WRITE, 0, BS, payload=b"w" * BS)
+    await wait_until(lambda: sink.waiting, what="the write waiting for room in the sink")
+    with trio.fail_after(DEADLINE):
+        await svc.stop(grace=0.2)
+    assert svc.server.active == 0 and not os.path.exists(path)
+    await c.close()
+
+
+async def test_async_writes_and_reads_in_line_keep_their_order(serve) -> None:
+    s = await serve("primary")
+    sink = HeldReceipts()
+    sink.mode = "async"  # type: ignore[attr-defined]
+    sink.all = True
+    s.store.vm("vm").forward = sink
+    c = await s.connect()
+    cookies, reads = [], {}
+    for i in range(40):
+        cookies.append(await c.request(p.CMD_WRITE, i * BS, BS, payload=bytes([i + 1]) * BS))
+        reads[r := await c.request(p.CMD_READ, i * BS, BS)] = bytes([i + 1]) * BS
+        c.reads[r] = BS
+        cookies.append(await c.request(p.CMD_WRITE, i * BS, BS, payload=b"z" * BS))
+    got = {r.cookie: r for r in await _replies(c, len(cookies) + len(reads))}
+    assert sorted(got) == sorted(cookies + list(reads)) and all(r.error == 0 for r in got.values())
+    assert all(got[r].data == want for r, want in reads.items())
+    assert bytes(await s.store.disk("vm", "d").read(0, 40 * BS)) == b"z" * 40 * BS
+    await c.disconnect()
