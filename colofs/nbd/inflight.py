@@ -50,9 +50,9 @@ MAX_IN_FLIGHT = 64  # requests of one connection under way or with a reply not y
 IN_FLIGHT_BYTES = 32 << 20  # their write payloads and read data
 DIRECT_RECV = 64 << 10  # a write payload missing more than this is received into its own buffer
 SEND_ALONE = 64 << 10  # read data this large is sent by itself rather than copied into a joined reply
-PREFETCH_READS = 256
+PREFETCH_READS = 256  # reads of one receive hinted to the device at most
 REPLY_BATCH = 256  # replies gathered in a round past which they are sent before its end
-REPLY_BATCH_BYTES = 4 << 20  # reads of one receive hinted to the device at most
+REPLY_BATCH_BYTES = 4 << 20  # the same in bytes
 
 _ORDERED = (p.CMD_READ, p.CMD_WRITE, p.CMD_WRITE_ZEROES, p.CMD_TRIM, p.CMD_BLOCK_STATUS)
 _CHANGES = (p.CMD_WRITE, p.CMD_WRITE_ZEROES, p.CMD_TRIM)
@@ -109,7 +109,6 @@ class InFlight:
         self._sending = False  # a task is in _send_out: only one sends at a time
         self._intake_closed = trio.Event()
         self._finished = False  # every request admitted has its reply in ``out``
-        self.peak = 0  # the most requests under way at once (for tests and statistics)
 
     async def run(self) -> None:
         """Serve until the client disconnects (``NBD_CMD_DISC``: every request before it is answered first)."""
@@ -238,7 +237,6 @@ class InFlight:
         mine = _Under(lo, hi, changes) if typ in _ORDERED else None
         if mine is not None:
             self.under.append(mine)
-            self.peak = max(self.peak, len(self.under))
         requests.start_soon(self._serve, req, payload, cost, after, mine)
 
     async def _serve(self, req: p.Request, payload: bytes | bytearray, cost: int, after: list[trio.Event],

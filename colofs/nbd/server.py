@@ -249,7 +249,8 @@ class Connection(Handshake[Export]):
         except BaseExceptionGroup as eg:  # the connection's own ending (closed, bad input, a stop), as without
             raise ending(eg) from None
 
-    async def _transmit(self, export: Export, group: WriteGroup | None) -> None:
+    async def _transmit(self, export: Export, group: WriteGroup) -> None:
+        """An ingest export's rounds (see the module's docstring)."""
         cache = self.exports.cache
         held: list[p.Request] = []  # the requests in ``group``, answered once it is applied
         out = _Replies()
@@ -279,7 +280,7 @@ class Connection(Handshake[Export]):
                     if req.type == p.CMD_DISC:
                         done = True
                         break
-                    if group is not None and req.type in (p.CMD_WRITE, p.CMD_WRITE_ZEROES) \
+                    if req.type in (p.CMD_WRITE, p.CMD_WRITE_ZEROES) \
                             and self._check(export, req) is None:
                         await self._gather(export, group, held, req, payload, out)
                     else:
@@ -298,7 +299,7 @@ class Connection(Handshake[Export]):
                         await self._settle(export, group, held, out)
                         await self._send_replies(export, out)
                 del buf[:pos]
-                if group is None or not group.waits(arriving):
+                if not group.waits(arriving):
                     await self._settle(export, group, held, out)
                 if out.parts:
                     await self._send_replies(export, out)
@@ -337,13 +338,13 @@ class Connection(Handshake[Export]):
         if req.flags & p.CMD_FLAG_FUA:
             group.sync_base = True
 
-    async def _settle(self, export: Export, group: WriteGroup | None, held: list[p.Request],
+    async def _settle(self, export: Export, group: WriteGroup, held: list[p.Request],
                       out: _Replies, drain: bool = False) -> BaseException | None:
         """Queue the gathered writes (with ``drain``: wait until all are applied), then answer each.
 
         Returns the error they failed with, if any: an earlier apply's failure fails every later request.
         """
-        if group is None or not (group or held or drain):
+        if not (group or held or drain):
             return None
         reqs = held[:]
         held.clear()
