@@ -220,9 +220,12 @@ class Disk:
         if self.vm.state.role == PRIMARY:
             await self.io.syncs.datasync_all([self.base_fd])
         elif self.vm.state.phase == FAILOVER:
-            # Base first: a tombstone must never be durable before the base write it stands for.
-            await self.io.syncs.datasync_all([self.base_fd])
-            await make_durable(self.io, [self.active, self.hidden])
+            # Base first: a tombstone must never be durable before the base write it stands for. The
+            # commit writes a step's tombstones after its base write, under the step's exclusive range:
+            # held shared across both syncs, the whole disk lets no step fall between them.
+            async with self.lock.range(0, self.nblocks, exclusive=False):
+                await self.io.syncs.datasync_all([self.base_fd])
+                await make_durable(self.io, [self.active, self.hidden])
         else:
             await make_durable(self.io, [self.active])
 
