@@ -28,7 +28,7 @@ import trio
 from colofs.core.blocklog import BlockLog, make_durable
 from colofs.core.blocks import block_count, block_span, check_range
 from colofs.core.cbw import WRITEBACK_EVERY, CopyBeforeWrite, block_runs
-from colofs.core.commit import Copy, active_runs, copy_runs, map_copy
+from colofs.core.commit import Copy, active_runs, copy_runs
 from colofs.core.fileio import Buffer
 from colofs.core.forward import WriteSink
 from colofs.core.ioctx import IOContext
@@ -59,7 +59,6 @@ class DiskOwner(Protocol):
 
     def note_damage(self, err: BaseException) -> None: ...
 
-COMMIT_PREFETCH_STEPS = 2  # steps of a failover whose layer data is read ahead
 COMMIT_CHUNK = 4 << 20  # default bytes of buffered blocks carried to base per locked step of a failover
 
 
@@ -230,43 +229,6 @@ class Disk:
             await make_durable(self.io, [self.active])
 
     # -- failover ---------------------------------------------------------------
-
-    async def commit_buffers(self) -> int:
-        """Carry every buffered block's V into base; returns the number of blocks moved.
-
-        Runs while the SVM keeps reading and writing: each step locks only
-        the span of the blocks it moves. A moved block is dropped from the
-        layers with a tombstone, so writes to it then go straight to base.
-        The caller syncs base before declaring the failover complete.
-        """
-        per_step = max(1, self.commit_chunk // self.block_size)
-        moved = 0
-        while True:
-            # The maps as dicts (copied once per pass: a bisection per block would cost more than the
-            # copies it feeds), asked per block from here on; the SVM's writes during the commit are
-            # the only other change to them, and _svm_write names those blocks for _refresh.
-            self._rewritten = set()
-            amap, hmap = map_copy(self.active.map), map_copy(self.hidden.map)
-            pending = sorted(amap.keys() | hmap.keys())
-            if not pending:
-                return moved
-            ahead = COMMIT_PREFETCH_STEPS * per_step
-            self._prefetch(pending[:ahead], amap, hmap)
-            for i in range(0, len(pending), per_step):
-                chunk = pending[i : i + per_step]
-                # The device reads the coming steps' blocks while this one is written to base.
-                self._prefetch(pending[i + ahead : i + ahead + per_step], amap, hmap)
-                async with self.lock.range(chunk[0], chunk[-1] + 1, exclusive=True):
-                    if self._rewritten and not self._rewritten.isdisjoint(chunk):
-                        self._refresh(amap, hmap, self._rewritten.intersection(chunk))
-                        chunk = [b for b in chunk if b in amap or b in hmap]
-                        if not chunk:
-                            continue
-                    await self._commit_step(chunk, amap)
-                    # Tombstones only where a layer holds the block (set operations, in C).
-                    self.active.drop(sorted(amap.keys() & chunk))
-                    self.hidden.drop(sorted(hmap.keys() & chunk))
-                    moved += len(chunk)
 
     def _refresh(self, amap: dict[int, int], hmap: dict[int, int], blocks: Iterable[int]) -> None:
         """Bring the commit's copies of the maps up to date for ``blocks``, which the SVM wrote meanwhile."""

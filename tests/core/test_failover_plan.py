@@ -1,6 +1,6 @@
 """The failover's commit plans from copies of the layers' maps, and stays right when the SVM writes meanwhile.
 
-``Disk.commit_buffers`` copies both maps once per pass and asks them per
+``commit.commit_disk`` copies both maps once per pass and asks them per
 block; a write of the SVM to a block still buffered changes active behind
 those copies (a hidden-only block gains an active copy, an active block may
 move), so the commit must take those blocks from the live maps.
