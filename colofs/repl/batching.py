@@ -86,7 +86,8 @@ class Batching:
             writes, size, full = self._collect(conn, end)
             if not writes:
                 return sent
-            if not full and not delayed and upto is None and self._may_wait(conn):
+            if not full and not delayed and upto is None and size * 2 < self.cfg.batch_max_bytes \
+                    and self._may_wait(conn):
                 delayed = True
                 self._hurry = trio.Event()  # no await since _may_wait: a marker queued from here ends the wait
                 with trio.move_on_after(self._delay()):
@@ -131,6 +132,11 @@ class Batching:
 
     def _may_wait(self, conn: Conn) -> bool:
         """Whether a batch that is not full may wait ``batch_delay`` for more writes.
+
+        Only a batch under half of ``batch_max_bytes`` is asked: a larger one
+        has its frame's costs shared already, and a full batch arriving during
+        the wait would not end it (in a stream of 1 MiB writes, each wait let
+        the queue grow by what the guest wrote in it).
 
         It may while batches are in flight anyway (sent, and not yet receipted
         on a connection with receipts, else not yet acknowledged: a sync
