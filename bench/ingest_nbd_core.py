@@ -15,7 +15,16 @@ a disk whose base holds data (unless ``--fresh``), after a checkpoint.
 repetition of the first row.
 
 Usage: ``python -m bench.ingest_nbd_core [--dir DIR] [--size MiB] [--rows randwrite:4k,write:1M]
-[--iodepth 16] [--runtime S] [--reps N] [--fresh] [--sync-delay MS] [--profile FILE]``.
+[--iodepth 16] [--runtime S] [--reps N] [--fresh] [--sync-delay MS] [--profile FILE]
+[--bounds 16:16,8:8] [--trace]``.
+
+``--bounds GROUP:QUEUE,...`` (MiB) runs every row once per pair of
+:data:`colofs.nbd.ingest.GROUP_BYTES` and :data:`~colofs.nbd.ingest.QUEUE_BYTES`,
+alternated within each repetition, and reports this process's peak RSS
+during the row (``VmHWM``, reset before it through ``/proc/self/clear_refs``)
+beside its RSS before it: what the bounds let the export hold, measured
+where the load does not move it. ``--trace`` adds the peak of what Python
+allocated (tracemalloc; it slows the loop, so its rates are not comparable).
 
 ``--dir /dev/shm --sync-delay 1`` takes the device and its load out of the
 figure: every ``fdatasync`` costs the same 1 ms, so what is left is the
@@ -33,6 +42,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Sequence
 
@@ -103,12 +113,36 @@ async def core_row(image: ingest.IngestImage, size: int, group: int, mib: int, r
     return (cpu() - c0) * 1000 / mib
 
 
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field, in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak() -> None:
+    """Start ``VmHWM`` again from the current RSS (Linux's ``clear_refs`` value 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def set_bounds(group_mib: int, queue_mib: int) -> None:
+    """The ingest bounds the server reads at each write (module globals, read when used)."""
+    ingest.GROUP_BYTES = group_mib * MiB
+    ingest.QUEUE_BYTES = queue_mib * MiB
+
+
 async def run(a: argparse.Namespace, work: str) -> None:
     size = a.size * MiB
     rows = [tuple(r.split(":")) for r in a.rows.split(",")]
     meter = Meter()
     groups = GroupSizes()
-    results: dict[str, list[tuple[float, float, float, float]]] = {f"{rw} {bs}": [] for rw, bs in rows}
+    bounds = [tuple(int(x) for x in b.split(":")) for b in a.bounds.split(",")] if a.bounds \
+        else [(ingest.GROUP_BYTES // MiB, ingest.QUEUE_BYTES // MiB)]
+    results: dict[str, list[tuple[float, ...]]] = {
+        f"{rw} {bs} {g}:{q}": [] for rw, bs in rows for g, q in bounds}
     store = await Store.open(os.path.join(work, "store"), role="secondary", create=True)
     sock = os.path.join(work, "nbd.sock")
     uri = f"nbd+unix:///{VM}/disk:ingest?socket={sock}"
@@ -137,12 +171,18 @@ async def run(a: argparse.Namespace, work: str) -> None:
             groups.install()
             try:
                 for rep in range(a.reps):
-                    for i, (rw, bs) in enumerate(rows):
+                    for i, (rw, bs, (gmib, qmib)) in enumerate(
+                            (rw, bs, b) for rw, bs in rows for b in (bounds if rep % 2 == 0 else bounds[::-1])):
+                        set_bounds(gmib, qmib)
                         await vm.checkpoint()
                         job = FioJob(rw, bs, engine="nbd", iodepth=a.iodepth, size=size, runtime=a.runtime)
                         prof = cProfile.Profile() if a.profile and i == 0 and rep == a.reps - 1 else None
                         meter.reset()
                         groups.sizes.clear()
+                        rss0 = status_kib("VmRSS")
+                        reset_peak()
+                        if a.trace:
+                            tracemalloc.reset_peak()
                         c0, t0 = cpu(), time.perf_counter()
                         if prof:
                             prof.enable()
@@ -151,15 +191,22 @@ async def run(a: argparse.Namespace, work: str) -> None:
                             prof.disable()
                             prof.dump_stats(a.profile)
                         spent = cpu() - c0
+                        hwm = status_kib("VmHWM")
+                        traced = tracemalloc.get_traced_memory()[1] / MiB if a.trace else 0.0
                         meter.freeze()
                         mib = mb_s * 1e6 * secs / MiB
                         b = meter.bytes
                         total = mib * MiB
-                        row = (mb_s, spent * 1000 / mib, meter.syncs / mib, b["hidden.log"] / total)
-                        results[f"{rw} {bs}"].append(row)
-                        print(f"rep {rep} {rw:>9} {bs:>3}  {mb_s:7.1f} MB/s  cpu {row[1]:6.2f} ms/MiB  "
+                        row = (mb_s, spent * 1000 / mib, meter.syncs / mib, b["hidden.log"] / total,
+                               hwm / 1024, rss0 / 1024)
+                        results[f"{rw} {bs} {gmib}:{qmib}"].append(row)
+                        mem = f"  peak {hwm / 1024:5.1f} MiB (from {rss0 / 1024:5.1f})"
+                        if a.trace:
+                            mem += f"  traced peak {traced:5.1f} MiB"
+                        print(f"rep {rep} {rw:>9} {bs:>3} {gmib:>2}:{qmib:<2} {mb_s:7.1f} MB/s  "
+                              f"cpu {row[1]:6.2f} ms/MiB  "
                               f"fdatasync {row[2]:6.2f}/MiB  base {b['base.raw'] / total:4.2f}  hidden {row[3]:5.3f}  "
-                              f"{groups.summary()}  wall {time.perf_counter() - t0:.1f}s", flush=True)
+                              f"{groups.summary()}{mem}  wall {time.perf_counter() - t0:.1f}s", flush=True)
                         if a.core and bs == "4k" and groups.sizes:
                             g = round(sum(k * v for k, v in groups.sizes.items()) / sum(groups.sizes.values()))
                             await vm.checkpoint()
@@ -176,9 +223,11 @@ async def run(a: argparse.Namespace, work: str) -> None:
         await store.close()
     for name, rs in results.items():
         if rs:
-            print(f"median {name:>13}  {statistics.median(r[0] for r in rs):7.1f} MB/s  "
+            print(f"median {name:>19}  {statistics.median(r[0] for r in rs):7.1f} MB/s  "
                   f"cpu {statistics.median(r[1] for r in rs):6.2f} ms/MiB  "
-                  f"fdatasync {statistics.median(r[2] for r in rs):6.2f}/MiB")
+                  f"fdatasync {statistics.median(r[2] for r in rs):6.2f}/MiB  "
+                  f"peak {statistics.median(r[4] for r in rs):5.1f} MiB (max {max(r[4] for r in rs):5.1f}, "
+                  f"from {statistics.median(r[5] for r in rs):5.1f})")
 
 
 def main() -> None:
@@ -195,7 +244,12 @@ def main() -> None:
     ap.add_argument("--sync-delay", type=float, default=0.0,
                     help="ms added to every fdatasync: a device's flush latency, modelled on a RAM file system")
     ap.add_argument("--profile", help="cProfile of the last repetition of the first row, to this file")
+    ap.add_argument("--bounds", default="",
+                    help="GROUP:QUEUE MiB pairs, comma separated: each row runs once per pair, alternated")
+    ap.add_argument("--trace", action="store_true", help="also the peak of Python's allocations (tracemalloc)")
     a = ap.parse_args()
+    if a.trace:
+        tracemalloc.start()
     work = tempfile.mkdtemp(prefix="ingest-nbd-core-", dir=a.dir)
     try:
         trio.run(run, a, work)
