@@ -39,10 +39,18 @@ class Batching:
         self.checkpoints = checkpoints
         self.stats = {"batches": 0, "writes_sent": 0, "bytes_sent": 0}
         self._hurry = trio.Event()
+        self._full_at: int | None = None
+        """While a batch waits for company: the retained log's bytes at which it would be full."""
 
     def hurry(self) -> None:
         """A checkpoint marker is queued: a small batch waiting for company goes out now."""
         self._hurry.set()
+
+    def written(self) -> None:
+        """A write was queued: a batch waiting for company goes out once what is queued would fill it."""
+        full_at = self._full_at
+        if full_at is not None and self.tracking.retained.nbytes >= full_at:
+            self._hurry.set()
 
     async def sync_disks(self, conn: Conn) -> None:
         """DISK_ADD for every disk the secondary has not been told about on this connection."""
@@ -90,8 +98,12 @@ class Batching:
                     and self._may_wait(conn):
                 delayed = True
                 self._hurry = trio.Event()  # no await since _may_wait: a marker queued from here ends the wait
-                with trio.move_on_after(self._delay()):
-                    await self._hurry.wait()
+                self._full_at = retained.nbytes + self.cfg.batch_max_bytes - size
+                try:
+                    with trio.move_on_after(self._delay()):
+                        await self._hurry.wait()
+                finally:
+                    self._full_at = None
                 continue
             delayed = False
             first = conn.next_seq
@@ -134,9 +146,10 @@ class Batching:
         """Whether a batch that is not full may wait ``batch_delay`` for more writes.
 
         Only a batch under half of ``batch_max_bytes`` is asked: a larger one
-        has its frame's costs shared already, and a full batch arriving during
-        the wait would not end it (in a stream of 1 MiB writes, each wait let
-        the queue grow by what the guest wrote in it).
+        has its frame's costs shared already (and in a stream of 1 MiB writes
+        each wait let the queue grow by what the guest wrote in it). The wait
+        ends early once the writes queued would fill the batch
+        (:meth:`written`), so a quick guest's writes do not pile up behind it.
 
         It may while batches are in flight anyway (sent, and not yet receipted
         on a connection with receipts, else not yet acknowledged: a sync

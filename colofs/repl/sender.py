@@ -42,12 +42,11 @@ from colofs.repl.config import ASYNC, SYNC, ReplConfig
 from colofs.repl.dirty import DirtyMap
 from colofs.repl.errors import (
     PeerRefused,
-    PeerTimeout,
-    ReplError,
     ReplProtocolError,
 )
 from colofs.repl.framing import FrameSender
 from colofs.repl.handshake import FEATURE_RECEIPTS, handshake, wrap_transport
+from colofs.repl.linkreader import keepalive, read_replies
 from colofs.repl.linkstate import Conn, Lifecycle, LinkState
 from colofs.repl.resync import ResyncProgress
 from colofs.repl.resyncer import ResyncDriver
@@ -56,19 +55,12 @@ from colofs.repl.session import ResumePlan, plan_resume
 from colofs.repl.tracking import Tracking
 from colofs.repl.util import first_error
 from colofs.wire.auth import NonceRegistry
-from colofs.wire.errors import ConnectionClosed, ProtocolError, WrongKey
+from colofs.wire.errors import ProtocolError, WrongKey
 from colofs.wire.messages import (
-    Ack,
     Attach,
     Attached,
-    CheckpointDone,
     DiskInfo,
     Error,
-    Ping,
-    Pong,
-    Receipt,
-    ResyncDone,
-    ResyncRequest,
     Role,
     VerifyDigests,
 )
@@ -125,8 +117,11 @@ class VMLink:
         self._bulk = [0, 0]  # raw and wire bytes of bulk frames over all connections
 
     def _wake(self) -> None:
+        """Something was queued (a write, mostly): wake the sender; a batch waiting for company
+        goes out once what is queued would fill it."""
         if not self._work.is_set():
             self._work.set()
+        self.batching.written()
 
     def _wake_now(self) -> None:
         """A checkpoint marker is queued: wake the sender, and end a small batch's wait for company."""
@@ -318,73 +313,11 @@ class VMLink:
     # -- receiving -----------------------------------------------------------------------------
 
     async def _reader(self, conn: Conn) -> None:
-        while True:
-            try:
-                msg = await conn.fs.receive()
-            except ConnectionClosed:
-                raise ReplError("the secondary closed the connection") from None
-            conn.last_rx = trio.current_time()
-            if isinstance(msg, Receipt):
-                self._on_receipt(conn, msg.seq)
-            elif isinstance(msg, Ack):
-                self._on_ack(conn, msg.seq)
-            elif isinstance(msg, CheckpointDone):
-                await self.checkpoints.on_checkpoint_done(msg)
-            elif isinstance(msg, ResyncRequest):
-                try:
-                    conn.answers_tx.send_nowait(msg)
-                except trio.WouldBlock:
-                    raise ReplProtocolError("unsolicited RESYNC_REQUEST frames") from None
-            elif isinstance(msg, ResyncDone):
-                if msg.seq != conn.sent_upto:
-                    raise ReplProtocolError(f"RESYNC_DONE echo for seq {msg.seq}, the resync was up to {conn.sent_upto}")
-                conn.resync_done = msg.seq
-                self.tracking.acknowledged(msg.seq)  # announces it
-            elif isinstance(msg, VerifyDigests):
-                if self.verify_sink is None:
-                    raise ReplProtocolError("VERIFY_DIGESTS, but no verify is running")
-                self.verify_sink(conn, msg)
-                self.life.announce()
-            elif isinstance(msg, Pong):
-                pass
-            elif isinstance(msg, Ping):
-                await conn.sender.send(Pong(msg.token))
-            elif isinstance(msg, Error):
-                raise ReplError(f"the secondary dropped VM {self.vm.name}: {msg.message} (error {msg.code})")
-            else:
-                raise ReplProtocolError(f"unexpected {msg.TYPE.name} from the secondary")
-
-    def _on_ack(self, conn: Conn, seq: int) -> None:
-        if seq > conn.sent_upto or seq < self.acked:
-            raise ReplProtocolError(
-                f"ACK of seq {seq} outside what was sent (acknowledged {self.acked}, sent {conn.sent_upto})")
-        while conn.inflight and conn.inflight[0] <= seq:
-            conn.inflight.popleft()
-        self.tracking.acknowledged(seq)
-
-    def _on_receipt(self, conn: Conn, seq: int) -> None:
-        """A RECEIPT: checked like an ACK, it lets sync writers up to ``seq`` go on, and changes nothing else."""
-        if not conn.receipts:
-            raise ReplProtocolError("RECEIPT from a secondary this connection did not ask for receipts")
-        if seq > conn.sent_upto or seq <= conn.receipted:
-            raise ReplProtocolError(
-                f"RECEIPT of seq {seq} outside what was sent and not yet receipted "
-                f"(receipted {conn.receipted}, sent {conn.sent_upto})")
-        conn.receipted = seq
-        self.tracking.receipted(seq)
+        """The secondary's answers on ``conn`` (:func:`colofs.repl.linkreader.read_replies`)."""
+        await read_replies(self, conn)
 
     async def _keepalive(self, conn: Conn) -> None:
-        token = 0
-        while True:
-            await trio.sleep(self.cfg.ping_interval)
-            idle = trio.current_time() - conn.last_rx
-            if idle > self.cfg.peer_timeout:
-                raise PeerTimeout(f"no frame from the secondary for {idle:.1f} s")
-            token += 1
-            with trio.move_on_after(max(0.1, self.cfg.peer_timeout - idle)) as scope:
-                await conn.sender.send(Ping(token))
-            if scope.cancelled_caught:
-                raise PeerTimeout("the secondary stopped reading (a ping could not be sent)")
+        await keepalive(self.cfg, conn)
 
     # -- online verify (driven by colofs.repl.verifier) -------------------------------------------
 

@@ -87,3 +87,24 @@ async def test_a_small_batch_still_waits_for_company(tmp_path, mock_clock) -> No
         assert (batch.first_seq, batch.last_seq) == (1, 2)
 
     await _with_link(tmp_path, body)
+
+
+async def test_a_waiting_batch_goes_out_once_the_queued_writes_would_fill_it(tmp_path, mock_clock) -> None:
+    async def body(link, conn, cfg, got, nursery) -> None:  # type: ignore[no-untyped-def]
+        link.tracking.put_nowait(ForwardedWrite(1, "d0", 0, b"a" * 4096))
+        start = trio.current_time()
+        nursery.start_soon(link.batching.send_ready, conn, None)
+        await trio.testing.wait_all_tasks_blocked()
+        per = cfg.batch_max_bytes // 8
+        seq = 1
+        while conn.sent_upto == 0:  # the wait ends by the write that fills the batch, not the clock
+            seq += 1
+            assert seq < 20, "a full batch was not sent"
+            link.tracking.put_nowait(ForwardedWrite(seq, "d0", seq * per, bytes([seq]) * per))
+            await trio.testing.wait_all_tasks_blocked()
+        assert trio.current_time() == start
+        batch = await got.receive()
+        assert batch.first_seq == 1 and sum(len(w.data) for w in batch.writes) <= cfg.batch_max_bytes
+        assert seq == 9  # 4 KiB + 8 x 1/8 reaches the limit with the 8th write of 1/8
+
+    await _with_link(tmp_path, body)
