@@ -9,13 +9,17 @@ tasks of the link's connection, beside its sender.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
+from colofs.core.vm import VM
+from colofs.repl.checkpoints import Checkpoints
 from colofs.repl.config import ReplConfig
 from colofs.repl.errors import PeerTimeout, ReplError, ReplProtocolError
-from colofs.repl.linkstate import Conn
+from colofs.repl.linkstate import Conn, Lifecycle
+from colofs.repl.tracking import Tracking
 from colofs.wire.errors import ConnectionClosed
 from colofs.wire.messages import (
     Ack,
@@ -29,8 +33,18 @@ from colofs.wire.messages import (
     VerifyDigests,
 )
 
-if TYPE_CHECKING:
-    from colofs.repl.sender import VMLink
+
+class VMLink(Protocol):
+    """The parts of :class:`colofs.repl.sender.VMLink` the replies go to."""
+
+    vm: VM
+    tracking: Tracking
+    checkpoints: Checkpoints
+    life: Lifecycle
+    verify_sink: Callable[[object, VerifyDigests], None] | None
+
+    @property
+    def acked(self) -> int: ...
 
 
 async def read_replies(link: VMLink, conn: Conn) -> None:

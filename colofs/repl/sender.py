@@ -21,7 +21,8 @@ bounded, jittered backoff. On each connection:
        full sync is asked for) -> stream BATCHes, CHECKPOINT markers, DISK_ADDs
 
 A sender task streams batches; a reader task takes ACKs, CHECKPOINT_DONEs
-and resync digests; a keepalive task pings and drops a silent peer. Writes
+and resync digests, and a keepalive task pings and drops a silent peer
+(both in :mod:`~colofs.repl.linkreader`). Writes
 never fail because the secondary is gone: the stream falls back to the
 dirty map and a resync when it has to.
 """
