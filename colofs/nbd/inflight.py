@@ -53,6 +53,7 @@ SEND_ALONE = 64 << 10  # read data this large is sent by itself rather than copi
 PREFETCH_READS = 256  # reads of one receive hinted to the device at most
 REPLY_BATCH = 256  # replies gathered in a round past which they are sent before its end
 REPLY_BATCH_BYTES = 4 << 20  # the same in bytes
+SEND_NOW = 1 << 20  # read data the receiving task sends at once, before it serves the next request
 
 _ORDERED = (p.CMD_READ, p.CMD_WRITE, p.CMD_WRITE_ZEROES, p.CMD_TRIM, p.CMD_BLOCK_STATUS)
 _CHANGES = (p.CMD_WRITE, p.CMD_WRITE_ZEROES, p.CMD_TRIM)
@@ -134,6 +135,7 @@ class InFlight:
             prefetch_reads(export, buf)
             pos = 0
             self._in_round = True
+            writes_inline = self._writes_inline()
             while len(buf) - pos >= size:
                 req = p.parse_request(buf, pos)
                 start = pos + size
@@ -163,8 +165,11 @@ class InFlight:
                     del buf[:pos]
                     return
                 cost = len(payload) if req.type == p.CMD_WRITE else req.length if req.type == p.CMD_READ else 0
-                await self._admit(cost)
-                await self._start(requests, req, payload, cost)
+                if self.held >= MAX_IN_FLIGHT or self.held_bytes + cost > IN_FLIGHT_BYTES:
+                    await self._admit(cost)
+                self.held += 1
+                self.held_bytes += cost
+                await self._start(requests, req, payload, cost, writes_inline)
             del buf[:pos]
             await self._round_over()
             await conn._recv()
@@ -186,7 +191,7 @@ class InFlight:
                 have += n
 
     async def _admit(self, cost: int) -> None:
-        """Wait until one more request of ``cost`` bytes fits the connection's bounds, then count it."""
+        """Wait until one more request of ``cost`` bytes fits the connection's bounds (the caller counts it)."""
         def full() -> bool:
             return bool(self.held) and (self.held >= MAX_IN_FLIGHT or self.held_bytes + cost > IN_FLIGHT_BYTES)
 
@@ -195,46 +200,52 @@ class InFlight:
         while full():
             self._room = trio.Event()
             await self._room.wait()
-        self.held += 1
-        self.held_bytes += cost
 
-    def _inline(self, typ: int) -> bool:
-        """Whether a request is served by the receiving task itself, before it parses the next one.
+    def _writes_inline(self) -> bool:
+        """Whether writes are served by the receiving task itself, before it parses the next request.
 
         Only what may wait for the secondary gains from a task of its own: a
         write (or flush) of a primary whose sink is in ``sync`` mode, or a
         sink that does not say. Anything else runs in line, as a round's
         requests used to: a task costs about a seventh of a 4K request's CPU,
         and a read's device misses already overlap through the prefetch hints.
+        Asked once per receive (the mode may change meanwhile).
         """
-        if typ in (p.CMD_READ, p.CMD_BLOCK_STATUS):
-            return True
         fwd = self.export.disk_obj.vm.forward
         return fwd is None or getattr(fwd, "mode", None) == "async"
 
-    async def _start(self, requests: trio.Nursery, req: p.Request, payload: bytes | bytearray, cost: int) -> None:
-        """Answer a request refused outright; serve any other once what it must follow is done."""
+    def _after(self, req: p.Request) -> list[trio.Event]:
+        """What ``req`` must wait for: the earlier requests under way it overlaps, one of them changing it."""
+        if req.type == p.CMD_FLUSH:  # every write received before it
+            return [u.done for u in self.under if u.changes]
+        lo, hi = req.offset, req.offset + req.length
+        changes = req.type in _CHANGES
+        return [u.done for u in self.under if u.lo < hi and lo < u.hi and (changes or u.changes)]
+
+    async def _start(self, requests: trio.Nursery, req: p.Request, payload: bytes | bytearray, cost: int,
+                     writes_inline: bool) -> None:
+        """Serve a request in line, or start its task; either once what it must follow is done."""
+        typ = req.type
+        if typ in (p.CMD_READ, p.CMD_BLOCK_STATUS) or writes_inline:
+            if self.under:
+                for event in self._after(req):
+                    await event.wait()
+            if typ in (p.CMD_READ, p.CMD_BLOCK_STATUS):  # nothing to leave half done: a stop may cancel it
+                reply, data, wrote = await self.conn._serve(self.export, req, payload)
+            else:
+                with trio.CancelScope(shield=True) as self.conn.inline_shield:  # a stop lets it finish
+                    reply, data, wrote = await self.conn._serve(self.export, req, payload)
+                self.conn.inline_shield = None
+            self._reply(reply, data, wrote, cost)
+            if self._out_bytes >= SEND_NOW:  # sent before the next read: its buffer is reused, not faulted in anew
+                await self._send_if_idle()
+            return
         refused = self.conn._check(self.export, req)
         if refused is not None:
             self._reply(refused, None, False, cost)
             return
-        typ = req.type
-        changes = typ in _CHANGES
-        if typ in _ORDERED:
-            lo, hi = req.offset, req.offset + req.length
-            after = [u.done for u in self.under if u.lo < hi and lo < u.hi and (changes or u.changes)]
-        else:  # FLUSH: after every write received before it
-            lo = hi = 0
-            after = [u.done for u in self.under if u.changes]
-        if self._inline(typ):
-            for event in after:
-                await event.wait()
-            with trio.CancelScope(shield=True) as self.conn.inline_shield:  # a stop lets it finish, as a task
-                reply, data, wrote = await self.conn._serve(self.export, req, payload)
-            self.conn.inline_shield = None
-            self._reply(reply, data, wrote, cost)
-            return
-        mine = _Under(lo, hi, changes) if typ in _ORDERED else None
+        after = self._after(req) if self.under else []
+        mine = _Under(req.offset, req.offset + req.length, typ in _CHANGES) if typ in _ORDERED else None
         if mine is not None:
             self.under.append(mine)
         requests.start_soon(self._serve, req, payload, cost, after, mine)
@@ -270,6 +281,9 @@ class InFlight:
         a 4K request.) If that task is sending, it takes them with its next send.
         """
         self._in_round = False
+        await self._send_if_idle()
+
+    async def _send_if_idle(self) -> None:
         if self.out and not self._sending:
             self._sending = True
             try:
