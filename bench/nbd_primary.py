@@ -76,10 +76,15 @@ class Side:
         self.mode = "async"
         with self.env():
             self.pair = ColofsPair(work, free_port())
-            self.pair.mount_secondary()
-            self.pair.mount_primary("--nbd-socket", str(self.sock))
-            why = self.pair.probe(VM, str(seed), timeout=300)
+            try:
+                self.pair.mount_secondary()
+                self.pair.mount_primary("--nbd-socket", str(self.sock))
+                why = self.pair.probe(VM, str(seed), timeout=300)
+            except BaseException:
+                self.pair.cleanup()
+                raise
         if why:
+            self.close()
             raise SystemExit(f"{label}: replication does not work: {why}")
 
     def env(self) -> _Env:
