@@ -96,9 +96,8 @@ from colofs.core.logformat import (
     segment_header_len,
 )
 from colofs.core.logreplay import LogReplay
-from colofs.core.logsync import fsync_dirs, make_durable, settle_renames
 
-__all__ = ["NEW_SUFFIX", "BlockLog", "LogMissing", "file_header_len", "fsync_dirs", "make_durable", "settle_renames"]
+__all__ = ["NEW_SUFFIX", "BlockLog", "LogMissing", "file_header_len"]
 
 
 class LogMissing(MapMissing):

@@ -22,11 +22,12 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from colofs.core.blocklog import BlockLog, make_durable
+from colofs.core.blocklog import BlockLog
 from colofs.core.blocks import block_span
 from colofs.core.errors import BlockDamaged, DiskIOError
 from colofs.core.fileio import Buffer, write_all
 from colofs.core.ioctx import IOContext
+from colofs.core.logsync import make_durable
 
 WRITEBACK_EVERY = 8 << 20
 """Bytes written to base after which the kernel is asked to start writing them back."""

@@ -25,15 +25,16 @@ from typing import Protocol
 
 import trio
 
-from colofs.core.blocklog import BlockLog, make_durable
+from colofs.core.blocklog import BlockLog
 from colofs.core.blocks import block_count, block_span, check_range
 from colofs.core.cbw import WRITEBACK_EVERY, CopyBeforeWrite, block_runs
-from colofs.core.commit import Copy, active_runs, copy_runs
+from colofs.core.commitcopy import Copy, active_runs, copy_runs
 from colofs.core.fileio import Buffer
 from colofs.core.forward import WriteSink
 from colofs.core.ioctx import IOContext
 from colofs.core.layers import patch_edges, read_file, read_layers, write_overlay
 from colofs.core.logformat import ZERO_AT
+from colofs.core.logsync import make_durable
 from colofs.core.rangelock import RangeLock, holding
 from colofs.core.snapshot import Snapshot
 from colofs.core.state import FAILOVER, PRIMARY, VMState

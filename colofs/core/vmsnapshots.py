@@ -16,12 +16,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
-from colofs.core.blocklog import BlockLog, make_durable
+from colofs.core.blocklog import BlockLog
 from colofs.core.disk import Disk, whole_disks
 from colofs.core.errors import AlreadyExists, BadArgument, InUse, NotFound
 from colofs.core.fileio import fsync_dir
 from colofs.core.ioctx import IOContext
 from colofs.core.logformat import ZERO_AT
+from colofs.core.logsync import make_durable
 from colofs.core.names import check_name
 from colofs.core.rangelock import holding
 from colofs.core.snapshot import Snapshot, overlay_path, target_path

@@ -15,7 +15,7 @@ import os
 import pytest
 
 from colofs.core import PrimaryWrite, Store
-from colofs.core.commit import COPY_MIN
+from colofs.core.commitcopy import COPY_MIN
 from colofs.core.errors import DiskIOError
 from colofs.core.state import FAILOVER, PRIMARY
 
