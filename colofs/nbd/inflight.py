@@ -35,16 +35,32 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
 from colofs.nbd import protocol as p
-from colofs.nbd.exports import Export
+from colofs.nbd.exports import Export, Exports
 from colofs.nbd.handshake import ConnectionClosed
 
-if TYPE_CHECKING:
-    from colofs.nbd.server import Connection
+
+class Connection(Protocol):
+    """What the requests in flight need of their connection (``colofs.nbd.server.Connection``).
+
+    A protocol rather than an import: the server imports this module.
+    """
+
+    buf: bytearray
+    stream: trio.abc.Stream
+    exports: Exports
+    shield: trio.CancelScope | None
+    inline_shield: trio.CancelScope | None
+
+    async def _recv(self, limit: int = ...) -> None: ...
+
+    def _check(self, export: Export, req: p.Request) -> bytes | None: ...
+
+    async def _serve(self, export: Export, req: p.Request, payload: bytes) -> tuple[bytes, bytearray | None, bool]: ...
 
 MAX_IN_FLIGHT = 64  # requests of one connection under way or with a reply not yet sent
 IN_FLIGHT_BYTES = 32 << 20  # their write payloads and read data
