@@ -47,10 +47,20 @@ from colofs.core.vm import PrimaryWrite
 log = logging.getLogger(__name__)
 
 INGEST_SUFFIX = ":ingest"
-GROUP_BYTES = 16 << 20
-"""Bytes one group applies at most: copy-before-write reads the old blocks of a whole group into memory."""
-QUEUE_BYTES = 16 << 20
+GROUP_BYTES = 4 << 20
+"""Bytes one group applies at most: copy-before-write reads the old blocks of a whole group into memory.
+
+Also the most the server gathers from one round before it queues them. With
+16 MiB of each the secondary's worker for an ingest VM peaked at 74.5-76.5 MiB
+RSS under QEMU's quorum (bench.compare); at 4 and 4, 53.4-58.2; at 8 and 8
+(or 4 and 8) 62.6-63.0, too near the 64 MiB budget. What it costs: a group
+waits for one ``fdatasync`` of hidden, so a 1 MiB stream's rate is about a
+group per flush; with 20 ms flushes 98 against 140 MB/s at 16 and 16."""
+QUEUE_BYTES = 4 << 20
 """Bytes of answered writes a connection holds at most before they are applied: past it, it stops receiving."""
+HELD_BYTES = QUEUE_BYTES + 2 * GROUP_BYTES
+"""Payload one ingest connection holds at most: the queue (the group being applied in it, whose old
+blocks copy-before-write reads: another group) and the group the server is gathering."""
 ZERO_PIECE = 1 << 20
 WAIT_BYTES = 4 << 20
 """A group smaller than this waits for a large write whose payload is still arriving, to take it in too."""
@@ -138,6 +148,7 @@ class WriteGroup:
         self._queued = 0  # writes ever queued
         self._applied = 0  # writes ever applied (or given up once failed)
         self._closed = False
+        self.full = False  # commit is waiting for room in the queue: the server receives nothing meanwhile
         self.failed: BaseException | None = None
         self._changed = trio.Event()  # set when the applier takes, applies or fails, or the group closes
 
@@ -186,8 +197,12 @@ class WriteGroup:
             raise self.failed
         if extents:
             size = sum(len(d) for _, d in extents)
-            while self._queued_bytes and self._queued_bytes + size > QUEUE_BYTES and self.failed is None:
-                await self._wait()  # back-pressure: the round waits, so nothing more is received
+            try:
+                while self._queued_bytes and self._queued_bytes + size > QUEUE_BYTES and self.failed is None:
+                    self.full = True
+                    await self._wait()  # back-pressure: the round waits, so nothing more is received
+            finally:
+                self.full = False
             if self.failed is not None:
                 raise self.failed
             self._queue.extend(extents)
