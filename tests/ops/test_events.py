@@ -30,12 +30,18 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f"mount test {REASON}
 MiB = 1 << 20
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Follower:
     """``mountctl events MNT --json`` in the background, its lines gathered by a thread as they come."""
 
     def __init__(self, mnt: Path) -> None:
+        # SIGINT as an interactive user's: a shell runs a background job with it ignored, and the
+        # child would inherit that (Python then installs no KeyboardInterrupt handler), so stop() could not end it.
         self.proc = subprocess.Popen([*MOUNTCTL, "events", str(mnt), "--json"], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
         self.events: list[dict[str, Any]] = []
         self.bad: list[str] = []
         self._thread = threading.Thread(target=self._read, daemon=True)
