@@ -90,22 +90,6 @@ def _fusectl(root: str) -> bool:
     return os.path.ismount(root)  # another worker may have mounted it meanwhile: as good
 
 
-def set_max_background(mountpoint: str, value: int, root: str = FUSECTL) -> bool:
-    """Set the connection's ``max_background`` (and ``congestion_threshold`` at 3/4 of it); True if done."""
-    conn = connection_id(mountpoint)
-    if conn is None or not _fusectl(root):
-        return False
-    d = Path(root) / str(conn)
-    try:
-        (d / "max_background").write_text(f"{value}\n")
-        (d / "congestion_threshold").write_text(f"{max(1, value * 3 // 4)}\n")
-    except OSError as e:
-        log.info("%s: cannot set the FUSE connection's max_background (%s): the kernel's default stays",
-                 mountpoint, e)
-        return False
-    return True
-
-
 LARGE_WRITE = 256 << 10
 """A write this large lowers the limit: what it holds while queued matters for the worker's memory."""
 CALM_WRITES = 64
